@@ -1,0 +1,575 @@
+//! The CRIU backend: runs the `criu` binary.
+
+use std::env;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{
+    dir_size, sibling_file, CheckpointBackend, CheckpointError, DumpReport, DumpRequest,
+    RestoreReport, RestoreRequest,
+};
+
+/// Oldest CRIU that works here: 3.17 fails on kernels >= 6.13 (vDSO layout), see DESIGN §5.
+pub const MIN_CRIU_VERSION: (u32, u32) = (4, 1);
+
+/// Where `scripts/install-criu.sh` puts its private CRIU (overridable by `DVS_CRIU_PREFIX`).
+pub const DEFAULT_CRIU_PREFIX: &str = "/opt/dvs/criu";
+
+/// criu's log verbosity: 4 is what a failed migration needs to be diagnosed after the fact.
+const LOG_LEVEL: &str = "-v4";
+
+/// How many log lines an error carries.
+const LOG_TAIL_LINES: usize = 20;
+
+/// How long a non-detached restore may take to write its pidfile.
+const ATTACHED_RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Finds a usable criu (version >= [`MIN_CRIU_VERSION`]), in order: `$DVS_CRIU`,
+/// `$DVS_CRIU_PREFIX/bin/criu` (default [`DEFAULT_CRIU_PREFIX`]), then `criu` on `PATH`.
+/// Use [`Criu::locate`] to learn why none was found.
+pub fn find_criu() -> Option<PathBuf> {
+    candidates()
+        .into_iter()
+        .find_map(|(_, bin)| probe(&bin).ok().map(|_| bin))
+}
+
+/// The candidate binaries with a label saying where each came from.
+fn candidates() -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    if let Some(p) = env::var_os("DVS_CRIU").filter(|p| !p.is_empty()) {
+        out.push(("$DVS_CRIU".to_string(), PathBuf::from(p)));
+    }
+    let prefix = env::var_os("DVS_CRIU_PREFIX")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CRIU_PREFIX));
+    out.push(("private prefix".to_string(), prefix.join("bin/criu")));
+    if let Some(path) = env::var_os("PATH") {
+        for dir in env::split_paths(&path) {
+            let bin = dir.join("criu");
+            if bin.is_file() {
+                out.push(("PATH".to_string(), bin));
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Runs `bin --version` and checks the minimum. Returns the version, or why it is unusable.
+fn probe(bin: &Path) -> Result<String, CheckpointError> {
+    if !bin.is_file() {
+        return Err(CheckpointError::CriuNotFound(format!(
+            "{} does not exist",
+            bin.display()
+        )));
+    }
+    let out = Command::new(bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| CheckpointError::Spawn {
+            what: "criu --version",
+            bin: bin.to_path_buf(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(version) = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Version:"))
+        .map(|v| v.trim().to_string())
+    else {
+        return Err(CheckpointError::CriuNotFound(format!(
+            "{} --version printed no version ({}): {}{}",
+            bin.display(),
+            out.status,
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    };
+    match parse_version(&version) {
+        Some(v) if v >= MIN_CRIU_VERSION => Ok(version),
+        _ => Err(CheckpointError::CriuTooOld {
+            bin: bin.to_path_buf(),
+            version,
+            min: format!("{}.{}", MIN_CRIU_VERSION.0, MIN_CRIU_VERSION.1),
+        }),
+    }
+}
+
+/// `"4.1.1"` → `(4, 1)`.
+fn parse_version(v: &str) -> Option<(u32, u32)> {
+    let mut it = v.split(['.', '-', ' ']);
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next().map_or(Some(0), |m| m.parse().ok())?;
+    Some((major, minor))
+}
+
+/// The CRIU checkpoint backend: a located `criu` binary (possibly the wrapper written by
+/// `scripts/install-criu.sh`). Needs root (or CAP_CHECKPOINT_RESTORE + CAP_SYS_PTRACE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Criu {
+    bin: PathBuf,
+    version: String,
+}
+
+impl Criu {
+    /// Finds criu as [`find_criu`] does, but says why each candidate was rejected. An explicit
+    /// `$DVS_CRIU` that does not work is an error, not skipped: the operator asked for it.
+    pub fn locate() -> Result<Criu, CheckpointError> {
+        let mut why = Vec::new();
+        for (label, bin) in candidates() {
+            match probe(&bin) {
+                Ok(version) => return Ok(Criu { bin, version }),
+                Err(CheckpointError::CriuNotFound(m)) if label == "$DVS_CRIU" => {
+                    return Err(CheckpointError::CriuNotFound(format!("{label}: {m}")))
+                }
+                Err(e) if label == "$DVS_CRIU" => return Err(e),
+                Err(CheckpointError::CriuNotFound(m)) => why.push(format!("{label}: {m}")),
+                Err(e) => why.push(format!("{label}: {e}")),
+            }
+        }
+        if why.iter().all(|w| !w.starts_with("PATH")) {
+            why.push("PATH: no criu".to_string());
+        }
+        Err(CheckpointError::CriuNotFound(format!(
+            "{} (run scripts/install-criu.sh as root)",
+            why.join("; ")
+        )))
+    }
+
+    /// Uses a specific binary, checking its version.
+    pub fn at(bin: impl Into<PathBuf>) -> Result<Criu, CheckpointError> {
+        let bin = bin.into();
+        let version = probe(&bin)?;
+        Ok(Criu { bin, version })
+    }
+
+    /// The binary that is run.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The version it reported, e.g. `4.1.1`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Runs `criu check`: whether the kernel has what criu needs. Returns the version when
+    /// criu says "Looks good."; otherwise [`CheckpointError::CheckFailed`] with criu's output,
+    /// which says what is missing.
+    pub fn check(&self) -> Result<String, CheckpointError> {
+        let out = self.run("criu check", [OsString::from("check")], &[])?;
+        let text = combined(&out);
+        if out.status.success() && text.contains("Looks good.") {
+            Ok(self.version.clone())
+        } else {
+            Err(CheckpointError::CheckFailed {
+                bin: self.bin.clone(),
+                status: out.status.to_string(),
+                output: text.trim().to_string(),
+            })
+        }
+    }
+
+    /// `criu dump --tree PID --images-dir DIR -o LOG -v4 [--leave-stopped]
+    /// [--external unix[INODE]]... [extra]`.
+    ///
+    /// No `--shell-job`: a migratable process is a session leader in its own pid namespace
+    /// ([`crate::migratable_command`]), so nothing outside the tree owns its session.
+    pub fn dump(&self, req: &DumpRequest) -> Result<DumpReport, CheckpointError> {
+        // Checked here so that the common mistake gets a plain typed error, not criu's
+        // ptrace noise.
+        if req.pid <= 0 || !Path::new(&format!("/proc/{}", req.pid)).exists() {
+            return Err(CheckpointError::NoSuchProcess { pid: req.pid });
+        }
+        let images_dir = absolute(&req.images_dir)?;
+        fs::create_dir_all(&images_dir).map_err(|e| {
+            CheckpointError::io(format!("create images dir {}", images_dir.display()), e)
+        })?;
+        if has_images(&images_dir)? {
+            return Err(CheckpointError::InvalidRequest(format!(
+                "images dir {} already holds a checkpoint; use an empty one",
+                images_dir.display()
+            )));
+        }
+        let log_file = match &req.log_file {
+            Some(l) => absolute(l)?,
+            None => sibling_file(&images_dir, "dump.log"),
+        };
+        remove_stale(&log_file)?;
+
+        let mut args: Vec<OsString> =
+            vec!["dump".into(), "--tree".into(), req.pid.to_string().into()];
+        args.extend(["--images-dir".into(), images_dir.clone().into_os_string()]);
+        args.extend([
+            "-o".into(),
+            log_file.clone().into_os_string(),
+            LOG_LEVEL.into(),
+        ]);
+        if req.leave_stopped {
+            args.push("--leave-stopped".into());
+        }
+        for ino in &req.external_unix_inodes {
+            args.extend(["--external".into(), format!("unix[{ino}]").into()]);
+        }
+        args.extend(req.extra_args.iter().cloned());
+
+        let t0 = Instant::now();
+        let out = self.run("criu dump", args, &[])?;
+        let duration = t0.elapsed();
+        if !out.status.success() {
+            let (reason, log_tail) = failure_reason(&log_file, &out);
+            return Err(CheckpointError::DumpFailed {
+                pid: req.pid,
+                images_dir,
+                status: out.status.to_string(),
+                reason,
+                log_file,
+                log_tail,
+            });
+        }
+        Ok(DumpReport {
+            pid: req.pid,
+            image_bytes: dir_size(&images_dir)?,
+            images_dir,
+            duration,
+            left_stopped: req.leave_stopped,
+            log_file,
+        })
+    }
+
+    /// `criu restore --images-dir DIR -o LOG -v4 --pidfile PIDFILE [--restore-detached]
+    /// [--inherit-fd fd[N]:KEY]... [extra]`, passing each inherited fd to criu at the same
+    /// number.
+    pub fn restore(&self, req: &RestoreRequest) -> Result<RestoreReport, CheckpointError> {
+        let images_dir = absolute(&req.images_dir)?;
+        if !images_dir.join("inventory.img").is_file() {
+            return Err(CheckpointError::InvalidRequest(format!(
+                "{} holds no checkpoint (no inventory.img)",
+                images_dir.display()
+            )));
+        }
+        for (fd, key) in &req.inherit_fds {
+            if key.is_empty() || key.contains(char::is_whitespace) {
+                return Err(CheckpointError::InvalidRequest(format!(
+                    "inherit-fd key {key:?} is malformed"
+                )));
+            }
+            // SAFETY: F_GETFD only queries the descriptor table.
+            if *fd < 0 || unsafe { libc::fcntl(*fd, libc::F_GETFD) } == -1 {
+                return Err(CheckpointError::InvalidRequest(format!(
+                    "fd {fd} to pass as {key} is not open in this process"
+                )));
+            }
+        }
+        let log_file = match &req.log_file {
+            Some(l) => absolute(l)?,
+            None => sibling_file(&images_dir, "restore.log"),
+        };
+        let pidfile = match &req.pidfile {
+            Some(p) => absolute(p)?,
+            None => sibling_file(&images_dir, "restore.pid"),
+        };
+        remove_stale(&log_file)?;
+        remove_stale(&pidfile)?;
+
+        let mut args: Vec<OsString> = vec!["restore".into()];
+        args.extend(["--images-dir".into(), images_dir.clone().into_os_string()]);
+        args.extend([
+            "-o".into(),
+            log_file.clone().into_os_string(),
+            LOG_LEVEL.into(),
+        ]);
+        args.extend(["--pidfile".into(), pidfile.clone().into_os_string()]);
+        if req.detached {
+            args.push("--restore-detached".into());
+        }
+        for (fd, key) in &req.inherit_fds {
+            args.extend(["--inherit-fd".into(), format!("fd[{fd}]:{key}").into()]);
+        }
+        args.extend(req.extra_args.iter().cloned());
+        let fds: Vec<i32> = req.inherit_fds.iter().map(|(fd, _)| *fd).collect();
+
+        let t0 = Instant::now();
+        if req.detached {
+            let out = self.run("criu restore", args, &fds)?;
+            let duration = t0.elapsed();
+            if !out.status.success() {
+                let (reason, log_tail) = failure_reason(&log_file, &out);
+                return Err(CheckpointError::RestoreFailed {
+                    images_dir,
+                    status: out.status.to_string(),
+                    reason,
+                    log_file,
+                    log_tail,
+                });
+            }
+            let pid = read_pidfile(&pidfile)?.ok_or_else(|| {
+                CheckpointError::io(
+                    format!(
+                        "criu restore succeeded but wrote no pid to {}",
+                        pidfile.display()
+                    ),
+                    io::ErrorKind::InvalidData.into(),
+                )
+            })?;
+            return Ok(RestoreReport {
+                pid,
+                duration,
+                log_file,
+                waiter: None,
+            });
+        }
+
+        // Attached: criu stays the tree's parent, so it cannot be waited for; the pidfile tells
+        // when the tree runs. criu's output goes to its log, not to pipes nobody would drain.
+        let mut cmd = self.command(args, &fds);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = cmd.spawn().map_err(|source| CheckpointError::Spawn {
+            what: "criu restore",
+            bin: self.bin.clone(),
+            source,
+        })?;
+        loop {
+            if let Some(pid) = read_pidfile(&pidfile)? {
+                return Ok(RestoreReport {
+                    pid,
+                    duration: t0.elapsed(),
+                    log_file,
+                    waiter: Some(child),
+                });
+            }
+            let exited = child
+                .try_wait()
+                .map_err(|e| CheckpointError::io("wait for criu restore", e))?;
+            if let Some(status) = exited {
+                // It may have written the pidfile just before exiting (a tree that ran and ended).
+                if let (true, Some(pid)) = (status.success(), read_pidfile(&pidfile)?) {
+                    return Ok(RestoreReport {
+                        pid,
+                        duration: t0.elapsed(),
+                        log_file,
+                        waiter: Some(child),
+                    });
+                }
+                let (reason, log_tail) = failure_reason(
+                    &log_file,
+                    &Output {
+                        status,
+                        stdout: Vec::new(),
+                        stderr: Vec::new(),
+                    },
+                );
+                return Err(CheckpointError::RestoreFailed {
+                    images_dir,
+                    status: status.to_string(),
+                    reason,
+                    log_file,
+                    log_tail,
+                });
+            }
+            if t0.elapsed() > ATTACHED_RESTORE_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CheckpointError::Timeout(format!(
+                    "criu restore from {} wrote no pidfile within {ATTACHED_RESTORE_TIMEOUT:?} (log {})",
+                    images_dir.display(),
+                    log_file.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A criu command whose child keeps `fds` open (without close-on-exec) at their numbers.
+    fn command(&self, args: impl IntoIterator<Item = OsString>, fds: &[i32]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).stdin(Stdio::null());
+        if !fds.is_empty() {
+            let fds = fds.to_vec();
+            // SAFETY: the closure runs between fork and exec and only calls fcntl(2), which is
+            // async-signal-safe; it allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &fd in &fds {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd
+    }
+
+    fn run(
+        &self,
+        what: &'static str,
+        args: impl IntoIterator<Item = OsString>,
+        fds: &[i32],
+    ) -> Result<Output, CheckpointError> {
+        self.command(args, fds)
+            .output()
+            .map_err(|source| CheckpointError::Spawn {
+                what,
+                bin: self.bin.clone(),
+                source,
+            })
+    }
+}
+
+impl CheckpointBackend for Criu {
+    fn name(&self) -> &str {
+        "criu"
+    }
+
+    fn check(&self) -> Result<String, CheckpointError> {
+        Criu::check(self)
+    }
+
+    fn dump(&self, req: &DumpRequest) -> Result<DumpReport, CheckpointError> {
+        Criu::dump(self, req)
+    }
+
+    fn restore(&self, req: &RestoreRequest) -> Result<RestoreReport, CheckpointError> {
+        Criu::restore(self, req)
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, CheckpointError> {
+    // criu resolves relative log/pidfile paths against the images dir, not our cwd.
+    std::path::absolute(p)
+        .map_err(|e| CheckpointError::io(format!("resolve path {}", p.display()), e))
+}
+
+fn has_images(dir: &Path) -> Result<bool, CheckpointError> {
+    let entries =
+        fs::read_dir(dir).map_err(|e| CheckpointError::io(format!("read {}", dir.display()), e))?;
+    Ok(entries
+        .flatten()
+        .any(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".img"))))
+}
+
+fn remove_stale(path: &Path) -> Result<(), CheckpointError> {
+    // A leftover from an earlier run would be mistaken for this run's log or pid.
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CheckpointError::io(
+            format!("remove stale {}", path.display()),
+            e,
+        )),
+    }
+}
+
+fn read_pidfile(path: &Path) -> Result<Option<i32>, CheckpointError> {
+    match fs::read_to_string(path) {
+        // criu creates the file, then writes the pid in one write: empty means "not yet".
+        Ok(s) => Ok(s.trim().parse().ok()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CheckpointError::io(
+            format!("read pidfile {}", path.display()),
+            e,
+        )),
+    }
+}
+
+fn combined(out: &Output) -> String {
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    s
+}
+
+/// Lines of criu's errors that say nothing about this failure: the summary line, and the
+/// RLIMIT_NOFILE complaint criu prints on every run where CAP_SYS_RESOURCE is missing.
+const NOISE: [&str; 3] = [
+    "Dumping FAILED",
+    "Restoring FAILED",
+    "Can't setup RLIMIT_NOFILE",
+];
+
+/// (reason, log tail) for a failed criu run: criu's `Error (...)` lines without timestamps
+/// and noise, else its stderr, else the exit status.
+fn failure_reason(log_file: &Path, out: &Output) -> (String, String) {
+    let log = fs::read_to_string(log_file).unwrap_or_default();
+    let tail = {
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+    };
+    (
+        reason_from(&log, &combined(out), &out.status.to_string()),
+        tail,
+    )
+}
+
+fn reason_from(log: &str, output: &str, status: &str) -> String {
+    let errors: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_once("Error (").map(|(_, rest)| rest))
+        .map(|rest| rest.split_once("): ").map_or(rest, |(_, msg)| msg).trim())
+        .collect();
+    let meaningful: Vec<&str> = errors
+        .iter()
+        .copied()
+        .filter(|e| !NOISE.iter().any(|n| e.contains(n)))
+        .collect();
+    if !meaningful.is_empty() {
+        meaningful.join("; ")
+    } else if !output.trim().is_empty() {
+        output.trim().to_string()
+    } else if !errors.is_empty() {
+        errors.join("; ")
+    } else {
+        format!("criu {status}, no error in its log")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("4.1.1"), Some((4, 1)));
+        assert_eq!(parse_version("3.17.1"), Some((3, 17)));
+        assert_eq!(parse_version("4"), Some((4, 0)));
+        assert_eq!(parse_version("x"), None);
+        assert!(parse_version("4.1.1").unwrap() >= MIN_CRIU_VERSION);
+        assert!(parse_version("3.17.1").unwrap() < MIN_CRIU_VERSION);
+        assert!(parse_version("4.0").unwrap() < MIN_CRIU_VERSION);
+    }
+
+    #[test]
+    fn reason_skips_noise_and_timestamps() {
+        let log = "(00.024502) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
+                   (00.034440) Error (criu/pstree.c:300): The root process 8974 is not a session leader. Consider using --shell-job option\n\
+                   (00.034544) Error (criu/cr-dump.c:2111): Dumping FAILED.\n";
+        assert_eq!(
+            reason_from(log, "", "exit status: 1"),
+            "The root process 8974 is not a session leader. Consider using --shell-job option"
+        );
+        assert_eq!(
+            reason_from("", "bad option\n", "exit status: 1"),
+            "bad option"
+        );
+        assert_eq!(
+            reason_from("", "", "exit status: 1"),
+            "criu exit status: 1, no error in its log"
+        );
+    }
+
+    #[test]
+    fn missing_binary_is_not_found() {
+        assert!(matches!(
+            Criu::at("/nonexistent/criu"),
+            Err(CheckpointError::CriuNotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,171 @@
+//! `dvs`: the operator's command.
+
+mod cluster;
+mod demo;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use dvs_config::ClusterConfig;
+
+/// A Distributed Virtualization System: processes talk by endpoint, whatever node they run on.
+#[derive(Parser)]
+#[command(name = "dvs", version, about)]
+struct Cli {
+    /// Folder of the local cluster (its config, sockets and logs).
+    #[arg(long, global = true, env = "DVS_DIR", default_value = "/tmp/dvs")]
+    dir: PathBuf,
+    /// Cluster config to use instead of DIR/cluster.toml.
+    #[arg(long, global = true, env = "DVS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node kernel in the foreground.
+    Node {
+        /// This node's id or name in the config.
+        #[arg(long)]
+        node: String,
+    },
+    /// Start a local cluster on this machine (writes DIR/cluster.toml, starts the nodes).
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: u16,
+        /// First peer port to try; the nodes take consecutive free ports from here.
+        #[arg(long, default_value_t = 7400)]
+        base_port: u16,
+        /// Compress peer-link frames with lz4 when that makes them smaller.
+        #[arg(long)]
+        lz4: bool,
+    },
+    /// Stop the local cluster and every process it launched.
+    Down,
+    /// Nodes, links, DCs and every endpoint's registration on every node.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Processes launched by the nodes.
+    Ps {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Launch a program on a node as endpoint EP of DC.
+    Run {
+        /// DC id or name.
+        #[arg(long)]
+        dc: String,
+        /// Endpoint number.
+        #[arg(long)]
+        ep: i32,
+        /// Node id or name.
+        #[arg(long)]
+        node: String,
+        /// Stay attached: stream the program's output and exit with its status.
+        #[arg(long)]
+        wait: bool,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Start a local cluster, run the paper's client/server across nodes, show status, stop.
+    Demo {
+        /// Iterations of the client.
+        #[arg(long, default_value_t = 1000)]
+        iterations: u32,
+        /// Bytes the server copies into the client per iteration.
+        #[arg(long, default_value = "65536")]
+        block_size: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dvs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads the cluster config named on the command line, or the local cluster's.
+fn load_config(
+    cli_dir: &std::path::Path,
+    config: &Option<PathBuf>,
+) -> Result<(ClusterConfig, PathBuf)> {
+    let path = config
+        .clone()
+        .unwrap_or_else(|| cli_dir.join("cluster.toml"));
+    if config.is_none() && !path.exists() {
+        bail!(
+            "no cluster running under {}: start one with `dvs up` (or pass --config FILE)",
+            cli_dir.display()
+        );
+    }
+    let cfg = ClusterConfig::load(&path)?;
+    Ok((cfg, path))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Node { node } => {
+            let (config, path) = load_config(&cli.dir, &cli.config)?;
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            dvs_node::run(dvs_node::NodeOptions { config, node })
+                .with_context(|| format!("node kernel (config {})", path.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Up {
+            nodes,
+            base_port,
+            lz4,
+        } => {
+            cluster::up(&cli.dir, nodes, base_port, lz4)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Down => {
+            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            cluster::down(&cfg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { json } => {
+            let (cfg, path) = load_config(&cli.dir, &cli.config)?;
+            status::status(&cfg, &path, json)
+        }
+        Cmd::Ps { json } => {
+            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            status::ps(&cfg, json)
+        }
+        Cmd::Run {
+            dc,
+            ep,
+            node,
+            wait,
+            cmd,
+        } => {
+            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            cluster::run(&cfg, &dc, ep, &node, wait, cmd)
+        }
+        Cmd::Demo {
+            iterations,
+            block_size,
+        } => demo::demo(&cli.dir, iterations, &block_size),
+    }
+}

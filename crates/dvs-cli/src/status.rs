@@ -1,0 +1,218 @@
+//! `dvs status` and `dvs ps`: one table over every node of the cluster.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use dvs_config::ClusterConfig;
+use dvs_node::ctl::NodeStatus;
+use serde::Serialize;
+
+use crate::cluster::node_status;
+
+#[derive(Serialize)]
+struct ClusterStatus {
+    cluster_id: String,
+    config: String,
+    nodes: Vec<NodeEntry>,
+}
+
+#[derive(Serialize)]
+struct NodeEntry {
+    id: u16,
+    name: String,
+    reachable: bool,
+    error: Option<String>,
+    status: Option<NodeStatus>,
+}
+
+fn gather(cfg: &ClusterConfig) -> Vec<NodeEntry> {
+    cfg.nodes
+        .iter()
+        .map(|n| match node_status(n) {
+            Ok(s) => NodeEntry {
+                id: n.id,
+                name: n.name.clone(),
+                reachable: true,
+                error: None,
+                status: Some(s),
+            },
+            Err(e) => NodeEntry {
+                id: n.id,
+                name: n.name.clone(),
+                reachable: false,
+                error: Some(format!("{e:#}")),
+                status: None,
+            },
+        })
+        .collect()
+}
+
+fn secs(ms: u64) -> String {
+    if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60)
+    }
+}
+
+/// Prints the cluster's status; fails (exit 1) when a node is unreachable.
+pub fn status(cfg: &ClusterConfig, path: &Path, json: bool) -> Result<ExitCode> {
+    let nodes = gather(cfg);
+    let all_ok = nodes.iter().all(|n| n.reachable);
+    if json {
+        let s = ClusterStatus {
+            cluster_id: cfg.cluster_id.clone(),
+            config: path.display().to_string(),
+            nodes,
+        };
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(if all_ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    println!(
+        "cluster {} ({} nodes, config {})",
+        cfg.cluster_id,
+        cfg.nodes.len(),
+        path.display()
+    );
+    println!();
+    println!(
+        "{:<4} {:<10} {:<8} {:<8} LINKS",
+        "ID", "NODE", "PID", "UPTIME"
+    );
+    for n in &nodes {
+        match &n.status {
+            Some(s) => {
+                let links: Vec<String> = s
+                    .links
+                    .iter()
+                    .map(|l| format!("{} {}", l.name, if l.up { "up" } else { "DOWN" }))
+                    .collect();
+                println!(
+                    "{:<4} {:<10} {:<8} {:<8} {}",
+                    n.id,
+                    n.name,
+                    s.pid,
+                    secs(s.uptime_ms),
+                    links.join(", ")
+                );
+            }
+            None => println!(
+                "{:<4} {:<10} {:<8} {:<8} unreachable: {}",
+                n.id,
+                n.name,
+                "-",
+                "-",
+                n.error.clone().unwrap_or_default()
+            ),
+        }
+    }
+    // One row per endpoint, one column per node: the registration each node holds.
+    let mut rows: BTreeMap<(u16, i32), BTreeMap<u16, String>> = BTreeMap::new();
+    for n in &nodes {
+        let Some(s) = &n.status else { continue };
+        for e in &s.endpoints {
+            let cell = match e.state.as_str() {
+                "RUNNING" => match e.pid {
+                    Some(p) => format!("RUNNING pid {p}"),
+                    None => "RUNNING".into(),
+                },
+                other => {
+                    let name = cfg
+                        .node_by_id(e.node)
+                        .map(|x| x.name.clone())
+                        .unwrap_or_else(|| e.node.to_string());
+                    format!("{other}({name})")
+                }
+            };
+            rows.entry((e.dc, e.ep)).or_default().insert(n.id, cell);
+        }
+    }
+    println!();
+    for dc in &cfg.dcs {
+        let span: Vec<String> = cfg
+            .dc_nodes(dc)
+            .iter()
+            .filter_map(|id| cfg.node_by_id(*id).map(|n| n.name.clone()))
+            .collect();
+        println!("DC {} (id {}) spans {}", dc.name, dc.id, span.join(", "));
+        let dc_rows: Vec<_> = rows.iter().filter(|((d, _), _)| *d == dc.id).collect();
+        if dc_rows.is_empty() {
+            println!("  no endpoints");
+            continue;
+        }
+        print!("  {:<6}", "EP");
+        for n in &cfg.nodes {
+            print!(" {:<18}", n.name);
+        }
+        println!();
+        for ((_, ep), cells) in dc_rows {
+            print!("  {:<6}", ep);
+            for n in &cfg.nodes {
+                print!(
+                    " {:<18}",
+                    cells.get(&n.id).map(String::as_str).unwrap_or("-")
+                );
+            }
+            println!();
+        }
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints the processes launched by every node.
+pub fn ps(cfg: &ClusterConfig, json: bool) -> Result<ExitCode> {
+    let nodes = gather(cfg);
+    if json {
+        let v: Vec<_> = nodes
+            .iter()
+            .filter_map(|n| {
+                n.status
+                    .as_ref()
+                    .map(|s| serde_json::json!({"node": n.name, "procs": s.procs}))
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<10} {:<8} {:<6} {:<6} {:<8} {:<18} COMMAND",
+        "NODE", "PID", "DC", "EP", "AGE", "STATE"
+    );
+    for n in &nodes {
+        let Some(s) = &n.status else {
+            println!(
+                "{:<10} unreachable: {}",
+                n.name,
+                n.error.clone().unwrap_or_default()
+            );
+            continue;
+        };
+        for p in &s.procs {
+            let dc = cfg
+                .dc_by_id(p.dc)
+                .map(|d| d.name.clone())
+                .unwrap_or_else(|| p.dc.to_string());
+            println!(
+                "{:<10} {:<8} {:<6} {:<6} {:<8} {:<18} {}",
+                n.name,
+                p.pid,
+                dc,
+                p.ep,
+                secs(p.age_ms),
+                p.state,
+                p.cmd.join(" ")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

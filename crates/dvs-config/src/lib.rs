@@ -1,0 +1,510 @@
+//! The cluster configuration: one TOML file naming the cluster, its nodes and its DCs.
+//!
+//! ```toml
+//! cluster_id = "demo"
+//! [directory]
+//! kind = "embedded"
+//! path = "/tmp/dvs/directory"
+//! [link]
+//! compression = "lz4"
+//! [[node]]
+//! id = 0
+//! name = "node0"
+//! peer_addr = "127.0.0.1:7400"
+//! runtime_dir = "/tmp/dvs/node0"
+//! [[dc]]
+//! id = 0
+//! name = "dc0"
+//! nodes = [0, "node1"]
+//! max_endpoints = 256
+//! ```
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use dvs_wire::{DcId, Ep, NodeId};
+use serde::{Deserialize, Serialize};
+
+/// A configuration that could not be loaded; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for a cluster config.
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A key holds a value that is not allowed.
+    #[error("config {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// Compression used on peer links.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Frames go as they are.
+    #[default]
+    None,
+    /// A frame is lz4-compressed when that makes it smaller.
+    Lz4,
+}
+
+/// Peer-link settings, the same for every link of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkConfig {
+    /// Compression of frames on the links.
+    pub compression: Compression,
+    /// Interval of liveness probes on an idle link, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// A link with no traffic for this long is declared down, in milliseconds.
+    pub dead_after_ms: u64,
+    /// Delay before redialing a lost link, in milliseconds (doubles up to 1 s).
+    pub reconnect_ms: u64,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            compression: Compression::None,
+            heartbeat_ms: 250,
+            dead_after_ms: 1500,
+            reconnect_ms: 50,
+        }
+    }
+}
+
+/// Where endpoint locations, node membership and migration records live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DirectoryConfig {
+    /// A directory in a folder shared by the nodes of a cluster on one machine.
+    Embedded {
+        /// Folder holding the directory's state.
+        path: PathBuf,
+    },
+    /// An etcd cluster.
+    Etcd {
+        /// Client URLs of the etcd members.
+        endpoints: Vec<String>,
+        /// Key prefix of this cluster.
+        #[serde(default = "default_etcd_prefix")]
+        prefix: String,
+    },
+}
+
+fn default_etcd_prefix() -> String {
+    "/dvs".into()
+}
+
+/// One node of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node id, unique in the cluster.
+    pub id: NodeId,
+    /// Node name, unique in the cluster.
+    pub name: String,
+    /// Address the node's peer link listens on.
+    pub peer_addr: SocketAddr,
+    /// Folder of the node's sockets, logs and checkpoint images.
+    pub runtime_dir: PathBuf,
+}
+
+impl NodeConfig {
+    /// The Unix socket that application processes connect to.
+    pub fn ipc_socket(&self) -> PathBuf {
+        self.runtime_dir.join("ipc.sock")
+    }
+    /// The Unix socket of the control protocol (CLI).
+    pub fn ctl_socket(&self) -> PathBuf {
+        self.runtime_dir.join("ctl.sock")
+    }
+}
+
+/// A node named by id or by name in the config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NodeRef {
+    /// By id.
+    Id(NodeId),
+    /// By name.
+    Name(String),
+}
+
+/// A distributed container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DcConfig {
+    /// DC id, unique in the cluster.
+    pub id: DcId,
+    /// DC name, unique in the cluster.
+    pub name: String,
+    /// The nodes the DC spans.
+    pub nodes: Vec<NodeRef>,
+    /// Endpoints are numbered `0..max_endpoints`.
+    #[serde(default = "default_max_endpoints")]
+    pub max_endpoints: u32,
+    /// Most messages queued for one endpoint before senders get `QueueFull`.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: u32,
+}
+
+fn default_max_endpoints() -> u32 {
+    1024
+}
+fn default_max_queue() -> u32 {
+    4096
+}
+
+/// The whole cluster configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Cluster id; peer links between different clusters are refused.
+    pub cluster_id: String,
+    /// The directory service.
+    pub directory: DirectoryConfig,
+    /// Peer-link settings.
+    #[serde(default)]
+    pub link: LinkConfig,
+    /// The nodes.
+    #[serde(rename = "node")]
+    pub nodes: Vec<NodeConfig>,
+    /// The DCs.
+    #[serde(rename = "dc", default)]
+    pub dcs: Vec<DcConfig>,
+}
+
+impl ClusterConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// The config as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a config always serializes")
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: String, message: String| ConfigError::Invalid {
+            path: path.into(),
+            key,
+            message,
+        };
+        if self.cluster_id.trim().is_empty() {
+            return Err(bad("cluster_id".into(), "must not be empty".into()));
+        }
+        if self.nodes.is_empty() {
+            return Err(bad(
+                "node".into(),
+                "at least one [[node]] is required".into(),
+            ));
+        }
+        let (mut ids, mut names, mut addrs) = (HashSet::new(), HashSet::new(), HashSet::new());
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !ids.insert(n.id) {
+                return Err(bad(
+                    format!("node[{i}].id"),
+                    format!("node id {} is used twice", n.id),
+                ));
+            }
+            if n.name.is_empty() || n.name.parse::<u64>().is_ok() {
+                return Err(bad(
+                    format!("node[{i}].name"),
+                    format!("{:?} is not a valid name (non-empty, not a number)", n.name),
+                ));
+            }
+            if !names.insert(n.name.as_str()) {
+                return Err(bad(
+                    format!("node[{i}].name"),
+                    format!("node name {:?} is used twice", n.name),
+                ));
+            }
+            if !addrs.insert(n.peer_addr) {
+                return Err(bad(
+                    format!("node[{i}].peer_addr"),
+                    format!("address {} is used twice", n.peer_addr),
+                ));
+            }
+            if !n.runtime_dir.is_absolute() {
+                return Err(bad(
+                    format!("node[{i}].runtime_dir"),
+                    "must be an absolute path".into(),
+                ));
+            }
+            // sockaddr_un holds 108 bytes; the socket paths must fit.
+            if n.ctl_socket().as_os_str().len() >= 100 {
+                return Err(bad(
+                    format!("node[{i}].runtime_dir"),
+                    "path too long for a Unix socket (keep it under 90 bytes)".into(),
+                ));
+            }
+        }
+        let (mut dc_ids, mut dc_names) = (HashSet::new(), HashSet::new());
+        for (i, dc) in self.dcs.iter().enumerate() {
+            if !dc_ids.insert(dc.id) {
+                return Err(bad(
+                    format!("dc[{i}].id"),
+                    format!("DC id {} is used twice", dc.id),
+                ));
+            }
+            if dc.name.is_empty() || dc.name.parse::<u64>().is_ok() {
+                return Err(bad(
+                    format!("dc[{i}].name"),
+                    format!(
+                        "{:?} is not a valid name (non-empty, not a number)",
+                        dc.name
+                    ),
+                ));
+            }
+            if !dc_names.insert(dc.name.as_str()) {
+                return Err(bad(
+                    format!("dc[{i}].name"),
+                    format!("DC name {:?} is used twice", dc.name),
+                ));
+            }
+            if dc.nodes.is_empty() {
+                return Err(bad(
+                    format!("dc[{i}].nodes"),
+                    "a DC must span at least one node".into(),
+                ));
+            }
+            let mut seen = BTreeSet::new();
+            for (j, r) in dc.nodes.iter().enumerate() {
+                let Some(n) = self.node(r) else {
+                    return Err(bad(
+                        format!("dc[{i}].nodes[{j}]"),
+                        format!("no node {} is defined", r),
+                    ));
+                };
+                if !seen.insert(n.id) {
+                    return Err(bad(
+                        format!("dc[{i}].nodes[{j}]"),
+                        format!("node {} is listed twice", r),
+                    ));
+                }
+            }
+            if dc.max_endpoints == 0 || dc.max_endpoints > i32::MAX as u32 {
+                return Err(bad(
+                    format!("dc[{i}].max_endpoints"),
+                    "must be between 1 and 2147483647".into(),
+                ));
+            }
+            if dc.max_queue == 0 {
+                return Err(bad(
+                    format!("dc[{i}].max_queue"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        if self.link.heartbeat_ms == 0 || self.link.dead_after_ms <= self.link.heartbeat_ms {
+            return Err(bad(
+                "link.dead_after_ms".into(),
+                "must be larger than link.heartbeat_ms, which must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The node an id or name refers to.
+    pub fn node(&self, r: &NodeRef) -> Option<&NodeConfig> {
+        match r {
+            NodeRef::Id(id) => self.nodes.iter().find(|n| n.id == *id),
+            NodeRef::Name(name) => self.nodes.iter().find(|n| &n.name == name),
+        }
+    }
+
+    /// The node named by `s`, an id or a name (as typed on a command line).
+    pub fn find_node(&self, s: &str) -> Option<&NodeConfig> {
+        match s.parse::<NodeId>() {
+            Ok(id) => self.nodes.iter().find(|n| n.id == id),
+            Err(_) => self.nodes.iter().find(|n| n.name == s),
+        }
+    }
+
+    /// The node with this id.
+    pub fn node_by_id(&self, id: NodeId) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// The DC named by `s`, an id or a name.
+    pub fn find_dc(&self, s: &str) -> Option<&DcConfig> {
+        match s.parse::<DcId>() {
+            Ok(id) => self.dcs.iter().find(|d| d.id == id),
+            Err(_) => self.dcs.iter().find(|d| d.name == s),
+        }
+    }
+
+    /// The DC with this id.
+    pub fn dc_by_id(&self, id: DcId) -> Option<&DcConfig> {
+        self.dcs.iter().find(|d| d.id == id)
+    }
+
+    /// Ids of the nodes DC `dc` spans (validated configs only).
+    pub fn dc_nodes(&self, dc: &DcConfig) -> Vec<NodeId> {
+        dc.nodes
+            .iter()
+            .filter_map(|r| self.node(r).map(|n| n.id))
+            .collect()
+    }
+
+    /// Whether `ep` is a valid endpoint number of `dc`.
+    pub fn ep_in_range(dc: &DcConfig, ep: Ep) -> bool {
+        ep >= 0 && (ep as u32) < dc.max_endpoints
+    }
+
+    /// A local cluster of `n` nodes on loopback under `dir`, with one DC spanning all of them.
+    pub fn local(dir: &Path, n: u16, base_port: u16) -> Self {
+        let nodes: Vec<NodeConfig> = (0..n)
+            .map(|i| NodeConfig {
+                id: i,
+                name: format!("node{i}"),
+                peer_addr: SocketAddr::from(([127, 0, 0, 1], base_port + i)),
+                runtime_dir: dir.join(format!("node{i}")),
+            })
+            .collect();
+        ClusterConfig {
+            cluster_id: format!("local-{base_port}"),
+            directory: DirectoryConfig::Embedded {
+                path: dir.join("directory"),
+            },
+            link: LinkConfig::default(),
+            dcs: vec![DcConfig {
+                id: 0,
+                name: "dc0".into(),
+                nodes: nodes.iter().map(|n| NodeRef::Id(n.id)).collect(),
+                max_endpoints: default_max_endpoints(),
+                max_queue: default_max_queue(),
+            }],
+            nodes,
+        }
+    }
+}
+
+impl std::fmt::Display for NodeRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeRef::Id(id) => write!(f, "{id}"),
+            NodeRef::Name(n) => write!(f, "{n:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cluster_id = "t"
+[directory]
+kind = "embedded"
+path = "/tmp/d"
+[[node]]
+id = 0
+name = "a"
+peer_addr = "127.0.0.1:7000"
+runtime_dir = "/tmp/a"
+[[node]]
+id = 1
+name = "b"
+peer_addr = "127.0.0.1:7001"
+runtime_dir = "/tmp/b"
+[[dc]]
+id = 3
+name = "web"
+nodes = [0, "b"]
+"#;
+
+    fn err(text: &str) -> String {
+        ClusterConfig::parse(text, Path::new("/etc/x.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn parses_a_good_config_and_resolves_refs() {
+        let c = ClusterConfig::parse(GOOD, Path::new("x")).unwrap();
+        assert_eq!(c.nodes.len(), 2);
+        let dc = c.find_dc("web").unwrap();
+        assert_eq!(c.dc_nodes(dc), vec![0, 1]);
+        assert_eq!(c.find_node("b").unwrap().id, 1);
+        assert_eq!(c.find_node("0").unwrap().name, "a");
+        assert_eq!(dc.max_endpoints, 1024);
+        assert_eq!(c.link, LinkConfig::default());
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = ClusterConfig::local(Path::new("/tmp/x"), 3, 7400);
+        let back = ClusterConfig::parse(&c.to_toml(), Path::new("x")).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_dc_node_names_the_key() {
+        let e = err(&GOOD.replace(r#"nodes = [0, "b"]"#, r#"nodes = [0, "zz"]"#));
+        assert!(
+            e.contains("/etc/x.toml") && e.contains("dc[0].nodes[1]") && e.contains("zz"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_node_id_names_the_key() {
+        let e = err(&GOOD.replace("id = 1\nname = \"b\"", "id = 0\nname = \"b\""));
+        assert!(e.contains("node[1].id"), "{e}");
+    }
+
+    #[test]
+    fn bad_address_names_the_key() {
+        let e = err(&GOOD.replace("127.0.0.1:7001", "not-an-address"));
+        assert!(e.contains("/etc/x.toml") && e.contains("peer_addr"), "{e}");
+    }
+
+    #[test]
+    fn missing_and_unknown_keys_are_named() {
+        let e = err(&GOOD.replace("cluster_id = \"t\"\n", ""));
+        assert!(e.contains("cluster_id"), "{e}");
+        let e = err(&GOOD.replace("name = \"web\"", "name = \"web\"\nmax_endpointz = 3"));
+        assert!(e.contains("max_endpointz"), "{e}");
+    }
+
+    #[test]
+    fn relative_runtime_dir_is_refused() {
+        let e = err(&GOOD.replace("/tmp/b", "tmp/b"));
+        assert!(e.contains("node[1].runtime_dir"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_names_the_file() {
+        let e = ClusterConfig::load(Path::new("/nonexistent/c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/c.toml"), "{e}");
+    }
+}

@@ -1,0 +1,20 @@
+//! The sans-IO core of a dvs node kernel.
+//!
+//! No sockets, threads or clocks live here: the daemon feeds events (a request from a local
+//! process, a frame from a peer, a directory answer, the current time) into a [`NodeCore`] and
+//! carries out the [`Action`]s it returns. That makes the IPC semantics testable without
+//! processes and simulable deterministically.
+//!
+//! - [`table`]: per-DC endpoint registrations (RUNNING here, REMOTE, BACKUP).
+//! - [`node`]: the node kernel core: M3-IPC calls, peer frames, timeouts.
+
+pub mod node;
+pub mod table;
+
+pub use node::{Action, CoreConfig, DcInfo, NodeCore, VcopyCompletion, VCOPY_MAX};
+pub use table::{Registration, RegistrationKind};
+
+/// Identifies one local connection (one process's endpoint) inside a node.
+pub type ConnId = u64;
+/// Identifies one outstanding remote operation, unique per originating node.
+pub type OpId = u64;

@@ -1,0 +1,1278 @@
+//! The node kernel core: M3-IPC semantics over local connections and peer links.
+//!
+//! Inputs are method calls (`on_*`, [`NodeCore::handle_timeout`]) carrying the current time;
+//! outputs are [`Action`]s taken with [`NodeCore::poll_action`]. Every local request gets
+//! exactly one [`Action::Respond`], possibly much later (blocking calls).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use dvs_wire::local::{LocalRequest, LocalResponse, Source};
+use dvs_wire::message::NOTIFY_MTYPE;
+use dvs_wire::peer::{DeliverKind, PeerFrame};
+use dvs_wire::{DcId, Ep, Errno, Message, NodeId, Timeout, PROTOCOL_VERSION};
+
+use crate::table::{EndpointTable, Registration};
+use crate::{ConnId, OpId};
+
+/// Largest `vcopy` in one call.
+pub const VCOPY_MAX: u64 = 16 << 20;
+
+/// Extra time a caller waits for a remote node's own timeout verdict before giving up locally.
+const REMOTE_GRACE: Duration = Duration::from_millis(200);
+
+/// What the core needs to know of one DC.
+#[derive(Clone, Debug)]
+pub struct DcInfo {
+    /// DC id.
+    pub id: DcId,
+    /// Nodes the DC spans.
+    pub nodes: BTreeSet<NodeId>,
+    /// Endpoints are `0..max_endpoints`.
+    pub max_endpoints: u32,
+    /// Most messages queued for one endpoint.
+    pub max_queue: u32,
+}
+
+/// What the core needs to know of the cluster.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// This node.
+    pub node: NodeId,
+    /// Every DC of the cluster.
+    pub dcs: Vec<DcInfo>,
+}
+
+/// Where the result of a vcopy goes when the copy is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcopyCompletion {
+    /// The caller is local: answer its connection.
+    Local { op: OpId },
+    /// The caller is on another node: send it `VcopyDone`.
+    Remote { node: NodeId, op: OpId },
+}
+
+/// Something the daemon must do for the core.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send a response on a local connection.
+    Respond { conn: ConnId, resp: LocalResponse },
+    /// Close a local connection that broke the protocol.
+    Close { conn: ConnId, reason: String },
+    /// Send a frame on the link to `node`.
+    Peer { node: NodeId, frame: PeerFrame },
+    /// Record in the directory that `{dc, ep}` is bound on this node (must be absent), then
+    /// call [`NodeCore::on_register_result`].
+    Register { conn: ConnId, dc: DcId, ep: Ep },
+    /// Remove `{dc, ep}` on this node from the directory.
+    Unregister { dc: DcId, ep: Ep },
+    /// Ask the directory where `{dc, ep}` runs, then call [`NodeCore::on_lookup_result`].
+    Lookup { dc: DcId, ep: Ep },
+    /// Copy between two local processes, then call [`NodeCore::on_vcopy_local_done`].
+    VcopyLocal { src_pid: i32, src_addr: u64, dst_pid: i32, dst_addr: u64, len: u64, done: VcopyCompletion },
+    /// Read `len` bytes at `src_addr` of local process `pid` and stream them as `VcopyData`
+    /// frames to `to`. On a read error, call [`NodeCore::on_vcopy_stream_failed`].
+    VcopyStream {
+        pid: i32,
+        src_addr: u64,
+        len: u64,
+        to: NodeId,
+        op: OpId,
+        caller_node: NodeId,
+        dc: DcId,
+        caller: Ep,
+        dst: Ep,
+        dst_addr: u64,
+    },
+}
+
+/// Where a queued message came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Local(ConnId),
+    Remote { node: NodeId, op: OpId },
+}
+
+/// A message waiting for its receiver to take it.
+#[derive(Clone, Debug)]
+struct Incoming {
+    src: Ep,
+    msg: Message,
+    kind: DeliverKind,
+    origin: Origin,
+}
+
+/// Whom a process owes a reply to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReplyTo {
+    Local(ConnId),
+    Remote(NodeId),
+}
+
+/// What a local process is blocked in.
+#[derive(Clone, Debug, PartialEq)]
+enum Blocked {
+    /// Not in a call (or in a call that completes at once).
+    No,
+    /// Its message waits in the queue of a local endpoint.
+    SendingLocal { dst: Ep, kind: DeliverKind },
+    /// Its message went to another node (op outstanding).
+    SendingRemote { dst: Ep, node: NodeId, op: OpId, kind: DeliverKind },
+    /// Waiting for a reply from `from` (its sendrec message was taken).
+    AwaitingReply { from: Ep },
+    /// In receive.
+    Receiving { src: Source },
+    /// In vcopy.
+    Vcopy { op: OpId },
+    /// In wait_for_bind.
+    WaitingBind { ep: Ep },
+    /// Waiting for the directory to say where an endpoint runs; the request is re-run then.
+    LookingUp { ep: Ep, req: LocalRequest },
+    /// Waiting for the directory to accept its registration.
+    Binding,
+}
+
+struct Conn {
+    pid: i32,
+    bound: Option<(DcId, Ep)>,
+    blocked: Blocked,
+    /// Deadline of the current call; a fresh generation invalidates older timers.
+    deadline: Option<Instant>,
+    gen: u64,
+    queue: VecDeque<Incoming>,
+    notifies: BTreeMap<Ep, u64>,
+    owes_reply: HashMap<Ep, ReplyTo>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    /// A local caller's vcopy.
+    Vcopy { conn: ConnId },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKey {
+    Conn { conn: ConnId, gen: u64 },
+    Incoming { node: NodeId, op: OpId },
+}
+
+/// The core of one node kernel.
+pub struct NodeCore {
+    node: NodeId,
+    dcs: HashMap<DcId, DcInfo>,
+    table: EndpointTable,
+    conns: HashMap<ConnId, Conn>,
+    links_up: HashSet<NodeId>,
+    ops: HashMap<OpId, Op>,
+    next_op: OpId,
+    /// Queued messages from other nodes, by origin, to find them on `Cancel` or timeout.
+    remote_incoming: HashMap<(NodeId, OpId), (DcId, Ep)>,
+    /// Local callers blocked on a message sent to another node, by (node, op).
+    remote_sends: HashMap<(NodeId, OpId), ConnId>,
+    lookups: HashMap<(DcId, Ep), Vec<ConnId>>,
+    bind_waiters: HashMap<(DcId, Ep), Vec<ConnId>>,
+    vcopy_failed: HashSet<(NodeId, OpId)>,
+    timers: BTreeSet<(Instant, u64, TimerKey)>,
+    timer_seq: u64,
+    actions: VecDeque<Action>,
+}
+
+fn err(e: Errno) -> LocalResponse {
+    LocalResponse::Err(e)
+}
+
+impl NodeCore {
+    /// A core for node `cfg.node` with no connections and no registrations.
+    pub fn new(cfg: CoreConfig) -> Self {
+        NodeCore {
+            node: cfg.node,
+            dcs: cfg.dcs.into_iter().map(|d| (d.id, d)).collect(),
+            table: EndpointTable::default(),
+            conns: HashMap::new(),
+            links_up: HashSet::new(),
+            ops: HashMap::new(),
+            next_op: 1,
+            remote_incoming: HashMap::new(),
+            remote_sends: HashMap::new(),
+            lookups: HashMap::new(),
+            bind_waiters: HashMap::new(),
+            vcopy_failed: HashSet::new(),
+            timers: BTreeSet::new(),
+            timer_seq: 0,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// The next action to carry out.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`NodeCore::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(t, _, _)| *t)
+    }
+
+    /// Every registration this node holds, sorted.
+    pub fn registrations(&self) -> Vec<(DcId, Ep, Registration)> {
+        self.table.entries()
+    }
+
+    /// The pid of the process bound to local endpoint `{dc, ep}`.
+    pub fn local_pid(&self, dc: DcId, ep: Ep) -> Option<i32> {
+        match self.table.get(dc, ep)? {
+            Registration::Local { conn } => self.conns.get(&conn).map(|c| c.pid),
+            _ => None,
+        }
+    }
+
+    /// Whether the link to `node` is up.
+    pub fn link_up(&self, node: NodeId) -> bool {
+        self.links_up.contains(&node)
+    }
+
+    // ----- local connections -------------------------------------------------------------
+
+    /// A process connected; `pid` is its pid as seen by the node kernel.
+    pub fn on_local_connect(&mut self, conn: ConnId, pid: i32) {
+        self.conns.insert(
+            conn,
+            Conn {
+                pid,
+                bound: None,
+                blocked: Blocked::No,
+                deadline: None,
+                gen: 0,
+                queue: VecDeque::new(),
+                notifies: BTreeMap::new(),
+                owes_reply: HashMap::new(),
+            },
+        );
+    }
+
+    /// A process disconnected (exited, died, or its connection was closed).
+    pub fn on_local_disconnect(&mut self, conn: ConnId) {
+        self.abandon_call(conn);
+        self.release_endpoint(conn, Errno::DstDied);
+        self.conns.remove(&conn);
+    }
+
+    /// A request from a local process.
+    pub fn on_local_request(&mut self, conn: ConnId, req: LocalRequest, now: Instant) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        if c.blocked != Blocked::No {
+            self.actions.push_back(Action::Close {
+                conn,
+                reason: "request while a previous call is still in progress".into(),
+            });
+            return;
+        }
+        self.run_request(conn, req, now);
+    }
+
+    fn run_request(&mut self, conn: ConnId, req: LocalRequest, now: Instant) {
+        match req {
+            LocalRequest::Bind { version, dc, ep } => self.bind(conn, version, dc, ep),
+            LocalRequest::Unbind => {
+                if self.bound(conn).is_none() {
+                    return self.respond(conn, err(Errno::NotBound));
+                }
+                self.release_endpoint(conn, Errno::DstDied);
+                self.respond(conn, LocalResponse::Done);
+            }
+            LocalRequest::GetEp => match self.bound(conn) {
+                Some((dc, ep)) => self.respond(conn, LocalResponse::Ep { dc, ep, node: self.node }),
+                None => self.respond(conn, err(Errno::NotBound)),
+            },
+            LocalRequest::Send { dst, msg, timeout } => {
+                self.send(conn, dst, msg, DeliverKind::Send, timeout, now, LocalRequest::Send { dst, msg, timeout })
+            }
+            LocalRequest::SendRec { dst, msg, timeout } => self.send(
+                conn,
+                dst,
+                msg,
+                DeliverKind::SendRec,
+                timeout,
+                now,
+                LocalRequest::SendRec { dst, msg, timeout },
+            ),
+            LocalRequest::Receive { src, timeout } => self.receive(conn, src, timeout, now),
+            LocalRequest::Reply { dst, msg } => self.reply(conn, dst, msg),
+            LocalRequest::Notify { dst, value } => self.notify(conn, dst, value, now),
+            LocalRequest::Vcopy { src, src_addr, dst, dst_addr, len, timeout } => {
+                self.vcopy(conn, req_vcopy(src, src_addr, dst, dst_addr, len, timeout), now)
+            }
+            LocalRequest::WaitForBind { ep, timeout } => self.wait_for_bind(conn, ep, timeout, now),
+        }
+    }
+
+    fn bound(&self, conn: ConnId) -> Option<(DcId, Ep)> {
+        self.conns.get(&conn).and_then(|c| c.bound)
+    }
+
+    fn respond(&mut self, conn: ConnId, resp: LocalResponse) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.blocked = Blocked::No;
+            c.deadline = None;
+            c.gen += 1;
+        }
+        self.actions.push_back(Action::Respond { conn, resp });
+    }
+
+    /// Blocks `conn` in `state` until `timeout` (from `now`).
+    fn block(&mut self, conn: ConnId, state: Blocked, timeout: Timeout, now: Instant, grace: Duration) {
+        let deadline = timeout.as_duration().map(|d| now + d + grace);
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.blocked = state;
+        c.gen += 1;
+        c.deadline = deadline;
+        let gen = c.gen;
+        if let Some(d) = deadline {
+            self.add_timer(d, TimerKey::Conn { conn, gen });
+        }
+    }
+
+    /// Re-blocks keeping the call's deadline (a call moving from one wait to the next).
+    fn reblock(&mut self, conn: ConnId, state: Blocked) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.blocked = state;
+        }
+    }
+
+    fn add_timer(&mut self, at: Instant, key: TimerKey) {
+        self.timer_seq += 1;
+        self.timers.insert((at, self.timer_seq, key));
+    }
+
+    fn dc_check(&self, dc: DcId, ep: Ep) -> Result<&DcInfo, Errno> {
+        let info = self.dcs.get(&dc).ok_or(Errno::NoSuchDc)?;
+        if ep < 0 || ep as u32 >= info.max_endpoints {
+            return Err(Errno::BadEndpoint);
+        }
+        Ok(info)
+    }
+
+    // ----- bind --------------------------------------------------------------------------
+
+    fn bind(&mut self, conn: ConnId, version: u32, dc: DcId, ep: Ep) {
+        if version != PROTOCOL_VERSION {
+            return self.respond(conn, err(Errno::Invalid));
+        }
+        if self.bound(conn).is_some() {
+            return self.respond(conn, err(Errno::ConnAlreadyBound));
+        }
+        let info = match self.dc_check(dc, ep) {
+            Ok(i) => i,
+            Err(e) => return self.respond(conn, err(e)),
+        };
+        if !info.nodes.contains(&self.node) {
+            return self.respond(conn, err(Errno::NodeNotInDc));
+        }
+        if let Some(Registration::Local { .. }) = self.table.get(dc, ep) {
+            return self.respond(conn, err(Errno::AlreadyBound));
+        }
+        self.reblock(conn, Blocked::Binding);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.bound = Some((dc, ep));
+        }
+        self.actions.push_back(Action::Register { conn, dc, ep });
+    }
+
+    /// The directory's answer to [`Action::Register`]: `Err` names why (e.g. bound elsewhere).
+    pub fn on_register_result(&mut self, conn: ConnId, result: Result<(), Errno>) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.blocked != Blocked::Binding {
+            return;
+        }
+        let (dc, ep) = c.bound.expect("binding connections carry their endpoint");
+        if let Err(e) = result {
+            c.bound = None;
+            return self.respond(conn, err(e));
+        }
+        if let Some(Registration::Local { .. }) = self.table.get(dc, ep) {
+            // Two local connections raced for the same endpoint; the directory let the
+            // second through because the key names this node.
+            c.bound = None;
+            return self.respond(conn, err(Errno::AlreadyBound));
+        }
+        self.table.set(dc, ep, Registration::Local { conn });
+        self.broadcast(dc, PeerFrame::Bound { dc, ep });
+        self.respond(conn, LocalResponse::Ep { dc, ep, node: self.node });
+        self.wake_bind_waiters(dc, ep);
+    }
+
+    fn broadcast(&mut self, dc: DcId, frame: PeerFrame) {
+        let Some(info) = self.dcs.get(&dc) else { return };
+        for n in info.nodes.iter().copied().filter(|n| *n != self.node) {
+            if self.links_up.contains(&n) {
+                self.actions.push_back(Action::Peer { node: n, frame: frame.clone() });
+            }
+        }
+    }
+
+    fn wake_bind_waiters(&mut self, dc: DcId, ep: Ep) {
+        for w in self.bind_waiters.remove(&(dc, ep)).unwrap_or_default() {
+            if matches!(self.conns.get(&w).map(|c| &c.blocked), Some(Blocked::WaitingBind { ep: e }) if *e == ep) {
+                self.respond(w, LocalResponse::Done);
+            }
+        }
+    }
+
+    /// Unbinds `conn`'s endpoint: everyone waiting on it gets `why`.
+    fn release_endpoint(&mut self, conn: ConnId, why: Errno) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some((dc, ep)) = c.bound.take() else { return };
+        let was_binding = c.blocked == Blocked::Binding;
+        let queue = std::mem::take(&mut c.queue);
+        let owed: Vec<(Ep, ReplyTo)> = c.owes_reply.drain().collect();
+        c.notifies.clear();
+        if was_binding {
+            // The directory may still record it; remove it when the CAS lands.
+            self.actions.push_back(Action::Unregister { dc, ep });
+            return;
+        }
+        if self.table.get(dc, ep) == Some(Registration::Local { conn }) {
+            self.table.remove(dc, ep);
+            self.actions.push_back(Action::Unregister { dc, ep });
+            self.broadcast(dc, PeerFrame::Unbound { dc, ep });
+        }
+        for inc in queue {
+            self.fail_incoming(dc, ep, inc, why);
+        }
+        for (client, to) in owed {
+            match to {
+                ReplyTo::Local(cc) => {
+                    if matches!(self.conns.get(&cc).map(|c| &c.blocked), Some(Blocked::AwaitingReply { from }) if *from == ep) {
+                        self.respond(cc, err(why));
+                    }
+                }
+                ReplyTo::Remote(node) => {
+                    self.actions.push_back(Action::Peer {
+                        node,
+                        frame: PeerFrame::Reply { dc, src: ep, dst: client, result: Err(why) },
+                    });
+                }
+            }
+        }
+        self.fail_local_receivers_from(dc, ep, Errno::SrcDied);
+    }
+
+    /// Local processes receiving only from `{dc, ep}` will never get a message: fail them.
+    fn fail_local_receivers_from(&mut self, dc: DcId, ep: Ep, why: Errno) {
+        let victims: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.bound.map(|b| b.0) == Some(dc) && c.blocked == Blocked::Receiving { src: Source::Ep(ep) })
+            .map(|(id, _)| *id)
+            .collect();
+        for v in victims {
+            self.respond(v, err(why));
+        }
+    }
+
+    fn fail_incoming(&mut self, dc: DcId, _dst: Ep, inc: Incoming, why: Errno) {
+        match inc.origin {
+            Origin::Local(sc) => self.respond(sc, err(why)),
+            Origin::Remote { node, op } => {
+                self.remote_incoming.remove(&(node, op));
+                let _ = dc;
+                self.actions.push_back(Action::Peer { node, frame: PeerFrame::Delivered { op, result: Err(why) } });
+            }
+        }
+    }
+
+    /// Abandons whatever call `conn` is blocked in (it died or timed out): removes its queued
+    /// message, cancels remote operations.
+    fn abandon_call(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let dc = c.bound.map(|b| b.0);
+        match c.blocked.clone() {
+            Blocked::SendingLocal { dst, .. } => {
+                if let (Some(dc), Some(Registration::Local { conn: q })) = (dc, dc.and_then(|dc| self.table.get(dc, dst))) {
+                    let _ = dc;
+                    if let Some(qc) = self.conns.get_mut(&q) {
+                        qc.queue.retain(|i| i.origin != Origin::Local(conn));
+                    }
+                }
+            }
+            Blocked::SendingRemote { node, op, .. } => {
+                self.remote_sends.remove(&(node, op));
+                self.actions.push_back(Action::Peer { node, frame: PeerFrame::Cancel { op } });
+            }
+            Blocked::Vcopy { op } => {
+                self.ops.remove(&op);
+            }
+            Blocked::LookingUp { ep, .. } | Blocked::WaitingBind { ep } => {
+                if let Some(dc) = dc {
+                    if let Some(v) = self.lookups.get_mut(&(dc, ep)) {
+                        v.retain(|x| *x != conn);
+                    }
+                    if let Some(v) = self.bind_waiters.get_mut(&(dc, ep)) {
+                        v.retain(|x| *x != conn);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ----- resolution --------------------------------------------------------------------
+
+    /// Where `{dc, ep}` runs, or parks `conn` on a directory lookup and returns `None`.
+    fn resolve(&mut self, conn: ConnId, dc: DcId, ep: Ep, req: &LocalRequest) -> Option<Registration> {
+        if let Some(r) = self.table.get(dc, ep) {
+            return Some(r);
+        }
+        let waiters = self.lookups.entry((dc, ep)).or_default();
+        if waiters.is_empty() {
+            self.actions.push_back(Action::Lookup { dc, ep });
+        }
+        waiters.push(conn);
+        self.reblock(conn, Blocked::LookingUp { ep, req: req.clone() });
+        None
+    }
+
+    /// The directory's answer to [`Action::Lookup`]: the node running `{dc, ep}`, if any.
+    pub fn on_lookup_result(&mut self, dc: DcId, ep: Ep, node: Option<NodeId>, now: Instant) {
+        if let Some(n) = node {
+            if n != self.node && self.table.get(dc, ep).is_none() {
+                self.table.set(dc, ep, Registration::Remote { node: n });
+            }
+        }
+        let known = self.table.get(dc, ep).is_some();
+        if known {
+            self.wake_bind_waiters(dc, ep);
+        }
+        for w in self.lookups.remove(&(dc, ep)).unwrap_or_default() {
+            let Some(c) = self.conns.get_mut(&w) else { continue };
+            let Blocked::LookingUp { ep: e, req } = c.blocked.clone() else { continue };
+            if e != ep {
+                continue;
+            }
+            c.blocked = Blocked::No;
+            if known {
+                self.run_request(w, req, now);
+            } else if self.table.registered_elsewhere(dc, ep) {
+                self.respond(w, err(Errno::OtherDc));
+            } else {
+                self.respond(w, err(Errno::NoSuchEndpoint));
+            }
+        }
+    }
+
+    /// The directory says `{dc, ep}` now runs on `node` (`None`: nowhere).
+    pub fn on_directory_update(&mut self, dc: DcId, ep: Ep, node: Option<NodeId>) {
+        match (node, self.table.get(dc, ep)) {
+            (_, Some(Registration::Local { .. })) => {}
+            (Some(n), _) if n != self.node => {
+                self.table.set(dc, ep, Registration::Remote { node: n });
+                self.wake_bind_waiters(dc, ep);
+            }
+            (None, Some(Registration::Remote { .. } | Registration::Backup { .. })) => {
+                self.table.remove(dc, ep);
+            }
+            _ => {}
+        }
+    }
+
+    // ----- send / sendrec ----------------------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    fn send(&mut self, conn: ConnId, dst: Ep, mut msg: Message, kind: DeliverKind, timeout: Timeout, now: Instant, req: LocalRequest) {
+        let Some((dc, me)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+        if let Err(e) = self.dc_check(dc, dst) {
+            return self.respond(conn, err(e));
+        }
+        if dst == me {
+            return self.respond(conn, err(Errno::SelfSend));
+        }
+        msg.source = me;
+        let Some(reg) = self.resolve(conn, dc, dst, &req) else { return };
+        match reg {
+            Registration::Local { conn: q } => {
+                let inc = Incoming { src: me, msg, kind, origin: Origin::Local(conn) };
+                if self.try_hand_over(q, dc, dst, &inc) {
+                    self.after_taken(dc, dst, q, inc);
+                    return;
+                }
+                // Deadlock: the destination is itself blocked sending to us.
+                if let Some(qc) = self.conns.get(&q) {
+                    if matches!(qc.blocked, Blocked::SendingLocal { dst: d, .. } if d == me) {
+                        return self.respond(conn, err(Errno::Deadlock));
+                    }
+                }
+                if timeout == Timeout::NoWait {
+                    return self.respond(conn, err(Errno::TimedOut));
+                }
+                let max = self.dcs.get(&dc).map(|d| d.max_queue as usize).unwrap_or(usize::MAX);
+                let qc = self.conns.get_mut(&q).expect("local registrations point at live conns");
+                if qc.queue.len() >= max {
+                    return self.respond(conn, err(Errno::QueueFull));
+                }
+                qc.queue.push_back(inc);
+                self.block(conn, Blocked::SendingLocal { dst, kind }, timeout, now, Duration::ZERO);
+            }
+            Registration::Remote { node } | Registration::Backup { node } => {
+                if !self.links_up.contains(&node) {
+                    return self.respond(conn, err(Errno::NodeUnreachable));
+                }
+                let op = self.new_op();
+                self.actions.push_back(Action::Peer {
+                    node,
+                    frame: PeerFrame::Deliver { op, dc, src: me, dst, kind, msg, timeout },
+                });
+                self.remote_sends.insert((node, op), conn);
+                self.block(conn, Blocked::SendingRemote { dst, node, op, kind }, timeout, now, REMOTE_GRACE);
+            }
+        }
+    }
+
+    fn new_op(&mut self) -> OpId {
+        let op = self.next_op;
+        self.next_op += 1;
+        op
+    }
+
+    /// If local endpoint `q` is receiving and accepts `inc`, hands the message over.
+    fn try_hand_over(&mut self, q: ConnId, _dc: DcId, _dst: Ep, inc: &Incoming) -> bool {
+        let Some(qc) = self.conns.get(&q) else { return false };
+        match qc.blocked {
+            Blocked::Receiving { src } if src.accepts(inc.src) => {
+                self.respond(q, LocalResponse::Msg(inc.msg));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// `inc` was taken by local endpoint `{dc, dst}` (connection `q`): complete its sender.
+    fn after_taken(&mut self, dc: DcId, dst: Ep, q: ConnId, inc: Incoming) {
+        match (inc.kind, inc.origin) {
+            (DeliverKind::Send, Origin::Local(s)) => self.respond(s, LocalResponse::Done),
+            (DeliverKind::Send, Origin::Remote { node, op }) => {
+                self.remote_incoming.remove(&(node, op));
+                self.actions.push_back(Action::Peer { node, frame: PeerFrame::Delivered { op, result: Ok(()) } });
+            }
+            (DeliverKind::SendRec, origin) => {
+                let to = match origin {
+                    Origin::Local(s) => {
+                        self.reblock(s, Blocked::AwaitingReply { from: dst });
+                        ReplyTo::Local(s)
+                    }
+                    Origin::Remote { node, op } => {
+                        self.remote_incoming.remove(&(node, op));
+                        ReplyTo::Remote(node)
+                    }
+                };
+                if let Some(qc) = self.conns.get_mut(&q) {
+                    qc.owes_reply.insert(inc.src, to);
+                }
+            }
+        }
+        let _ = dc;
+    }
+
+    // ----- receive -----------------------------------------------------------------------
+
+    fn receive(&mut self, conn: ConnId, src: Source, timeout: Timeout, now: Instant) {
+        let Some((dc, me)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+        let c = self.conns.get_mut(&conn).expect("caller exists");
+        // Pending notifications first.
+        let pending = match src {
+            Source::Any => c.notifies.keys().next().copied(),
+            Source::Ep(e) => c.notifies.contains_key(&e).then_some(e),
+        };
+        if let Some(from) = pending {
+            let value = c.notifies.remove(&from).expect("present");
+            return self.respond(conn, LocalResponse::Msg(notify_message(from, value)));
+        }
+        if let Some(pos) = c.queue.iter().position(|i| src.accepts(i.src)) {
+            let inc = c.queue.remove(pos).expect("position is valid");
+            self.respond(conn, LocalResponse::Msg(inc.msg));
+            self.after_taken(dc, me, conn, inc);
+            return;
+        }
+        if timeout == Timeout::NoWait {
+            return self.respond(conn, err(Errno::TimedOut));
+        }
+        self.block(conn, Blocked::Receiving { src }, timeout, now, Duration::ZERO);
+    }
+
+    // ----- reply -------------------------------------------------------------------------
+
+    fn reply(&mut self, conn: ConnId, dst: Ep, mut msg: Message) {
+        let Some((dc, me)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+        msg.source = me;
+        let c = self.conns.get_mut(&conn).expect("caller exists");
+        let Some(to) = c.owes_reply.remove(&dst) else { return self.respond(conn, err(Errno::NotWaiting)) };
+        match to {
+            ReplyTo::Local(cc) => {
+                if !matches!(self.conns.get(&cc).map(|c| &c.blocked), Some(Blocked::AwaitingReply { from }) if *from == me) {
+                    return self.respond(conn, err(Errno::NotWaiting));
+                }
+                self.respond(cc, LocalResponse::Msg(msg));
+            }
+            ReplyTo::Remote(node) => {
+                if !self.links_up.contains(&node) {
+                    return self.respond(conn, err(Errno::NodeUnreachable));
+                }
+                self.actions.push_back(Action::Peer { node, frame: PeerFrame::Reply { dc, src: me, dst, result: Ok(msg) } });
+            }
+        }
+        self.respond(conn, LocalResponse::Done);
+    }
+
+    // ----- notify ------------------------------------------------------------------------
+
+    fn notify(&mut self, conn: ConnId, dst: Ep, value: u64, _now: Instant) {
+        let Some((dc, me)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+        if let Err(e) = self.dc_check(dc, dst) {
+            return self.respond(conn, err(e));
+        }
+        if dst == me {
+            return self.respond(conn, err(Errno::SelfSend));
+        }
+        let Some(reg) = self.resolve(conn, dc, dst, &LocalRequest::Notify { dst, value }) else { return };
+        match reg {
+            Registration::Local { conn: q } => self.notify_local(q, me, value),
+            Registration::Remote { node } | Registration::Backup { node } => {
+                if !self.links_up.contains(&node) {
+                    return self.respond(conn, err(Errno::NodeUnreachable));
+                }
+                self.actions.push_back(Action::Peer { node, frame: PeerFrame::Notify { dc, src: me, dst, value } });
+            }
+        }
+        self.respond(conn, LocalResponse::Done);
+    }
+
+    fn notify_local(&mut self, q: ConnId, src: Ep, value: u64) {
+        let Some(qc) = self.conns.get_mut(&q) else { return };
+        match qc.blocked {
+            Blocked::Receiving { src: s } if s.accepts(src) && !qc.notifies.contains_key(&src) => {
+                self.respond(q, LocalResponse::Msg(notify_message(src, value)));
+            }
+            _ => *qc.notifies.entry(src).or_insert(0) |= value,
+        }
+    }
+
+    // ----- wait_for_bind -----------------------------------------------------------------
+
+    fn wait_for_bind(&mut self, conn: ConnId, ep: Ep, timeout: Timeout, now: Instant) {
+        let Some((dc, _)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+        if let Err(e) = self.dc_check(dc, ep) {
+            return self.respond(conn, err(e));
+        }
+        if self.table.get(dc, ep).is_some() {
+            return self.respond(conn, LocalResponse::Done);
+        }
+        if timeout == Timeout::NoWait {
+            return self.respond(conn, err(Errno::TimedOut));
+        }
+        // Ask the directory once in case a registration was missed; a watch or a peer's
+        // `Bound` wakes us otherwise.
+        if !self.lookups.contains_key(&(dc, ep)) {
+            self.lookups.insert((dc, ep), Vec::new());
+            self.actions.push_back(Action::Lookup { dc, ep });
+        }
+        self.bind_waiters.entry((dc, ep)).or_default().push(conn);
+        self.block(conn, Blocked::WaitingBind { ep }, timeout, now, Duration::ZERO);
+    }
+
+    // ----- vcopy -------------------------------------------------------------------------
+
+    fn vcopy(&mut self, conn: ConnId, v: VcopyArgs, now: Instant) {
+        let Some((dc, me)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+        if v.len > VCOPY_MAX {
+            return self.respond(conn, err(Errno::TooBig));
+        }
+        for ep in [v.src, v.dst] {
+            if let Err(e) = self.dc_check(dc, ep) {
+                return self.respond(conn, err(e));
+            }
+        }
+        let req = v.request();
+        let Some(src_reg) = self.resolve(conn, dc, v.src, &req) else { return };
+        let Some(dst_reg) = self.resolve(conn, dc, v.dst, &req) else { return };
+        if v.len == 0 {
+            return self.respond(conn, LocalResponse::Done);
+        }
+        let op = self.new_op();
+        match src_reg {
+            Registration::Local { conn: sc } => {
+                let src_pid = match self.party_pid(sc, conn) {
+                    Ok(p) => p,
+                    Err(e) => return self.respond(conn, err(e)),
+                };
+                match dst_reg {
+                    Registration::Local { conn: dcn } => {
+                        let dst_pid = match self.party_pid(dcn, conn) {
+                            Ok(p) => p,
+                            Err(e) => return self.respond(conn, err(e)),
+                        };
+                        self.actions.push_back(Action::VcopyLocal {
+                            src_pid,
+                            src_addr: v.src_addr,
+                            dst_pid,
+                            dst_addr: v.dst_addr,
+                            len: v.len,
+                            done: VcopyCompletion::Local { op },
+                        });
+                    }
+                    Registration::Remote { node } | Registration::Backup { node } => {
+                        if !self.links_up.contains(&node) {
+                            return self.respond(conn, err(Errno::NodeUnreachable));
+                        }
+                        self.actions.push_back(Action::VcopyStream {
+                            pid: src_pid,
+                            src_addr: v.src_addr,
+                            len: v.len,
+                            to: node,
+                            op,
+                            caller_node: self.node,
+                            dc,
+                            caller: me,
+                            dst: v.dst,
+                            dst_addr: v.dst_addr,
+                        });
+                    }
+                }
+            }
+            Registration::Remote { node } | Registration::Backup { node } => {
+                if !self.links_up.contains(&node) {
+                    return self.respond(conn, err(Errno::NodeUnreachable));
+                }
+                self.actions.push_back(Action::Peer {
+                    node,
+                    frame: PeerFrame::VcopyPull {
+                        op,
+                        caller_node: self.node,
+                        dc,
+                        caller: me,
+                        src: v.src,
+                        src_addr: v.src_addr,
+                        dst: v.dst,
+                        dst_addr: v.dst_addr,
+                        len: v.len,
+                    },
+                });
+            }
+        }
+        self.ops.insert(op, Op::Vcopy { conn });
+        self.block(conn, Blocked::Vcopy { op }, v.timeout, now, Duration::ZERO);
+    }
+
+    /// The pid of a vcopy party: it must be the caller or blocked in IPC.
+    fn party_pid(&self, party: ConnId, caller_conn: ConnId) -> Result<i32, Errno> {
+        let c = self.conns.get(&party).ok_or(Errno::DstDied)?;
+        if party != caller_conn && !is_blocked_in_ipc(&c.blocked) {
+            return Err(Errno::Busy);
+        }
+        Ok(c.pid)
+    }
+
+    /// A local vcopy finished.
+    pub fn on_vcopy_local_done(&mut self, done: VcopyCompletion, result: Result<(), Errno>) {
+        self.complete_vcopy(done, result);
+    }
+
+    fn complete_vcopy(&mut self, done: VcopyCompletion, result: Result<(), Errno>) {
+        match done {
+            VcopyCompletion::Local { op } => {
+                if let Some(Op::Vcopy { conn }) = self.ops.remove(&op) {
+                    let resp = match result {
+                        Ok(()) => LocalResponse::Done,
+                        Err(e) => err(e),
+                    };
+                    self.respond(conn, resp);
+                }
+            }
+            VcopyCompletion::Remote { node, op } => {
+                self.actions.push_back(Action::Peer { node, frame: PeerFrame::VcopyDone { op, result } });
+            }
+        }
+    }
+
+    fn completion(&self, caller_node: NodeId, op: OpId) -> VcopyCompletion {
+        if caller_node == self.node {
+            VcopyCompletion::Local { op }
+        } else {
+            VcopyCompletion::Remote { node: caller_node, op }
+        }
+    }
+
+    /// Reading the source of a vcopy stream failed; tell the caller.
+    pub fn on_vcopy_stream_failed(&mut self, caller_node: NodeId, op: OpId, e: Errno) {
+        let done = self.completion(caller_node, op);
+        self.complete_vcopy(done, Err(e));
+    }
+
+    /// A `VcopyData` chunk arrived: the pid to write it into, or why not (already reported to
+    /// the caller; the daemon just drops the chunk).
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_vcopy_chunk(&mut self, from: NodeId, op: OpId, caller_node: NodeId, dc: DcId, caller: Ep, dst: Ep, last: bool) -> Option<i32> {
+        let key = (caller_node, op);
+        if self.vcopy_failed.contains(&key) {
+            if last {
+                self.vcopy_failed.remove(&key);
+            }
+            return None;
+        }
+        let result = (|| {
+            let info = self.dcs.get(&dc).ok_or(Errno::NoSuchDc)?;
+            if !info.nodes.contains(&from) || !info.nodes.contains(&self.node) {
+                return Err(Errno::NodeNotInDc);
+            }
+            let Some(Registration::Local { conn }) = self.table.get(dc, dst) else { return Err(Errno::DstDied) };
+            let c = self.conns.get(&conn).ok_or(Errno::DstDied)?;
+            let is_caller = caller_node == self.node && caller == dst;
+            if !is_caller && !is_blocked_in_ipc(&c.blocked) {
+                return Err(Errno::Busy);
+            }
+            Ok(c.pid)
+        })();
+        match result {
+            Ok(pid) => Some(pid),
+            Err(e) => {
+                if !last {
+                    self.vcopy_failed.insert(key);
+                }
+                let done = self.completion(caller_node, op);
+                self.complete_vcopy(done, Err(e));
+                None
+            }
+        }
+    }
+
+    /// A chunk was written (or writing it failed); `last` closes the vcopy.
+    pub fn on_vcopy_chunk_written(&mut self, caller_node: NodeId, op: OpId, last: bool, result: Result<(), Errno>) {
+        let done = self.completion(caller_node, op);
+        match result {
+            Err(e) => {
+                if !last {
+                    self.vcopy_failed.insert((caller_node, op));
+                }
+                self.complete_vcopy(done, Err(e));
+            }
+            Ok(()) if last => self.complete_vcopy(done, Ok(())),
+            Ok(()) => {}
+        }
+    }
+
+    // ----- peers -------------------------------------------------------------------------
+
+    /// The link to `node` came up.
+    pub fn on_link_up(&mut self, node: NodeId) {
+        self.links_up.insert(node);
+        // Tell the peer what runs here, in case it missed it while the link was down.
+        let mine: Vec<(DcId, Ep)> = self
+            .table
+            .entries()
+            .into_iter()
+            .filter(|(dc, _, r)| matches!(r, Registration::Local { .. }) && self.dcs.get(dc).is_some_and(|d| d.nodes.contains(&node)))
+            .map(|(dc, ep, _)| (dc, ep))
+            .collect();
+        for (dc, ep) in mine {
+            self.actions.push_back(Action::Peer { node, frame: PeerFrame::Bound { dc, ep } });
+        }
+    }
+
+    /// The link to `node` went down: every call depending on it fails.
+    pub fn on_link_down(&mut self, node: NodeId) {
+        if !self.links_up.remove(&node) {
+            return;
+        }
+        let victims: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| match c.blocked {
+                Blocked::SendingRemote { node: n, .. } => n == node,
+                Blocked::AwaitingReply { from } => c
+                    .bound
+                    .is_some_and(|(dc, _)| matches!(self.table.get(dc, from), Some(Registration::Remote { node: n } | Registration::Backup { node: n }) if n == node)),
+                _ => false,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for v in victims {
+            self.respond(v, err(Errno::NodeUnreachable));
+        }
+        self.remote_sends.retain(|(n, _), _| *n != node);
+        // Messages queued here by processes of that node: their senders are unreachable.
+        let from_there: Vec<(NodeId, OpId)> = self.remote_incoming.keys().filter(|(n, _)| *n == node).copied().collect();
+        for key in from_there {
+            if let Some((dc, dst)) = self.remote_incoming.remove(&key) {
+                self.drop_remote_incoming(dc, dst, key);
+            }
+        }
+        for c in self.conns.values_mut() {
+            c.owes_reply.retain(|_, to| *to != ReplyTo::Remote(node));
+        }
+        // Vcopies whose data would come from there stay until their timeout; those without
+        // a timeout would hang, so fail every outstanding vcopy of a local caller.
+        let vcopies: Vec<ConnId> = self.ops.values().map(|Op::Vcopy { conn }| *conn).collect();
+        for conn in vcopies {
+            if let Some(Blocked::Vcopy { op }) = self.conns.get(&conn).map(|c| c.blocked.clone()) {
+                self.ops.remove(&op);
+                self.respond(conn, err(Errno::NodeUnreachable));
+            }
+        }
+    }
+
+    fn drop_remote_incoming(&mut self, dc: DcId, dst: Ep, (node, op): (NodeId, OpId)) -> bool {
+        if let Some(Registration::Local { conn }) = self.table.get(dc, dst) {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                let before = c.queue.len();
+                c.queue.retain(|i| i.origin != Origin::Remote { node, op });
+                return c.queue.len() != before;
+            }
+        }
+        false
+    }
+
+    /// A frame from the peer `from` (after the handshake).
+    pub fn on_peer_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
+        match frame {
+            PeerFrame::Deliver { op, dc, src, dst, kind, msg, timeout } => self.remote_deliver(from, op, dc, src, dst, kind, msg, timeout, now),
+            PeerFrame::Delivered { op, result } => self.remote_delivered(from, op, result),
+            PeerFrame::Cancel { op } => {
+                if let Some((dc, dst)) = self.remote_incoming.remove(&(from, op)) {
+                    self.drop_remote_incoming(dc, dst, (from, op));
+                }
+            }
+            PeerFrame::Reply { dc, src, dst, result } => {
+                let Some(Registration::Local { conn }) = self.table.get(dc, dst) else { return };
+                let Some(c) = self.conns.get(&conn) else { return };
+                let waiting = match c.blocked {
+                    Blocked::SendingRemote { dst: d, kind: DeliverKind::SendRec, node, op } if d == src => {
+                        self.remote_sends.remove(&(node, op));
+                        true
+                    }
+                    Blocked::AwaitingReply { from } => from == src,
+                    _ => false,
+                };
+                if waiting {
+                    let resp = match result {
+                        Ok(mut m) => {
+                            m.source = src;
+                            LocalResponse::Msg(m)
+                        }
+                        Err(e) => err(e),
+                    };
+                    self.respond(conn, resp);
+                }
+            }
+            PeerFrame::Notify { dc, src, dst, value } => {
+                if !self.peer_in_dc(from, dc) {
+                    return;
+                }
+                self.absorb_remote(dc, src, from);
+                if let Some(Registration::Local { conn }) = self.table.get(dc, dst) {
+                    self.notify_local(conn, src, value);
+                }
+            }
+            PeerFrame::VcopyPull { op, caller_node, dc, caller, src, src_addr, dst, dst_addr, len } => {
+                self.remote_vcopy_pull(from, op, caller_node, dc, caller, src, src_addr, dst, dst_addr, len)
+            }
+            PeerFrame::VcopyDone { op, result } => self.complete_vcopy(VcopyCompletion::Local { op }, result),
+            PeerFrame::Bound { dc, ep } => {
+                if self.peer_in_dc(from, dc) && !matches!(self.table.get(dc, ep), Some(Registration::Local { .. })) {
+                    self.table.set(dc, ep, Registration::Remote { node: from });
+                    self.wake_bind_waiters(dc, ep);
+                }
+            }
+            PeerFrame::Unbound { dc, ep } => {
+                if matches!(self.table.get(dc, ep), Some(Registration::Remote { node } | Registration::Backup { node }) if node == from) {
+                    self.table.remove(dc, ep);
+                    self.fail_local_receivers_from(dc, ep, Errno::SrcDied);
+                }
+            }
+            // Handshake and liveness frames are the daemon's business.
+            PeerFrame::Hello { .. } | PeerFrame::Welcome { .. } | PeerFrame::Refuse { .. } | PeerFrame::Ping | PeerFrame::Pong => {}
+            PeerFrame::VcopyData { .. } => {}
+        }
+    }
+
+    fn peer_in_dc(&self, peer: NodeId, dc: DcId) -> bool {
+        self.dcs.get(&dc).is_some_and(|d| d.nodes.contains(&peer) && d.nodes.contains(&self.node))
+    }
+
+    /// A message from an endpoint we did not know registers it as REMOTE at its node
+    /// (DESIGN §3), so that a migrated client is absorbed without commands.
+    fn absorb_remote(&mut self, dc: DcId, src: Ep, node: NodeId) {
+        match self.table.get(dc, src) {
+            Some(Registration::Local { .. }) => {}
+            Some(Registration::Remote { node: n } | Registration::Backup { node: n }) if n == node => {}
+            _ => {
+                self.table.set(dc, src, Registration::Remote { node });
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn remote_deliver(&mut self, from: NodeId, op: OpId, dc: DcId, src: Ep, dst: Ep, kind: DeliverKind, mut msg: Message, timeout: Timeout, now: Instant) {
+        let fail = |core: &mut Self, e: Errno| {
+            core.actions.push_back(Action::Peer { node: from, frame: PeerFrame::Delivered { op, result: Err(e) } });
+        };
+        if !self.peer_in_dc(from, dc) {
+            return fail(self, Errno::NodeNotInDc);
+        }
+        if let Err(e) = self.dc_check(dc, dst).and_then(|_| self.dc_check(dc, src)) {
+            return fail(self, e);
+        }
+        self.absorb_remote(dc, src, from);
+        let Some(Registration::Local { conn: q }) = self.table.get(dc, dst) else {
+            return fail(self, Errno::DstDied);
+        };
+        msg.source = src;
+        let inc = Incoming { src, msg, kind, origin: Origin::Remote { node: from, op } };
+        if self.try_hand_over(q, dc, dst, &inc) {
+            self.after_taken(dc, dst, q, inc);
+            return;
+        }
+        if timeout == Timeout::NoWait {
+            return fail(self, Errno::TimedOut);
+        }
+        let max = self.dcs.get(&dc).map(|d| d.max_queue as usize).unwrap_or(usize::MAX);
+        let qc = self.conns.get_mut(&q).expect("local registrations point at live conns");
+        if qc.queue.len() >= max {
+            return fail(self, Errno::QueueFull);
+        }
+        qc.queue.push_back(inc);
+        self.remote_incoming.insert((from, op), (dc, dst));
+        if let Some(d) = timeout.as_duration() {
+            self.add_timer(now + d, TimerKey::Incoming { node: from, op });
+        }
+    }
+
+    fn remote_delivered(&mut self, from: NodeId, op: OpId, result: Result<(), Errno>) {
+        let Some(conn) = self.remote_sends.remove(&(from, op)) else { return };
+        let still = self.conns.get(&conn).is_some_and(|c| matches!(c.blocked, Blocked::SendingRemote { node, op: o, .. } if node == from && o == op));
+        if !still {
+            return;
+        }
+        match result {
+            Ok(()) => self.respond(conn, LocalResponse::Done),
+            Err(e) => self.respond(conn, err(e)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn remote_vcopy_pull(&mut self, from: NodeId, op: OpId, caller_node: NodeId, dc: DcId, caller: Ep, src: Ep, src_addr: u64, dst: Ep, dst_addr: u64, len: u64) {
+        let done = self.completion(caller_node, op);
+        let result: Result<(), Errno> = (|| {
+            if !self.peer_in_dc(from, dc) {
+                return Err(Errno::NodeNotInDc);
+            }
+            if len > VCOPY_MAX {
+                return Err(Errno::TooBig);
+            }
+            let Some(Registration::Local { conn: sc }) = self.table.get(dc, src) else { return Err(Errno::SrcDied) };
+            let s = self.conns.get(&sc).ok_or(Errno::SrcDied)?;
+            if !is_blocked_in_ipc(&s.blocked) {
+                return Err(Errno::Busy);
+            }
+            let src_pid = s.pid;
+            match self.table.get(dc, dst) {
+                Some(Registration::Local { conn: dcn }) => {
+                    let d = self.conns.get(&dcn).ok_or(Errno::DstDied)?;
+                    if !is_blocked_in_ipc(&d.blocked) {
+                        return Err(Errno::Busy);
+                    }
+                    self.actions.push_back(Action::VcopyLocal { src_pid, src_addr, dst_pid: d.pid, dst_addr, len, done });
+                }
+                Some(Registration::Remote { node } | Registration::Backup { node }) => {
+                    if !self.links_up.contains(&node) {
+                        return Err(Errno::NodeUnreachable);
+                    }
+                    self.actions.push_back(Action::VcopyStream { pid: src_pid, src_addr, len, to: node, op, caller_node, dc, caller, dst, dst_addr });
+                }
+                None => {
+                    // The caller knows the destination; trust its node if it is the caller's.
+                    if caller == dst && self.links_up.contains(&caller_node) {
+                        self.actions.push_back(Action::VcopyStream {
+                            pid: src_pid,
+                            src_addr,
+                            len,
+                            to: caller_node,
+                            op,
+                            caller_node,
+                            dc,
+                            caller,
+                            dst,
+                            dst_addr,
+                        });
+                    } else {
+                        return Err(Errno::NoSuchEndpoint);
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.complete_vcopy(done, Err(e));
+        }
+    }
+
+    // ----- timers ------------------------------------------------------------------------
+
+    /// Fires every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, seq, key)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.remove(&(at, seq, key));
+            match key {
+                TimerKey::Conn { conn, gen } => {
+                    let live = self.conns.get(&conn).is_some_and(|c| c.gen == gen && c.blocked != Blocked::No);
+                    if live {
+                        self.abandon_call(conn);
+                        self.respond(conn, err(Errno::TimedOut));
+                    }
+                }
+                TimerKey::Incoming { node, op } => {
+                    if let Some((dc, dst)) = self.remote_incoming.remove(&(node, op)) {
+                        if self.drop_remote_incoming(dc, dst, (node, op)) {
+                            self.actions.push_back(Action::Peer { node, frame: PeerFrame::Delivered { op, result: Err(Errno::TimedOut) } });
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn is_blocked_in_ipc(b: &Blocked) -> bool {
+    matches!(b, Blocked::SendingLocal { .. } | Blocked::SendingRemote { .. } | Blocked::AwaitingReply { .. } | Blocked::Receiving { .. })
+}
+
+fn notify_message(from: Ep, value: u64) -> Message {
+    let mut m = Message::new(NOTIFY_MTYPE);
+    m.source = from;
+    m.set_word(0, value);
+    m
+}
+
+struct VcopyArgs {
+    src: Ep,
+    src_addr: u64,
+    dst: Ep,
+    dst_addr: u64,
+    len: u64,
+    timeout: Timeout,
+}
+
+impl VcopyArgs {
+    fn request(&self) -> LocalRequest {
+        LocalRequest::Vcopy { src: self.src, src_addr: self.src_addr, dst: self.dst, dst_addr: self.dst_addr, len: self.len, timeout: self.timeout }
+    }
+}
+
+fn req_vcopy(src: Ep, src_addr: u64, dst: Ep, dst_addr: u64, len: u64, timeout: Timeout) -> VcopyArgs {
+    VcopyArgs { src, src_addr, dst, dst_addr, len, timeout }
+}

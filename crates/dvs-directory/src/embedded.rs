@@ -1,0 +1,453 @@
+//! [`EmbeddedDirectory`]: the directory kept in a folder, for clusters on one machine.
+//!
+//! Layout of the folder:
+//! - `directory.json`: the whole state (revision counter, entries, recent-change log). It is
+//!   only ever replaced by `rename`, so a reader without a lock always sees a complete state.
+//! - `directory.json.tmp`: the next state while it is being written (under the lock).
+//! - `directory.lock`: `flock`ed exclusively around every read-modify-write, which serialises
+//!   writers across processes and across handles within one process (each operation opens its
+//!   own file description, and `flock` locks belong to the description).
+//!
+//! No `fsync`: the folder lives in the cluster's runtime dir and the cluster does not outlive
+//! the machine, so durability across power loss buys nothing.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+
+use crate::{CasOutcome, DirError, DirEvent, Directory, Versioned};
+
+const STATE_FILE: &str = "directory.json";
+const TMP_FILE: &str = "directory.json.tmp";
+const LOCK_FILE: &str = "directory.lock";
+
+/// How many recent changes the state file keeps so that watchers can replay every change
+/// (not just the net difference) between two polls. A watcher that falls further behind
+/// falls back to diffing snapshots, which is still correct but coalesces changes.
+const LOG_CAP: usize = 256;
+
+/// How often a watcher looks at the state file. Directory changes are rare (registrations,
+/// migrations), and a read of a small file every few ms is negligible.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Entries under a prefix, sorted by key, as [`Directory::watch`] returns them.
+type Snapshot = Vec<(String, Versioned)>;
+
+/// The content of `directory.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    /// Revision of the last change; the next change gets `revision + 1`.
+    revision: u64,
+    /// Current entries, sorted so prefix listings are a range scan.
+    entries: BTreeMap<String, Versioned>,
+    /// The most recent changes, oldest first, one per revision, ending at `revision`.
+    #[serde(default)]
+    log: VecDeque<Change>,
+}
+
+/// One entry of the recent-change log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Change {
+    revision: u64,
+    key: String,
+    /// `None` for a delete.
+    value: Option<String>,
+}
+
+impl State {
+    fn prefix(&self, prefix: &str) -> BTreeMap<String, Versioned> {
+        self.entries
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// The paths of one directory folder.
+#[derive(Debug)]
+struct Paths {
+    state: PathBuf,
+    tmp: PathBuf,
+    lock: PathBuf,
+}
+
+/// A [`Directory`] stored in a folder, shared by every process that opens the same folder.
+///
+/// Needs no external service; meant for a cluster whose nodes all run on one machine (the
+/// folder is the cluster runtime dir). Cloning is cheap and clones share nothing mutable, so
+/// a clone behaves like another process's handle.
+///
+/// Write operations run on tokio's blocking pool (they may wait for another process's lock),
+/// so [`Directory::cas`] must be called within a tokio runtime. Each watch uses one thread.
+#[derive(Debug, Clone)]
+pub struct EmbeddedDirectory {
+    paths: Arc<Paths>,
+}
+
+impl EmbeddedDirectory {
+    /// Opens (creating it if missing) the directory kept in the folder `path`.
+    ///
+    /// Fails if the folder or its lock file cannot be created, or if an existing state file
+    /// is unreadable or corrupt — better at start-up than at the first registration.
+    pub fn open(path: &Path) -> Result<Self, DirError> {
+        fs::create_dir_all(path).map_err(|source| DirError::Io {
+            op: "create directory folder",
+            path: path.to_owned(),
+            source,
+        })?;
+        let dir = EmbeddedDirectory {
+            paths: Arc::new(Paths {
+                state: path.join(STATE_FILE),
+                tmp: path.join(TMP_FILE),
+                lock: path.join(LOCK_FILE),
+            }),
+        };
+        // Create the lock file now, so that a permission problem shows up here.
+        dir.open_lock_file()?;
+        dir.load()?;
+        Ok(dir)
+    }
+
+    fn open_lock_file(&self) -> Result<File, DirError> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.paths.lock)
+            .map_err(|source| DirError::Io {
+                op: "open lock file",
+                path: self.paths.lock.clone(),
+                source,
+            })
+    }
+
+    /// Takes the writer lock; it is released when the returned file is dropped (closed).
+    fn lock_exclusive(&self) -> Result<File, DirError> {
+        let file = self.open_lock_file()?;
+        loop {
+            // SAFETY: flock on a file descriptor we own and keep open for the call.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                return Ok(file);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != ErrorKind::Interrupted {
+                return Err(DirError::Io {
+                    op: "lock",
+                    path: self.paths.lock.clone(),
+                    source: err,
+                });
+            }
+        }
+    }
+
+    fn load(&self) -> Result<State, DirError> {
+        let bytes = read_state_bytes(&self.paths.state)?;
+        parse_state(&self.paths.state, bytes.as_deref())
+    }
+
+    fn store(&self, state: &State) -> Result<(), DirError> {
+        let bytes = serde_json::to_vec(state).expect("directory state always serialises");
+        fs::write(&self.paths.tmp, bytes).map_err(|source| DirError::Io {
+            op: "write",
+            path: self.paths.tmp.clone(),
+            source,
+        })?;
+        fs::rename(&self.paths.tmp, &self.paths.state).map_err(|source| DirError::Io {
+            op: "replace",
+            path: self.paths.state.clone(),
+            source,
+        })
+    }
+
+    /// The blocking body of [`Directory::cas`].
+    fn cas_blocking(
+        &self,
+        key: &str,
+        expect: Option<u64>,
+        value: Option<String>,
+    ) -> Result<CasOutcome, DirError> {
+        let _lock = self.lock_exclusive()?;
+        let mut state = self.load()?;
+        let current = state.entries.get(key);
+        let holds = match (expect, current) {
+            (None, None) => true,
+            (Some(want), Some(cur)) => cur.version == want,
+            _ => false,
+        };
+        if !holds {
+            return Ok(CasOutcome::Conflict {
+                current: current.cloned(),
+            });
+        }
+        if value.is_none() && current.is_none() {
+            // Nothing to delete: no new revision, so watchers see no phantom event.
+            return Ok(CasOutcome::Done {
+                version: state.revision,
+            });
+        }
+        let revision = state.revision + 1;
+        state.revision = revision;
+        match &value {
+            Some(v) => {
+                state.entries.insert(
+                    key.to_owned(),
+                    Versioned {
+                        value: v.clone(),
+                        version: revision,
+                    },
+                );
+            }
+            None => {
+                state.entries.remove(key);
+            }
+        }
+        state.log.push_back(Change {
+            revision,
+            key: key.to_owned(),
+            value,
+        });
+        while state.log.len() > LOG_CAP {
+            state.log.pop_front();
+        }
+        self.store(&state)?;
+        Ok(CasOutcome::Done { version: revision })
+    }
+
+    /// [`Directory::watch`], also returning the watcher thread so tests can see it stop.
+    fn watch_inner(
+        &self,
+        prefix: &str,
+    ) -> Result<
+        (
+            Snapshot,
+            UnboundedReceiver<DirEvent>,
+            thread::JoinHandle<()>,
+        ),
+        DirError,
+    > {
+        // Snapshot and watcher start from the same bytes, which is what makes the pair atomic.
+        let bytes = read_state_bytes(&self.paths.state)?;
+        let state = parse_state(&self.paths.state, bytes.as_deref())?;
+        let view = state.prefix(prefix);
+        let snapshot = view.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let watcher = Watcher {
+            path: self.paths.state.clone(),
+            prefix: prefix.to_owned(),
+            last_bytes: bytes,
+            revision: state.revision,
+            view,
+            tx,
+        };
+        let handle = thread::Builder::new()
+            .name("dvs-dir-watch".into())
+            .spawn(move || watcher.run())
+            .map_err(|source| DirError::Io {
+                op: "start watcher thread for",
+                path: self.paths.state.clone(),
+                source,
+            })?;
+        Ok((snapshot, rx, handle))
+    }
+}
+
+/// Reads the state file; `None` if it does not exist yet (an empty directory).
+fn read_state_bytes(path: &Path) -> Result<Option<Vec<u8>>, DirError> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(DirError::Io {
+            op: "read",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn parse_state(path: &Path, bytes: Option<&[u8]>) -> Result<State, DirError> {
+    match bytes {
+        None => Ok(State::default()),
+        Some(b) => serde_json::from_slice(b).map_err(|source| DirError::Corrupt {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn check_key(key: &str) -> Result<(), DirError> {
+    // etcd rejects empty keys too; refusing them here keeps both backends alike.
+    if key.is_empty() {
+        return Err(DirError::InvalidKey {
+            key: key.to_owned(),
+            reason: "keys must not be empty",
+        });
+    }
+    Ok(())
+}
+
+/// The state a watch thread carries between polls.
+struct Watcher {
+    path: PathBuf,
+    prefix: String,
+    /// The file content last looked at; comparing bytes (not mtime/inode, which can repeat
+    /// within a clock tick after renames) is what makes change detection exact.
+    last_bytes: Option<Vec<u8>>,
+    /// Revision of `last_bytes`.
+    revision: u64,
+    /// Entries under `prefix` as of `revision`, for the diff fallback.
+    view: BTreeMap<String, Versioned>,
+    tx: UnboundedSender<DirEvent>,
+}
+
+impl Watcher {
+    fn run(mut self) {
+        loop {
+            thread::sleep(POLL_INTERVAL);
+            if self.tx.is_closed() {
+                return;
+            }
+            let bytes = match read_state_bytes(&self.path) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!("directory watch on {:?} ends: {e}", self.prefix);
+                    return;
+                }
+            };
+            if bytes == self.last_bytes {
+                continue;
+            }
+            let state = match parse_state(&self.path, bytes.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("directory watch on {:?} ends: {e}", self.prefix);
+                    return;
+                }
+            };
+            self.last_bytes = bytes;
+            for event in self.advance(&state) {
+                if self.tx.send(event).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The events under the prefix between `self.revision` and `state.revision`; updates the
+    /// watcher to `state`.
+    fn advance(&mut self, state: &State) -> Vec<DirEvent> {
+        let replayable = state.revision >= self.revision
+            && state
+                .log
+                .front()
+                .is_some_and(|c| c.revision <= self.revision + 1);
+        let mut events = Vec::new();
+        if state.revision == self.revision {
+            // Rewritten without a change; nothing to report.
+        } else if replayable {
+            for change in state.log.iter().filter(|c| c.revision > self.revision) {
+                if !change.key.starts_with(&self.prefix) {
+                    continue;
+                }
+                match &change.value {
+                    Some(value) => {
+                        self.view.insert(
+                            change.key.clone(),
+                            Versioned {
+                                value: value.clone(),
+                                version: change.revision,
+                            },
+                        );
+                        events.push(DirEvent::Put {
+                            key: change.key.clone(),
+                            value: value.clone(),
+                            version: change.revision,
+                        });
+                    }
+                    None => {
+                        self.view.remove(&change.key);
+                        events.push(DirEvent::Delete {
+                            key: change.key.clone(),
+                        });
+                    }
+                }
+            }
+        } else {
+            // Fell behind the log (or the state file was reset): report the net difference,
+            // deletes first, then puts in the order they were made.
+            let new_view = state.prefix(&self.prefix);
+            for key in self.view.keys() {
+                if !new_view.contains_key(key) {
+                    events.push(DirEvent::Delete { key: key.clone() });
+                }
+            }
+            let mut puts: Vec<_> = new_view
+                .iter()
+                .filter(|(k, v)| self.view.get(*k) != Some(v))
+                .collect();
+            puts.sort_by_key(|(_, v)| v.version);
+            events.extend(puts.into_iter().map(|(k, v)| DirEvent::Put {
+                key: k.clone(),
+                value: v.value.clone(),
+                version: v.version,
+            }));
+            self.view = new_view;
+        }
+        self.revision = state.revision;
+        events
+    }
+}
+
+#[async_trait::async_trait]
+impl Directory for EmbeddedDirectory {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, DirError> {
+        check_key(key)?;
+        // No lock: the state file is replaced atomically, so one read is one snapshot.
+        Ok(self.load()?.entries.remove(key))
+    }
+
+    async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, DirError> {
+        Ok(self.load()?.prefix(prefix).into_iter().collect())
+    }
+
+    async fn cas(
+        &self,
+        key: &str,
+        expect: Option<u64>,
+        value: Option<String>,
+    ) -> Result<CasOutcome, DirError> {
+        check_key(key)?;
+        let this = self.clone();
+        let owned_key = key.to_owned();
+        match tokio::task::spawn_blocking(move || this.cas_blocking(&owned_key, expect, value))
+            .await
+        {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(DirError::Cancelled {
+                key: key.to_owned(),
+            }),
+        }
+    }
+
+    async fn watch(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<(String, Versioned)>, UnboundedReceiver<DirEvent>), DirError> {
+        let (snapshot, rx, _thread) = self.watch_inner(prefix)?;
+        Ok((snapshot, rx))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+//! The cluster directory: the small, consistent key/value store through which node kernels
+//! agree on endpoint registrations, node membership and migration records.
+//!
+//! The interface is deliberately narrow — read one key or a prefix, compare-and-set one key,
+//! watch a prefix — because that is exactly what both backends can do atomically:
+//!
+//! - [`EmbeddedDirectory`]: a folder on the local file system, shared by the node processes of
+//!   a cluster that runs on one machine. No external service.
+//! - etcd (later): `version` maps to a key's `mod_revision`, [`Directory::cas`] to a `Txn`
+//!   comparing `mod_revision` (or `version == 0` for "absent"), [`Directory::watch`] to a range
+//!   read followed by a prefix watch starting at the read's revision + 1.
+//!
+//! Versions are store-wide revisions (like etcd's), so a key's version only ever grows, also
+//! across delete and re-create; this is what lets a CAS never confuse an old incarnation of a
+//! key with a new one.
+
+#![warn(missing_docs)]
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+mod embedded;
+
+pub use embedded::EmbeddedDirectory;
+
+/// A value together with the revision at which it was last written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versioned {
+    /// The stored value.
+    pub value: String,
+    /// The key's modification revision; always `> 0`, and strictly greater than any earlier
+    /// version of the same key (also one that was deleted in between).
+    pub version: u64,
+}
+
+/// The result of [`Directory::cas`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// The expectation held and the change was applied.
+    ///
+    /// `version` is the revision of the change: the key's new version for a put, the revision
+    /// of the delete for a delete. Deleting a key that was already absent (with `expect: None`)
+    /// changes nothing and reports the store's current revision (which may be `0` on an empty
+    /// store), as etcd does.
+    Done {
+        /// Revision at which the change took effect.
+        version: u64,
+    },
+    /// The expectation did not hold; nothing was changed.
+    Conflict {
+        /// What the key holds now, so the caller can retry without another read.
+        current: Option<Versioned>,
+    },
+}
+
+/// A change seen by a [`Directory::watch`] receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirEvent {
+    /// `key` was created or overwritten.
+    Put {
+        /// The key that changed.
+        key: String,
+        /// Its new value.
+        value: String,
+        /// Its new version.
+        version: u64,
+    },
+    /// `key` was deleted.
+    Delete {
+        /// The key that was removed.
+        key: String,
+    },
+}
+
+impl DirEvent {
+    /// The key this event is about.
+    pub fn key(&self) -> &str {
+        match self {
+            DirEvent::Put { key, .. } | DirEvent::Delete { key } => key,
+        }
+    }
+}
+
+/// Why a directory operation failed.
+///
+/// Non-exhaustive so that the etcd backend can add its own failure kinds (unreachable
+/// endpoints, lost leases) without breaking callers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DirError {
+    /// A file of the embedded directory could not be created, read, written or locked.
+    #[error("directory: cannot {op} {path}: {source}")]
+    Io {
+        /// What was being attempted ("read", "lock", ...).
+        op: &'static str,
+        /// The file or folder involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The embedded directory's state file exists but is not a valid state.
+    #[error(
+        "directory: state file {path} is corrupt (remove it to reset the directory): {source}"
+    )]
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+    /// The key is not acceptable to the store.
+    #[error("directory: invalid key {key:?}: {reason}")]
+    InvalidKey {
+        /// The offending key.
+        key: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// The operation on `key` could not run because the async runtime is shutting down.
+    #[error("directory: operation on key {key:?} was cancelled (runtime shutting down)")]
+    Cancelled {
+        /// The key the operation was about.
+        key: String,
+    },
+}
+
+/// A consistent key/value store shared by all nodes of a cluster.
+///
+/// Implementations are cheap to share behind an `Arc<dyn Directory>`.
+#[async_trait::async_trait]
+pub trait Directory: Send + Sync + 'static {
+    /// The current value and version of `key`, or `None` if it is absent.
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, DirError>;
+
+    /// All entries whose key starts with `prefix` (`""` = every key), sorted by key, taken
+    /// from one consistent snapshot.
+    async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, DirError>;
+
+    /// Compare-and-set on one key.
+    ///
+    /// `expect`: `None` = key must be absent; `Some(v)` = key's current version must be `v`.
+    /// `value`: `Some` = put; `None` = delete.
+    ///
+    /// If the returned future is dropped before it completes, the change may or may not have
+    /// been applied (as with any remote store); read the key back to find out.
+    async fn cas(
+        &self,
+        key: &str,
+        expect: Option<u64>,
+        value: Option<String>,
+    ) -> Result<CasOutcome, DirError>;
+
+    /// Atomically: the current entries under `prefix` (sorted by key), and a receiver of every
+    /// change under `prefix` after that snapshot, in the order they happened.
+    ///
+    /// Dropping the receiver ends the watch. If the backend can no longer follow the store, it
+    /// closes the channel (the receiver yields `None`); calling `watch` again resynchronises
+    /// and reports the cause as an error if it persists.
+    async fn watch(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<(String, Versioned)>, UnboundedReceiver<DirEvent>), DirError>;
+}

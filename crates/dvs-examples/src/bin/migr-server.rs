@@ -1,0 +1,135 @@
+//! `migr-server`: the migrating server of the paper's evaluation.
+//!
+//! Serves requests forever: for each one it fills a block with the pattern of the request's
+//! sequence number, copies it into the client's buffer with `vcopy` and replies with its
+//! request counter. The counter lives in process memory, so it travels with a migration and
+//! lets the client see requests served twice.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use dvs_examples::{
+    fill_pattern, refused_message, reply_message, BindArgs, Request, MAX_BLOCK, MTYPE_REQUEST,
+};
+use m3ipc::{Endpoint, Errno, Error, Message, Source, NOTIFY_MTYPE};
+
+/// Serve vcopy requests of migr-client (the paper's migration test server).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[command(flatten)]
+    bind: BindArgs,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut ep = match args.bind.bind() {
+        Ok(ep) => ep,
+        Err(e) => {
+            eprintln!("migr-server: cannot bind: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "migr-server: dc {} ep {} bound on node {}",
+        ep.dc(),
+        ep.ep(),
+        ep.node()
+    );
+    match serve(&mut ep) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("migr-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Serves until the node kernel connection fails or the node shuts down.
+fn serve(ep: &mut Endpoint) -> Result<(), Error> {
+    // Reused for every request: only the pattern changes.
+    let mut block: Vec<u8> = Vec::new();
+    let mut counter: u64 = 0;
+    loop {
+        let msg = match ep.receive(Source::Any) {
+            Ok(m) => m,
+            Err(e) if e.is_connection_error() => return Err(e),
+            Err(Error::Ipc(Errno::Shutdown)) => {
+                println!("migr-server: node kernel shutting down after {counter} requests");
+                return Ok(());
+            }
+            Err(e @ Error::Ipc(Errno::NotBound)) => return Err(e),
+            Err(e) => {
+                eprintln!("migr-server: receive: {e}");
+                // Avoid a hot loop should the error repeat.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if msg.mtype == NOTIFY_MTYPE {
+            continue;
+        }
+        if msg.mtype != MTYPE_REQUEST {
+            eprintln!(
+                "migr-server: ignoring message of type {:#x} from ep {}",
+                msg.mtype, msg.source
+            );
+            // The sender may be waiting in sendrec; do not leave it hanging.
+            let _ = ep.reply(msg.source, &Message::new(dvs_examples::MTYPE_REFUSED));
+            continue;
+        }
+        let req = Request::from_message(&msg);
+        let client = msg.source;
+        if req.size > MAX_BLOCK as u64 {
+            eprintln!(
+                "migr-server: seq {} from ep {client}: block of {} bytes refused",
+                req.seq, req.size
+            );
+            refuse(ep, client, req.seq)?;
+            continue;
+        }
+        block.resize(req.size as usize, 0);
+        fill_pattern(req.seq, &mut block);
+        if let Err(e) = ep.vcopy_to(client, req.addr, &block) {
+            if e.is_connection_error() {
+                return Err(e);
+            }
+            eprintln!("migr-server: seq {} from ep {client}: vcopy: {e}", req.seq);
+            refuse(ep, client, req.seq)?;
+            continue;
+        }
+        counter += 1;
+        match ep.reply(client, &reply_message(req.seq, counter, req.size)) {
+            Ok(()) => {}
+            Err(e) if e.is_connection_error() => return Err(e),
+            // Typically the client died after the copy; the next client goes on.
+            Err(e) => eprintln!("migr-server: seq {} to ep {client}: reply: {e}", req.seq),
+        }
+        if counter % 100 == 0 {
+            // Asking the node each time shows where the server runs after a migration.
+            let node = match ep.getep() {
+                Ok((_, _, node)) => node.to_string(),
+                Err(e) if e.is_connection_error() => return Err(e),
+                Err(e) => format!("? ({e})"),
+            };
+            println!(
+                "migr-server: {counter} requests served (last seq {} from ep {client}, {} bytes) on node {node}",
+                req.seq, req.size
+            );
+        }
+    }
+}
+
+/// Tells a waiting client its request was not served. A failure other than a lost node
+/// kernel connection is only logged: the client may have died.
+fn refuse(ep: &mut Endpoint, client: m3ipc::Ep, seq: u64) -> Result<(), Error> {
+    match ep.reply(client, &refused_message(seq)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_connection_error() => Err(e),
+        Err(e) => {
+            eprintln!("migr-server: seq {seq} to ep {client}: refusal: {e}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The control protocol between the `dvs` CLI and a node kernel: one JSON object per line
+//! over the node's `ctl.sock`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use dvs_wire::{DcId, Ep, NodeId};
+use serde::{Deserialize, Serialize};
+
+/// A request of the CLI.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum CtlRequest {
+    /// Links, registrations and processes of the node.
+    Status,
+    /// Processes launched by the node.
+    Ps,
+    /// Launch a program as endpoint `{dc, ep}`; with `wait`, stream its output and exit status.
+    Run {
+        dc: DcId,
+        ep: Ep,
+        cmd: Vec<String>,
+        wait: bool,
+    },
+    /// Stop the node kernel (and the processes it launched).
+    Shutdown,
+}
+
+/// One line of the node's answer. `Run` with `wait` gets `Started`, any number of `Output`
+/// and one `Exited`; every other request gets one line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CtlResponse {
+    /// Answer to `Status`.
+    Status(NodeStatus),
+    /// Answer to `Ps`.
+    Ps { procs: Vec<ProcStatus> },
+    /// The program runs.
+    Started { pid: i32, log: String },
+    /// Output the program wrote (stdout and stderr, as written to its log).
+    Output { data: String },
+    /// The program ended.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// Done.
+    Ok,
+    /// The request failed.
+    Error { message: String },
+}
+
+/// State of one peer link.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// The peer.
+    pub node: NodeId,
+    /// The peer's name.
+    pub name: String,
+    /// Whether the link is up.
+    pub up: bool,
+    /// Milliseconds since the link last changed state.
+    pub since_ms: u64,
+    /// Why the last connection attempt failed, if it did.
+    pub last_error: Option<String>,
+    /// Frames and bytes sent on the current link.
+    pub frames_out: u64,
+    /// Bytes sent on the current link (after compression).
+    pub bytes_out: u64,
+}
+
+/// One registration in a node's endpoint table.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointStatus {
+    /// DC id.
+    pub dc: DcId,
+    /// Endpoint.
+    pub ep: Ep,
+    /// RUNNING, REMOTE or BACKUP.
+    pub state: String,
+    /// Node running the endpoint.
+    pub node: NodeId,
+    /// Local pid, for RUNNING endpoints.
+    pub pid: Option<i32>,
+}
+
+/// A process launched by the node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProcStatus {
+    /// Host pid of the launcher (the process tree's root in the host namespace).
+    pub pid: i32,
+    /// DC id.
+    pub dc: DcId,
+    /// Endpoint.
+    pub ep: Ep,
+    /// Command line.
+    pub cmd: Vec<String>,
+    /// Log file of stdout and stderr.
+    pub log: String,
+    /// Milliseconds since launch.
+    pub age_ms: u64,
+    /// `running`, or how it ended.
+    pub state: String,
+}
+
+/// Everything `dvs status` shows of one node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node id.
+    pub node: NodeId,
+    /// Node name.
+    pub name: String,
+    /// Pid of the node kernel.
+    pub pid: u32,
+    /// Milliseconds since start.
+    pub uptime_ms: u64,
+    /// Peer links.
+    pub links: Vec<LinkStatus>,
+    /// Endpoint registrations.
+    pub endpoints: Vec<EndpointStatus>,
+    /// Launched processes.
+    pub procs: Vec<ProcStatus>,
+}
+
+/// Errors of a control call.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// No node kernel listens on the socket.
+    #[error("cannot reach the node kernel at {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The connection broke.
+    #[error("control connection to {path} failed: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The node answered something unexpected.
+    #[error("bad answer from the node kernel at {path}: {message}")]
+    Protocol { path: String, message: String },
+    /// The node refused the request.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A blocking control connection (used by the CLI).
+pub struct CtlClient {
+    path: String,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl CtlClient {
+    /// Connects to the node kernel's control socket.
+    pub fn connect(path: &Path) -> Result<Self, CtlError> {
+        let p = path.display().to_string();
+        let s = UnixStream::connect(path).map_err(|source| CtlError::Connect {
+            path: p.clone(),
+            source,
+        })?;
+        let writer = s.try_clone().map_err(|source| CtlError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        Ok(CtlClient {
+            path: p,
+            reader: BufReader::new(s),
+            writer,
+        })
+    }
+
+    /// Sets how long to wait for each answer line (`None`: forever).
+    pub fn set_timeout(&mut self, t: Option<Duration>) -> Result<(), CtlError> {
+        self.writer
+            .set_read_timeout(t)
+            .map_err(|source| CtlError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Sends a request.
+    pub fn send(&mut self, req: &CtlRequest) -> Result<(), CtlError> {
+        let mut line = serde_json::to_vec(req).expect("requests serialize");
+        line.push(b'\n');
+        self.writer.write_all(&line).map_err(|source| CtlError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Reads the next answer line; an `Error` answer becomes [`CtlError::Refused`].
+    pub fn recv(&mut self) -> Result<CtlResponse, CtlError> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|source| CtlError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(CtlError::Protocol {
+                path: self.path.clone(),
+                message: "connection closed".into(),
+            });
+        }
+        match serde_json::from_str(&line) {
+            Ok(CtlResponse::Error { message }) => Err(CtlError::Refused(message)),
+            Ok(r) => Ok(r),
+            Err(e) => Err(CtlError::Protocol {
+                path: self.path.clone(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Sends a request and reads one answer.
+    pub fn call(&mut self, req: &CtlRequest) -> Result<CtlResponse, CtlError> {
+        self.send(req)?;
+        self.recv()
+    }
+}

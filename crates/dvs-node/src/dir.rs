@@ -1,0 +1,154 @@
+//! Glue between the core and the [`Directory`]: registrations, lookups and the watch.
+//!
+//! Keys are `ep/{dc}/{ep}`, values the id of the node running the endpoint. Operations run
+//! one at a time, in the order the core asked for them, so a register followed by an
+//! unregister of the same endpoint cannot land in the other order.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dvs_core::ConnId;
+use dvs_directory::{CasOutcome, DirEvent, Directory};
+use dvs_wire::{DcId, Ep, Errno, NodeId};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::{NodeError, State};
+
+/// A directory operation the core asked for.
+pub(crate) enum DirOp {
+    Register { conn: ConnId, dc: DcId, ep: Ep },
+    Unregister { dc: DcId, ep: Ep },
+    Lookup { dc: DcId, ep: Ep },
+}
+
+const PREFIX: &str = "ep/";
+
+fn key(dc: DcId, ep: Ep) -> String {
+    format!("{PREFIX}{dc}/{ep}")
+}
+
+fn parse_key(k: &str) -> Option<(DcId, Ep)> {
+    let rest = k.strip_prefix(PREFIX)?;
+    let (dc, ep) = rest.split_once('/')?;
+    Some((dc.parse().ok()?, ep.parse().ok()?))
+}
+
+/// Cleans what a previous run of this node left, loads the current registrations, and starts
+/// the worker and the watch.
+pub(crate) async fn start(
+    state: State,
+    dir: Arc<dyn Directory>,
+    rx: mpsc::UnboundedReceiver<DirOp>,
+) -> Result<(), NodeError> {
+    let me = state.borrow().me.id;
+    // Nothing runs here yet: every key naming this node is stale.
+    for (k, v) in dir.get_prefix(PREFIX).await? {
+        if v.value == me.to_string() {
+            let _ = dir.cas(&k, Some(v.version), None).await?;
+            info!("removed stale registration {k} left by a previous run");
+        }
+    }
+    let (snapshot, events) = dir.watch(PREFIX).await?;
+    {
+        let mut s = state.borrow_mut();
+        for (k, v) in snapshot {
+            if let (Some((dc, ep)), Ok(node)) = (parse_key(&k), v.value.parse::<NodeId>()) {
+                s.core.on_directory_update(dc, ep, Some(node));
+            }
+        }
+        s.drive();
+    }
+    tokio::task::spawn_local(watch(state.clone(), dir.clone(), events));
+    tokio::task::spawn_local(worker(state, dir, rx));
+    Ok(())
+}
+
+async fn watch(
+    state: State,
+    dir: Arc<dyn Directory>,
+    mut events: mpsc::UnboundedReceiver<DirEvent>,
+) {
+    loop {
+        while let Some(ev) = events.recv().await {
+            let (k, node) = match &ev {
+                DirEvent::Put { key, value, .. } => (key, value.parse::<NodeId>().ok()),
+                DirEvent::Delete { key } => (key, None),
+            };
+            if let Some((dc, ep)) = parse_key(k) {
+                let mut s = state.borrow_mut();
+                s.core.on_directory_update(dc, ep, node);
+                s.drive();
+            }
+        }
+        warn!("directory watch ended; watching again");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        match dir.watch(PREFIX).await {
+            Ok((snap, ev)) => {
+                let mut s = state.borrow_mut();
+                for (k, v) in snap {
+                    if let (Some((dc, ep)), Ok(node)) = (parse_key(&k), v.value.parse::<NodeId>()) {
+                        s.core.on_directory_update(dc, ep, Some(node));
+                    }
+                }
+                s.drive();
+                events = ev;
+            }
+            Err(e) => error!("directory watch failed: {e}"),
+        }
+    }
+}
+
+async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedReceiver<DirOp>) {
+    let me = state.borrow().me.id;
+    let me_s = me.to_string();
+    while let Some(op) = rx.recv().await {
+        match op {
+            DirOp::Register { conn, dc, ep } => {
+                let k = key(dc, ep);
+                let result = match dir.cas(&k, None, Some(me_s.clone())).await {
+                    Ok(CasOutcome::Done { .. }) => Ok(()),
+                    // Named this node: a local race the core resolves itself.
+                    Ok(CasOutcome::Conflict { current: Some(v) }) if v.value == me_s => Ok(()),
+                    Ok(CasOutcome::Conflict { current }) => {
+                        let holder = current.map(|v| v.value).unwrap_or_default();
+                        info!("bind of {k} refused: already bound on node {holder}");
+                        Err(Errno::AlreadyBound)
+                    }
+                    Err(e) => {
+                        error!("directory: cannot register {k}: {e}");
+                        Err(Errno::Shutdown)
+                    }
+                };
+                let mut s = state.borrow_mut();
+                s.core.on_register_result(conn, result);
+                s.drive();
+            }
+            DirOp::Unregister { dc, ep } => {
+                let k = key(dc, ep);
+                match dir.get(&k).await {
+                    Ok(Some(v)) if v.value == me_s => {
+                        if let Err(e) = dir.cas(&k, Some(v.version), None).await {
+                            error!("directory: cannot unregister {k}: {e}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => error!("directory: cannot read {k}: {e}"),
+                }
+            }
+            DirOp::Lookup { dc, ep } => {
+                let k = key(dc, ep);
+                let node = match dir.get(&k).await {
+                    Ok(v) => v.and_then(|v| v.value.parse::<NodeId>().ok()),
+                    Err(e) => {
+                        error!("directory: cannot look up {k}: {e}");
+                        None
+                    }
+                };
+                let mut s = state.borrow_mut();
+                s.core.on_lookup_result(dc, ep, node, Instant::now());
+                s.drive();
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Launching application processes as endpoints: each in its own PID namespace, as a session
+//! leader, with stdio in a log file and no inherited descriptors, so that CRIU can later
+//! checkpoint it (DESIGN §5).
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Instant;
+
+use dvs_wire::{DcId, Ep};
+use tracing::{info, warn};
+
+use crate::ctl::ProcStatus;
+use crate::State;
+
+/// How a launched process ended.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Ended {
+    Code(i32),
+    Signal(i32),
+}
+
+pub(crate) struct Proc {
+    pub dc: DcId,
+    pub ep: Ep,
+    pub cmd: Vec<String>,
+    pub log: PathBuf,
+    pub started: Instant,
+    pub ended: Option<Ended>,
+}
+
+/// The processes launched by this node, by host pid of their launcher.
+#[derive(Default)]
+pub(crate) struct Procs {
+    pub by_pid: BTreeMap<i32, Proc>,
+}
+
+impl Procs {
+    /// Kills every running process: the namespace's init first (which takes the rest of its
+    /// namespace with it), then the launcher.
+    pub fn kill_all(&mut self) {
+        for (pid, p) in &self.by_pid {
+            if p.ended.is_none() {
+                if let Err(e) = dvs_checkpoint::kill_tree(*pid) {
+                    warn!(pid, "cannot kill the process tree: {e}");
+                }
+            }
+        }
+    }
+
+    /// Status of every process, for `dvs ps`.
+    pub fn status(&self) -> Vec<ProcStatus> {
+        self.by_pid
+            .iter()
+            .map(|(pid, p)| ProcStatus {
+                pid: *pid,
+                dc: p.dc,
+                ep: p.ep,
+                cmd: p.cmd.clone(),
+                log: p.log.display().to_string(),
+                age_ms: p.started.elapsed().as_millis() as u64,
+                state: match p.ended {
+                    None => "running".into(),
+                    Some(Ended::Code(c)) => format!("exited {c}"),
+                    Some(Ended::Signal(s)) => format!("killed by signal {s}"),
+                },
+            })
+            .collect()
+    }
+}
+
+/// Starts `cmd` as endpoint `{dc, ep}` of this node; returns its launcher's pid and log path.
+pub(crate) fn launch(
+    state: &State,
+    dc: DcId,
+    ep: Ep,
+    cmd: Vec<String>,
+) -> Result<(i32, PathBuf), String> {
+    let (me, cfg) = {
+        let s = state.borrow();
+        (s.me.clone(), s.cfg.clone())
+    };
+    let dcc = cfg
+        .dc_by_id(dc)
+        .ok_or_else(|| format!("no DC {dc} in the cluster config"))?;
+    if !cfg.dc_nodes(dcc).contains(&me.id) {
+        return Err(format!(
+            "DC {} does not span node {} ({})",
+            dcc.name, me.name, me.id
+        ));
+    }
+    if !dvs_config::ClusterConfig::ep_in_range(dcc, ep) {
+        return Err(format!(
+            "endpoint {ep} is out of range for DC {} (0..{})",
+            dcc.name, dcc.max_endpoints
+        ));
+    }
+    if cmd.is_empty() {
+        return Err("no command given".into());
+    }
+    let logs = me.runtime_dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
+    let log = logs.join(format!("{}-{ep}.log", dcc.name));
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    // unshare forks the program as pid 1 of a new PID namespace; setsid makes it a session
+    // leader. Not --kill-child: CRIU would restore that parent-death signal and the restored
+    // process would die with its restorer.
+    let mut command = tokio::process::Command::new("unshare");
+    command
+        .args(["--pid", "--fork", "setsid", "--"])
+        .args(&cmd)
+        .env("DVS_SOCKET", me.ipc_socket())
+        .env("DVS_DC", dc.to_string())
+        .env("DVS_EP", ep.to_string())
+        .env("DVS_NODE", me.id.to_string())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .current_dir(&me.runtime_dir);
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd[0]))?;
+    let pid = child
+        .id()
+        .map(|p| p as i32)
+        .ok_or("the process ended at once")?;
+    info!(pid, dc, ep, cmd = ?cmd, "launched");
+    state.borrow_mut().procs.by_pid.insert(
+        pid,
+        Proc {
+            dc,
+            ep,
+            cmd,
+            log: log.clone(),
+            started: Instant::now(),
+            ended: None,
+        },
+    );
+    let st = state.clone();
+    tokio::task::spawn_local(async move {
+        let ended = match child.wait().await {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                match (s.code(), s.signal()) {
+                    (Some(c), _) => Ended::Code(c),
+                    (_, Some(sig)) => Ended::Signal(sig),
+                    _ => Ended::Code(-1),
+                }
+            }
+            Err(e) => {
+                warn!(pid, "cannot wait for the process: {e}");
+                Ended::Code(-1)
+            }
+        };
+        info!(pid, ?ended, "process ended");
+        if let Some(p) = st.borrow_mut().procs.by_pid.get_mut(&pid) {
+            p.ended = Some(ended);
+        }
+    });
+    Ok((pid, log))
+}
+
+/// How the process with launcher pid `pid` ended, if it did.
+pub(crate) fn ended(state: &State, pid: i32) -> Option<Ended> {
+    state.borrow().procs.by_pid.get(&pid).and_then(|p| p.ended)
+}

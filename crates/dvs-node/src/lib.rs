@@ -1,0 +1,401 @@
+//! The dvs node kernel: a thin async shell around [`dvs_core::NodeCore`].
+//!
+//! One single-threaded tokio runtime runs everything: the local socket server (one connection
+//! per bound endpoint), the peer links, the directory glue, the control socket and the
+//! launcher. All of them turn socket input into core events and carry out the core's
+//! [`Action`]s in [`Shared::drive`]; none of the IPC semantics live here.
+
+pub mod ctl;
+mod ctl_server;
+mod dir;
+mod launcher;
+mod local;
+mod peer;
+pub mod vcopy;
+mod wire;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dvs_config::{ClusterConfig, Compression, NodeConfig};
+use dvs_core::{Action, ConnId, CoreConfig, DcInfo, NodeCore, VcopyCompletion};
+use dvs_directory::{Directory, EmbeddedDirectory};
+use dvs_wire::peer::PeerFrame;
+use dvs_wire::{Errno, NodeId};
+use tokio::sync::{mpsc, Notify};
+use tracing::{error, info, warn};
+
+use crate::dir::DirOp;
+use crate::launcher::Procs;
+use crate::wire::Wire;
+
+/// Why a node kernel could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The node id is not in the config.
+    #[error("node {0} is not defined in the cluster config")]
+    UnknownNode(String),
+    /// A socket or folder could not be set up.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// The directory could not be opened.
+    #[error("directory: {0}")]
+    Directory(#[from] dvs_directory::DirError),
+    /// Configured but not available in this build.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Io { what, source }
+}
+
+/// State of a peer link, for status.
+pub(crate) struct LinkInfo {
+    pub up: bool,
+    pub since: Instant,
+    pub last_error: Option<String>,
+}
+
+/// Everything the event loop shares between its tasks (single thread, so `Rc<RefCell<_>>`).
+pub(crate) struct Shared {
+    pub core: NodeCore,
+    pub cfg: ClusterConfig,
+    pub me: NodeConfig,
+    pub conns: HashMap<ConnId, Rc<Wire>>,
+    pub peers: HashMap<NodeId, Rc<Wire>>,
+    pub links: HashMap<NodeId, LinkInfo>,
+    pub next_conn: ConnId,
+    pub dir_tx: mpsc::UnboundedSender<DirOp>,
+    pub compress: bool,
+    dirty: Vec<Rc<Wire>>,
+    bounce: Vec<u8>,
+    /// Deadline the timer task sleeps towards; it is woken only when an earlier one appears.
+    timer_armed: Option<Instant>,
+    pub timer_wake: Rc<Notify>,
+    pub procs: Procs,
+    pub started: Instant,
+    pub shutdown: Rc<Notify>,
+}
+
+pub(crate) type State = Rc<RefCell<Shared>>;
+
+impl Shared {
+    /// Carries out every action the core has produced, then writes what was queued.
+    pub fn drive(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            self.execute(action);
+        }
+        for w in self.dirty.drain(..) {
+            w.flush();
+        }
+        let next = self.core.poll_timeout();
+        if let Some(t) = next {
+            if self.timer_armed.is_none_or(|armed| t < armed) {
+                self.timer_armed = Some(t);
+                self.timer_wake.notify_one();
+            }
+        }
+    }
+
+    fn execute(&mut self, action: Action) {
+        match action {
+            Action::Respond { conn, resp } => {
+                if let Some(w) = self.conns.get(&conn) {
+                    if let Err(e) = w.queue(&resp, &[]) {
+                        error!("cannot encode a response: {e}");
+                    }
+                    mark(&mut self.dirty, w);
+                }
+            }
+            Action::Close { conn, reason } => {
+                if let Some(w) = self.conns.get(&conn) {
+                    warn!(conn, "closing local connection: {reason}");
+                    w.close();
+                }
+            }
+            Action::Peer { node, frame } => self.to_peer(node, &frame, &[]),
+            Action::Register { conn, dc, ep } => self.dir(DirOp::Register { conn, dc, ep }),
+            Action::Unregister { dc, ep } => self.dir(DirOp::Unregister { dc, ep }),
+            Action::Lookup { dc, ep } => self.dir(DirOp::Lookup { dc, ep }),
+            Action::VcopyLocal {
+                src_pid,
+                src_addr,
+                dst_pid,
+                dst_addr,
+                len,
+                done,
+            } => {
+                let r = vcopy::copy(src_pid, src_addr, dst_pid, dst_addr, len, &mut self.bounce);
+                self.core.on_vcopy_local_done(done, r);
+            }
+            Action::VcopyStream {
+                pid,
+                src_addr,
+                len,
+                to,
+                op,
+                caller_node,
+                dc,
+                caller,
+                dst,
+                dst_addr,
+            } => {
+                let Some(w) = self.peers.get(&to).cloned() else {
+                    self.core
+                        .on_vcopy_stream_failed(caller_node, op, Errno::NodeUnreachable);
+                    return;
+                };
+                let mut off = 0u64;
+                while off < len {
+                    let n = ((len - off) as usize).min(vcopy::CHUNK);
+                    self.bounce.resize(n, 0);
+                    if let Err(e) = vcopy::read(pid, src_addr + off, &mut self.bounce[..n]) {
+                        self.core.on_vcopy_stream_failed(caller_node, op, e);
+                        break;
+                    }
+                    let f = PeerFrame::VcopyData {
+                        op,
+                        caller_node,
+                        dc,
+                        caller,
+                        dst,
+                        dst_addr,
+                        offset: off,
+                        total: len,
+                    };
+                    if let Err(e) = w.queue(&f, &self.bounce[..n]) {
+                        error!("cannot encode a vcopy chunk: {e}");
+                    }
+                    off += n as u64;
+                    // Start writing big copies while reading the rest.
+                    if w.pending() >= 4 * vcopy::CHUNK {
+                        w.flush();
+                    }
+                }
+                mark(&mut self.dirty, &w);
+            }
+        }
+    }
+
+    /// Queues a frame to a peer; dropped (with a log line) when the link is down, since the
+    /// core already failed whatever depended on it.
+    pub fn to_peer(&mut self, node: NodeId, frame: &PeerFrame, tail: &[u8]) {
+        match self.peers.get(&node) {
+            Some(w) => {
+                if let Err(e) = w.queue(frame, tail) {
+                    error!("cannot encode a frame for node {node}: {e}");
+                }
+                mark(&mut self.dirty, w);
+            }
+            None => tracing::debug!("link to node {node} is down; dropping {frame:?}"),
+        }
+    }
+
+    fn dir(&mut self, op: DirOp) {
+        if self.dir_tx.send(op).is_err() {
+            error!("directory worker is gone");
+        }
+    }
+
+    /// Handles a `VcopyData` chunk from `from`: validates it with the core, writes it.
+    pub fn vcopy_chunk(&mut self, from: NodeId, frame: PeerFrame, data: &[u8]) {
+        let PeerFrame::VcopyData {
+            op,
+            caller_node,
+            dc,
+            caller,
+            dst,
+            dst_addr,
+            offset,
+            total,
+        } = frame
+        else {
+            return;
+        };
+        let last = offset + data.len() as u64 >= total;
+        if let Some(pid) = self
+            .core
+            .on_vcopy_chunk(from, op, caller_node, dc, caller, dst, last)
+        {
+            let r = vcopy::write(pid, dst_addr + offset, data);
+            self.core.on_vcopy_chunk_written(caller_node, op, last, r);
+        }
+        let _ = VcopyCompletion::Local { op };
+    }
+}
+
+fn mark(dirty: &mut Vec<Rc<Wire>>, w: &Rc<Wire>) {
+    if !dirty.iter().any(|d| Rc::ptr_eq(d, w)) {
+        dirty.push(w.clone());
+    }
+}
+
+/// Options of `dvs node`.
+pub struct NodeOptions {
+    /// The validated cluster config.
+    pub config: ClusterConfig,
+    /// This node (id or name).
+    pub node: String,
+}
+
+/// Runs a node kernel until it is told to shut down (control `Shutdown`, SIGTERM or SIGINT).
+pub fn run(opts: NodeOptions) -> Result<(), NodeError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("cannot start the runtime"))?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, main_loop(opts))
+}
+
+fn core_config(cfg: &ClusterConfig, node: NodeId) -> CoreConfig {
+    CoreConfig {
+        node,
+        dcs: cfg
+            .dcs
+            .iter()
+            .map(|d| DcInfo {
+                id: d.id,
+                nodes: cfg.dc_nodes(d).into_iter().collect(),
+                max_endpoints: d.max_endpoints,
+                max_queue: d.max_queue,
+            })
+            .collect(),
+    }
+}
+
+async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
+    let cfg = opts.config;
+    let me = cfg
+        .find_node(&opts.node)
+        .cloned()
+        .ok_or_else(|| NodeError::UnknownNode(opts.node.clone()))?;
+    std::fs::create_dir_all(&me.runtime_dir).map_err(io_err(format!(
+        "cannot create runtime dir {}",
+        me.runtime_dir.display()
+    )))?;
+    let directory: Arc<dyn Directory> = match &cfg.directory {
+        dvs_config::DirectoryConfig::Embedded { path } => Arc::new(EmbeddedDirectory::open(path)?),
+        dvs_config::DirectoryConfig::Etcd { .. } => return Err(NodeError::Unsupported(
+            "directory kind \"etcd\" is not supported by this build yet; use kind = \"embedded\""
+                .into(),
+        )),
+    };
+    let ipc_path = me.ipc_socket();
+    let ctl_path = me.ctl_socket();
+    let ipc = bind_unix(&ipc_path)?;
+    let ctl = bind_unix(&ctl_path)?;
+    let peer_listener = tokio::net::TcpListener::bind(me.peer_addr)
+        .await
+        .map_err(io_err(format!(
+            "cannot listen for peers on {}",
+            me.peer_addr
+        )))?;
+    std::fs::write(
+        me.runtime_dir.join("node.pid"),
+        format!("{}\n", std::process::id()),
+    )
+    .map_err(io_err("cannot write node.pid"))?;
+
+    let (dir_tx, dir_rx) = mpsc::unbounded_channel();
+    let state: State = Rc::new(RefCell::new(Shared {
+        core: NodeCore::new(core_config(&cfg, me.id)),
+        compress: cfg.link.compression == Compression::Lz4,
+        me: me.clone(),
+        conns: HashMap::new(),
+        peers: HashMap::new(),
+        links: cfg
+            .nodes
+            .iter()
+            .filter(|n| n.id != me.id)
+            .map(|n| {
+                (
+                    n.id,
+                    LinkInfo {
+                        up: false,
+                        since: Instant::now(),
+                        last_error: None,
+                    },
+                )
+            })
+            .collect(),
+        next_conn: 1,
+        dir_tx,
+        dirty: Vec::new(),
+        bounce: Vec::new(),
+        timer_armed: None,
+        timer_wake: Rc::new(Notify::new()),
+        procs: Procs::default(),
+        started: Instant::now(),
+        shutdown: Rc::new(Notify::new()),
+        cfg: cfg.clone(),
+    }));
+
+    dir::start(state.clone(), directory, dir_rx).await?;
+    tokio::task::spawn_local(timer_task(state.clone()));
+    tokio::task::spawn_local(local::serve(state.clone(), ipc));
+    tokio::task::spawn_local(ctl_server::serve(state.clone(), ctl));
+    peer::start(state.clone(), peer_listener);
+    info!(node = me.id, name = %me.name, ipc = %ipc_path.display(), peer = %me.peer_addr, "node kernel up");
+
+    let shutdown = state.borrow().shutdown.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io_err("signal handler"))?;
+    tokio::select! {
+        _ = shutdown.notified() => info!("shutdown requested"),
+        _ = term.recv() => info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+    }
+    state.borrow_mut().procs.kill_all();
+    let _ = std::fs::remove_file(&ipc_path);
+    let _ = std::fs::remove_file(&ctl_path);
+    let _ = std::fs::remove_file(me.runtime_dir.join("node.pid"));
+    Ok(())
+}
+
+fn bind_unix(path: &PathBuf) -> Result<tokio::net::UnixListener, NodeError> {
+    // A socket file left by a dead node would make bind fail; a live node still answers.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(NodeError::Io {
+            what: format!("another node kernel already listens on {}", path.display()),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        });
+    }
+    let _ = std::fs::remove_file(path);
+    tokio::net::UnixListener::bind(path)
+        .map_err(io_err(format!("cannot listen on {}", path.display())))
+}
+
+/// Fires the core's timers.
+async fn timer_task(state: State) {
+    let wake = state.borrow().timer_wake.clone();
+    loop {
+        let next = state.borrow().core.poll_timeout();
+        match next {
+            Some(t) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(t.into()) => {}
+                    _ = wake.notified() => continue,
+                }
+            }
+            None => {
+                state.borrow_mut().timer_armed = None;
+                wake.notified().await;
+                continue;
+            }
+        }
+        let mut s = state.borrow_mut();
+        s.timer_armed = None;
+        s.core.handle_timeout(Instant::now());
+        s.drive();
+    }
+}

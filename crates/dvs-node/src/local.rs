@@ -1,0 +1,77 @@
+//! The local socket server: one Unix-socket connection per application process.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use dvs_wire::local::LocalRequest;
+use dvs_wire::FrameDecoder;
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+use crate::wire::{Sock, Wire};
+use crate::State;
+
+/// Accepts process connections forever.
+pub(crate) async fn serve(state: State, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::task::spawn_local(connection(state.clone(), stream));
+            }
+            Err(e) => {
+                warn!("accept on the local socket failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The pid of the peer process, as seen from the node kernel's pid namespace.
+fn peer_pid(stream: &UnixStream) -> i32 {
+    stream.peer_cred().ok().and_then(|c| c.pid()).unwrap_or(0)
+}
+
+async fn connection(state: State, stream: UnixStream) {
+    let pid = peer_pid(&stream);
+    let wire = Rc::new(Wire::new(Sock::Unix(stream), false));
+    let conn = {
+        let mut s = state.borrow_mut();
+        let id = s.next_conn;
+        s.next_conn += 1;
+        s.conns.insert(id, wire.clone());
+        s.core.on_local_connect(id, pid);
+        id
+    };
+    debug!(conn, pid, "process connected");
+    let writer = wire.clone();
+    tokio::task::spawn_local(async move { writer.writer().await });
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    'read: loop {
+        let n = match wire.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        dec.extend(&buf[..n]);
+        let now = Instant::now();
+        let mut s = state.borrow_mut();
+        loop {
+            match dec.next_frame::<LocalRequest>() {
+                Ok(Some((req, _))) => s.core.on_local_request(conn, req, now),
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(conn, pid, "refusing a malformed frame from a local process, closing its connection: {e}");
+                    s.drive();
+                    break 'read;
+                }
+            }
+        }
+        s.drive();
+    }
+    wire.close();
+    let mut s = state.borrow_mut();
+    s.conns.remove(&conn);
+    s.core.on_local_disconnect(conn);
+    s.drive();
+    debug!(conn, pid, "process disconnected");
+}
