@@ -44,6 +44,39 @@ fn log_tail(path: &Path, lines: usize) -> String {
 
 /// `dvs up`: writes a config for `n` nodes under `dir` and starts them.
 pub fn up(dir: &Path, n: u16, base_port: u16, lz4: bool) -> Result<()> {
+    let cfg = start(dir, n, base_port, lz4)?;
+    let dir = dir.canonicalize()?;
+    let config_path = dir.join("cluster.toml");
+    println!(
+        "cluster {} up: {} nodes under {}",
+        cfg.cluster_id,
+        n,
+        dir.display()
+    );
+    for node in &cfg.nodes {
+        println!(
+            "  {} (id {}): peer {}, socket {}, log {}",
+            node.name,
+            node.id,
+            node.peer_addr,
+            node.ipc_socket().display(),
+            node.runtime_dir.join("node.log").display()
+        );
+    }
+    println!("config: {}", config_path.display());
+    for dc in &cfg.dcs {
+        println!(
+            "DC {} (id {}) spans all nodes, endpoints 0..{}",
+            dc.name, dc.id, dc.max_endpoints
+        );
+    }
+    println!("next: `dvs run --dc dc0 --ep 1 --node node0 -- PROGRAM`, `dvs status`, `dvs down`");
+    Ok(())
+}
+
+/// Writes a config for `n` nodes under `dir` (as `dir/cluster.toml`), starts them and waits
+/// until every node answers and every peer link is up. Prints nothing; returns the config.
+pub fn start(dir: &Path, n: u16, base_port: u16, lz4: bool) -> Result<ClusterConfig> {
     if n == 0 {
         bail!("--nodes must be at least 1");
     }
@@ -132,44 +165,44 @@ pub fn up(dir: &Path, n: u16, base_port: u16, lz4: bool) -> Result<()> {
                     }
                 }
             }
-            let _ = down(&cfg);
+            stop(&cfg);
             bail!(msg);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!(
-        "cluster {} up: {} nodes under {}",
-        cfg.cluster_id,
-        n,
-        dir.display()
-    );
-    for node in &cfg.nodes {
-        println!(
-            "  {} (id {}): peer {}, socket {}, log {}",
-            node.name,
-            node.id,
-            node.peer_addr,
-            node.ipc_socket().display(),
-            node.runtime_dir.join("node.log").display()
-        );
-    }
-    println!("config: {}", config_path.display());
-    for dc in &cfg.dcs {
-        println!(
-            "DC {} (id {}) spans all nodes, endpoints 0..{}",
-            dc.name, dc.id, dc.max_endpoints
-        );
-    }
-    println!("next: `dvs run --dc dc0 --ep 1 --node node0 -- PROGRAM`, `dvs status`, `dvs down`");
-    Ok(())
+    Ok(cfg)
 }
 
+/// Whether process `pid` still runs. A zombie counts as gone: a node started by `dvs up` is
+/// reparented to init once `up` exits, and an init that reaps lazily (as in some containers)
+/// would otherwise make `down` wait its full grace period for a process that already exited.
 fn pid_alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the command, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// `dvs down`: asks every node to stop, then makes sure it did.
 pub fn down(cfg: &ClusterConfig) -> Result<()> {
+    let stopped = stop(cfg);
+    println!(
+        "cluster {} down ({stopped} node kernels stopped)",
+        cfg.cluster_id
+    );
+    Ok(())
+}
+
+/// Asks every node of `cfg` to stop and kills those that do not within 5 s. Prints nothing
+/// on stdout; returns how many node kernels were stopped.
+pub fn stop(cfg: &ClusterConfig) -> usize {
     let mut stopped = 0;
     for node in &cfg.nodes {
         let pid: Option<i32> = std::fs::read_to_string(node.runtime_dir.join("node.pid"))
@@ -201,11 +234,7 @@ pub fn down(cfg: &ClusterConfig) -> Result<()> {
         }
         let _ = std::fs::remove_file(node.runtime_dir.join("node.pid"));
     }
-    println!(
-        "cluster {} down ({stopped} node kernels stopped)",
-        cfg.cluster_id
-    );
-    Ok(())
+    stopped
 }
 
 /// `dvs run`: launches `cmd` as endpoint `ep` of `dc` on `node`.

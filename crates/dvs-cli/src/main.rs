@@ -1,7 +1,9 @@
 //! `dvs`: the operator's command.
 
+mod bench;
 mod cluster;
 mod demo;
+mod migrate;
 mod status;
 
 use std::path::PathBuf;
@@ -86,6 +88,53 @@ enum Cmd {
         #[arg(long, default_value = "65536")]
         block_size: String,
     },
+    /// Migrate a running endpoint to another node while its clients keep calling it.
+    Migrate {
+        /// The endpoint, as DC/EP (DC by id or name), e.g. dc0/1.
+        target: String,
+        /// Destination node (id or name).
+        #[arg(long)]
+        to: String,
+        /// How to move the process: criu (transparent) or cooperative (program hooks).
+        /// Default: criu when it works on the source node, else cooperative.
+        #[arg(long, value_parser = ["criu", "cooperative"])]
+        backend: Option<String>,
+        /// Make a phase fail on purpose, to show a rollback.
+        #[arg(long, value_parser = ["checkpoint", "transfer", "restore"])]
+        fail_at: Option<String>,
+        /// Longest wait for the process to become quiescent, in milliseconds.
+        #[arg(long)]
+        quiesce_ms: Option<u64>,
+        /// Print the final report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which checkpoint backends work here (and on each running node), and why not.
+    Doctor,
+    /// Benchmarks on a temporary local cluster, with raw baselines measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+/// What `dvs bench` measures.
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// IPC latency and throughput (sendrec, send, vcopy; local and remote) beside raw
+    /// Unix-socket and TCP loopback baselines, on its own 2-node cluster.
+    Ipc {
+        /// Measured round trips per latency test (and sends per throughput test), after a
+        /// warm-up of a tenth of that (100 to 2000).
+        #[arg(long, default_value_t = 20000)]
+        iterations: u32,
+        /// MiB moved by each bandwidth test (raw TCP stream, local and remote vcopy).
+        #[arg(long, default_value_t = 256)]
+        bulk_mib: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -127,6 +176,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .with_writer(std::io::stderr)
+                // `dvs up` sends the log to a file: no colour codes there.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             dvs_node::run(dvs_node::NodeOptions { config, node })
                 .with_context(|| format!("node kernel (config {})", path.display()))?;
@@ -167,5 +218,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             iterations,
             block_size,
         } => demo::demo(&cli.dir, iterations, &block_size),
+        Cmd::Migrate { target, to, backend, fail_at, quiesce_ms, json } => {
+            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            migrate::migrate(&cfg, &migrate::MigrateOptions { target: &target, to: &to, backend, fail_at, quiesce_ms, json })
+        }
+        Cmd::Doctor => {
+            let cfg = load_config(&cli.dir, &cli.config).ok().map(|(c, _)| c);
+            migrate::doctor(cfg.as_ref())
+        }
+        Cmd::Bench { what } => match what {
+            BenchWhat::Ipc {
+                iterations,
+                bulk_mib,
+                json,
+            } => bench::ipc(&bench::IpcOptions {
+                iterations,
+                bulk_mib,
+                json,
+            }),
+        },
     }
 }

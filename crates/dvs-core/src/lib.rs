@@ -7,10 +7,12 @@
 //!
 //! - [`table`]: per-DC endpoint registrations (RUNNING here, REMOTE, BACKUP).
 //! - [`node`]: the node kernel core: M3-IPC calls, peer frames, timeouts.
+//! - [`node::migration`]: the migration state machine (coordinator and participants).
 
 pub mod node;
 pub mod table;
 
+pub use node::migration::{FailAt, MigrRecord, MigrationReport, MigrationRequest, Phase, RecordState, Require};
 pub use node::{Action, CoreConfig, DcInfo, NodeCore, VcopyCompletion, VCOPY_MAX};
 pub use table::{Registration, RegistrationKind};
 

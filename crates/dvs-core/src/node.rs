@@ -9,11 +9,14 @@ use std::time::{Duration, Instant};
 
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::message::NOTIFY_MTYPE;
-use dvs_wire::peer::{DeliverKind, PeerFrame};
+use dvs_wire::peer::{Backend, DeliverKind, MigrationId, PeerFrame};
 use dvs_wire::{DcId, Ep, Errno, Message, NodeId, Timeout, PROTOCOL_VERSION};
 
 use crate::table::{EndpointTable, Registration};
 use crate::{ConnId, OpId};
+
+pub mod migration;
+use migration::{MigrRecord, MigrationReport, MigrationState, Phase, Require};
 
 /// Largest `vcopy` in one call.
 pub const VCOPY_MAX: u64 = 16 << 20;
@@ -55,6 +58,34 @@ pub enum VcopyCompletion {
 /// Something the daemon must do for the core.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
+    /// Migration: write the migration record of `{dc, ep}` if the current one satisfies
+    /// `require`, then call [`NodeCore::on_migr_record_result`]. This compare-and-set is the
+    /// single place where a migration's outcome is decided.
+    MigrRecord { id: MigrationId, dc: DcId, ep: Ep, record: MigrRecord, require: Require },
+    /// Migration: checkpoint the process `pid` (criu) into a fresh image folder for `id`,
+    /// then call [`NodeCore::on_checkpoint_done`]. With `fail`, fail on purpose afterwards.
+    Checkpoint { id: MigrationId, pid: i32, fail: bool },
+    /// Migration: store a cooperative snapshot as the image of `id`, then call
+    /// [`NodeCore::on_checkpoint_done`].
+    SaveSnapshot { id: MigrationId, data: Vec<u8>, fail: bool },
+    /// Migration: stream the image folder of `id` to `to` as `MigrImage` frames, then call
+    /// [`NodeCore::on_image_sent`].
+    SendImage { id: MigrationId, to: NodeId },
+    /// Migration (destination): restore `id` from its received image, then call
+    /// [`NodeCore::on_restored`] (criu) or wait for the program's `BindRestored` (cooperative).
+    Restore { id: MigrationId, dc: DcId, ep: Ep, backend: Backend, cmd: Vec<String>, fail: bool },
+    /// Migration: SIGKILL the process tree rooted at `pid` (a stopped or failed copy).
+    KillTree { pid: i32 },
+    /// Migration rolled back: let the stopped source process tree run again.
+    ResumeTree { pid: i32 },
+    /// Migration committed: the directory must say `{dc, ep}` runs on `node`.
+    Relocate { dc: DcId, ep: Ep, node: NodeId },
+    /// Migration progress, for whoever asked for it.
+    MigrProgress { id: MigrationId, phase: Phase },
+    /// Migration finished (committed or rolled back); the report for whoever asked.
+    MigrFinished { id: MigrationId, report: MigrationReport },
+    /// Migration: forget the image folder of `id`.
+    DropImage { id: MigrationId },
     /// Send a response on a local connection.
     Respond { conn: ConnId, resp: LocalResponse },
     /// Close a local connection that broke the protocol.
@@ -115,9 +146,15 @@ enum Blocked {
     /// Not in a call (or in a call that completes at once).
     No,
     /// Its message waits in the queue of a local endpoint.
-    SendingLocal { dst: Ep, kind: DeliverKind },
+    SendingLocal { dst: Ep, kind: DeliverKind, msg: Message, timeout: Timeout },
     /// Its message went to another node (op outstanding).
-    SendingRemote { dst: Ep, node: NodeId, op: OpId, kind: DeliverKind },
+    SendingRemote { dst: Ep, node: NodeId, op: OpId, kind: DeliverKind, msg: Message, timeout: Timeout },
+    /// Its request waits for a migration's outcome (of its peer, or of itself).
+    Held { req: LocalRequest },
+    /// Cooperative migration: asked for its snapshot.
+    Snapshotting,
+    /// Restored on this node as the destination of a migration; waits for the commit.
+    Installing { id: MigrationId },
     /// Waiting for a reply from `from` (its sendrec message was taken).
     AwaitingReply { from: Ep },
     /// In receive.
@@ -142,6 +179,8 @@ struct Conn {
     queue: VecDeque<Incoming>,
     notifies: BTreeMap<Ep, u64>,
     owes_reply: HashMap<Ep, ReplyTo>,
+    /// Set while this endpoint migrates away: nothing enters or leaves it.
+    migrating_out: Option<MigrationId>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -154,6 +193,7 @@ enum Op {
 enum TimerKey {
     Conn { conn: ConnId, gen: u64 },
     Incoming { node: NodeId, op: OpId },
+    Migration { id: MigrationId },
 }
 
 /// The core of one node kernel.
@@ -175,6 +215,9 @@ pub struct NodeCore {
     timers: BTreeSet<(Instant, u64, TimerKey)>,
     timer_seq: u64,
     actions: VecDeque<Action>,
+    migr: MigrationState,
+    /// Time of the latest event, for the few inputs that carry none (link down, snapshot).
+    last_now: Instant,
 }
 
 fn err(e: Errno) -> LocalResponse {
@@ -200,6 +243,8 @@ impl NodeCore {
             timers: BTreeSet::new(),
             timer_seq: 0,
             actions: VecDeque::new(),
+            migr: MigrationState::default(),
+            last_now: Instant::now(),
         }
     }
 
@@ -251,6 +296,7 @@ impl NodeCore {
                 queue: VecDeque::new(),
                 notifies: BTreeMap::new(),
                 owes_reply: HashMap::new(),
+                migrating_out: None,
             },
         );
     }
@@ -264,7 +310,31 @@ impl NodeCore {
 
     /// A request from a local process.
     pub fn on_local_request(&mut self, conn: ConnId, req: LocalRequest, now: Instant) {
+        self.last_now = now;
+        self.local_request(conn, req, now);
+        self.check_quiescence(now);
+    }
+
+    fn local_request(&mut self, conn: ConnId, req: LocalRequest, now: Instant) {
         let Some(c) = self.conns.get(&conn) else { return };
+        match (&c.blocked, &req) {
+            (Blocked::Snapshotting, LocalRequest::Snapshot { data }) => {
+                let data = data.clone();
+                return self.on_snapshot(conn, data);
+            }
+            (Blocked::No, LocalRequest::BindRestored { version, dc, ep, migration }) => {
+                let (version, dc, ep, migration) = (*version, *dc, *ep, *migration);
+                return self.on_bind_restored(conn, version, dc, ep, migration);
+            }
+            // Its endpoint is migrating away and owes no reply: the call waits for the outcome,
+            // and the process is now quiescent (blocked in IPC). While it owes a reply its calls
+            // run, so that it can finish serving (vcopy, reply) and get there.
+            (Blocked::No, _) if c.migrating_out.is_some() && c.owes_reply.is_empty() => {
+                self.reblock(conn, Blocked::Held { req });
+                return;
+            }
+            _ => {}
+        }
         if c.blocked != Blocked::No {
             self.actions.push_back(Action::Close {
                 conn,
@@ -308,6 +378,7 @@ impl NodeCore {
                 self.vcopy(conn, req_vcopy(src, src_addr, dst, dst_addr, len, timeout), now)
             }
             LocalRequest::WaitForBind { ep, timeout } => self.wait_for_bind(conn, ep, timeout, now),
+            LocalRequest::BindRestored { .. } | LocalRequest::Snapshot { .. } => self.respond(conn, err(Errno::Invalid)),
         }
     }
 
@@ -507,6 +578,7 @@ impl NodeCore {
             Blocked::Vcopy { op } => {
                 self.ops.remove(&op);
             }
+            Blocked::Held { .. } => self.migr.unhold_call(conn),
             Blocked::LookingUp { ep, .. } | Blocked::WaitingBind { ep } => {
                 if let Some(dc) = dc {
                     if let Some(v) = self.lookups.get_mut(&(dc, ep)) {
@@ -525,6 +597,11 @@ impl NodeCore {
 
     /// Where `{dc, ep}` runs, or parks `conn` on a directory lookup and returns `None`.
     fn resolve(&mut self, conn: ConnId, dc: DcId, ep: Ep, req: &LocalRequest) -> Option<Registration> {
+        if self.migr.holds(dc, ep) {
+            self.migr.hold_call(dc, ep, conn);
+            self.reblock(conn, Blocked::Held { req: req.clone() });
+            return None;
+        }
         if let Some(r) = self.table.get(dc, ep) {
             return Some(r);
         }
@@ -615,7 +692,7 @@ impl NodeCore {
                     return self.respond(conn, err(Errno::QueueFull));
                 }
                 qc.queue.push_back(inc);
-                self.block(conn, Blocked::SendingLocal { dst, kind }, timeout, now, Duration::ZERO);
+                self.block(conn, Blocked::SendingLocal { dst, kind, msg, timeout }, timeout, now, Duration::ZERO);
             }
             Registration::Remote { node } | Registration::Backup { node } => {
                 if !self.links_up.contains(&node) {
@@ -627,7 +704,7 @@ impl NodeCore {
                     frame: PeerFrame::Deliver { op, dc, src: me, dst, kind, msg, timeout },
                 });
                 self.remote_sends.insert((node, op), conn);
-                self.block(conn, Blocked::SendingRemote { dst, node, op, kind }, timeout, now, REMOTE_GRACE);
+                self.block(conn, Blocked::SendingRemote { dst, node, op, kind, msg, timeout }, timeout, now, REMOTE_GRACE);
             }
         }
     }
@@ -682,6 +759,11 @@ impl NodeCore {
     fn receive(&mut self, conn: ConnId, src: Source, timeout: Timeout, now: Instant) {
         let Some((dc, me)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
         let c = self.conns.get_mut(&conn).expect("caller exists");
+        // A migrating endpoint takes nothing new: what waits for it travels or is replayed.
+        if c.migrating_out.is_some() {
+            self.block(conn, Blocked::Receiving { src }, timeout, now, Duration::ZERO);
+            return;
+        }
         // Pending notifications first.
         let pending = match src {
             Source::Any => c.notifies.keys().next().copied(),
@@ -710,7 +792,18 @@ impl NodeCore {
         msg.source = me;
         let c = self.conns.get_mut(&conn).expect("caller exists");
         let Some(to) = c.owes_reply.remove(&dst) else { return self.respond(conn, err(Errno::NotWaiting)) };
-        match to {
+        let frame = PeerFrame::Reply { dc, src: me, dst, result: Ok(msg) };
+        // The client may be migrating: the reply waits for the outcome and follows it.
+        if self.migr.holds(dc, dst) {
+            self.migr.hold_frame(dc, dst, frame);
+            return self.respond(conn, LocalResponse::Done);
+        }
+        // Route by where the client is now (it may have migrated since it called).
+        let target = match (self.table.get(dc, dst), to) {
+            (Some(Registration::Local { conn: cc }), _) | (None, ReplyTo::Local(cc)) => ReplyTo::Local(cc),
+            (Some(Registration::Remote { node } | Registration::Backup { node }), _) | (None, ReplyTo::Remote(node)) => ReplyTo::Remote(node),
+        };
+        match target {
             ReplyTo::Local(cc) => {
                 if !matches!(self.conns.get(&cc).map(|c| &c.blocked), Some(Blocked::AwaitingReply { from }) if *from == me) {
                     return self.respond(conn, err(Errno::NotWaiting));
@@ -721,7 +814,7 @@ impl NodeCore {
                 if !self.links_up.contains(&node) {
                     return self.respond(conn, err(Errno::NodeUnreachable));
                 }
-                self.actions.push_back(Action::Peer { node, frame: PeerFrame::Reply { dc, src: me, dst, result: Ok(msg) } });
+                self.actions.push_back(Action::Peer { node, frame });
             }
         }
         self.respond(conn, LocalResponse::Done);
@@ -736,6 +829,11 @@ impl NodeCore {
         }
         if dst == me {
             return self.respond(conn, err(Errno::SelfSend));
+        }
+        // Never blocks: a notify to a migrating endpoint is stored and delivered after the move.
+        if self.migr.holds(dc, dst) {
+            self.migr.hold_frame(dc, dst, PeerFrame::Notify { dc, src: me, dst, value });
+            return self.respond(conn, LocalResponse::Done);
         }
         let Some(reg) = self.resolve(conn, dc, dst, &LocalRequest::Notify { dst, value }) else { return };
         match reg {
@@ -986,6 +1084,7 @@ impl NodeCore {
         if !self.links_up.remove(&node) {
             return;
         }
+        self.migration_link_down(node);
         let victims: Vec<ConnId> = self
             .conns
             .iter()
@@ -1036,6 +1135,12 @@ impl NodeCore {
 
     /// A frame from the peer `from` (after the handshake).
     pub fn on_peer_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
+        self.last_now = now;
+        self.peer_frame(from, frame, now);
+        self.check_quiescence(now);
+    }
+
+    fn peer_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
         match frame {
             PeerFrame::Deliver { op, dc, src, dst, kind, msg, timeout } => self.remote_deliver(from, op, dc, src, dst, kind, msg, timeout, now),
             PeerFrame::Delivered { op, result } => self.remote_delivered(from, op, result),
@@ -1045,10 +1150,13 @@ impl NodeCore {
                 }
             }
             PeerFrame::Reply { dc, src, dst, result } => {
+                if self.migr.holds(dc, dst) {
+                    return self.migr.hold_frame(dc, dst, PeerFrame::Reply { dc, src, dst, result });
+                }
                 let Some(Registration::Local { conn }) = self.table.get(dc, dst) else { return };
                 let Some(c) = self.conns.get(&conn) else { return };
                 let waiting = match c.blocked {
-                    Blocked::SendingRemote { dst: d, kind: DeliverKind::SendRec, node, op } if d == src => {
+                    Blocked::SendingRemote { dst: d, kind: DeliverKind::SendRec, node, op, .. } if d == src => {
                         self.remote_sends.remove(&(node, op));
                         true
                     }
@@ -1071,6 +1179,9 @@ impl NodeCore {
                     return;
                 }
                 self.absorb_remote(dc, src, from);
+                if self.migr.holds(dc, dst) {
+                    return self.migr.hold_frame(dc, dst, PeerFrame::Notify { dc, src, dst, value });
+                }
                 if let Some(Registration::Local { conn }) = self.table.get(dc, dst) {
                     self.notify_local(conn, src, value);
                 }
@@ -1094,6 +1205,16 @@ impl NodeCore {
             // Handshake and liveness frames are the daemon's business.
             PeerFrame::Hello { .. } | PeerFrame::Welcome { .. } | PeerFrame::Refuse { .. } | PeerFrame::Ping | PeerFrame::Pong => {}
             PeerFrame::VcopyData { .. } => {}
+            f @ (PeerFrame::Redirect { .. }
+            | PeerFrame::MigrStart { .. }
+            | PeerFrame::MigrStartAck { .. }
+            | PeerFrame::MigrPrepare { .. }
+            | PeerFrame::MigrImage { .. }
+            | PeerFrame::MigrRestore { .. }
+            | PeerFrame::MigrRestored { .. }
+            | PeerFrame::MigrCommit { .. }
+            | PeerFrame::MigrRollback { .. }
+            | PeerFrame::MigrDone { .. }) => self.on_migration_frame(from, f, now),
         }
     }
 
@@ -1125,6 +1246,11 @@ impl NodeCore {
             return fail(self, e);
         }
         self.absorb_remote(dc, src, from);
+        if self.migr.holds(dc, dst) {
+            // Not taken: the sender's node holds the call and sends it again after the outcome.
+            self.actions.push_back(Action::Peer { node: from, frame: PeerFrame::Redirect { op, dc, dst } });
+            return;
+        }
         let Some(Registration::Local { conn: q }) = self.table.get(dc, dst) else {
             return fail(self, Errno::DstDied);
         };
@@ -1222,6 +1348,7 @@ impl NodeCore {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
         while let Some(&(at, seq, key)) = self.timers.first() {
             if at > now {
                 break;
@@ -1229,7 +1356,10 @@ impl NodeCore {
             self.timers.remove(&(at, seq, key));
             match key {
                 TimerKey::Conn { conn, gen } => {
-                    let live = self.conns.get(&conn).is_some_and(|c| c.gen == gen && c.blocked != Blocked::No);
+                    // A migrating endpoint's deadline travels with it; its node applies it.
+                    let live = self.conns.get(&conn).is_some_and(|c| {
+                        c.gen == gen && c.blocked != Blocked::No && c.migrating_out.is_none() && !matches!(c.blocked, Blocked::Installing { .. } | Blocked::Snapshotting)
+                    });
                     if live {
                         self.abandon_call(conn);
                         self.respond(conn, err(Errno::TimedOut));
@@ -1242,13 +1372,17 @@ impl NodeCore {
                         }
                     }
                 }
+                TimerKey::Migration { id } => self.on_migration_timer(id, now),
             }
         }
     }
 }
 
 fn is_blocked_in_ipc(b: &Blocked) -> bool {
-    matches!(b, Blocked::SendingLocal { .. } | Blocked::SendingRemote { .. } | Blocked::AwaitingReply { .. } | Blocked::Receiving { .. })
+    matches!(
+        b,
+        Blocked::SendingLocal { .. } | Blocked::SendingRemote { .. } | Blocked::AwaitingReply { .. } | Blocked::Receiving { .. } | Blocked::Held { .. }
+    )
 }
 
 fn notify_message(from: Ep, value: u64) -> Message {

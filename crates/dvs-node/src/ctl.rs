@@ -26,6 +26,21 @@ pub enum CtlRequest {
     },
     /// Stop the node kernel (and the processes it launched).
     Shutdown,
+    /// Migrate endpoint `{dc, ep}` (running on this node) to node `to`; the answer is an
+    /// `Accepted`, a `MigrPhase` per phase and one `Migrated`.
+    Migrate {
+        dc: DcId,
+        ep: Ep,
+        to: NodeId,
+        /// `criu`, `cooperative`, or none for criu when it works here, else cooperative.
+        backend: Option<String>,
+        /// `checkpoint`, `transfer` or `restore`: make that phase fail to show a rollback.
+        fail_at: Option<String>,
+        /// Longest wait for the process to become quiescent, in milliseconds.
+        quiesce_ms: Option<u64>,
+    },
+    /// Which checkpoint backends work on this node, and why not.
+    Doctor,
 }
 
 /// One line of the node's answer. `Run` with `wait` gets `Started`, any number of `Output`
@@ -50,6 +65,67 @@ pub enum CtlResponse {
     Ok,
     /// The request failed.
     Error { message: String },
+    /// A migration started.
+    Accepted { id: u64, backend: String, note: Option<String> },
+    /// A migration entered a phase, `at_ms` after it started.
+    MigrPhase { phase: String, at_ms: f64 },
+    /// A migration ended (committed or rolled back).
+    Migrated(MigrationSummary),
+    /// Answer to `Doctor`.
+    Doctor { checks: Vec<DoctorCheck> },
+}
+
+/// One line of `dvs doctor`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DoctorCheck {
+    /// What was checked.
+    pub name: String,
+    /// Whether it works.
+    pub ok: bool,
+    /// Version, or why not.
+    pub detail: String,
+}
+
+/// Time spent in one migration phase.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PhaseTime {
+    /// Phase name.
+    pub phase: String,
+    /// Milliseconds.
+    pub ms: f64,
+}
+
+/// The outcome of a migration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationSummary {
+    /// Migration id.
+    pub id: u64,
+    /// DC.
+    pub dc: DcId,
+    /// Endpoint.
+    pub ep: Ep,
+    /// Source node.
+    pub from: NodeId,
+    /// Destination node.
+    pub to: NodeId,
+    /// Backend used.
+    pub backend: String,
+    /// Committed (else rolled back).
+    pub committed: bool,
+    /// Why it rolled back.
+    pub error: Option<String>,
+    /// Time of each phase.
+    pub phases: Vec<PhaseTime>,
+    /// START to outcome, in milliseconds.
+    pub migration_ms: f64,
+    /// Image bytes moved.
+    pub image_bytes: u64,
+    /// Image transfer time at the destination, in milliseconds.
+    pub transfer_ms: f64,
+    /// Restore time at the destination, in milliseconds.
+    pub restore_ms: f64,
+    /// Calls and notifications held and replayed over all nodes.
+    pub held: u32,
 }
 
 /// State of one peer link.

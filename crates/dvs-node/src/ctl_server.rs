@@ -8,7 +8,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
 
-use crate::ctl::{CtlRequest, CtlResponse, EndpointStatus, LinkStatus, NodeStatus};
+use std::time::Instant;
+
+use dvs_core::{FailAt, MigrationRequest};
+use dvs_wire::peer::Backend;
+use dvs_wire::{DcId, Ep, NodeId};
+
+use crate::ctl::{CtlRequest, CtlResponse, DoctorCheck, EndpointStatus, LinkStatus, NodeStatus};
 use crate::launcher::{self, Ended};
 use crate::State;
 
@@ -55,7 +61,7 @@ async fn connection(state: State, stream: UnixStream) {
                 send(
                     &mut w,
                     &CtlResponse::Ps {
-                        procs: state.borrow().procs.status(),
+                        procs: all_procs(&state),
                     },
                 )
                 .await
@@ -65,7 +71,9 @@ async fn connection(state: State, stream: UnixStream) {
                 state.borrow().shutdown.notify_one();
                 r
             }
-            CtlRequest::Run { dc, ep, cmd, wait } => match launcher::launch(&state, dc, ep, cmd) {
+            CtlRequest::Migrate { dc, ep, to, backend, fail_at, quiesce_ms } => migrate(&state, dc, ep, to, backend, fail_at, quiesce_ms, &mut w).await,
+            CtlRequest::Doctor => send(&mut w, &CtlResponse::Doctor { checks: doctor(&state) }).await,
+            CtlRequest::Run { dc, ep, cmd, wait } => match launcher::launch(&state, dc, ep, cmd, Vec::new()) {
                 Err(message) => send(&mut w, &CtlResponse::Error { message }).await,
                 Ok((pid, log)) => {
                     let r = send(
@@ -125,6 +133,124 @@ async fn stream_until_exit(
     }
 }
 
+/// Which checkpoint backends work here.
+fn doctor(state: &State) -> Vec<DoctorCheck> {
+    let mut s = state.borrow_mut();
+    s.migrations.criu = None;
+    let criu = s.migrations.criu();
+    vec![
+        DoctorCheck {
+            name: "criu".into(),
+            ok: criu.is_ok(),
+            detail: match &criu {
+                Ok(c) => format!("criu {} at {} (criu check: Looks good.)", c.version(), c.bin().display()),
+                Err(e) => format!("{e}; install it with scripts/install-criu.sh"),
+            },
+        },
+        DoctorCheck {
+            name: "cooperative".into(),
+            ok: true,
+            detail: "always available: the program registers m3ipc snapshot/restore hooks and was started with `dvs run`".into(),
+        },
+    ]
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn migrate(
+    state: &State,
+    dc: DcId,
+    ep: Ep,
+    to: NodeId,
+    backend: Option<String>,
+    fail_at: Option<String>,
+    quiesce_ms: Option<u64>,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    let prepared = (|| -> Result<(MigrationRequest, Option<String>), String> {
+        let mut s = state.borrow_mut();
+        let fail_at = match fail_at.as_deref() {
+            None => None,
+            Some("checkpoint") => Some(FailAt::Checkpoint),
+            Some("transfer") => Some(FailAt::Transfer),
+            Some("restore") => Some(FailAt::Restore),
+            Some(other) => return Err(format!("--fail-at {other:?}: expected checkpoint, transfer or restore")),
+        };
+        let pid = s.core.local_pid(dc, ep).ok_or_else(|| format!("endpoint {dc}/{ep} does not run on this node"))?;
+        let cmd = s.procs.cmd_of(dc, ep);
+        let mut note = None;
+        let backend = match backend.as_deref() {
+            Some("criu") => {
+                s.migrations.criu().map_err(|e| format!("the criu backend does not work on this node: {e}"))?;
+                Backend::Criu
+            }
+            Some("cooperative") => Backend::Cooperative,
+            Some(other) => return Err(format!("--backend {other:?}: expected criu or cooperative")),
+            None => match s.migrations.criu() {
+                Ok(_) => Backend::Criu,
+                Err(e) => {
+                    note = Some(format!("criu does not work here ({e}); using the cooperative backend"));
+                    Backend::Cooperative
+                }
+            },
+        };
+        match backend {
+            // CRIU restores a whole PID namespace; the process must be its init.
+            Backend::Criu if dvs_checkpoint::ns_pid(pid).ok().flatten() != Some(1) => {
+                return Err(format!("process {pid} of {dc}/{ep} is not in its own PID namespace: start it with `dvs run` to migrate it with criu"))
+            }
+            Backend::Cooperative if cmd.is_none() => {
+                return Err(format!("the cooperative backend restarts the program on the destination: start {dc}/{ep} with `dvs run`"))
+            }
+            _ => {}
+        }
+        let req = MigrationRequest {
+            dc,
+            ep,
+            to,
+            backend,
+            fail_at,
+            quiesce_timeout: Duration::from_millis(quiesce_ms.unwrap_or(2000)),
+            cmd: cmd.unwrap_or_default(),
+        };
+        Ok((req, note))
+    })();
+    let (req, note) = match prepared {
+        Ok(p) => p,
+        Err(message) => return send(w, &CtlResponse::Error { message }).await,
+    };
+    let backend = req.backend.to_string();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let started = {
+        let mut s = state.borrow_mut();
+        let r = s.core.start_migration(req, Instant::now());
+        if let Ok(id) = r {
+            s.migrations.requesters.insert(id, (Instant::now(), tx));
+        }
+        s.drive();
+        r
+    };
+    let id = match started {
+        Ok(id) => id,
+        Err(message) => return send(w, &CtlResponse::Error { message }).await,
+    };
+    send(w, &CtlResponse::Accepted { id, backend, note }).await?;
+    while let Some(r) = rx.recv().await {
+        let last = matches!(r, CtlResponse::Migrated(_));
+        send(w, &r).await?;
+        if last {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn all_procs(state: &State) -> Vec<crate::ctl::ProcStatus> {
+    let s = state.borrow();
+    let mut p = s.procs.status();
+    p.extend(s.migrations.restored_status());
+    p
+}
+
 fn status(state: &State) -> NodeStatus {
     let s = state.borrow();
     let me = s.core.node_id();
@@ -176,6 +302,6 @@ fn status(state: &State) -> NodeStatus {
         uptime_ms: s.started.elapsed().as_millis() as u64,
         links,
         endpoints,
-        procs: s.procs.status(),
+        procs: { let mut p = s.procs.status(); p.extend(s.migrations.restored_status()); p },
     }
 }

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use dvs_core::ConnId;
+use dvs_core::{ConnId, MigrRecord, Require};
+use dvs_wire::peer::MigrationId;
 use dvs_directory::{CasOutcome, DirEvent, Directory};
 use dvs_wire::{DcId, Ep, Errno, NodeId};
 use tokio::sync::mpsc;
@@ -20,6 +21,41 @@ pub(crate) enum DirOp {
     Register { conn: ConnId, dc: DcId, ep: Ep },
     Unregister { dc: DcId, ep: Ep },
     Lookup { dc: DcId, ep: Ep },
+    MigrRecord { id: MigrationId, dc: DcId, ep: Ep, record: MigrRecord, require: Require },
+    Relocate { dc: DcId, ep: Ep, node: NodeId },
+}
+
+const MIGR_PREFIX: &str = "migr/";
+
+fn migr_key(dc: DcId, ep: Ep) -> String {
+    format!("{MIGR_PREFIX}{dc}/{ep}")
+}
+
+/// Writes `record` if the current record satisfies `require`: the compare-and-set that decides
+/// a migration. `Err` carries the record that prevented it.
+async fn write_record(dir: &dyn Directory, dc: DcId, ep: Ep, record: MigrRecord, require: Require) -> Result<(), Option<MigrRecord>> {
+    let k = migr_key(dc, ep);
+    // A conflict with a record that still allows the write (a concurrent unrelated update)
+    // is retried; a few rounds are plenty.
+    for _ in 0..5 {
+        let current = dir.get(&k).await.map_err(|e| {
+            error!("directory: cannot read {k}: {e}");
+            None
+        })?;
+        let parsed = current.as_ref().and_then(|v| MigrRecord::parse(&v.value));
+        if !require.allows(parsed.as_ref()) {
+            return Err(parsed);
+        }
+        match dir.cas(&k, current.map(|v| v.version), Some(record.encode())).await {
+            Ok(CasOutcome::Done { .. }) => return Ok(()),
+            Ok(CasOutcome::Conflict { .. }) => continue,
+            Err(e) => {
+                error!("directory: cannot write {k}: {e}");
+                return Err(None);
+            }
+        }
+    }
+    Err(None)
 }
 
 const PREFIX: &str = "ep/";
@@ -60,6 +96,8 @@ pub(crate) async fn start(
         s.drive();
     }
     tokio::task::spawn_local(watch(state.clone(), dir.clone(), events));
+    let (_, migr_events) = dir.watch(MIGR_PREFIX).await?;
+    tokio::task::spawn_local(watch_migrations(state.clone(), migr_events));
     tokio::task::spawn_local(worker(state, dir, rx));
     Ok(())
 }
@@ -99,6 +137,21 @@ async fn watch(
     }
 }
 
+/// Applies decided migrations this node may have missed the broadcast of.
+async fn watch_migrations(state: State, mut events: mpsc::UnboundedReceiver<DirEvent>) {
+    while let Some(ev) = events.recv().await {
+        let DirEvent::Put { key, value, .. } = ev else { continue };
+        let Some(rest) = key.strip_prefix(MIGR_PREFIX) else { continue };
+        let Some((dc, ep)) = rest.split_once('/').and_then(|(d, e)| Some((d.parse::<DcId>().ok()?, e.parse::<Ep>().ok()?))) else { continue };
+        if let Some(record) = MigrRecord::parse(&value) {
+            let mut s = state.borrow_mut();
+            s.core.on_migr_record(dc, ep, record, Instant::now());
+            s.drive();
+        }
+    }
+    warn!("directory watch of migration records ended");
+}
+
 async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedReceiver<DirOp>) {
     let me = state.borrow().me.id;
     let me_s = me.to_string();
@@ -134,6 +187,32 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                     }
                     Ok(_) => {}
                     Err(e) => error!("directory: cannot read {k}: {e}"),
+                }
+            }
+            DirOp::MigrRecord { id, dc, ep, record, require } => {
+                let result = write_record(dir.as_ref(), dc, ep, record, require).await;
+                let mut s = state.borrow_mut();
+                s.core.on_migr_record_result(id, result, Instant::now());
+                s.drive();
+            }
+            DirOp::Relocate { dc, ep, node } => {
+                let k = key(dc, ep);
+                for _ in 0..5 {
+                    let current = match dir.get(&k).await {
+                        Ok(v) => v,
+                        Err(e) => {
+                            error!("directory: cannot read {k}: {e}");
+                            break;
+                        }
+                    };
+                    match dir.cas(&k, current.map(|v| v.version), Some(node.to_string())).await {
+                        Ok(CasOutcome::Conflict { .. }) => continue,
+                        Ok(CasOutcome::Done { .. }) => break,
+                        Err(e) => {
+                            error!("directory: cannot relocate {k}: {e}");
+                            break;
+                        }
+                    }
                 }
             }
             DirOp::Lookup { dc, ep } => {

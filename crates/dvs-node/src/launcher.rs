@@ -49,6 +49,11 @@ impl Procs {
         }
     }
 
+    /// Command line of the running process launched as `{dc, ep}`.
+    pub fn cmd_of(&self, dc: DcId, ep: Ep) -> Option<Vec<String>> {
+        self.by_pid.values().rev().find(|p| p.dc == dc && p.ep == ep && p.ended.is_none()).map(|p| p.cmd.clone())
+    }
+
     /// Status of every process, for `dvs ps`.
     pub fn status(&self) -> Vec<ProcStatus> {
         self.by_pid
@@ -71,12 +76,7 @@ impl Procs {
 }
 
 /// Starts `cmd` as endpoint `{dc, ep}` of this node; returns its launcher's pid and log path.
-pub(crate) fn launch(
-    state: &State,
-    dc: DcId,
-    ep: Ep,
-    cmd: Vec<String>,
-) -> Result<(i32, PathBuf), String> {
+pub(crate) fn launch(state: &State, dc: DcId, ep: Ep, cmd: Vec<String>, env: Vec<(String, String)>) -> Result<(i32, PathBuf), String> {
     let (me, cfg) = {
         let s = state.borrow();
         (s.me.clone(), s.cfg.clone())
@@ -119,6 +119,7 @@ pub(crate) fn launch(
         .env("DVS_DC", dc.to_string())
         .env("DVS_EP", ep.to_string())
         .env("DVS_NODE", me.id.to_string())
+        .envs(env)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

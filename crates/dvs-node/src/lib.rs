@@ -10,6 +10,7 @@ mod ctl_server;
 mod dir;
 mod launcher;
 mod local;
+mod migrate;
 mod peer;
 pub mod vcopy;
 mod wire;
@@ -17,7 +18,7 @@ mod wire;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -84,6 +85,9 @@ pub(crate) struct Shared {
     pub procs: Procs,
     pub started: Instant,
     pub shutdown: Rc<Notify>,
+    pub migrations: migrate::Migrations,
+    /// The `Rc` this state lives in, for tasks started from inside the event loop.
+    pub self_ref: Weak<RefCell<Shared>>,
 }
 
 pub(crate) type State = Rc<RefCell<Shared>>;
@@ -137,6 +141,17 @@ impl Shared {
                 let r = vcopy::copy(src_pid, src_addr, dst_pid, dst_addr, len, &mut self.bounce);
                 self.core.on_vcopy_local_done(done, r);
             }
+            Action::MigrRecord { id, dc, ep, record, require } => self.dir(DirOp::MigrRecord { id, dc, ep, record, require }),
+            Action::Relocate { dc, ep, node } => self.dir(DirOp::Relocate { dc, ep, node }),
+            Action::Checkpoint { id, pid, fail } => self.migr_checkpoint(id, pid, fail),
+            Action::SaveSnapshot { id, data, fail } => self.migr_save_snapshot(id, &data, fail),
+            Action::SendImage { id, to } => self.migr_send_image(id, to),
+            Action::Restore { id, dc, ep, backend, cmd, fail } => self.migr_restore(id, dc, ep, backend, cmd, fail),
+            Action::KillTree { pid } => self.migr_kill_tree(pid),
+            Action::ResumeTree { pid } => self.migr_resume_tree(pid),
+            Action::MigrProgress { id, phase } => self.migr_progress(id, phase),
+            Action::MigrFinished { id, report } => self.migr_finished(id, report),
+            Action::DropImage { id } => self.migr_drop_image(id),
             Action::VcopyStream {
                 pid,
                 src_addr,
@@ -198,6 +213,11 @@ impl Shared {
             }
             None => tracing::debug!("link to node {node} is down; dropping {frame:?}"),
         }
+    }
+
+    /// Remembers to flush `w` at the end of this round.
+    pub fn mark_dirty(&mut self, w: &Rc<Wire>) {
+        mark(&mut self.dirty, w);
     }
 
     fn dir(&mut self, op: DirOp) {
@@ -307,7 +327,14 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
     .map_err(io_err("cannot write node.pid"))?;
 
     let (dir_tx, dir_rx) = mpsc::unbounded_channel();
-    let state: State = Rc::new(RefCell::new(Shared {
+    // Processes restored by CRIU lose their parent; as subreaper this node adopts and reaps them.
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only sets a flag of this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+    let state: State = Rc::new_cyclic(|weak| RefCell::new(Shared {
+        migrations: migrate::Migrations::default(),
+        self_ref: weak.clone(),
         core: NodeCore::new(core_config(&cfg, me.id)),
         compress: cfg.link.compression == Compression::Lz4,
         me: me.clone(),
@@ -339,6 +366,11 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
         shutdown: Rc::new(Notify::new()),
         cfg: cfg.clone(),
     }));
+    {
+        // Migration ids must not repeat across restarts of this node.
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        state.borrow_mut().core.set_migration_seed(seed << 8);
+    }
 
     dir::start(state.clone(), directory, dir_rx).await?;
     tokio::task::spawn_local(timer_task(state.clone()));

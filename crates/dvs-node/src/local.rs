@@ -31,17 +31,33 @@ fn peer_pid(stream: &UnixStream) -> i32 {
     stream.peer_cred().ok().and_then(|c| c.pid()).unwrap_or(0)
 }
 
+/// Serves a connection made by the node itself (a migrated process's new connection); the
+/// core learns the process's pid when it is restored.
+pub(crate) fn adopt(state: &State, stream: std::os::unix::net::UnixStream) -> std::io::Result<dvs_core::ConnId> {
+    stream.set_nonblocking(true)?;
+    let stream = UnixStream::from_std(stream)?;
+    let (conn, wire) = register(state, stream, 0);
+    tokio::task::spawn_local(serve_conn(state.clone(), conn, wire, 0));
+    Ok(conn)
+}
+
+fn register(state: &State, stream: UnixStream, pid: i32) -> (dvs_core::ConnId, Rc<Wire>) {
+    let wire = Rc::new(Wire::new(Sock::Unix(stream), false));
+    let mut s = state.borrow_mut();
+    let id = s.next_conn;
+    s.next_conn += 1;
+    s.conns.insert(id, wire.clone());
+    s.core.on_local_connect(id, pid);
+    (id, wire)
+}
+
 async fn connection(state: State, stream: UnixStream) {
     let pid = peer_pid(&stream);
-    let wire = Rc::new(Wire::new(Sock::Unix(stream), false));
-    let conn = {
-        let mut s = state.borrow_mut();
-        let id = s.next_conn;
-        s.next_conn += 1;
-        s.conns.insert(id, wire.clone());
-        s.core.on_local_connect(id, pid);
-        id
-    };
+    let (conn, wire) = register(&state, stream, pid);
+    serve_conn(state, conn, wire, pid).await;
+}
+
+async fn serve_conn(state: State, conn: dvs_core::ConnId, wire: Rc<Wire>, pid: i32) {
     debug!(conn, pid, "process connected");
     let writer = wire.clone();
     tokio::task::spawn_local(async move { writer.writer().await });
@@ -49,7 +65,18 @@ async fn connection(state: State, stream: UnixStream) {
     let mut buf = vec![0u8; 16 * 1024];
     'read: loop {
         let n = match wire.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => {
+                // A request cut short by the end of the stream is logged like a malformed one.
+                if dec.buffered() > 0 && !wire.is_closed() {
+                    warn!(
+                        conn,
+                        pid,
+                        "a local process closed its connection in the middle of a frame ({} bytes unread)",
+                        dec.buffered()
+                    );
+                }
+                break;
+            }
             Ok(n) => n,
         };
         dec.extend(&buf[..n]);

@@ -243,6 +243,7 @@ async fn run_link(state: State, peer: NodeId, stream: TcpStream, mut dec: FrameD
                         PeerFrame::Ping => s.to_peer(peer, &PeerFrame::Pong, &[]),
                         PeerFrame::Pong => {}
                         f @ PeerFrame::VcopyData { .. } => s.vcopy_chunk(peer, f, &tail),
+                        f @ PeerFrame::MigrImage { .. } => s.migr_image_chunk(f, &tail),
                         f => s.core.on_peer_frame(peer, f, now),
                     },
                     Ok(None) => break,

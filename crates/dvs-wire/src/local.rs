@@ -63,6 +63,17 @@ pub enum LocalRequest {
     GetEp,
     /// Wait until endpoint `ep` of the caller's DC is bound somewhere.
     WaitForBind { ep: Ep, timeout: Timeout },
+    /// Bind as the destination of migration `migration` (cooperative restore): the node answers
+    /// `Ep` once the migration commits, or closes the connection if it rolls back.
+    BindRestored {
+        version: u32,
+        dc: DcId,
+        ep: Ep,
+        migration: u64,
+    },
+    /// The program's snapshot answering `LocalResponse::Checkpoint` (`None`: the program
+    /// registered no snapshot hook, so it cannot migrate cooperatively).
+    Snapshot { data: Option<Vec<u8>> },
 }
 
 /// The node kernel's answer to a [`LocalRequest`].
@@ -76,4 +87,11 @@ pub enum LocalResponse {
     Ep { dc: DcId, ep: Ep, node: NodeId },
     /// The call failed.
     Err(Errno),
+    /// Cooperative migration: take a snapshot with the program's hook and send it as
+    /// `LocalRequest::Snapshot`, then wait for `Resume` or `Exit`.
+    Checkpoint,
+    /// Cooperative migration rolled back: issue the interrupted call again.
+    Resume,
+    /// Cooperative migration committed: the program continues on another node; exit now.
+    Exit,
 }

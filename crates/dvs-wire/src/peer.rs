@@ -2,8 +2,50 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::local::LocalRequest;
 use crate::message::{Errno, Message, Timeout};
 use crate::{DcId, Ep, NodeId};
+
+/// Identifies one migration attempt, unique in the cluster (coordinator node id in the top
+/// 16 bits).
+pub type MigrationId = u64;
+
+/// How a process's state is moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Backend {
+    /// CRIU checkpoint/restore: transparent to the program.
+    Criu,
+    /// The program's own snapshot/restore hooks (m3ipc), for hosts without CRIU.
+    Cooperative,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Criu => "criu",
+            Backend::Cooperative => "cooperative",
+        })
+    }
+}
+
+/// The IPC call a migrating process was blocked in, carried to the destination node so that
+/// the call continues there (the source node consumed the request bytes already).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigratedCall {
+    /// A request not yet completed (typically `Receive`); the destination runs it again.
+    Request(LocalRequest),
+    /// Its sendrec message was taken; only the reply from `from` is awaited.
+    AwaitingReply { from: Ep, remaining_ms: Option<u32> },
+}
+
+/// The node-kernel side of a migrating endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigratedEndpoint {
+    /// The call it was blocked in, if any.
+    pub call: Option<MigratedCall>,
+    /// Pending notifications (source, OR'ed value).
+    pub notifies: Vec<(Ep, u64)>,
+}
 
 /// What kind of call a [`PeerFrame::Deliver`] carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,7 +57,7 @@ pub enum DeliverKind {
 }
 
 /// A frame on a peer link.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PeerFrame {
     /// First frame of the dialing side.
     Hello {
@@ -88,4 +130,68 @@ pub enum PeerFrame {
     Bound { dc: DcId, ep: Ep },
     /// Endpoint `ep` of `dc` is no longer bound on the sending node.
     Unbound { dc: DcId, ep: Ep },
+    /// The message `op` was not taken: its destination is migrating. Hold the call and send it
+    /// again once the migration's outcome is known.
+    Redirect { op: u64, dc: DcId, dst: Ep },
+    /// MIGR_START: hold every call to `{dc, ep}` until the outcome.
+    MigrStart {
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        from: NodeId,
+        to: NodeId,
+    },
+    /// The sender holds calls to the endpoint now; anything it sent before is on the wire ahead.
+    MigrStartAck { id: MigrationId },
+    /// Coordinator to destination: the endpoint's node-kernel state and how to restore it.
+    MigrPrepare {
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        backend: Backend,
+        state: MigratedEndpoint,
+        cmd: Vec<String>,
+        fail_restore: bool,
+    },
+    /// One chunk of checkpoint image file `file`; the bytes travel in the tail.
+    MigrImage {
+        id: MigrationId,
+        file: String,
+        offset: u64,
+        last: bool,
+    },
+    /// Coordinator to destination: every image byte has been sent; restore now.
+    MigrRestore { id: MigrationId },
+    /// Destination to coordinator: the process runs (held) on the destination, or why not.
+    MigrRestored {
+        id: MigrationId,
+        result: Result<RestoreInfo, String>,
+    },
+    /// MIGR_COMMIT: `{dc, ep}` now runs on `to`; replay held calls there.
+    MigrCommit {
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        to: NodeId,
+    },
+    /// MIGR_ROLLBACK: `{dc, ep}` stays on `from`; replay held calls there.
+    MigrRollback {
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        from: NodeId,
+    },
+    /// The sender applied the outcome; `held` calls and frames were replayed.
+    MigrDone { id: MigrationId, held: u32 },
+}
+
+/// What the destination reports of a restore.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RestoreInfo {
+    /// Image bytes received.
+    pub image_bytes: u64,
+    /// Milliseconds from the first to the last image byte received.
+    pub transfer_ms: f64,
+    /// Milliseconds the restore took.
+    pub restore_ms: f64,
 }

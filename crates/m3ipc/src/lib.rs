@@ -101,7 +101,19 @@ pub struct Endpoint {
     /// Set after an I/O or protocol error in the middle of a call: the stream position is
     /// unknown, so a later response could be attributed to the wrong call.
     broken: bool,
+    /// Cooperative migration: produces the program's state when the node asks for it.
+    snapshot_hook: Option<SnapshotHook>,
+    /// Cooperative migration: the state this process was restored from, until taken.
+    restored: Option<Vec<u8>>,
 }
+
+/// A program's snapshot hook for cooperative migration.
+pub type SnapshotHook = Box<dyn FnMut() -> Vec<u8> + Send>;
+
+/// Environment variable naming the migration a cooperatively restored process belongs to.
+pub const ENV_RESTORE_MIGRATION: &str = "DVS_RESTORE_MIGRATION";
+/// Environment variable naming the file holding the snapshot to restore from.
+pub const ENV_RESTORE_FILE: &str = "DVS_RESTORE_FILE";
 
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -139,7 +151,7 @@ impl Endpoint {
     /// Binds endpoint `ep` of DC `dc` over an already connected stream to a node kernel
     /// (e.g. one inherited from a launcher).
     pub fn bind_stream(stream: UnixStream, dc: DcId, ep: Ep) -> Result<Endpoint> {
-        let mut me = Endpoint {
+        let me = Endpoint {
             stream,
             dc,
             ep,
@@ -147,12 +159,38 @@ impl Endpoint {
             wbuf: BytesMut::with_capacity(WRITE_CAPACITY),
             dec: FrameDecoder::new(),
             broken: false,
+            snapshot_hook: None,
+            restored: None,
         };
         let req = LocalRequest::Bind {
             version: PROTOCOL_VERSION,
             dc,
             ep,
         };
+        me.finish_bind(req)
+    }
+
+    /// Binds as the destination of a cooperative migration: the node answers once the
+    /// migration commits; the snapshot is then available from [`Endpoint::take_restored`].
+    fn bind_restored(stream: UnixStream, dc: DcId, ep: Ep, migration: u64, snapshot: Vec<u8>) -> Result<Endpoint> {
+        let me = Endpoint {
+            stream,
+            dc,
+            ep,
+            node: 0,
+            wbuf: BytesMut::with_capacity(WRITE_CAPACITY),
+            dec: FrameDecoder::new(),
+            broken: false,
+            snapshot_hook: None,
+            restored: Some(snapshot),
+        };
+        let req = LocalRequest::BindRestored { version: PROTOCOL_VERSION, dc, ep, migration };
+        me.finish_bind(req)
+    }
+
+    fn finish_bind(mut self, req: LocalRequest) -> Result<Endpoint> {
+        let (dc, ep) = (self.dc, self.ep);
+        let me = &mut self;
         match me.call(&req)? {
             LocalResponse::Ep {
                 dc: got_dc,
@@ -160,7 +198,7 @@ impl Endpoint {
                 node,
             } if got_dc == dc && got_ep == ep => {
                 me.node = node;
-                Ok(me)
+                Ok(self)
             }
             LocalResponse::Ep {
                 dc: got_dc,
@@ -180,7 +218,26 @@ impl Endpoint {
         let socket = env_var(ENV_SOCKET)?;
         let dc = env_parse::<DcId>(ENV_DC)?;
         let ep = env_parse::<Ep>(ENV_EP)?;
+        if let Ok(migration) = env_parse::<u64>(ENV_RESTORE_MIGRATION) {
+            let file = env_var(ENV_RESTORE_FILE)?;
+            let snapshot = std::fs::read(&file).map_err(|e| Error::Env(format!("cannot read the snapshot {file} named by {ENV_RESTORE_FILE}: {e}")))?;
+            let stream = UnixStream::connect(&socket)
+                .map_err(|e| Error::Io(io::Error::new(e.kind(), format!("cannot connect to the node kernel at {socket}: {e}"))))?;
+            return Self::bind_restored(stream, dc, ep, migration, snapshot);
+        }
         Self::bind_at(socket, dc, ep)
+    }
+
+    /// Registers the hook that produces this program's state for a cooperative migration.
+    /// It runs inside whatever blocking call the node interrupts (typically `receive`); the
+    /// program restarted on the destination gets the bytes from [`Endpoint::take_restored`].
+    pub fn set_snapshot_hook(&mut self, hook: impl FnMut() -> Vec<u8> + Send + 'static) {
+        self.snapshot_hook = Some(Box::new(hook));
+    }
+
+    /// The snapshot this process was restored from (cooperative migration), once.
+    pub fn take_restored(&mut self) -> Option<Vec<u8>> {
+        self.restored.take()
     }
 
     /// The DC this endpoint belongs to.
@@ -357,17 +414,37 @@ impl Endpoint {
                 "the connection to the node kernel is unusable after an earlier error".into(),
             ));
         }
-        self.wbuf.clear();
-        frame::encode(&mut self.wbuf, req, &[], false)
-            .map_err(|e| Error::Protocol(format!("cannot encode request: {e}")))?;
-        let res = send_all(&self.stream, &self.wbuf)
-            .map_err(Error::Io)
-            .and_then(|()| self.read_response());
+        let res = self.exchange(req);
         if res.is_err() {
             self.broken = true;
             self.dec = FrameDecoder::new();
         }
         res
+    }
+
+    /// One request and its response, serving cooperative-migration requests in between.
+    fn exchange(&mut self, req: &LocalRequest) -> Result<LocalResponse> {
+        self.write_request(req)?;
+        loop {
+            match self.read_response()? {
+                LocalResponse::Checkpoint => {
+                    let data = self.snapshot_hook.as_mut().map(|h| h());
+                    self.write_request(&LocalRequest::Snapshot { data })?;
+                }
+                // Rolled back: the interrupted call was dropped by the node; ask again.
+                LocalResponse::Resume => self.write_request(req)?,
+                // Committed: this program now runs on the destination node.
+                LocalResponse::Exit => std::process::exit(0),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn write_request(&mut self, req: &LocalRequest) -> Result<()> {
+        self.wbuf.clear();
+        frame::encode(&mut self.wbuf, req, &[], false)
+            .map_err(|e| Error::Protocol(format!("cannot encode request: {e}")))?;
+        send_all(&self.stream, &self.wbuf).map_err(Error::Io)
     }
 
     /// Reads from the socket into the decoder's buffer until one whole response frame is in.

@@ -6,6 +6,8 @@
 //! lets the client see requests served twice.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -50,8 +52,20 @@ fn main() -> ExitCode {
 fn serve(ep: &mut Endpoint) -> Result<(), Error> {
     // Reused for every request: only the pattern changes.
     let mut block: Vec<u8> = Vec::new();
-    let mut counter: u64 = 0;
+    // A cooperative migration restarts this program on another node: the counter comes back
+    // from the snapshot the hook below took on the source.
+    let mut counter: u64 = match ep.take_restored() {
+        Some(snap) if snap.len() == 8 => u64::from_le_bytes(snap.try_into().expect("8 bytes")),
+        _ => 0,
+    };
+    if counter > 0 {
+        println!("migr-server: restored from a snapshot at {counter} requests served");
+    }
+    let shared = Arc::new(AtomicU64::new(counter));
+    let hook_view = shared.clone();
+    ep.set_snapshot_hook(move || hook_view.load(Ordering::SeqCst).to_le_bytes().to_vec());
     loop {
+        shared.store(counter, Ordering::SeqCst);
         let msg = match ep.receive(Source::Any) {
             Ok(m) => m,
             Err(e) if e.is_connection_error() => return Err(e),

@@ -1,0 +1,668 @@
+//! `dvs bench`: measures dvs against raw socket baselines taken in the same run.
+//!
+//! `dvs bench ipc` starts its own 2-node cluster on loopback (under a temporary folder in
+//! `/tmp`, with free ports), measures the raw baselines (Unix-socket and TCP ping-pong, TCP
+//! stream bandwidth) and the dvs figures (sendrec round trips, one-way sends, vcopy of 1 MiB
+//! blocks, local and remote), prints them side by side with the ratios against the targets,
+//! and always stops the cluster at the end. A missed target is reported, never an error.
+//!
+//! Every party is a thread of the bench process: each dvs endpoint has its own `m3ipc`
+//! connection to its node kernel, and the raw baselines use two threads as well, so both
+//! sides pay the same thread wake-ups.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::thread::{self, JoinHandle};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use dvs_config::ClusterConfig;
+use m3ipc::{DcId, Endpoint, Ep, Message, Source, Timeout};
+use serde::Serialize;
+
+use crate::cluster;
+
+/// Size of a raw ping-pong message: the size of an M3-IPC message on the wire.
+const RAW_MSG: usize = 64;
+/// Size of one write of the raw TCP stream and of one dvs vcopy.
+const BLOCK: usize = 1 << 20;
+/// First peer port tried for the bench's own cluster (free ports are searched from here).
+const BENCH_BASE_PORT: u16 = 7700;
+
+/// Endpoint of the server on the client's node.
+const EP_LOCAL_SERVER: Ep = 1;
+/// Endpoint of the server on the other node.
+const EP_REMOTE_SERVER: Ep = 2;
+/// Endpoint of the client.
+const EP_CLIENT: Ep = 10;
+
+/// Request: reply with the same message.
+const MT_PING: i32 = 0x6201;
+/// One-way message: taken, not answered.
+const MT_ONEWAY: i32 = 0x6202;
+/// Request: vcopy word 1 bytes of the server's block to address word 0 of the caller, reply.
+const MT_VCOPY: i32 = 0x6203;
+/// Request: reply and stop serving.
+const MT_STOP: i32 = 0x6204;
+
+/// Options of `dvs bench ipc`.
+#[derive(Debug, Clone)]
+pub struct IpcOptions {
+    /// Measured round trips per latency test (and messages per throughput test).
+    pub iterations: u32,
+    /// MiB moved by each bandwidth test (raw TCP stream, each vcopy test).
+    pub bulk_mib: u32,
+    /// Print JSON instead of a table.
+    pub json: bool,
+}
+
+/// Latency figures of one ping-pong test, in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Measured round trips (after the warm-up).
+    pub samples: usize,
+    /// Median round trip.
+    pub median_us: f64,
+    /// 99th percentile round trip.
+    pub p99_us: f64,
+    /// Mean round trip.
+    pub mean_us: f64,
+    /// Fastest round trip.
+    pub min_us: f64,
+}
+
+impl Latency {
+    fn from_samples(mut ns: Vec<u64>) -> Latency {
+        ns.sort_unstable();
+        let n = ns.len().max(1);
+        let at = |q: f64| -> f64 {
+            if ns.is_empty() {
+                return 0.0;
+            }
+            // Nearest rank.
+            let rank = ((q * n as f64).ceil() as usize).clamp(1, ns.len());
+            ns[rank - 1] as f64 / 1000.0
+        };
+        Latency {
+            samples: ns.len(),
+            median_us: at(0.5),
+            p99_us: at(0.99),
+            mean_us: ns.iter().sum::<u64>() as f64 / n as f64 / 1000.0,
+            min_us: ns.first().copied().unwrap_or(0) as f64 / 1000.0,
+        }
+    }
+}
+
+/// How the run was set up, for the header and the JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct Setup {
+    /// Measured round trips per latency test.
+    pub iterations: u32,
+    /// Unmeasured round trips before each latency test.
+    pub warmup: u32,
+    /// MiB per bandwidth test.
+    pub bulk_mib: u32,
+    /// Bytes per raw message.
+    pub msg_bytes: usize,
+    /// Bytes per TCP write and per vcopy.
+    pub block_bytes: usize,
+    /// CPUs available to the bench.
+    pub cpus: usize,
+    /// CPU model, from /proc/cpuinfo.
+    pub cpu_model: String,
+    /// Kernel release.
+    pub kernel: String,
+    /// /proc/loadavg before the run.
+    pub loadavg_before: String,
+    /// /proc/loadavg after the run.
+    pub loadavg_after: String,
+    /// How the parties are laid out.
+    pub method: String,
+}
+
+/// The raw socket baselines.
+#[derive(Debug, Clone, Serialize)]
+pub struct Raw {
+    /// Unix-socket pair ping-pong of 64-byte messages between two threads.
+    pub unix_rtt: Latency,
+    /// TCP loopback ping-pong of 64-byte messages, `TCP_NODELAY`, between two threads.
+    pub tcp_rtt: Latency,
+    /// TCP loopback stream of 1 MiB writes, in MB/s (10^6 bytes).
+    pub tcp_stream_mb_s: f64,
+}
+
+/// The dvs figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Dvs {
+    /// sendrec round trip, client and server on the same node.
+    pub sendrec_local: Latency,
+    /// sendrec round trip, client on node0, server on node1.
+    pub sendrec_remote: Latency,
+    /// Rendezvous sends per second, same node.
+    pub send_local_msgs_s: f64,
+    /// Rendezvous sends per second, across nodes.
+    pub send_remote_msgs_s: f64,
+    /// vcopy of 1 MiB blocks by the server into the client (inside a sendrec), same node,
+    /// MB/s.
+    pub vcopy_local_mb_s: f64,
+    /// The same across nodes, MB/s.
+    pub vcopy_remote_mb_s: f64,
+}
+
+/// One target and whether this run meets it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What is compared.
+    pub name: String,
+    /// The measured ratio.
+    pub ratio: f64,
+    /// The target, as text (`<= 1.5x`, `>= 50%`).
+    pub target: String,
+    /// Whether the ratio meets the target.
+    pub pass: bool,
+}
+
+/// The whole report of `dvs bench ipc`.
+#[derive(Debug, Clone, Serialize)]
+pub struct IpcReport {
+    /// How the run was set up.
+    pub setup: Setup,
+    /// Raw baselines.
+    pub raw: Raw,
+    /// dvs figures.
+    pub dvs: Dvs,
+    /// Ratios against the targets.
+    pub targets: Vec<Target>,
+}
+
+/// Progress goes to stderr so that stdout holds only the report (table or JSON).
+fn progress(what: &str) {
+    eprintln!("dvs bench: {what}");
+}
+
+/// `dvs bench ipc`.
+pub fn ipc(opts: &IpcOptions) -> Result<ExitCode> {
+    if opts.iterations == 0 || opts.bulk_mib == 0 {
+        bail!("--iterations and --bulk-mib must be at least 1");
+    }
+    let n = opts.iterations as usize;
+    let warmup = (opts.iterations / 10).clamp(100, 2000);
+    let loadavg_before = loadavg();
+
+    progress("raw Unix-socket ping-pong");
+    let (a, b) = UnixStream::pair()?;
+    let unix_rtt = raw_pingpong(a, b, warmup as usize, n).context("raw Unix ping-pong")?;
+    progress("raw TCP ping-pong");
+    let (a, b) = tcp_pair()?;
+    let tcp_rtt = raw_pingpong(a, b, warmup as usize, n).context("raw TCP ping-pong")?;
+    progress("raw TCP stream");
+    let tcp_stream_mb_s = raw_tcp_stream(opts.bulk_mib as usize).context("raw TCP stream")?;
+    let raw = Raw {
+        unix_rtt,
+        tcp_rtt,
+        tcp_stream_mb_s,
+    };
+
+    let dvs = with_cluster(|cfg| dvs_figures(cfg, warmup as usize, n, opts.bulk_mib as usize))?;
+
+    let targets = vec![
+        Target {
+            name: "remote sendrec / raw TCP RTT (median)".into(),
+            ratio: dvs.sendrec_remote.median_us / raw.tcp_rtt.median_us,
+            target: "<= 1.5x".into(),
+            pass: dvs.sendrec_remote.median_us <= 1.5 * raw.tcp_rtt.median_us,
+        },
+        Target {
+            name: "local sendrec / raw Unix RTT (median)".into(),
+            ratio: dvs.sendrec_local.median_us / raw.unix_rtt.median_us,
+            target: "<= 2x".into(),
+            pass: dvs.sendrec_local.median_us <= 2.0 * raw.unix_rtt.median_us,
+        },
+        Target {
+            name: "remote vcopy / raw TCP stream bandwidth".into(),
+            ratio: dvs.vcopy_remote_mb_s / raw.tcp_stream_mb_s,
+            target: ">= 50%".into(),
+            pass: dvs.vcopy_remote_mb_s >= 0.5 * raw.tcp_stream_mb_s,
+        },
+    ];
+    let report = IpcReport {
+        setup: Setup {
+            iterations: opts.iterations,
+            warmup,
+            bulk_mib: opts.bulk_mib,
+            msg_bytes: RAW_MSG,
+            block_bytes: BLOCK,
+            cpus: thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model: cpu_model(),
+            kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+            loadavg_before,
+            loadavg_after: loadavg(),
+            method: "every party is a thread of the bench process; each dvs endpoint has its \
+                     own m3ipc connection to its node kernel (2 node kernels, separate \
+                     processes, on loopback); raw baselines use two threads as well"
+                .into(),
+        },
+        raw,
+        dvs,
+        targets,
+    };
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ----- raw baselines -------------------------------------------------------------------------
+
+/// Two connected TCP loopback sockets with `TCP_NODELAY`.
+fn tcp_pair() -> Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let a = TcpStream::connect(listener.local_addr()?)?;
+    let (b, _) = listener.accept()?;
+    a.set_nodelay(true)?;
+    b.set_nodelay(true)?;
+    Ok((a, b))
+}
+
+/// Ping-pong of [`RAW_MSG`]-byte messages: this thread writes on `a` and waits for the echo
+/// that a second thread writes back on `b`. Returns the round trips after `warmup`.
+fn raw_pingpong<S>(mut a: S, mut b: S, warmup: usize, n: usize) -> Result<Latency>
+where
+    S: Read + Write + Send + 'static,
+{
+    let echo: JoinHandle<io::Result<()>> = thread::spawn(move || {
+        let mut buf = [0u8; RAW_MSG];
+        loop {
+            match b.read_exact(&mut buf) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            b.write_all(&buf)?;
+        }
+    });
+    let mut buf = [0x5au8; RAW_MSG];
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..warmup + n {
+        let t = Instant::now();
+        a.write_all(&buf)?;
+        a.read_exact(&mut buf)?;
+        if i >= warmup {
+            samples.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    drop(a);
+    echo.join()
+        .map_err(|_| anyhow!("echo thread panicked"))??;
+    Ok(Latency::from_samples(samples))
+}
+
+/// Streams `mib` writes of 1 MiB over TCP loopback to a reading thread, which acknowledges
+/// the end with one byte. Returns MB/s (10^6 bytes per second).
+fn raw_tcp_stream(mib: usize) -> Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let mut tx = TcpStream::connect(listener.local_addr()?)?;
+    let (mut rx, _) = listener.accept()?;
+    let total = mib * BLOCK;
+    let sink: JoinHandle<io::Result<()>> = thread::spawn(move || {
+        let mut buf = vec![0u8; BLOCK];
+        let mut got = 0;
+        while got < total {
+            let n = rx.read(&mut buf)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            got += n;
+        }
+        rx.write_all(&[1])
+    });
+    let block: Vec<u8> = (0..BLOCK).map(|i| (i * 7) as u8).collect();
+    // A warm-up of a few blocks is part of the total; it only fills the socket buffers.
+    let t = Instant::now();
+    for _ in 0..mib {
+        tx.write_all(&block)?;
+    }
+    let mut ack = [0u8; 1];
+    tx.read_exact(&mut ack)?;
+    let secs = t.elapsed().as_secs_f64();
+    sink.join().map_err(|_| anyhow!("sink thread panicked"))??;
+    Ok(total as f64 / secs / 1e6)
+}
+
+// ----- dvs -----------------------------------------------------------------------------------
+
+/// Starts a 2-node cluster under a fresh folder in /tmp, runs `f`, and always stops the
+/// cluster and removes the folder afterwards (also on error, panic, SIGINT or SIGTERM).
+fn with_cluster<T>(f: impl FnOnce(&ClusterConfig) -> Result<T>) -> Result<T> {
+    let dir = std::env::temp_dir().join(format!("dvs-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    progress(&format!("starting a 2-node cluster under {}", dir.display()));
+    // Block SIGINT/SIGTERM in this thread before any other thread exists, so that every
+    // thread inherits the mask and only the watcher below takes them.
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    sigs.add(nix::sys::signal::Signal::SIGINT);
+    sigs.add(nix::sys::signal::Signal::SIGTERM);
+    let old_mask = sigs.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)?;
+    let started = cluster::start(&dir, 2, BENCH_BASE_PORT, false);
+    let cfg = match started {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            let _ = old_mask.thread_set_mask();
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.context("cannot start the bench cluster"));
+        }
+    };
+    let guard = ClusterGuard {
+        cfg: cfg.clone(),
+        dir: dir.clone(),
+    };
+    {
+        let (cfg, dir) = (cfg.clone(), dir.clone());
+        // The watcher: on SIGINT/SIGTERM the nodes (in their own sessions) would survive us.
+        thread::spawn(move || {
+            if let Ok(sig) = sigs.wait() {
+                eprintln!("dvs bench: {sig}, stopping the bench cluster");
+                cluster::stop(&cfg);
+                let _ = std::fs::remove_dir_all(&dir);
+                std::process::exit(130);
+            }
+        });
+    }
+    let r = f(&cfg);
+    progress("stopping the bench cluster");
+    drop(guard);
+    r
+}
+
+/// Stops the bench cluster and removes its folder when dropped.
+struct ClusterGuard {
+    cfg: ClusterConfig,
+    dir: PathBuf,
+}
+
+impl Drop for ClusterGuard {
+    fn drop(&mut self) {
+        cluster::stop(&self.cfg);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A bench server: an endpoint served by its own thread until [`MT_STOP`].
+struct Server {
+    ep: Ep,
+    thread: JoinHandle<Result<u64>>,
+}
+
+impl Server {
+    fn start(socket: &Path, dc: DcId, ep: Ep) -> Result<Server> {
+        let mut e = Endpoint::bind_at(socket, dc, ep)
+            .with_context(|| format!("cannot bind bench server ep {ep}"))?;
+        let thread = thread::spawn(move || serve(&mut e));
+        Ok(Server { ep, thread })
+    }
+
+    fn stop(self, client: &mut Endpoint) -> Result<u64> {
+        client
+            .sendrec_timeout(self.ep, &Message::new(MT_STOP), Timeout::Millis(5000))
+            .with_context(|| format!("cannot stop bench server ep {}", self.ep))?;
+        self.thread
+            .join()
+            .map_err(|_| anyhow!("bench server ep {} panicked", self.ep))?
+    }
+}
+
+/// The server loop: echo pings, take one-way messages, vcopy on request. Returns how many
+/// messages it took.
+fn serve(ep: &mut Endpoint) -> Result<u64> {
+    let block: Vec<u8> = (0..BLOCK).map(|i| (i % 251) as u8 + 1).collect();
+    let mut taken = 0u64;
+    loop {
+        let m = ep.receive(Source::Any)?;
+        taken += 1;
+        match m.mtype {
+            MT_PING => ep.reply(m.source, &m)?,
+            MT_ONEWAY => {}
+            MT_VCOPY => {
+                let addr = m.word(0);
+                let len = (m.word(1) as usize).min(BLOCK);
+                ep.vcopy_to(m.source, addr, &block[..len])?;
+                ep.reply(m.source, &Message::new(MT_VCOPY))?;
+            }
+            MT_STOP => {
+                ep.reply(m.source, &m)?;
+                return Ok(taken);
+            }
+            other => bail!("bench server got an unexpected message type {other:#x}"),
+        }
+    }
+}
+
+fn dvs_figures(
+    cfg: &ClusterConfig,
+    warmup: usize,
+    n: usize,
+    bulk_mib: usize,
+) -> Result<Dvs> {
+    let dc = cfg.dcs.first().context("the bench cluster has no DC")?.id;
+    let node0 = cfg.nodes[0].ipc_socket();
+    let node1 = cfg.nodes[1].ipc_socket();
+    let local = Server::start(&node0, dc, EP_LOCAL_SERVER)?;
+    let remote = Server::start(&node1, dc, EP_REMOTE_SERVER)?;
+    let mut client = Endpoint::bind_at(&node0, dc, EP_CLIENT).context("cannot bind the client")?;
+    for ep in [EP_LOCAL_SERVER, EP_REMOTE_SERVER] {
+        client
+            .wait_for_bind(ep, Timeout::Millis(5000))
+            .with_context(|| format!("bench server ep {ep} not visible from node0"))?;
+    }
+    let mut buf = vec![0u8; BLOCK];
+
+    progress("dvs sendrec, local");
+    let sendrec_local = sendrec_latency(&mut client, EP_LOCAL_SERVER, warmup, n)?;
+    progress("dvs sendrec, remote");
+    let sendrec_remote = sendrec_latency(&mut client, EP_REMOTE_SERVER, warmup, n)?;
+    progress("dvs send, local");
+    let send_local_msgs_s = send_rate(&mut client, EP_LOCAL_SERVER, warmup, n)?;
+    progress("dvs send, remote");
+    let send_remote_msgs_s = send_rate(&mut client, EP_REMOTE_SERVER, warmup, n)?;
+    progress("dvs vcopy, local");
+    let vcopy_local_mb_s = vcopy_rate(&mut client, EP_LOCAL_SERVER, &mut buf, bulk_mib)?;
+    progress("dvs vcopy, remote");
+    let vcopy_remote_mb_s = vcopy_rate(&mut client, EP_REMOTE_SERVER, &mut buf, bulk_mib)?;
+
+    local.stop(&mut client)?;
+    remote.stop(&mut client)?;
+    Ok(Dvs {
+        sendrec_local,
+        sendrec_remote,
+        send_local_msgs_s,
+        send_remote_msgs_s,
+        vcopy_local_mb_s,
+        vcopy_remote_mb_s,
+    })
+}
+
+fn sendrec_latency(client: &mut Endpoint, server: Ep, warmup: usize, n: usize) -> Result<Latency> {
+    let mut msg = Message::new(MT_PING);
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..warmup + n {
+        msg.set_word(0, i as u64);
+        let t = Instant::now();
+        let r = client.sendrec(server, &msg)?;
+        let dt = t.elapsed();
+        if r.mtype != MT_PING || r.word(0) != i as u64 {
+            bail!("sendrec to ep {server}: wrong reply (type {:#x})", r.mtype);
+        }
+        if i >= warmup {
+            samples.push(dt.as_nanos() as u64);
+        }
+    }
+    Ok(Latency::from_samples(samples))
+}
+
+fn send_rate(client: &mut Endpoint, server: Ep, warmup: usize, n: usize) -> Result<f64> {
+    let msg = Message::new(MT_ONEWAY);
+    for _ in 0..warmup {
+        client.send(server, &msg)?;
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        client.send(server, &msg)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok(n as f64 / secs)
+}
+
+/// The client asks the server (sendrec) to vcopy 1 MiB into `buf`, `mib` times.
+fn vcopy_rate(client: &mut Endpoint, server: Ep, buf: &mut [u8], mib: usize) -> Result<f64> {
+    let once = |client: &mut Endpoint, buf: &mut [u8]| -> Result<()> {
+        let mut m = Message::new(MT_VCOPY);
+        m.set_word(0, buf.as_mut_ptr() as u64);
+        m.set_word(1, buf.len() as u64);
+        let r = client.sendrec(server, &m)?;
+        if r.mtype != MT_VCOPY {
+            bail!("vcopy request to ep {server}: wrong reply (type {:#x})", r.mtype);
+        }
+        Ok(())
+    };
+    buf.fill(0);
+    // Warm-up: faults the client's pages in and fills the link's buffers.
+    for _ in 0..3 {
+        once(client, buf)?;
+    }
+    if buf[0] != 1 || buf[BLOCK - 1] != ((BLOCK - 1) % 251) as u8 + 1 {
+        bail!("vcopy from ep {server} did not fill the client's buffer");
+    }
+    let t = Instant::now();
+    for _ in 0..mib {
+        once(client, buf)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok((mib * BLOCK) as f64 / secs / 1e6)
+}
+
+// ----- output --------------------------------------------------------------------------------
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn loadavg() -> String {
+    read_trimmed("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn print_table(r: &IpcReport) {
+    let s = &r.setup;
+    println!("dvs bench ipc");
+    println!(
+        "  {} CPUs ({}), kernel {}, load {} before / {} after",
+        s.cpus, s.cpu_model, s.kernel, s.loadavg_before, s.loadavg_after
+    );
+    println!(
+        "  {} round trips per latency test after {} warm-up; {} MiB per bandwidth test in {} KiB blocks; MB = 10^6 bytes",
+        s.iterations,
+        s.warmup,
+        s.bulk_mib,
+        s.block_bytes / 1024
+    );
+    println!("  {}", s.method);
+    println!();
+    let lat = |name: &str, l: &Latency| {
+        println!(
+            "  {name:<34} {:>9.1} µs {:>9.1} µs {:>9.1} µs",
+            l.median_us, l.p99_us, l.mean_us
+        );
+    };
+    println!(
+        "  {:<34} {:>12} {:>12} {:>12}",
+        "round trip (64-byte messages)", "median", "p99", "mean"
+    );
+    lat("raw Unix socket ping-pong", &r.raw.unix_rtt);
+    lat("dvs sendrec, local", &r.dvs.sendrec_local);
+    lat("raw TCP loopback ping-pong, NODELAY", &r.raw.tcp_rtt);
+    lat("dvs sendrec, remote (node0->node1)", &r.dvs.sendrec_remote);
+    println!();
+    println!("  {:<34} {:>12}", "throughput", "");
+    let rate = |name: &str, v: f64, unit: &str| println!("  {name:<34} {v:>12.0} {unit}");
+    rate(
+        "raw Unix ping-pong (1 / median)",
+        1e6 / r.raw.unix_rtt.median_us,
+        "msgs/s",
+    );
+    rate("dvs send, local", r.dvs.send_local_msgs_s, "msgs/s");
+    rate(
+        "raw TCP ping-pong (1 / median)",
+        1e6 / r.raw.tcp_rtt.median_us,
+        "msgs/s",
+    );
+    rate("dvs send, remote", r.dvs.send_remote_msgs_s, "msgs/s");
+    rate("raw TCP stream, 1 MiB writes", r.raw.tcp_stream_mb_s, "MB/s");
+    rate("dvs vcopy 1 MiB, local", r.dvs.vcopy_local_mb_s, "MB/s");
+    rate("dvs vcopy 1 MiB, remote", r.dvs.vcopy_remote_mb_s, "MB/s");
+    println!();
+    println!("  targets");
+    for t in &r.targets {
+        let shown = if t.target.ends_with('%') {
+            format!("{:.0}%", t.ratio * 100.0)
+        } else {
+            format!("{:.2}x", t.ratio)
+        };
+        println!(
+            "  {:<42} {:>8}  (target {:<7}) {}",
+            t.name,
+            shown,
+            t.target,
+            if t.pass { "PASS" } else { "MISS" }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let l = Latency::from_samples((1..=100).rev().map(|v| v * 1000).collect());
+        assert_eq!(l.samples, 100);
+        assert_eq!(l.median_us, 50.0);
+        assert_eq!(l.p99_us, 99.0);
+        assert_eq!(l.min_us, 1.0);
+        assert_eq!(l.mean_us, 50.5);
+        let empty = Latency::from_samples(Vec::new());
+        assert_eq!(empty.samples, 0);
+        assert_eq!(empty.median_us, 0.0);
+    }
+
+    #[test]
+    fn raw_baselines_run() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let l = raw_pingpong(a, b, 2, 10).unwrap();
+        assert_eq!(l.samples, 10);
+        let (a, b) = tcp_pair().unwrap();
+        assert_eq!(raw_pingpong(a, b, 2, 10).unwrap().samples, 10);
+        assert!(raw_tcp_stream(2).unwrap() > 0.0);
+    }
+}

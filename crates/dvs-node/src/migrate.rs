@@ -1,0 +1,330 @@
+//! The daemon's part of a migration: running checkpoint backends, storing and streaming
+//! images, restoring on the destination, and reporting progress to whoever asked. The
+//! protocol itself is in `dvs_core::node::migration`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dvs_checkpoint::{Criu, DumpRequest, RestoreRequest};
+use dvs_core::{MigrationReport, Phase};
+use dvs_wire::peer::{Backend, MigrationId, PeerFrame};
+use dvs_wire::{DcId, Ep, NodeId};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::ctl::{CtlResponse, MigrationSummary, PhaseTime};
+use crate::{Shared, State};
+
+/// Image chunk size on the peer link.
+const IMAGE_CHUNK: usize = 1 << 20;
+/// File in an image folder naming the socket inode the process's node connection had.
+const SOCKET_FILE: &str = "dvs-socket-inode";
+/// File of a cooperative snapshot.
+pub(crate) const SNAPSHOT_FILE: &str = "snapshot.bin";
+
+/// A process restored here by a migration (the node is its subreaper).
+pub(crate) struct Restored {
+    pub dc: DcId,
+    pub ep: Ep,
+    pub since: Instant,
+}
+
+/// Migration bookkeeping of the daemon.
+#[derive(Default)]
+pub(crate) struct Migrations {
+    /// Whoever asked for a migration coordinated here, and when it started.
+    pub requesters: HashMap<MigrationId, (Instant, mpsc::UnboundedSender<CtlResponse>)>,
+    /// Processes restored here, by host pid.
+    pub restored: BTreeMap<i32, Restored>,
+    /// Whether CRIU works here (checked once, on first use).
+    pub criu: Option<Result<Arc<Criu>, String>>,
+}
+
+impl Migrations {
+    /// Processes restored here, for `dvs ps`.
+    pub fn restored_status(&self) -> Vec<crate::ctl::ProcStatus> {
+        self.restored
+            .iter()
+            .map(|(pid, r)| crate::ctl::ProcStatus {
+                pid: *pid,
+                dc: r.dc,
+                ep: r.ep,
+                cmd: vec!["(restored by a criu migration)".into()],
+                log: String::new(),
+                age_ms: r.since.elapsed().as_millis() as u64,
+                state: "running".into(),
+            })
+            .collect()
+    }
+
+    /// CRIU, if it works on this node (the reason otherwise).
+    pub fn criu(&mut self) -> Result<Arc<Criu>, String> {
+        self.criu
+            .get_or_insert_with(|| {
+                let c = Criu::locate().map_err(|e| e.to_string())?;
+                c.check().map_err(|e| e.to_string())?;
+                Ok(Arc::new(c))
+            })
+            .clone()
+    }
+}
+
+/// The folder of migration `id`'s image on this node.
+pub(crate) fn image_dir(s: &Shared, id: MigrationId) -> PathBuf {
+    s.me.runtime_dir.join("migrations").join(format!("{id:x}"))
+}
+
+fn report_summary(r: &MigrationReport) -> MigrationSummary {
+    MigrationSummary {
+        id: r.id,
+        dc: r.dc,
+        ep: r.ep,
+        from: r.from,
+        to: r.to,
+        backend: r.backend.to_string(),
+        committed: r.committed,
+        error: r.error.clone(),
+        phases: r.phases.iter().map(|(p, ms)| PhaseTime { phase: p.name().into(), ms: *ms }).collect(),
+        migration_ms: r.migration_ms,
+        image_bytes: r.image_bytes,
+        transfer_ms: r.transfer_ms,
+        restore_ms: r.restore_ms,
+        held: r.held,
+    }
+}
+
+impl Shared {
+    fn state(&self) -> State {
+        self.self_ref.upgrade().expect("the event loop owns the state")
+    }
+
+    pub(crate) fn migr_progress(&mut self, id: MigrationId, phase: Phase) {
+        if let Some((t0, tx)) = self.migrations.requesters.get(&id) {
+            let _ = tx.send(CtlResponse::MigrPhase { phase: phase.name().into(), at_ms: t0.elapsed().as_secs_f64() * 1000.0 });
+        }
+    }
+
+    pub(crate) fn migr_finished(&mut self, id: MigrationId, report: MigrationReport) {
+        info!(id = format!("{id:x}"), committed = report.committed, error = ?report.error, ms = report.migration_ms, "migration finished");
+        if let Some((_, tx)) = self.migrations.requesters.remove(&id) {
+            let _ = tx.send(CtlResponse::Migrated(report_summary(&report)));
+        }
+    }
+
+    /// Source: checkpoints process `pid` with CRIU in a blocking thread.
+    pub(crate) fn migr_checkpoint(&mut self, id: MigrationId, pid: i32, fail: bool) {
+        let dir = image_dir(self, id);
+        let criu = self.migrations.criu();
+        let st = self.state();
+        tokio::task::spawn_local(async move {
+            let result = match criu {
+                Err(e) => Err(format!("criu does not work on this node: {e}")),
+                Ok(criu) => tokio::task::spawn_blocking(move || checkpoint(&criu, pid, &dir, fail)).await.unwrap_or_else(|e| Err(e.to_string())),
+            };
+            let mut s = st.borrow_mut();
+            s.core.on_checkpoint_done(id, result, Instant::now());
+            s.drive();
+        });
+    }
+
+    /// Source: stores a cooperative snapshot as the image.
+    pub(crate) fn migr_save_snapshot(&mut self, id: MigrationId, data: &[u8], fail: bool) {
+        let dir = image_dir(self, id);
+        let result = (|| {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::write(dir.join(SNAPSHOT_FILE), data).map_err(|e| format!("cannot store the snapshot: {e}"))?;
+            if fail {
+                return Err("injected failure (--fail-at checkpoint)".to_string());
+            }
+            Ok(data.len() as u64)
+        })();
+        self.core.on_checkpoint_done(id, result, Instant::now());
+    }
+
+    /// Source: streams the image folder to `to` as `MigrImage` frames.
+    pub(crate) fn migr_send_image(&mut self, id: MigrationId, to: NodeId) {
+        let dir = image_dir(self, id);
+        let result = (|| -> Result<u64, String> {
+            let w = self.peers.get(&to).cloned().ok_or_else(|| format!("the link to node {to} is down"))?;
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            files.sort();
+            let mut total = 0u64;
+            for f in files {
+                let name = f.file_name().and_then(|n| n.to_str()).ok_or("non-UTF-8 image file name")?.to_string();
+                let data = std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+                let mut off = 0usize;
+                loop {
+                    let end = (off + IMAGE_CHUNK).min(data.len());
+                    let frame = PeerFrame::MigrImage { id, file: name.clone(), offset: off as u64, last: end == data.len() };
+                    w.queue(&frame, &data[off..end]).map_err(|e| e.to_string())?;
+                    if w.pending() >= 4 * IMAGE_CHUNK {
+                        w.flush();
+                    }
+                    off = end;
+                    if off >= data.len() {
+                        break;
+                    }
+                }
+                total += data.len() as u64;
+            }
+            self.mark_dirty(&w);
+            Ok(total)
+        })();
+        self.core.on_image_sent(id, result, Instant::now());
+    }
+
+    /// Destination: stores one image chunk.
+    pub(crate) fn migr_image_chunk(&mut self, frame: PeerFrame, data: &[u8]) {
+        let PeerFrame::MigrImage { id, file, offset, .. } = frame else { return };
+        if self.core.arrival(id).is_none() {
+            return warn!("image chunk for unknown migration {id:x} dropped");
+        }
+        // The name comes from a peer: keep it inside the image folder.
+        if file.is_empty() || file.contains('/') || file.starts_with('.') {
+            return warn!("image file name {file:?} refused");
+        }
+        let dir = image_dir(self, id);
+        let r = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            let mut f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(&file))?;
+            f.seek(SeekFrom::Start(offset))?;
+            f.write_all(data)
+        })();
+        if let Err(e) = r {
+            warn!("cannot store image chunk of {file}: {e}");
+        }
+        self.core.on_image_chunk(id, data.len() as u64, Instant::now());
+    }
+
+    /// Destination: restores `id` (criu: from its image with a fresh node connection;
+    /// cooperative: by starting the program with the snapshot).
+    pub(crate) fn migr_restore(&mut self, id: MigrationId, dc: DcId, ep: Ep, backend: Backend, cmd: Vec<String>, fail: bool) {
+        let dir = image_dir(self, id);
+        let st = self.state();
+        match backend {
+            Backend::Cooperative => {
+                let env = vec![
+                    ("DVS_RESTORE_MIGRATION".to_string(), id.to_string()),
+                    ("DVS_RESTORE_FILE".to_string(), dir.join(SNAPSHOT_FILE).display().to_string()),
+                ];
+                // Launching needs the state unborrowed; do it from a task.
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = crate::launcher::launch(&st, dc, ep, cmd, env) {
+                        let mut s = st.borrow_mut();
+                        s.core.on_restored(id, Err(e), Instant::now());
+                        s.drive();
+                    }
+                });
+            }
+            Backend::Criu => {
+                let criu = self.migrations.criu();
+                tokio::task::spawn_local(async move {
+                    let result = async {
+                        let criu = criu.map_err(|e| format!("criu does not work on this node: {e}"))?;
+                        let inode: u64 = std::fs::read_to_string(dir.join(SOCKET_FILE))
+                            .map_err(|e| format!("image has no {SOCKET_FILE}: {e}"))?
+                            .trim()
+                            .parse()
+                            .map_err(|_| format!("bad {SOCKET_FILE}"))?;
+                        let (node_end, proc_end) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+                        let conn = crate::local::adopt(&st, node_end).map_err(|e| e.to_string())?;
+                        let restored = tokio::task::spawn_blocking(move || {
+                            let req = RestoreRequest::new(&dir).inherit_unix_socket(proc_end.as_raw_fd(), inode);
+                            let r = criu.restore(&req).map(|r| r.pid).map_err(|e| e.to_string());
+                            drop(proc_end);
+                            r
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()));
+                        match restored {
+                            Ok(pid) if fail => {
+                                let _ = dvs_checkpoint::kill_tree(pid);
+                                reap_later(pid);
+                                st.borrow().conns.get(&conn).map(|w| w.close());
+                                Err("injected failure (--fail-at restore)".to_string())
+                            }
+                            Ok(pid) => Ok((conn, pid)),
+                            Err(e) => {
+                                st.borrow().conns.get(&conn).map(|w| w.close());
+                                Err(e)
+                            }
+                        }
+                    }
+                    .await;
+                    let mut s = st.borrow_mut();
+                    if let Ok((_, pid)) = &result {
+                        s.migrations.restored.insert(*pid, Restored { dc, ep, since: Instant::now() });
+                        reap_later(*pid);
+                    }
+                    s.core.on_restored(id, result, Instant::now());
+                    s.drive();
+                });
+            }
+        }
+    }
+
+    pub(crate) fn migr_kill_tree(&mut self, pid: i32) {
+        if let Err(e) = dvs_checkpoint::kill_tree(pid) {
+            warn!(pid, "cannot kill the process tree: {e}");
+        }
+        self.migrations.restored.remove(&pid);
+    }
+
+    pub(crate) fn migr_resume_tree(&mut self, pid: i32) {
+        if let Err(e) = dvs_checkpoint::resume_tree(pid) {
+            warn!(pid, "cannot resume the process tree: {e}");
+        }
+    }
+
+    pub(crate) fn migr_drop_image(&mut self, id: MigrationId) {
+        let dir = image_dir(self, id);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Dumps `pid`'s tree into `dir`, leaving it stopped; returns the image size.
+fn checkpoint(criu: &Criu, pid: i32, dir: &Path, fail: bool) -> Result<u64, String> {
+    let _ = std::fs::remove_dir_all(dir);
+    let sockets = dvs_checkpoint::process_socket_inodes(pid).map_err(|e| e.to_string())?;
+    let inode = match sockets.as_slice() {
+        [(_, inode)] => *inode,
+        [] => return Err(format!("process {pid} has no connection to the node kernel")),
+        more => {
+            return Err(format!(
+                "process {pid} holds {} sockets; a criu migration carries only its node-kernel connection",
+                more.len()
+            ))
+        }
+    };
+    let mut req = DumpRequest::new(pid, dir);
+    req.leave_stopped = true;
+    req.external_unix_inodes = vec![inode];
+    let report = criu.dump(&req).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join(SOCKET_FILE), inode.to_string()).map_err(|e| e.to_string())?;
+    if fail {
+        return Err("injected failure (--fail-at checkpoint)".into());
+    }
+    Ok(report.image_bytes)
+}
+
+/// Reaps a process this node adopted as subreaper, whenever it ends.
+fn reap_later(pid: i32) {
+    tokio::task::spawn_local(async move {
+        loop {
+            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => tokio::time::sleep(Duration::from_millis(200)).await,
+                // Exited, or not our child (yet/any more): nothing to reap.
+                _ => return,
+            }
+        }
+    });
+}
