@@ -297,8 +297,7 @@ where
         }
     }
     drop(a);
-    echo.join()
-        .map_err(|_| anyhow!("echo thread panicked"))??;
+    echo.join().map_err(|_| anyhow!("echo thread panicked"))??;
     Ok(Latency::from_samples(samples))
 }
 
@@ -341,9 +340,12 @@ fn raw_tcp_stream(mib: usize) -> Result<f64> {
 fn with_cluster<T>(f: impl FnOnce(&ClusterConfig) -> Result<T>) -> Result<T> {
     let dir = std::env::temp_dir().join(format!("dvs-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    progress(&format!("starting a 2-node cluster under {}", dir.display()));
-    // Block SIGINT/SIGTERM in this thread before any other thread exists, so that every
-    // thread inherits the mask and only the watcher below takes them.
+    progress(&format!(
+        "starting a 2-node cluster under {}",
+        dir.display()
+    ));
+    // Block SIGINT/SIGTERM in this thread before the dvs threads start, so that they inherit
+    // the mask and only the watcher below takes them.
     let mut sigs = nix::sys::signal::SigSet::empty();
     sigs.add(nix::sys::signal::Signal::SIGINT);
     sigs.add(nix::sys::signal::Signal::SIGTERM);
@@ -442,12 +444,7 @@ fn serve(ep: &mut Endpoint) -> Result<u64> {
     }
 }
 
-fn dvs_figures(
-    cfg: &ClusterConfig,
-    warmup: usize,
-    n: usize,
-    bulk_mib: usize,
-) -> Result<Dvs> {
+fn dvs_figures(cfg: &ClusterConfig, warmup: usize, n: usize, bulk_mib: usize) -> Result<Dvs> {
     let dc = cfg.dcs.first().context("the bench cluster has no DC")?.id;
     let node0 = cfg.nodes[0].ipc_socket();
     let node1 = cfg.nodes[1].ipc_socket();
@@ -525,7 +522,10 @@ fn vcopy_rate(client: &mut Endpoint, server: Ep, buf: &mut [u8], mib: usize) -> 
         m.set_word(1, buf.len() as u64);
         let r = client.sendrec(server, &m)?;
         if r.mtype != MT_VCOPY {
-            bail!("vcopy request to ep {server}: wrong reply (type {:#x})", r.mtype);
+            bail!(
+                "vcopy request to ep {server}: wrong reply (type {:#x})",
+                r.mtype
+            );
         }
         Ok(())
     };
@@ -604,7 +604,7 @@ fn print_table(r: &IpcReport) {
     lat("raw TCP loopback ping-pong, NODELAY", &r.raw.tcp_rtt);
     lat("dvs sendrec, remote (node0->node1)", &r.dvs.sendrec_remote);
     println!();
-    println!("  {:<34} {:>12}", "throughput", "");
+    println!("  throughput");
     let rate = |name: &str, v: f64, unit: &str| println!("  {name:<34} {v:>12.0} {unit}");
     rate(
         "raw Unix ping-pong (1 / median)",
@@ -618,7 +618,11 @@ fn print_table(r: &IpcReport) {
         "msgs/s",
     );
     rate("dvs send, remote", r.dvs.send_remote_msgs_s, "msgs/s");
-    rate("raw TCP stream, 1 MiB writes", r.raw.tcp_stream_mb_s, "MB/s");
+    rate(
+        "raw TCP stream, 1 MiB writes",
+        r.raw.tcp_stream_mb_s,
+        "MB/s",
+    );
     rate("dvs vcopy 1 MiB, local", r.dvs.vcopy_local_mb_s, "MB/s");
     rate("dvs vcopy 1 MiB, remote", r.dvs.vcopy_remote_mb_s, "MB/s");
     println!();

@@ -12,7 +12,9 @@
 pub mod node;
 pub mod table;
 
-pub use node::migration::{FailAt, MigrRecord, MigrationReport, MigrationRequest, Phase, RecordState, Require};
+pub use node::migration::{
+    FailAt, MigrRecord, MigrationReport, MigrationRequest, Phase, RecordState, Require,
+};
 pub use node::{Action, CoreConfig, DcInfo, NodeCore, VcopyCompletion, VCOPY_MAX};
 pub use table::{Registration, RegistrationKind};
 

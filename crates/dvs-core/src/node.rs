@@ -61,21 +61,44 @@ pub enum Action {
     /// Migration: write the migration record of `{dc, ep}` if the current one satisfies
     /// `require`, then call [`NodeCore::on_migr_record_result`]. This compare-and-set is the
     /// single place where a migration's outcome is decided.
-    MigrRecord { id: MigrationId, dc: DcId, ep: Ep, record: MigrRecord, require: Require },
+    MigrRecord {
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        record: MigrRecord,
+        require: Require,
+    },
     /// Migration: checkpoint the process `pid` (criu) into a fresh image folder for `id`,
     /// then call [`NodeCore::on_checkpoint_done`]. With `fail`, fail on purpose afterwards.
-    Checkpoint { id: MigrationId, pid: i32, fail: bool },
+    Checkpoint {
+        id: MigrationId,
+        pid: i32,
+        fail: bool,
+    },
     /// Migration: store a cooperative snapshot as the image of `id`, then call
     /// [`NodeCore::on_checkpoint_done`].
-    SaveSnapshot { id: MigrationId, data: Vec<u8>, fail: bool },
+    SaveSnapshot {
+        id: MigrationId,
+        data: Vec<u8>,
+        fail: bool,
+    },
     /// Migration: stream the image folder of `id` to `to` as `MigrImage` frames, then call
     /// [`NodeCore::on_image_sent`].
     SendImage { id: MigrationId, to: NodeId },
     /// Migration (destination): restore `id` from its received image, then call
     /// [`NodeCore::on_restored`] (criu) or wait for the program's `BindRestored` (cooperative).
-    Restore { id: MigrationId, dc: DcId, ep: Ep, backend: Backend, cmd: Vec<String>, fail: bool },
+    Restore {
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        backend: Backend,
+        cmd: Vec<String>,
+        fail: bool,
+    },
     /// Migration: SIGKILL the process tree rooted at `pid` (a stopped or failed copy).
     KillTree { pid: i32 },
+    /// Migration committed: the local process `pid` now runs on node `to` (for `dvs ps`).
+    MigratedAway { pid: i32, to: NodeId },
     /// Migration rolled back: let the stopped source process tree run again.
     ResumeTree { pid: i32 },
     /// Migration committed: the directory must say `{dc, ep}` runs on `node`.
@@ -83,7 +106,10 @@ pub enum Action {
     /// Migration progress, for whoever asked for it.
     MigrProgress { id: MigrationId, phase: Phase },
     /// Migration finished (committed or rolled back); the report for whoever asked.
-    MigrFinished { id: MigrationId, report: MigrationReport },
+    MigrFinished {
+        id: MigrationId,
+        report: MigrationReport,
+    },
     /// Migration: forget the image folder of `id`.
     DropImage { id: MigrationId },
     /// Send a response on a local connection.
@@ -100,7 +126,14 @@ pub enum Action {
     /// Ask the directory where `{dc, ep}` runs, then call [`NodeCore::on_lookup_result`].
     Lookup { dc: DcId, ep: Ep },
     /// Copy between two local processes, then call [`NodeCore::on_vcopy_local_done`].
-    VcopyLocal { src_pid: i32, src_addr: u64, dst_pid: i32, dst_addr: u64, len: u64, done: VcopyCompletion },
+    VcopyLocal {
+        src_pid: i32,
+        src_addr: u64,
+        dst_pid: i32,
+        dst_addr: u64,
+        len: u64,
+        done: VcopyCompletion,
+    },
     /// Read `len` bytes at `src_addr` of local process `pid` and stream them as `VcopyData`
     /// frames to `to`. On a read error, call [`NodeCore::on_vcopy_stream_failed`].
     VcopyStream {
@@ -146,9 +179,21 @@ enum Blocked {
     /// Not in a call (or in a call that completes at once).
     No,
     /// Its message waits in the queue of a local endpoint.
-    SendingLocal { dst: Ep, kind: DeliverKind, msg: Message, timeout: Timeout },
+    SendingLocal {
+        dst: Ep,
+        kind: DeliverKind,
+        msg: Message,
+        timeout: Timeout,
+    },
     /// Its message went to another node (op outstanding).
-    SendingRemote { dst: Ep, node: NodeId, op: OpId, kind: DeliverKind, msg: Message, timeout: Timeout },
+    SendingRemote {
+        dst: Ep,
+        node: NodeId,
+        op: OpId,
+        kind: DeliverKind,
+        msg: Message,
+        timeout: Timeout,
+    },
     /// Its request waits for a migration's outcome (of its peer, or of itself).
     Held { req: LocalRequest },
     /// Cooperative migration: asked for its snapshot.
@@ -185,8 +230,11 @@ struct Conn {
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
-    /// A local caller's vcopy.
-    Vcopy { conn: ConnId },
+    /// A local caller's vcopy; `nodes`: the other nodes it depends on.
+    Vcopy {
+        conn: ConnId,
+        nodes: [Option<NodeId>; 2],
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -209,6 +257,13 @@ pub struct NodeCore {
     remote_incoming: HashMap<(NodeId, OpId), (DcId, Ep)>,
     /// Local callers blocked on a message sent to another node, by (node, op).
     remote_sends: HashMap<(NodeId, OpId), ConnId>,
+    /// Remote sendrecs abandoned by their caller, by (node, op), until that node acknowledges
+    /// the `Cancel`: a `Reply` from `server` to `client` meanwhile answers one of them, not a
+    /// later sendrec of the same pair (`Reply` carries no op). Value: (dc, client, server).
+    abandoned: HashMap<(NodeId, OpId), (DcId, Ep, Ep)>,
+    /// Sendrecs of remote callers taken here and not replied to yet, (dc, server, client) ->
+    /// (caller's node, op): a `Cancel` of that op means the caller is not waiting any more.
+    remote_callers: HashMap<(DcId, Ep, Ep), (NodeId, OpId)>,
     lookups: HashMap<(DcId, Ep), Vec<ConnId>>,
     bind_waiters: HashMap<(DcId, Ep), Vec<ConnId>>,
     vcopy_failed: HashSet<(NodeId, OpId)>,
@@ -237,6 +292,8 @@ impl NodeCore {
             next_op: 1,
             remote_incoming: HashMap::new(),
             remote_sends: HashMap::new(),
+            abandoned: HashMap::new(),
+            remote_callers: HashMap::new(),
             lookups: HashMap::new(),
             bind_waiters: HashMap::new(),
             vcopy_failed: HashSet::new(),
@@ -316,13 +373,23 @@ impl NodeCore {
     }
 
     fn local_request(&mut self, conn: ConnId, req: LocalRequest, now: Instant) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         match (&c.blocked, &req) {
             (Blocked::Snapshotting, LocalRequest::Snapshot { data }) => {
                 let data = data.clone();
                 return self.on_snapshot(conn, data);
             }
-            (Blocked::No, LocalRequest::BindRestored { version, dc, ep, migration }) => {
+            (
+                Blocked::No,
+                LocalRequest::BindRestored {
+                    version,
+                    dc,
+                    ep,
+                    migration,
+                },
+            ) => {
                 let (version, dc, ep, migration) = (*version, *dc, *ep, *migration);
                 return self.on_bind_restored(conn, version, dc, ep, migration);
             }
@@ -356,12 +423,25 @@ impl NodeCore {
                 self.respond(conn, LocalResponse::Done);
             }
             LocalRequest::GetEp => match self.bound(conn) {
-                Some((dc, ep)) => self.respond(conn, LocalResponse::Ep { dc, ep, node: self.node }),
+                Some((dc, ep)) => self.respond(
+                    conn,
+                    LocalResponse::Ep {
+                        dc,
+                        ep,
+                        node: self.node,
+                    },
+                ),
                 None => self.respond(conn, err(Errno::NotBound)),
             },
-            LocalRequest::Send { dst, msg, timeout } => {
-                self.send(conn, dst, msg, DeliverKind::Send, timeout, now, LocalRequest::Send { dst, msg, timeout })
-            }
+            LocalRequest::Send { dst, msg, timeout } => self.send(
+                conn,
+                dst,
+                msg,
+                DeliverKind::Send,
+                timeout,
+                now,
+                LocalRequest::Send { dst, msg, timeout },
+            ),
             LocalRequest::SendRec { dst, msg, timeout } => self.send(
                 conn,
                 dst,
@@ -374,11 +454,22 @@ impl NodeCore {
             LocalRequest::Receive { src, timeout } => self.receive(conn, src, timeout, now),
             LocalRequest::Reply { dst, msg } => self.reply(conn, dst, msg),
             LocalRequest::Notify { dst, value } => self.notify(conn, dst, value, now),
-            LocalRequest::Vcopy { src, src_addr, dst, dst_addr, len, timeout } => {
-                self.vcopy(conn, req_vcopy(src, src_addr, dst, dst_addr, len, timeout), now)
-            }
+            LocalRequest::Vcopy {
+                src,
+                src_addr,
+                dst,
+                dst_addr,
+                len,
+                timeout,
+            } => self.vcopy(
+                conn,
+                req_vcopy(src, src_addr, dst, dst_addr, len, timeout),
+                now,
+            ),
             LocalRequest::WaitForBind { ep, timeout } => self.wait_for_bind(conn, ep, timeout, now),
-            LocalRequest::BindRestored { .. } | LocalRequest::Snapshot { .. } => self.respond(conn, err(Errno::Invalid)),
+            LocalRequest::BindRestored { .. } | LocalRequest::Snapshot { .. } => {
+                self.respond(conn, err(Errno::Invalid))
+            }
         }
     }
 
@@ -396,9 +487,18 @@ impl NodeCore {
     }
 
     /// Blocks `conn` in `state` until `timeout` (from `now`).
-    fn block(&mut self, conn: ConnId, state: Blocked, timeout: Timeout, now: Instant, grace: Duration) {
+    fn block(
+        &mut self,
+        conn: ConnId,
+        state: Blocked,
+        timeout: Timeout,
+        now: Instant,
+        grace: Duration,
+    ) {
         let deadline = timeout.as_duration().map(|d| now + d + grace);
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
         c.blocked = state;
         c.gen += 1;
         c.deadline = deadline;
@@ -456,7 +556,9 @@ impl NodeCore {
 
     /// The directory's answer to [`Action::Register`]: `Err` names why (e.g. bound elsewhere).
     pub fn on_register_result(&mut self, conn: ConnId, result: Result<(), Errno>) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
         if c.blocked != Blocked::Binding {
             return;
         }
@@ -473,22 +575,35 @@ impl NodeCore {
         }
         self.table.set(dc, ep, Registration::Local { conn });
         self.broadcast(dc, PeerFrame::Bound { dc, ep });
-        self.respond(conn, LocalResponse::Ep { dc, ep, node: self.node });
+        self.respond(
+            conn,
+            LocalResponse::Ep {
+                dc,
+                ep,
+                node: self.node,
+            },
+        );
         self.wake_bind_waiters(dc, ep);
     }
 
     fn broadcast(&mut self, dc: DcId, frame: PeerFrame) {
-        let Some(info) = self.dcs.get(&dc) else { return };
+        let Some(info) = self.dcs.get(&dc) else {
+            return;
+        };
         for n in info.nodes.iter().copied().filter(|n| *n != self.node) {
             if self.links_up.contains(&n) {
-                self.actions.push_back(Action::Peer { node: n, frame: frame.clone() });
+                self.actions.push_back(Action::Peer {
+                    node: n,
+                    frame: frame.clone(),
+                });
             }
         }
     }
 
     fn wake_bind_waiters(&mut self, dc: DcId, ep: Ep) {
         for w in self.bind_waiters.remove(&(dc, ep)).unwrap_or_default() {
-            if matches!(self.conns.get(&w).map(|c| &c.blocked), Some(Blocked::WaitingBind { ep: e }) if *e == ep) {
+            if matches!(self.conns.get(&w).map(|c| &c.blocked), Some(Blocked::WaitingBind { ep: e }) if *e == ep)
+            {
                 self.respond(w, LocalResponse::Done);
             }
         }
@@ -496,8 +611,12 @@ impl NodeCore {
 
     /// Unbinds `conn`'s endpoint: everyone waiting on it gets `why`.
     fn release_endpoint(&mut self, conn: ConnId, why: Errno) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        let Some((dc, ep)) = c.bound.take() else { return };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some((dc, ep)) = c.bound.take() else {
+            return;
+        };
         let was_binding = c.blocked == Blocked::Binding;
         let queue = std::mem::take(&mut c.queue);
         let owed: Vec<(Ep, ReplyTo)> = c.owes_reply.drain().collect();
@@ -512,20 +631,28 @@ impl NodeCore {
             self.actions.push_back(Action::Unregister { dc, ep });
             self.broadcast(dc, PeerFrame::Unbound { dc, ep });
         }
+        self.remote_callers
+            .retain(|(d, server, _), _| (*d, *server) != (dc, ep));
         for inc in queue {
             self.fail_incoming(dc, ep, inc, why);
         }
         for (client, to) in owed {
             match to {
                 ReplyTo::Local(cc) => {
-                    if matches!(self.conns.get(&cc).map(|c| &c.blocked), Some(Blocked::AwaitingReply { from }) if *from == ep) {
+                    if matches!(self.conns.get(&cc).map(|c| &c.blocked), Some(Blocked::AwaitingReply { from }) if *from == ep)
+                    {
                         self.respond(cc, err(why));
                     }
                 }
                 ReplyTo::Remote(node) => {
                     self.actions.push_back(Action::Peer {
                         node,
-                        frame: PeerFrame::Reply { dc, src: ep, dst: client, result: Err(why) },
+                        frame: PeerFrame::Reply {
+                            dc,
+                            src: ep,
+                            dst: client,
+                            result: Err(why),
+                        },
                     });
                 }
             }
@@ -538,7 +665,13 @@ impl NodeCore {
         let victims: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.bound.map(|b| b.0) == Some(dc) && c.blocked == Blocked::Receiving { src: Source::Ep(ep) })
+            .filter(|(_, c)| {
+                c.bound.map(|b| b.0) == Some(dc)
+                    && c.blocked
+                        == Blocked::Receiving {
+                            src: Source::Ep(ep),
+                        }
+            })
             .map(|(id, _)| *id)
             .collect();
         for v in victims {
@@ -552,7 +685,13 @@ impl NodeCore {
             Origin::Remote { node, op } => {
                 self.remote_incoming.remove(&(node, op));
                 let _ = dc;
-                self.actions.push_back(Action::Peer { node, frame: PeerFrame::Delivered { op, result: Err(why) } });
+                self.actions.push_back(Action::Peer {
+                    node,
+                    frame: PeerFrame::Delivered {
+                        op,
+                        result: Err(why),
+                    },
+                });
             }
         }
     }
@@ -560,20 +699,36 @@ impl NodeCore {
     /// Abandons whatever call `conn` is blocked in (it died or timed out): removes its queued
     /// message, cancels remote operations.
     fn abandon_call(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         let dc = c.bound.map(|b| b.0);
         match c.blocked.clone() {
             Blocked::SendingLocal { dst, .. } => {
-                if let (Some(dc), Some(Registration::Local { conn: q })) = (dc, dc.and_then(|dc| self.table.get(dc, dst))) {
+                if let (Some(dc), Some(Registration::Local { conn: q })) =
+                    (dc, dc.and_then(|dc| self.table.get(dc, dst)))
+                {
                     let _ = dc;
                     if let Some(qc) = self.conns.get_mut(&q) {
                         qc.queue.retain(|i| i.origin != Origin::Local(conn));
                     }
                 }
             }
-            Blocked::SendingRemote { node, op, .. } => {
+            Blocked::SendingRemote {
+                node,
+                op,
+                dst,
+                kind,
+                ..
+            } => {
                 self.remote_sends.remove(&(node, op));
-                self.actions.push_back(Action::Peer { node, frame: PeerFrame::Cancel { op } });
+                if let (DeliverKind::SendRec, Some((dc, me))) = (kind, c.bound) {
+                    self.abandoned.insert((node, op), (dc, me, dst));
+                }
+                self.actions.push_back(Action::Peer {
+                    node,
+                    frame: PeerFrame::Cancel { op },
+                });
             }
             Blocked::Vcopy { op } => {
                 self.ops.remove(&op);
@@ -596,8 +751,16 @@ impl NodeCore {
     // ----- resolution --------------------------------------------------------------------
 
     /// Where `{dc, ep}` runs, or parks `conn` on a directory lookup and returns `None`.
-    fn resolve(&mut self, conn: ConnId, dc: DcId, ep: Ep, req: &LocalRequest) -> Option<Registration> {
-        if self.migr.holds(dc, ep) {
+    fn resolve(
+        &mut self,
+        conn: ConnId,
+        dc: DcId,
+        ep: Ep,
+        req: &LocalRequest,
+    ) -> Option<Registration> {
+        // Calls naming a migrating endpoint wait for the outcome, except the endpoint's own
+        // (a server copying from itself while it finishes serving before it can quiesce).
+        if self.migr.holds(dc, ep) && self.bound(conn) != Some((dc, ep)) {
             self.migr.hold_call(dc, ep, conn);
             self.reblock(conn, Blocked::Held { req: req.clone() });
             return None;
@@ -610,7 +773,13 @@ impl NodeCore {
             self.actions.push_back(Action::Lookup { dc, ep });
         }
         waiters.push(conn);
-        self.reblock(conn, Blocked::LookingUp { ep, req: req.clone() });
+        self.reblock(
+            conn,
+            Blocked::LookingUp {
+                ep,
+                req: req.clone(),
+            },
+        );
         None
     }
 
@@ -626,8 +795,12 @@ impl NodeCore {
             self.wake_bind_waiters(dc, ep);
         }
         for w in self.lookups.remove(&(dc, ep)).unwrap_or_default() {
-            let Some(c) = self.conns.get_mut(&w) else { continue };
-            let Blocked::LookingUp { ep: e, req } = c.blocked.clone() else { continue };
+            let Some(c) = self.conns.get_mut(&w) else {
+                continue;
+            };
+            let Blocked::LookingUp { ep: e, req } = c.blocked.clone() else {
+                continue;
+            };
             if e != ep {
                 continue;
             }
@@ -660,8 +833,19 @@ impl NodeCore {
     // ----- send / sendrec ----------------------------------------------------------------
 
     #[allow(clippy::too_many_arguments)]
-    fn send(&mut self, conn: ConnId, dst: Ep, mut msg: Message, kind: DeliverKind, timeout: Timeout, now: Instant, req: LocalRequest) {
-        let Some((dc, me)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+    fn send(
+        &mut self,
+        conn: ConnId,
+        dst: Ep,
+        mut msg: Message,
+        kind: DeliverKind,
+        timeout: Timeout,
+        now: Instant,
+        req: LocalRequest,
+    ) {
+        let Some((dc, me)) = self.bound(conn) else {
+            return self.respond(conn, err(Errno::NotBound));
+        };
         if let Err(e) = self.dc_check(dc, dst) {
             return self.respond(conn, err(e));
         }
@@ -669,12 +853,30 @@ impl NodeCore {
             return self.respond(conn, err(Errno::SelfSend));
         }
         msg.source = me;
-        let Some(reg) = self.resolve(conn, dc, dst, &req) else { return };
+        let Some(reg) = self.resolve(conn, dc, dst, &req) else {
+            return;
+        };
         match reg {
             Registration::Local { conn: q } => {
-                let inc = Incoming { src: me, msg, kind, origin: Origin::Local(conn) };
+                let inc = Incoming {
+                    src: me,
+                    msg,
+                    kind,
+                    origin: Origin::Local(conn),
+                };
                 if self.try_hand_over(q, dc, dst, &inc) {
                     self.after_taken(dc, dst, q, inc);
+                    if kind == DeliverKind::SendRec {
+                        // Taken at once: the call's timeout still bounds the wait for the reply
+                        // (after_taken only re-blocks, which keeps a deadline this call never set).
+                        self.block(
+                            conn,
+                            Blocked::AwaitingReply { from: dst },
+                            timeout,
+                            now,
+                            Duration::ZERO,
+                        );
+                    }
                     return;
                 }
                 // Deadlock: the destination is itself blocked sending to us.
@@ -686,13 +888,31 @@ impl NodeCore {
                 if timeout == Timeout::NoWait {
                     return self.respond(conn, err(Errno::TimedOut));
                 }
-                let max = self.dcs.get(&dc).map(|d| d.max_queue as usize).unwrap_or(usize::MAX);
-                let qc = self.conns.get_mut(&q).expect("local registrations point at live conns");
+                let max = self
+                    .dcs
+                    .get(&dc)
+                    .map(|d| d.max_queue as usize)
+                    .unwrap_or(usize::MAX);
+                let qc = self
+                    .conns
+                    .get_mut(&q)
+                    .expect("local registrations point at live conns");
                 if qc.queue.len() >= max {
                     return self.respond(conn, err(Errno::QueueFull));
                 }
                 qc.queue.push_back(inc);
-                self.block(conn, Blocked::SendingLocal { dst, kind, msg, timeout }, timeout, now, Duration::ZERO);
+                self.block(
+                    conn,
+                    Blocked::SendingLocal {
+                        dst,
+                        kind,
+                        msg,
+                        timeout,
+                    },
+                    timeout,
+                    now,
+                    Duration::ZERO,
+                );
             }
             Registration::Remote { node } | Registration::Backup { node } => {
                 if !self.links_up.contains(&node) {
@@ -701,10 +921,31 @@ impl NodeCore {
                 let op = self.new_op();
                 self.actions.push_back(Action::Peer {
                     node,
-                    frame: PeerFrame::Deliver { op, dc, src: me, dst, kind, msg, timeout },
+                    frame: PeerFrame::Deliver {
+                        op,
+                        dc,
+                        src: me,
+                        dst,
+                        kind,
+                        msg,
+                        timeout,
+                    },
                 });
                 self.remote_sends.insert((node, op), conn);
-                self.block(conn, Blocked::SendingRemote { dst, node, op, kind, msg, timeout }, timeout, now, REMOTE_GRACE);
+                self.block(
+                    conn,
+                    Blocked::SendingRemote {
+                        dst,
+                        node,
+                        op,
+                        kind,
+                        msg,
+                        timeout,
+                    },
+                    timeout,
+                    now,
+                    REMOTE_GRACE,
+                );
             }
         }
     }
@@ -717,7 +958,9 @@ impl NodeCore {
 
     /// If local endpoint `q` is receiving and accepts `inc`, hands the message over.
     fn try_hand_over(&mut self, q: ConnId, _dc: DcId, _dst: Ep, inc: &Incoming) -> bool {
-        let Some(qc) = self.conns.get(&q) else { return false };
+        let Some(qc) = self.conns.get(&q) else {
+            return false;
+        };
         match qc.blocked {
             Blocked::Receiving { src } if src.accepts(inc.src) => {
                 self.respond(q, LocalResponse::Msg(inc.msg));
@@ -733,7 +976,10 @@ impl NodeCore {
             (DeliverKind::Send, Origin::Local(s)) => self.respond(s, LocalResponse::Done),
             (DeliverKind::Send, Origin::Remote { node, op }) => {
                 self.remote_incoming.remove(&(node, op));
-                self.actions.push_back(Action::Peer { node, frame: PeerFrame::Delivered { op, result: Ok(()) } });
+                self.actions.push_back(Action::Peer {
+                    node,
+                    frame: PeerFrame::Delivered { op, result: Ok(()) },
+                });
             }
             (DeliverKind::SendRec, origin) => {
                 let to = match origin {
@@ -743,6 +989,7 @@ impl NodeCore {
                     }
                     Origin::Remote { node, op } => {
                         self.remote_incoming.remove(&(node, op));
+                        self.remote_callers.insert((dc, dst, inc.src), (node, op));
                         ReplyTo::Remote(node)
                     }
                 };
@@ -757,11 +1004,19 @@ impl NodeCore {
     // ----- receive -----------------------------------------------------------------------
 
     fn receive(&mut self, conn: ConnId, src: Source, timeout: Timeout, now: Instant) {
-        let Some((dc, me)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+        let Some((dc, me)) = self.bound(conn) else {
+            return self.respond(conn, err(Errno::NotBound));
+        };
         let c = self.conns.get_mut(&conn).expect("caller exists");
         // A migrating endpoint takes nothing new: what waits for it travels or is replayed.
         if c.migrating_out.is_some() {
-            self.block(conn, Blocked::Receiving { src }, timeout, now, Duration::ZERO);
+            self.block(
+                conn,
+                Blocked::Receiving { src },
+                timeout,
+                now,
+                Duration::ZERO,
+            );
             return;
         }
         // Pending notifications first.
@@ -782,17 +1037,33 @@ impl NodeCore {
         if timeout == Timeout::NoWait {
             return self.respond(conn, err(Errno::TimedOut));
         }
-        self.block(conn, Blocked::Receiving { src }, timeout, now, Duration::ZERO);
+        self.block(
+            conn,
+            Blocked::Receiving { src },
+            timeout,
+            now,
+            Duration::ZERO,
+        );
     }
 
     // ----- reply -------------------------------------------------------------------------
 
     fn reply(&mut self, conn: ConnId, dst: Ep, mut msg: Message) {
-        let Some((dc, me)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+        let Some((dc, me)) = self.bound(conn) else {
+            return self.respond(conn, err(Errno::NotBound));
+        };
         msg.source = me;
         let c = self.conns.get_mut(&conn).expect("caller exists");
-        let Some(to) = c.owes_reply.remove(&dst) else { return self.respond(conn, err(Errno::NotWaiting)) };
-        let frame = PeerFrame::Reply { dc, src: me, dst, result: Ok(msg) };
+        let Some(to) = c.owes_reply.remove(&dst) else {
+            return self.respond(conn, err(Errno::NotWaiting));
+        };
+        self.remote_callers.remove(&(dc, me, dst));
+        let frame = PeerFrame::Reply {
+            dc,
+            src: me,
+            dst,
+            result: Ok(msg),
+        };
         // The client may be migrating: the reply waits for the outcome and follows it.
         if self.migr.holds(dc, dst) {
             self.migr.hold_frame(dc, dst, frame);
@@ -800,12 +1071,16 @@ impl NodeCore {
         }
         // Route by where the client is now (it may have migrated since it called).
         let target = match (self.table.get(dc, dst), to) {
-            (Some(Registration::Local { conn: cc }), _) | (None, ReplyTo::Local(cc)) => ReplyTo::Local(cc),
-            (Some(Registration::Remote { node } | Registration::Backup { node }), _) | (None, ReplyTo::Remote(node)) => ReplyTo::Remote(node),
+            (Some(Registration::Local { conn: cc }), _) | (None, ReplyTo::Local(cc)) => {
+                ReplyTo::Local(cc)
+            }
+            (Some(Registration::Remote { node } | Registration::Backup { node }), _)
+            | (None, ReplyTo::Remote(node)) => ReplyTo::Remote(node),
         };
         match target {
             ReplyTo::Local(cc) => {
-                if !matches!(self.conns.get(&cc).map(|c| &c.blocked), Some(Blocked::AwaitingReply { from }) if *from == me) {
+                if !matches!(self.conns.get(&cc).map(|c| &c.blocked), Some(Blocked::AwaitingReply { from }) if *from == me)
+                {
                     return self.respond(conn, err(Errno::NotWaiting));
                 }
                 self.respond(cc, LocalResponse::Msg(msg));
@@ -823,7 +1098,9 @@ impl NodeCore {
     // ----- notify ------------------------------------------------------------------------
 
     fn notify(&mut self, conn: ConnId, dst: Ep, value: u64, _now: Instant) {
-        let Some((dc, me)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+        let Some((dc, me)) = self.bound(conn) else {
+            return self.respond(conn, err(Errno::NotBound));
+        };
         if let Err(e) = self.dc_check(dc, dst) {
             return self.respond(conn, err(e));
         }
@@ -832,24 +1109,45 @@ impl NodeCore {
         }
         // Never blocks: a notify to a migrating endpoint is stored and delivered after the move.
         if self.migr.holds(dc, dst) {
-            self.migr.hold_frame(dc, dst, PeerFrame::Notify { dc, src: me, dst, value });
+            self.migr.hold_frame(
+                dc,
+                dst,
+                PeerFrame::Notify {
+                    dc,
+                    src: me,
+                    dst,
+                    value,
+                },
+            );
             return self.respond(conn, LocalResponse::Done);
         }
-        let Some(reg) = self.resolve(conn, dc, dst, &LocalRequest::Notify { dst, value }) else { return };
+        let Some(reg) = self.resolve(conn, dc, dst, &LocalRequest::Notify { dst, value }) else {
+            return;
+        };
         match reg {
             Registration::Local { conn: q } => self.notify_local(q, me, value),
             Registration::Remote { node } | Registration::Backup { node } => {
                 if !self.links_up.contains(&node) {
                     return self.respond(conn, err(Errno::NodeUnreachable));
                 }
-                self.actions.push_back(Action::Peer { node, frame: PeerFrame::Notify { dc, src: me, dst, value } });
+                self.actions.push_back(Action::Peer {
+                    node,
+                    frame: PeerFrame::Notify {
+                        dc,
+                        src: me,
+                        dst,
+                        value,
+                    },
+                });
             }
         }
         self.respond(conn, LocalResponse::Done);
     }
 
     fn notify_local(&mut self, q: ConnId, src: Ep, value: u64) {
-        let Some(qc) = self.conns.get_mut(&q) else { return };
+        let Some(qc) = self.conns.get_mut(&q) else {
+            return;
+        };
         match qc.blocked {
             Blocked::Receiving { src: s } if s.accepts(src) && !qc.notifies.contains_key(&src) => {
                 self.respond(q, LocalResponse::Msg(notify_message(src, value)));
@@ -861,7 +1159,9 @@ impl NodeCore {
     // ----- wait_for_bind -----------------------------------------------------------------
 
     fn wait_for_bind(&mut self, conn: ConnId, ep: Ep, timeout: Timeout, now: Instant) {
-        let Some((dc, _)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+        let Some((dc, _)) = self.bound(conn) else {
+            return self.respond(conn, err(Errno::NotBound));
+        };
         if let Err(e) = self.dc_check(dc, ep) {
             return self.respond(conn, err(e));
         }
@@ -873,18 +1173,26 @@ impl NodeCore {
         }
         // Ask the directory once in case a registration was missed; a watch or a peer's
         // `Bound` wakes us otherwise.
-        if !self.lookups.contains_key(&(dc, ep)) {
-            self.lookups.insert((dc, ep), Vec::new());
+        if let std::collections::hash_map::Entry::Vacant(e) = self.lookups.entry((dc, ep)) {
+            e.insert(Vec::new());
             self.actions.push_back(Action::Lookup { dc, ep });
         }
         self.bind_waiters.entry((dc, ep)).or_default().push(conn);
-        self.block(conn, Blocked::WaitingBind { ep }, timeout, now, Duration::ZERO);
+        self.block(
+            conn,
+            Blocked::WaitingBind { ep },
+            timeout,
+            now,
+            Duration::ZERO,
+        );
     }
 
     // ----- vcopy -------------------------------------------------------------------------
 
     fn vcopy(&mut self, conn: ConnId, v: VcopyArgs, now: Instant) {
-        let Some((dc, me)) = self.bound(conn) else { return self.respond(conn, err(Errno::NotBound)) };
+        let Some((dc, me)) = self.bound(conn) else {
+            return self.respond(conn, err(Errno::NotBound));
+        };
         if v.len > VCOPY_MAX {
             return self.respond(conn, err(Errno::TooBig));
         }
@@ -894,8 +1202,12 @@ impl NodeCore {
             }
         }
         let req = v.request();
-        let Some(src_reg) = self.resolve(conn, dc, v.src, &req) else { return };
-        let Some(dst_reg) = self.resolve(conn, dc, v.dst, &req) else { return };
+        let Some(src_reg) = self.resolve(conn, dc, v.src, &req) else {
+            return;
+        };
+        let Some(dst_reg) = self.resolve(conn, dc, v.dst, &req) else {
+            return;
+        };
         if v.len == 0 {
             return self.respond(conn, LocalResponse::Done);
         }
@@ -960,7 +1272,9 @@ impl NodeCore {
                 });
             }
         }
-        self.ops.insert(op, Op::Vcopy { conn });
+        let remote = |r: Registration| Some(r.node(self.node)).filter(|n| *n != self.node);
+        let nodes = [remote(src_reg), remote(dst_reg)];
+        self.ops.insert(op, Op::Vcopy { conn, nodes });
         self.block(conn, Blocked::Vcopy { op }, v.timeout, now, Duration::ZERO);
     }
 
@@ -981,7 +1295,7 @@ impl NodeCore {
     fn complete_vcopy(&mut self, done: VcopyCompletion, result: Result<(), Errno>) {
         match done {
             VcopyCompletion::Local { op } => {
-                if let Some(Op::Vcopy { conn }) = self.ops.remove(&op) {
+                if let Some(Op::Vcopy { conn, .. }) = self.ops.remove(&op) {
                     let resp = match result {
                         Ok(()) => LocalResponse::Done,
                         Err(e) => err(e),
@@ -990,7 +1304,10 @@ impl NodeCore {
                 }
             }
             VcopyCompletion::Remote { node, op } => {
-                self.actions.push_back(Action::Peer { node, frame: PeerFrame::VcopyDone { op, result } });
+                self.actions.push_back(Action::Peer {
+                    node,
+                    frame: PeerFrame::VcopyDone { op, result },
+                });
             }
         }
     }
@@ -999,7 +1316,10 @@ impl NodeCore {
         if caller_node == self.node {
             VcopyCompletion::Local { op }
         } else {
-            VcopyCompletion::Remote { node: caller_node, op }
+            VcopyCompletion::Remote {
+                node: caller_node,
+                op,
+            }
         }
     }
 
@@ -1012,7 +1332,16 @@ impl NodeCore {
     /// A `VcopyData` chunk arrived: the pid to write it into, or why not (already reported to
     /// the caller; the daemon just drops the chunk).
     #[allow(clippy::too_many_arguments)]
-    pub fn on_vcopy_chunk(&mut self, from: NodeId, op: OpId, caller_node: NodeId, dc: DcId, caller: Ep, dst: Ep, last: bool) -> Option<i32> {
+    pub fn on_vcopy_chunk(
+        &mut self,
+        from: NodeId,
+        op: OpId,
+        caller_node: NodeId,
+        dc: DcId,
+        caller: Ep,
+        dst: Ep,
+        last: bool,
+    ) -> Option<i32> {
         let key = (caller_node, op);
         if self.vcopy_failed.contains(&key) {
             if last {
@@ -1025,7 +1354,9 @@ impl NodeCore {
             if !info.nodes.contains(&from) || !info.nodes.contains(&self.node) {
                 return Err(Errno::NodeNotInDc);
             }
-            let Some(Registration::Local { conn }) = self.table.get(dc, dst) else { return Err(Errno::DstDied) };
+            let Some(Registration::Local { conn }) = self.table.get(dc, dst) else {
+                return Err(Errno::DstDied);
+            };
             let c = self.conns.get(&conn).ok_or(Errno::DstDied)?;
             let is_caller = caller_node == self.node && caller == dst;
             if !is_caller && !is_blocked_in_ipc(&c.blocked) {
@@ -1047,7 +1378,13 @@ impl NodeCore {
     }
 
     /// A chunk was written (or writing it failed); `last` closes the vcopy.
-    pub fn on_vcopy_chunk_written(&mut self, caller_node: NodeId, op: OpId, last: bool, result: Result<(), Errno>) {
+    pub fn on_vcopy_chunk_written(
+        &mut self,
+        caller_node: NodeId,
+        op: OpId,
+        last: bool,
+        result: Result<(), Errno>,
+    ) {
         let done = self.completion(caller_node, op);
         match result {
             Err(e) => {
@@ -1071,11 +1408,17 @@ impl NodeCore {
             .table
             .entries()
             .into_iter()
-            .filter(|(dc, _, r)| matches!(r, Registration::Local { .. }) && self.dcs.get(dc).is_some_and(|d| d.nodes.contains(&node)))
+            .filter(|(dc, _, r)| {
+                matches!(r, Registration::Local { .. })
+                    && self.dcs.get(dc).is_some_and(|d| d.nodes.contains(&node))
+            })
             .map(|(dc, ep, _)| (dc, ep))
             .collect();
         for (dc, ep) in mine {
-            self.actions.push_back(Action::Peer { node, frame: PeerFrame::Bound { dc, ep } });
+            self.actions.push_back(Action::Peer {
+                node,
+                frame: PeerFrame::Bound { dc, ep },
+            });
         }
     }
 
@@ -1101,8 +1444,15 @@ impl NodeCore {
             self.respond(v, err(Errno::NodeUnreachable));
         }
         self.remote_sends.retain(|(n, _), _| *n != node);
+        self.abandoned.retain(|(n, _), _| *n != node);
+        self.remote_callers.retain(|_, (n, _)| *n != node);
         // Messages queued here by processes of that node: their senders are unreachable.
-        let from_there: Vec<(NodeId, OpId)> = self.remote_incoming.keys().filter(|(n, _)| *n == node).copied().collect();
+        let from_there: Vec<(NodeId, OpId)> = self
+            .remote_incoming
+            .keys()
+            .filter(|(n, _)| *n == node)
+            .copied()
+            .collect();
         for key in from_there {
             if let Some((dc, dst)) = self.remote_incoming.remove(&key) {
                 self.drop_remote_incoming(dc, dst, key);
@@ -1111,9 +1461,15 @@ impl NodeCore {
         for c in self.conns.values_mut() {
             c.owes_reply.retain(|_, to| *to != ReplyTo::Remote(node));
         }
-        // Vcopies whose data would come from there stay until their timeout; those without
-        // a timeout would hang, so fail every outstanding vcopy of a local caller.
-        let vcopies: Vec<ConnId> = self.ops.values().map(|Op::Vcopy { conn }| *conn).collect();
+        // A vcopy of a local caller whose source or destination runs there would hang (its
+        // data or its verdict crosses that link): fail it. Vcopies not involving that node
+        // (local ones, or between other nodes) go on.
+        let vcopies: Vec<ConnId> = self
+            .ops
+            .values()
+            .filter(|Op::Vcopy { nodes, .. }| nodes.contains(&Some(node)))
+            .map(|Op::Vcopy { conn, .. }| *conn)
+            .collect();
         for conn in vcopies {
             if let Some(Blocked::Vcopy { op }) = self.conns.get(&conn).map(|c| c.blocked.clone()) {
                 self.ops.remove(&op);
@@ -1142,21 +1498,86 @@ impl NodeCore {
 
     fn peer_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
         match frame {
-            PeerFrame::Deliver { op, dc, src, dst, kind, msg, timeout } => self.remote_deliver(from, op, dc, src, dst, kind, msg, timeout, now),
+            PeerFrame::Deliver {
+                op,
+                dc,
+                src,
+                dst,
+                kind,
+                msg,
+                timeout,
+            } => self.remote_deliver(from, op, dc, src, dst, kind, msg, timeout, now),
             PeerFrame::Delivered { op, result } => self.remote_delivered(from, op, result),
             PeerFrame::Cancel { op } => {
                 if let Some((dc, dst)) = self.remote_incoming.remove(&(from, op)) {
                     self.drop_remote_incoming(dc, dst, (from, op));
                 }
-            }
-            PeerFrame::Reply { dc, src, dst, result } => {
-                if self.migr.holds(dc, dst) {
-                    return self.migr.hold_frame(dc, dst, PeerFrame::Reply { dc, src, dst, result });
+                // A caller that gave up after its sendrec was taken is not owed a reply any
+                // more (as a local caller that timed out); acknowledge, so that any reply to
+                // `op` is on the link ahead of the ack (see `abandoned`).
+                let gave_up: Vec<(DcId, Ep, Ep)> = self
+                    .remote_callers
+                    .iter()
+                    .filter(|(_, v)| **v == (from, op))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for (dc, server, client) in gave_up {
+                    self.remote_callers.remove(&(dc, server, client));
+                    if let Some(Registration::Local { conn }) = self.table.get(dc, server) {
+                        if let Some(c) = self.conns.get_mut(&conn) {
+                            if c.owes_reply.get(&client) == Some(&ReplyTo::Remote(from)) {
+                                c.owes_reply.remove(&client);
+                            }
+                        }
+                    }
                 }
-                let Some(Registration::Local { conn }) = self.table.get(dc, dst) else { return };
-                let Some(c) = self.conns.get(&conn) else { return };
+                self.actions.push_back(Action::Peer {
+                    node: from,
+                    frame: PeerFrame::Delivered {
+                        op,
+                        result: Err(Errno::TimedOut),
+                    },
+                });
+            }
+            PeerFrame::Reply {
+                dc,
+                src,
+                dst,
+                result,
+            } => {
+                if self
+                    .abandoned
+                    .iter()
+                    .any(|((n, _), pair)| *n == from && *pair == (dc, dst, src))
+                {
+                    return;
+                }
+                if self.migr.holds(dc, dst) {
+                    return self.migr.hold_frame(
+                        dc,
+                        dst,
+                        PeerFrame::Reply {
+                            dc,
+                            src,
+                            dst,
+                            result,
+                        },
+                    );
+                }
+                let Some(Registration::Local { conn }) = self.table.get(dc, dst) else {
+                    return;
+                };
+                let Some(c) = self.conns.get(&conn) else {
+                    return;
+                };
                 let waiting = match c.blocked {
-                    Blocked::SendingRemote { dst: d, kind: DeliverKind::SendRec, node, op, .. } if d == src => {
+                    Blocked::SendingRemote {
+                        dst: d,
+                        kind: DeliverKind::SendRec,
+                        node,
+                        op,
+                        ..
+                    } if d == src => {
                         self.remote_sends.remove(&(node, op));
                         true
                     }
@@ -1174,36 +1595,78 @@ impl NodeCore {
                     self.respond(conn, resp);
                 }
             }
-            PeerFrame::Notify { dc, src, dst, value } => {
+            PeerFrame::Notify {
+                dc,
+                src,
+                dst,
+                value,
+            } => {
                 if !self.peer_in_dc(from, dc) {
                     return;
                 }
                 self.absorb_remote(dc, src, from);
                 if self.migr.holds(dc, dst) {
-                    return self.migr.hold_frame(dc, dst, PeerFrame::Notify { dc, src, dst, value });
+                    return self.migr.hold_frame(
+                        dc,
+                        dst,
+                        PeerFrame::Notify {
+                            dc,
+                            src,
+                            dst,
+                            value,
+                        },
+                    );
                 }
                 if let Some(Registration::Local { conn }) = self.table.get(dc, dst) {
                     self.notify_local(conn, src, value);
                 }
             }
-            PeerFrame::VcopyPull { op, caller_node, dc, caller, src, src_addr, dst, dst_addr, len } => {
-                self.remote_vcopy_pull(from, op, caller_node, dc, caller, src, src_addr, dst, dst_addr, len)
+            PeerFrame::VcopyPull {
+                op,
+                caller_node,
+                dc,
+                caller,
+                src,
+                src_addr,
+                dst,
+                dst_addr,
+                len,
+            } => self.remote_vcopy_pull(
+                from,
+                op,
+                caller_node,
+                dc,
+                caller,
+                src,
+                src_addr,
+                dst,
+                dst_addr,
+                len,
+            ),
+            PeerFrame::VcopyDone { op, result } => {
+                self.complete_vcopy(VcopyCompletion::Local { op }, result)
             }
-            PeerFrame::VcopyDone { op, result } => self.complete_vcopy(VcopyCompletion::Local { op }, result),
             PeerFrame::Bound { dc, ep } => {
-                if self.peer_in_dc(from, dc) && !matches!(self.table.get(dc, ep), Some(Registration::Local { .. })) {
+                if self.peer_in_dc(from, dc)
+                    && !matches!(self.table.get(dc, ep), Some(Registration::Local { .. }))
+                {
                     self.table.set(dc, ep, Registration::Remote { node: from });
                     self.wake_bind_waiters(dc, ep);
                 }
             }
             PeerFrame::Unbound { dc, ep } => {
-                if matches!(self.table.get(dc, ep), Some(Registration::Remote { node } | Registration::Backup { node }) if node == from) {
+                if matches!(self.table.get(dc, ep), Some(Registration::Remote { node } | Registration::Backup { node }) if node == from)
+                {
                     self.table.remove(dc, ep);
                     self.fail_local_receivers_from(dc, ep, Errno::SrcDied);
                 }
             }
             // Handshake and liveness frames are the daemon's business.
-            PeerFrame::Hello { .. } | PeerFrame::Welcome { .. } | PeerFrame::Refuse { .. } | PeerFrame::Ping | PeerFrame::Pong => {}
+            PeerFrame::Hello { .. }
+            | PeerFrame::Welcome { .. }
+            | PeerFrame::Refuse { .. }
+            | PeerFrame::Ping
+            | PeerFrame::Pong => {}
             PeerFrame::VcopyData { .. } => {}
             f @ (PeerFrame::Redirect { .. }
             | PeerFrame::MigrStart { .. }
@@ -1219,7 +1682,9 @@ impl NodeCore {
     }
 
     fn peer_in_dc(&self, peer: NodeId, dc: DcId) -> bool {
-        self.dcs.get(&dc).is_some_and(|d| d.nodes.contains(&peer) && d.nodes.contains(&self.node))
+        self.dcs
+            .get(&dc)
+            .is_some_and(|d| d.nodes.contains(&peer) && d.nodes.contains(&self.node))
     }
 
     /// A message from an endpoint we did not know registers it as REMOTE at its node
@@ -1227,7 +1692,8 @@ impl NodeCore {
     fn absorb_remote(&mut self, dc: DcId, src: Ep, node: NodeId) {
         match self.table.get(dc, src) {
             Some(Registration::Local { .. }) => {}
-            Some(Registration::Remote { node: n } | Registration::Backup { node: n }) if n == node => {}
+            Some(Registration::Remote { node: n } | Registration::Backup { node: n })
+                if n == node => {}
             _ => {
                 self.table.set(dc, src, Registration::Remote { node });
             }
@@ -1235,9 +1701,23 @@ impl NodeCore {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn remote_deliver(&mut self, from: NodeId, op: OpId, dc: DcId, src: Ep, dst: Ep, kind: DeliverKind, mut msg: Message, timeout: Timeout, now: Instant) {
+    fn remote_deliver(
+        &mut self,
+        from: NodeId,
+        op: OpId,
+        dc: DcId,
+        src: Ep,
+        dst: Ep,
+        kind: DeliverKind,
+        mut msg: Message,
+        timeout: Timeout,
+        now: Instant,
+    ) {
         let fail = |core: &mut Self, e: Errno| {
-            core.actions.push_back(Action::Peer { node: from, frame: PeerFrame::Delivered { op, result: Err(e) } });
+            core.actions.push_back(Action::Peer {
+                node: from,
+                frame: PeerFrame::Delivered { op, result: Err(e) },
+            });
         };
         if !self.peer_in_dc(from, dc) {
             return fail(self, Errno::NodeNotInDc);
@@ -1248,14 +1728,22 @@ impl NodeCore {
         self.absorb_remote(dc, src, from);
         if self.migr.holds(dc, dst) {
             // Not taken: the sender's node holds the call and sends it again after the outcome.
-            self.actions.push_back(Action::Peer { node: from, frame: PeerFrame::Redirect { op, dc, dst } });
+            self.actions.push_back(Action::Peer {
+                node: from,
+                frame: PeerFrame::Redirect { op, dc, dst },
+            });
             return;
         }
         let Some(Registration::Local { conn: q }) = self.table.get(dc, dst) else {
             return fail(self, Errno::DstDied);
         };
         msg.source = src;
-        let inc = Incoming { src, msg, kind, origin: Origin::Remote { node: from, op } };
+        let inc = Incoming {
+            src,
+            msg,
+            kind,
+            origin: Origin::Remote { node: from, op },
+        };
         if self.try_hand_over(q, dc, dst, &inc) {
             self.after_taken(dc, dst, q, inc);
             return;
@@ -1263,8 +1751,15 @@ impl NodeCore {
         if timeout == Timeout::NoWait {
             return fail(self, Errno::TimedOut);
         }
-        let max = self.dcs.get(&dc).map(|d| d.max_queue as usize).unwrap_or(usize::MAX);
-        let qc = self.conns.get_mut(&q).expect("local registrations point at live conns");
+        let max = self
+            .dcs
+            .get(&dc)
+            .map(|d| d.max_queue as usize)
+            .unwrap_or(usize::MAX);
+        let qc = self
+            .conns
+            .get_mut(&q)
+            .expect("local registrations point at live conns");
         if qc.queue.len() >= max {
             return fail(self, Errno::QueueFull);
         }
@@ -1276,7 +1771,10 @@ impl NodeCore {
     }
 
     fn remote_delivered(&mut self, from: NodeId, op: OpId, result: Result<(), Errno>) {
-        let Some(conn) = self.remote_sends.remove(&(from, op)) else { return };
+        self.abandoned.remove(&(from, op));
+        let Some(conn) = self.remote_sends.remove(&(from, op)) else {
+            return;
+        };
         let still = self.conns.get(&conn).is_some_and(|c| matches!(c.blocked, Blocked::SendingRemote { node, op: o, .. } if node == from && o == op));
         if !still {
             return;
@@ -1288,7 +1786,19 @@ impl NodeCore {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn remote_vcopy_pull(&mut self, from: NodeId, op: OpId, caller_node: NodeId, dc: DcId, caller: Ep, src: Ep, src_addr: u64, dst: Ep, dst_addr: u64, len: u64) {
+    fn remote_vcopy_pull(
+        &mut self,
+        from: NodeId,
+        op: OpId,
+        caller_node: NodeId,
+        dc: DcId,
+        caller: Ep,
+        src: Ep,
+        src_addr: u64,
+        dst: Ep,
+        dst_addr: u64,
+        len: u64,
+    ) {
         let done = self.completion(caller_node, op);
         let result: Result<(), Errno> = (|| {
             if !self.peer_in_dc(from, dc) {
@@ -1297,7 +1807,9 @@ impl NodeCore {
             if len > VCOPY_MAX {
                 return Err(Errno::TooBig);
             }
-            let Some(Registration::Local { conn: sc }) = self.table.get(dc, src) else { return Err(Errno::SrcDied) };
+            let Some(Registration::Local { conn: sc }) = self.table.get(dc, src) else {
+                return Err(Errno::SrcDied);
+            };
             let s = self.conns.get(&sc).ok_or(Errno::SrcDied)?;
             if !is_blocked_in_ipc(&s.blocked) {
                 return Err(Errno::Busy);
@@ -1309,13 +1821,31 @@ impl NodeCore {
                     if !is_blocked_in_ipc(&d.blocked) {
                         return Err(Errno::Busy);
                     }
-                    self.actions.push_back(Action::VcopyLocal { src_pid, src_addr, dst_pid: d.pid, dst_addr, len, done });
+                    self.actions.push_back(Action::VcopyLocal {
+                        src_pid,
+                        src_addr,
+                        dst_pid: d.pid,
+                        dst_addr,
+                        len,
+                        done,
+                    });
                 }
                 Some(Registration::Remote { node } | Registration::Backup { node }) => {
                     if !self.links_up.contains(&node) {
                         return Err(Errno::NodeUnreachable);
                     }
-                    self.actions.push_back(Action::VcopyStream { pid: src_pid, src_addr, len, to: node, op, caller_node, dc, caller, dst, dst_addr });
+                    self.actions.push_back(Action::VcopyStream {
+                        pid: src_pid,
+                        src_addr,
+                        len,
+                        to: node,
+                        op,
+                        caller_node,
+                        dc,
+                        caller,
+                        dst,
+                        dst_addr,
+                    });
                 }
                 None => {
                     // The caller knows the destination; trust its node if it is the caller's.
@@ -1358,7 +1888,13 @@ impl NodeCore {
                 TimerKey::Conn { conn, gen } => {
                     // A migrating endpoint's deadline travels with it; its node applies it.
                     let live = self.conns.get(&conn).is_some_and(|c| {
-                        c.gen == gen && c.blocked != Blocked::No && c.migrating_out.is_none() && !matches!(c.blocked, Blocked::Installing { .. } | Blocked::Snapshotting)
+                        c.gen == gen
+                            && c.blocked != Blocked::No
+                            && c.migrating_out.is_none()
+                            && !matches!(
+                                c.blocked,
+                                Blocked::Installing { .. } | Blocked::Snapshotting
+                            )
                     });
                     if live {
                         self.abandon_call(conn);
@@ -1368,7 +1904,13 @@ impl NodeCore {
                 TimerKey::Incoming { node, op } => {
                     if let Some((dc, dst)) = self.remote_incoming.remove(&(node, op)) {
                         if self.drop_remote_incoming(dc, dst, (node, op)) {
-                            self.actions.push_back(Action::Peer { node, frame: PeerFrame::Delivered { op, result: Err(Errno::TimedOut) } });
+                            self.actions.push_back(Action::Peer {
+                                node,
+                                frame: PeerFrame::Delivered {
+                                    op,
+                                    result: Err(Errno::TimedOut),
+                                },
+                            });
                         }
                     }
                 }
@@ -1381,7 +1923,11 @@ impl NodeCore {
 fn is_blocked_in_ipc(b: &Blocked) -> bool {
     matches!(
         b,
-        Blocked::SendingLocal { .. } | Blocked::SendingRemote { .. } | Blocked::AwaitingReply { .. } | Blocked::Receiving { .. } | Blocked::Held { .. }
+        Blocked::SendingLocal { .. }
+            | Blocked::SendingRemote { .. }
+            | Blocked::AwaitingReply { .. }
+            | Blocked::Receiving { .. }
+            | Blocked::Held { .. }
     )
 }
 
@@ -1403,10 +1949,31 @@ struct VcopyArgs {
 
 impl VcopyArgs {
     fn request(&self) -> LocalRequest {
-        LocalRequest::Vcopy { src: self.src, src_addr: self.src_addr, dst: self.dst, dst_addr: self.dst_addr, len: self.len, timeout: self.timeout }
+        LocalRequest::Vcopy {
+            src: self.src,
+            src_addr: self.src_addr,
+            dst: self.dst,
+            dst_addr: self.dst_addr,
+            len: self.len,
+            timeout: self.timeout,
+        }
     }
 }
 
-fn req_vcopy(src: Ep, src_addr: u64, dst: Ep, dst_addr: u64, len: u64, timeout: Timeout) -> VcopyArgs {
-    VcopyArgs { src, src_addr, dst, dst_addr, len, timeout }
+fn req_vcopy(
+    src: Ep,
+    src_addr: u64,
+    dst: Ep,
+    dst_addr: u64,
+    len: u64,
+    timeout: Timeout,
+) -> VcopyArgs {
+    VcopyArgs {
+        src,
+        src_addr,
+        dst,
+        dst_addr,
+        len,
+        timeout,
+    }
 }

@@ -67,12 +67,18 @@ impl EndpointTable {
     }
     /// Every registration, sorted by DC and endpoint.
     pub fn entries(&self) -> Vec<(DcId, Ep, Registration)> {
-        let mut v: Vec<_> = self.dcs.iter().flat_map(|(dc, t)| t.iter().map(move |(ep, r)| (*dc, *ep, *r))).collect();
+        let mut v: Vec<_> = self
+            .dcs
+            .iter()
+            .flat_map(|(dc, t)| t.iter().map(move |(ep, r)| (*dc, *ep, *r)))
+            .collect();
         v.sort_by_key(|(dc, ep, _)| (*dc, *ep));
         v
     }
     /// Whether `ep` is registered in a DC other than `dc`.
     pub fn registered_elsewhere(&self, dc: DcId, ep: Ep) -> bool {
-        self.dcs.iter().any(|(d, t)| *d != dc && t.contains_key(&ep))
+        self.dcs
+            .iter()
+            .any(|(d, t)| *d != dc && t.contains_key(&ep))
     }
 }

@@ -66,7 +66,11 @@ pub enum CtlResponse {
     /// The request failed.
     Error { message: String },
     /// A migration started.
-    Accepted { id: u64, backend: String, note: Option<String> },
+    Accepted {
+        id: u64,
+        backend: String,
+        note: Option<String>,
+    },
     /// A migration entered a phase, `at_ms` after it started.
     MigrPhase { phase: String, at_ms: f64 },
     /// A migration ended (committed or rolled back).

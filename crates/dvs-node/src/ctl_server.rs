@@ -71,26 +71,43 @@ async fn connection(state: State, stream: UnixStream) {
                 state.borrow().shutdown.notify_one();
                 r
             }
-            CtlRequest::Migrate { dc, ep, to, backend, fail_at, quiesce_ms } => migrate(&state, dc, ep, to, backend, fail_at, quiesce_ms, &mut w).await,
-            CtlRequest::Doctor => send(&mut w, &CtlResponse::Doctor { checks: doctor(&state) }).await,
-            CtlRequest::Run { dc, ep, cmd, wait } => match launcher::launch(&state, dc, ep, cmd, Vec::new()) {
-                Err(message) => send(&mut w, &CtlResponse::Error { message }).await,
-                Ok((pid, log)) => {
-                    let r = send(
-                        &mut w,
-                        &CtlResponse::Started {
-                            pid,
-                            log: log.display().to_string(),
-                        },
-                    )
-                    .await;
-                    if wait && r.is_ok() {
-                        stream_until_exit(&state, pid, &log, &mut w).await
-                    } else {
-                        r
+            CtlRequest::Migrate {
+                dc,
+                ep,
+                to,
+                backend,
+                fail_at,
+                quiesce_ms,
+            } => migrate(&state, dc, ep, to, backend, fail_at, quiesce_ms, &mut w).await,
+            CtlRequest::Doctor => {
+                send(
+                    &mut w,
+                    &CtlResponse::Doctor {
+                        checks: doctor(&state),
+                    },
+                )
+                .await
+            }
+            CtlRequest::Run { dc, ep, cmd, wait } => {
+                match launcher::launch(&state, dc, ep, cmd, Vec::new()) {
+                    Err(message) => send(&mut w, &CtlResponse::Error { message }).await,
+                    Ok((pid, log)) => {
+                        let r = send(
+                            &mut w,
+                            &CtlResponse::Started {
+                                pid,
+                                log: log.display().to_string(),
+                            },
+                        )
+                        .await;
+                        if wait && r.is_ok() {
+                            stream_until_exit(&state, pid, &log, &mut w).await
+                        } else {
+                            r
+                        }
                     }
                 }
-            },
+            }
         };
         if result.is_err() {
             return;
@@ -173,22 +190,35 @@ async fn migrate(
             Some("checkpoint") => Some(FailAt::Checkpoint),
             Some("transfer") => Some(FailAt::Transfer),
             Some("restore") => Some(FailAt::Restore),
-            Some(other) => return Err(format!("--fail-at {other:?}: expected checkpoint, transfer or restore")),
+            Some(other) => {
+                return Err(format!(
+                    "--fail-at {other:?}: expected checkpoint, transfer or restore"
+                ))
+            }
         };
-        let pid = s.core.local_pid(dc, ep).ok_or_else(|| format!("endpoint {dc}/{ep} does not run on this node"))?;
+        let pid = s
+            .core
+            .local_pid(dc, ep)
+            .ok_or_else(|| format!("endpoint {dc}/{ep} does not run on this node"))?;
         let cmd = s.procs.cmd_of(dc, ep);
         let mut note = None;
         let backend = match backend.as_deref() {
             Some("criu") => {
-                s.migrations.criu().map_err(|e| format!("the criu backend does not work on this node: {e}"))?;
+                s.migrations
+                    .criu()
+                    .map_err(|e| format!("the criu backend does not work on this node: {e}"))?;
                 Backend::Criu
             }
             Some("cooperative") => Backend::Cooperative,
-            Some(other) => return Err(format!("--backend {other:?}: expected criu or cooperative")),
+            Some(other) => {
+                return Err(format!("--backend {other:?}: expected criu or cooperative"))
+            }
             None => match s.migrations.criu() {
                 Ok(_) => Backend::Criu,
                 Err(e) => {
-                    note = Some(format!("criu does not work here ({e}); using the cooperative backend"));
+                    note = Some(format!(
+                        "criu does not work here ({e}); using the cooperative backend"
+                    ));
                     Backend::Cooperative
                 }
             },
@@ -302,6 +332,10 @@ fn status(state: &State) -> NodeStatus {
         uptime_ms: s.started.elapsed().as_millis() as u64,
         links,
         endpoints,
-        procs: { let mut p = s.procs.status(); p.extend(s.migrations.restored_status()); p },
+        procs: {
+            let mut p = s.procs.status();
+            p.extend(s.migrations.restored_status());
+            p
+        },
     }
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dvs_core::{ConnId, MigrRecord, Require};
-use dvs_wire::peer::MigrationId;
 use dvs_directory::{CasOutcome, DirEvent, Directory};
+use dvs_wire::peer::MigrationId;
 use dvs_wire::{DcId, Ep, Errno, NodeId};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -18,11 +18,31 @@ use crate::{NodeError, State};
 
 /// A directory operation the core asked for.
 pub(crate) enum DirOp {
-    Register { conn: ConnId, dc: DcId, ep: Ep },
-    Unregister { dc: DcId, ep: Ep },
-    Lookup { dc: DcId, ep: Ep },
-    MigrRecord { id: MigrationId, dc: DcId, ep: Ep, record: MigrRecord, require: Require },
-    Relocate { dc: DcId, ep: Ep, node: NodeId },
+    Register {
+        conn: ConnId,
+        dc: DcId,
+        ep: Ep,
+    },
+    Unregister {
+        dc: DcId,
+        ep: Ep,
+    },
+    Lookup {
+        dc: DcId,
+        ep: Ep,
+    },
+    MigrRecord {
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        record: MigrRecord,
+        require: Require,
+    },
+    Relocate {
+        dc: DcId,
+        ep: Ep,
+        node: NodeId,
+    },
 }
 
 const MIGR_PREFIX: &str = "migr/";
@@ -33,7 +53,13 @@ fn migr_key(dc: DcId, ep: Ep) -> String {
 
 /// Writes `record` if the current record satisfies `require`: the compare-and-set that decides
 /// a migration. `Err` carries the record that prevented it.
-async fn write_record(dir: &dyn Directory, dc: DcId, ep: Ep, record: MigrRecord, require: Require) -> Result<(), Option<MigrRecord>> {
+async fn write_record(
+    dir: &dyn Directory,
+    dc: DcId,
+    ep: Ep,
+    record: MigrRecord,
+    require: Require,
+) -> Result<(), Option<MigrRecord>> {
     let k = migr_key(dc, ep);
     // A conflict with a record that still allows the write (a concurrent unrelated update)
     // is retried; a few rounds are plenty.
@@ -46,7 +72,10 @@ async fn write_record(dir: &dyn Directory, dc: DcId, ep: Ep, record: MigrRecord,
         if !require.allows(parsed.as_ref()) {
             return Err(parsed);
         }
-        match dir.cas(&k, current.map(|v| v.version), Some(record.encode())).await {
+        match dir
+            .cas(&k, current.map(|v| v.version), Some(record.encode()))
+            .await
+        {
             Ok(CasOutcome::Done { .. }) => return Ok(()),
             Ok(CasOutcome::Conflict { .. }) => continue,
             Err(e) => {
@@ -140,9 +169,18 @@ async fn watch(
 /// Applies decided migrations this node may have missed the broadcast of.
 async fn watch_migrations(state: State, mut events: mpsc::UnboundedReceiver<DirEvent>) {
     while let Some(ev) = events.recv().await {
-        let DirEvent::Put { key, value, .. } = ev else { continue };
-        let Some(rest) = key.strip_prefix(MIGR_PREFIX) else { continue };
-        let Some((dc, ep)) = rest.split_once('/').and_then(|(d, e)| Some((d.parse::<DcId>().ok()?, e.parse::<Ep>().ok()?))) else { continue };
+        let DirEvent::Put { key, value, .. } = ev else {
+            continue;
+        };
+        let Some(rest) = key.strip_prefix(MIGR_PREFIX) else {
+            continue;
+        };
+        let Some((dc, ep)) = rest
+            .split_once('/')
+            .and_then(|(d, e)| Some((d.parse::<DcId>().ok()?, e.parse::<Ep>().ok()?)))
+        else {
+            continue;
+        };
         if let Some(record) = MigrRecord::parse(&value) {
             let mut s = state.borrow_mut();
             s.core.on_migr_record(dc, ep, record, Instant::now());
@@ -189,7 +227,13 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                     Err(e) => error!("directory: cannot read {k}: {e}"),
                 }
             }
-            DirOp::MigrRecord { id, dc, ep, record, require } => {
+            DirOp::MigrRecord {
+                id,
+                dc,
+                ep,
+                record,
+                require,
+            } => {
                 let result = write_record(dir.as_ref(), dc, ep, record, require).await;
                 let mut s = state.borrow_mut();
                 s.core.on_migr_record_result(id, result, Instant::now());
@@ -205,7 +249,10 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                             break;
                         }
                     };
-                    match dir.cas(&k, current.map(|v| v.version), Some(node.to_string())).await {
+                    match dir
+                        .cas(&k, current.map(|v| v.version), Some(node.to_string()))
+                        .await
+                    {
                         Ok(CasOutcome::Conflict { .. }) => continue,
                         Ok(CasOutcome::Done { .. }) => break,
                         Err(e) => {

@@ -28,6 +28,8 @@ pub(crate) struct Proc {
     pub log: PathBuf,
     pub started: Instant,
     pub ended: Option<Ended>,
+    /// The process was migrated to this node.
+    pub migrated_to: Option<dvs_wire::NodeId>,
 }
 
 /// The processes launched by this node, by host pid of their launcher.
@@ -49,9 +51,22 @@ impl Procs {
         }
     }
 
+    /// Marks the process whose namespace init is `pid` as migrated to `to`.
+    pub fn migrated_away(&mut self, pid: i32, to: dvs_wire::NodeId) {
+        for (launcher, p) in self.by_pid.iter_mut() {
+            if *launcher == pid || dvs_checkpoint::children_of(*launcher).contains(&pid) {
+                p.migrated_to = Some(to);
+            }
+        }
+    }
+
     /// Command line of the running process launched as `{dc, ep}`.
     pub fn cmd_of(&self, dc: DcId, ep: Ep) -> Option<Vec<String>> {
-        self.by_pid.values().rev().find(|p| p.dc == dc && p.ep == ep && p.ended.is_none()).map(|p| p.cmd.clone())
+        self.by_pid
+            .values()
+            .rev()
+            .find(|p| p.dc == dc && p.ep == ep && p.ended.is_none() && p.migrated_to.is_none())
+            .map(|p| p.cmd.clone())
     }
 
     /// Status of every process, for `dvs ps`.
@@ -65,10 +80,11 @@ impl Procs {
                 cmd: p.cmd.clone(),
                 log: p.log.display().to_string(),
                 age_ms: p.started.elapsed().as_millis() as u64,
-                state: match p.ended {
-                    None => "running".into(),
-                    Some(Ended::Code(c)) => format!("exited {c}"),
-                    Some(Ended::Signal(s)) => format!("killed by signal {s}"),
+                state: match (p.migrated_to, p.ended) {
+                    (Some(n), _) => format!("migrated to node {n}"),
+                    (None, None) => "running".into(),
+                    (None, Some(Ended::Code(c))) => format!("exited {c}"),
+                    (None, Some(Ended::Signal(s))) => format!("killed by signal {s}"),
                 },
             })
             .collect()
@@ -76,7 +92,13 @@ impl Procs {
 }
 
 /// Starts `cmd` as endpoint `{dc, ep}` of this node; returns its launcher's pid and log path.
-pub(crate) fn launch(state: &State, dc: DcId, ep: Ep, cmd: Vec<String>, env: Vec<(String, String)>) -> Result<(i32, PathBuf), String> {
+pub(crate) fn launch(
+    state: &State,
+    dc: DcId,
+    ep: Ep,
+    cmd: Vec<String>,
+    env: Vec<(String, String)>,
+) -> Result<(i32, PathBuf), String> {
     let (me, cfg) = {
         let s = state.borrow();
         (s.me.clone(), s.cfg.clone())
@@ -141,6 +163,7 @@ pub(crate) fn launch(state: &State, dc: DcId, ep: Ep, cmd: Vec<String>, env: Vec
             log: log.clone(),
             started: Instant::now(),
             ended: None,
+            migrated_to: None,
         },
     );
     let st = state.clone();

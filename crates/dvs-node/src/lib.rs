@@ -126,7 +126,7 @@ impl Shared {
                     w.close();
                 }
             }
-            Action::Peer { node, frame } => self.to_peer(node, &frame, &[]),
+            Action::Peer { node, frame } => self.send_peer(node, &frame, &[]),
             Action::Register { conn, dc, ep } => self.dir(DirOp::Register { conn, dc, ep }),
             Action::Unregister { dc, ep } => self.dir(DirOp::Unregister { dc, ep }),
             Action::Lookup { dc, ep } => self.dir(DirOp::Lookup { dc, ep }),
@@ -141,13 +141,33 @@ impl Shared {
                 let r = vcopy::copy(src_pid, src_addr, dst_pid, dst_addr, len, &mut self.bounce);
                 self.core.on_vcopy_local_done(done, r);
             }
-            Action::MigrRecord { id, dc, ep, record, require } => self.dir(DirOp::MigrRecord { id, dc, ep, record, require }),
+            Action::MigrRecord {
+                id,
+                dc,
+                ep,
+                record,
+                require,
+            } => self.dir(DirOp::MigrRecord {
+                id,
+                dc,
+                ep,
+                record,
+                require,
+            }),
             Action::Relocate { dc, ep, node } => self.dir(DirOp::Relocate { dc, ep, node }),
             Action::Checkpoint { id, pid, fail } => self.migr_checkpoint(id, pid, fail),
             Action::SaveSnapshot { id, data, fail } => self.migr_save_snapshot(id, &data, fail),
             Action::SendImage { id, to } => self.migr_send_image(id, to),
-            Action::Restore { id, dc, ep, backend, cmd, fail } => self.migr_restore(id, dc, ep, backend, cmd, fail),
+            Action::Restore {
+                id,
+                dc,
+                ep,
+                backend,
+                cmd,
+                fail,
+            } => self.migr_restore(id, dc, ep, backend, cmd, fail),
             Action::KillTree { pid } => self.migr_kill_tree(pid),
+            Action::MigratedAway { pid, to } => self.procs.migrated_away(pid, to),
             Action::ResumeTree { pid } => self.migr_resume_tree(pid),
             Action::MigrProgress { id, phase } => self.migr_progress(id, phase),
             Action::MigrFinished { id, report } => self.migr_finished(id, report),
@@ -203,7 +223,7 @@ impl Shared {
 
     /// Queues a frame to a peer; dropped (with a log line) when the link is down, since the
     /// core already failed whatever depended on it.
-    pub fn to_peer(&mut self, node: NodeId, frame: &PeerFrame, tail: &[u8]) {
+    pub fn send_peer(&mut self, node: NodeId, frame: &PeerFrame, tail: &[u8]) {
         match self.peers.get(&node) {
             Some(w) => {
                 if let Err(e) = w.queue(frame, tail) {
@@ -332,43 +352,48 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     }
-    let state: State = Rc::new_cyclic(|weak| RefCell::new(Shared {
-        migrations: migrate::Migrations::default(),
-        self_ref: weak.clone(),
-        core: NodeCore::new(core_config(&cfg, me.id)),
-        compress: cfg.link.compression == Compression::Lz4,
-        me: me.clone(),
-        conns: HashMap::new(),
-        peers: HashMap::new(),
-        links: cfg
-            .nodes
-            .iter()
-            .filter(|n| n.id != me.id)
-            .map(|n| {
-                (
-                    n.id,
-                    LinkInfo {
-                        up: false,
-                        since: Instant::now(),
-                        last_error: None,
-                    },
-                )
-            })
-            .collect(),
-        next_conn: 1,
-        dir_tx,
-        dirty: Vec::new(),
-        bounce: Vec::new(),
-        timer_armed: None,
-        timer_wake: Rc::new(Notify::new()),
-        procs: Procs::default(),
-        started: Instant::now(),
-        shutdown: Rc::new(Notify::new()),
-        cfg: cfg.clone(),
-    }));
+    let state: State = Rc::new_cyclic(|weak| {
+        RefCell::new(Shared {
+            migrations: migrate::Migrations::default(),
+            self_ref: weak.clone(),
+            core: NodeCore::new(core_config(&cfg, me.id)),
+            compress: cfg.link.compression == Compression::Lz4,
+            me: me.clone(),
+            conns: HashMap::new(),
+            peers: HashMap::new(),
+            links: cfg
+                .nodes
+                .iter()
+                .filter(|n| n.id != me.id)
+                .map(|n| {
+                    (
+                        n.id,
+                        LinkInfo {
+                            up: false,
+                            since: Instant::now(),
+                            last_error: None,
+                        },
+                    )
+                })
+                .collect(),
+            next_conn: 1,
+            dir_tx,
+            dirty: Vec::new(),
+            bounce: Vec::new(),
+            timer_armed: None,
+            timer_wake: Rc::new(Notify::new()),
+            procs: Procs::default(),
+            started: Instant::now(),
+            shutdown: Rc::new(Notify::new()),
+            cfg: cfg.clone(),
+        })
+    });
     {
         // Migration ids must not repeat across restarts of this node.
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         state.borrow_mut().core.set_migration_seed(seed << 8);
     }
 

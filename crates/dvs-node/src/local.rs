@@ -11,6 +11,9 @@ use tracing::{debug, warn};
 use crate::wire::{Sock, Wire};
 use crate::State;
 
+/// Bytes asked for per read: requests are under 100 bytes, so one read takes many.
+const READ_CHUNK: usize = 16 * 1024;
+
 /// Accepts process connections forever.
 pub(crate) async fn serve(state: State, listener: UnixListener) {
     loop {
@@ -33,27 +36,37 @@ fn peer_pid(stream: &UnixStream) -> i32 {
 
 /// Serves a connection made by the node itself (a migrated process's new connection); the
 /// core learns the process's pid when it is restored.
-pub(crate) fn adopt(state: &State, stream: std::os::unix::net::UnixStream) -> std::io::Result<dvs_core::ConnId> {
+pub(crate) fn adopt(
+    state: &State,
+    stream: std::os::unix::net::UnixStream,
+) -> std::io::Result<dvs_core::ConnId> {
     stream.set_nonblocking(true)?;
     let stream = UnixStream::from_std(stream)?;
-    let (conn, wire) = register(state, stream, 0);
+    let (conn, wire) = register(state, stream, 0)?;
     tokio::task::spawn_local(serve_conn(state.clone(), conn, wire, 0));
     Ok(conn)
 }
 
-fn register(state: &State, stream: UnixStream, pid: i32) -> (dvs_core::ConnId, Rc<Wire>) {
-    let wire = Rc::new(Wire::new(Sock::Unix(stream), false));
+fn register(
+    state: &State,
+    stream: UnixStream,
+    pid: i32,
+) -> std::io::Result<(dvs_core::ConnId, Rc<Wire>)> {
+    let wire = Rc::new(Wire::new(Sock::Unix(stream), false)?);
     let mut s = state.borrow_mut();
     let id = s.next_conn;
     s.next_conn += 1;
     s.conns.insert(id, wire.clone());
     s.core.on_local_connect(id, pid);
-    (id, wire)
+    Ok((id, wire))
 }
 
 async fn connection(state: State, stream: UnixStream) {
     let pid = peer_pid(&stream);
-    let (conn, wire) = register(&state, stream, pid);
+    let (conn, wire) = match register(&state, stream, pid) {
+        Ok(r) => r,
+        Err(e) => return warn!(pid, "cannot register a local connection: {e}"),
+    };
     serve_conn(state, conn, wire, pid).await;
 }
 
@@ -62,9 +75,8 @@ async fn serve_conn(state: State, conn: dvs_core::ConnId, wire: Rc<Wire>, pid: i
     let writer = wire.clone();
     tokio::task::spawn_local(async move { writer.writer().await });
     let mut dec = FrameDecoder::new();
-    let mut buf = vec![0u8; 16 * 1024];
     'read: loop {
-        let n = match wire.read(&mut buf).await {
+        match wire.read(dec.buffer(), READ_CHUNK).await {
             Ok(0) | Err(_) => {
                 // A request cut short by the end of the stream is logged like a malformed one.
                 if dec.buffered() > 0 && !wire.is_closed() {
@@ -77,9 +89,8 @@ async fn serve_conn(state: State, conn: dvs_core::ConnId, wire: Rc<Wire>, pid: i
                 }
                 break;
             }
-            Ok(n) => n,
-        };
-        dec.extend(&buf[..n]);
+            Ok(_) => {}
+        }
         let now = Instant::now();
         let mut s = state.borrow_mut();
         loop {

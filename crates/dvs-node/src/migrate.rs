@@ -88,7 +88,14 @@ fn report_summary(r: &MigrationReport) -> MigrationSummary {
         backend: r.backend.to_string(),
         committed: r.committed,
         error: r.error.clone(),
-        phases: r.phases.iter().map(|(p, ms)| PhaseTime { phase: p.name().into(), ms: *ms }).collect(),
+        phases: r
+            .phases
+            .iter()
+            .map(|(p, ms)| PhaseTime {
+                phase: p.name().into(),
+                ms: *ms,
+            })
+            .collect(),
         migration_ms: r.migration_ms,
         image_bytes: r.image_bytes,
         transfer_ms: r.transfer_ms,
@@ -99,12 +106,17 @@ fn report_summary(r: &MigrationReport) -> MigrationSummary {
 
 impl Shared {
     fn state(&self) -> State {
-        self.self_ref.upgrade().expect("the event loop owns the state")
+        self.self_ref
+            .upgrade()
+            .expect("the event loop owns the state")
     }
 
     pub(crate) fn migr_progress(&mut self, id: MigrationId, phase: Phase) {
         if let Some((t0, tx)) = self.migrations.requesters.get(&id) {
-            let _ = tx.send(CtlResponse::MigrPhase { phase: phase.name().into(), at_ms: t0.elapsed().as_secs_f64() * 1000.0 });
+            let _ = tx.send(CtlResponse::MigrPhase {
+                phase: phase.name().into(),
+                at_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            });
         }
     }
 
@@ -123,7 +135,9 @@ impl Shared {
         tokio::task::spawn_local(async move {
             let result = match criu {
                 Err(e) => Err(format!("criu does not work on this node: {e}")),
-                Ok(criu) => tokio::task::spawn_blocking(move || checkpoint(&criu, pid, &dir, fail)).await.unwrap_or_else(|e| Err(e.to_string())),
+                Ok(criu) => tokio::task::spawn_blocking(move || checkpoint(&criu, pid, &dir, fail))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string())),
             };
             let mut s = st.borrow_mut();
             s.core.on_checkpoint_done(id, result, Instant::now());
@@ -136,8 +150,10 @@ impl Shared {
         let dir = image_dir(self, id);
         let result = (|| {
             let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            std::fs::write(dir.join(SNAPSHOT_FILE), data).map_err(|e| format!("cannot store the snapshot: {e}"))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::write(dir.join(SNAPSHOT_FILE), data)
+                .map_err(|e| format!("cannot store the snapshot: {e}"))?;
             if fail {
                 return Err("injected failure (--fail-at checkpoint)".to_string());
             }
@@ -150,7 +166,11 @@ impl Shared {
     pub(crate) fn migr_send_image(&mut self, id: MigrationId, to: NodeId) {
         let dir = image_dir(self, id);
         let result = (|| -> Result<u64, String> {
-            let w = self.peers.get(&to).cloned().ok_or_else(|| format!("the link to node {to} is down"))?;
+            let w = self
+                .peers
+                .get(&to)
+                .cloned()
+                .ok_or_else(|| format!("the link to node {to} is down"))?;
             let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
                 .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -159,13 +179,24 @@ impl Shared {
             files.sort();
             let mut total = 0u64;
             for f in files {
-                let name = f.file_name().and_then(|n| n.to_str()).ok_or("non-UTF-8 image file name")?.to_string();
-                let data = std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+                let name = f
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .ok_or("non-UTF-8 image file name")?
+                    .to_string();
+                let data =
+                    std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
                 let mut off = 0usize;
                 loop {
                     let end = (off + IMAGE_CHUNK).min(data.len());
-                    let frame = PeerFrame::MigrImage { id, file: name.clone(), offset: off as u64, last: end == data.len() };
-                    w.queue(&frame, &data[off..end]).map_err(|e| e.to_string())?;
+                    let frame = PeerFrame::MigrImage {
+                        id,
+                        file: name.clone(),
+                        offset: off as u64,
+                        last: end == data.len(),
+                    };
+                    w.queue(&frame, &data[off..end])
+                        .map_err(|e| e.to_string())?;
                     if w.pending() >= 4 * IMAGE_CHUNK {
                         w.flush();
                     }
@@ -184,7 +215,12 @@ impl Shared {
 
     /// Destination: stores one image chunk.
     pub(crate) fn migr_image_chunk(&mut self, frame: PeerFrame, data: &[u8]) {
-        let PeerFrame::MigrImage { id, file, offset, .. } = frame else { return };
+        let PeerFrame::MigrImage {
+            id, file, offset, ..
+        } = frame
+        else {
+            return;
+        };
         if self.core.arrival(id).is_none() {
             return warn!("image chunk for unknown migration {id:x} dropped");
         }
@@ -195,26 +231,42 @@ impl Shared {
         let dir = image_dir(self, id);
         let r = (|| -> std::io::Result<()> {
             std::fs::create_dir_all(&dir)?;
-            let mut f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(&file))?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(&file))?;
             f.seek(SeekFrom::Start(offset))?;
             f.write_all(data)
         })();
         if let Err(e) = r {
             warn!("cannot store image chunk of {file}: {e}");
         }
-        self.core.on_image_chunk(id, data.len() as u64, Instant::now());
+        self.core
+            .on_image_chunk(id, data.len() as u64, Instant::now());
     }
 
     /// Destination: restores `id` (criu: from its image with a fresh node connection;
     /// cooperative: by starting the program with the snapshot).
-    pub(crate) fn migr_restore(&mut self, id: MigrationId, dc: DcId, ep: Ep, backend: Backend, cmd: Vec<String>, fail: bool) {
+    pub(crate) fn migr_restore(
+        &mut self,
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        backend: Backend,
+        cmd: Vec<String>,
+        fail: bool,
+    ) {
         let dir = image_dir(self, id);
         let st = self.state();
         match backend {
             Backend::Cooperative => {
                 let env = vec![
                     ("DVS_RESTORE_MIGRATION".to_string(), id.to_string()),
-                    ("DVS_RESTORE_FILE".to_string(), dir.join(SNAPSHOT_FILE).display().to_string()),
+                    (
+                        "DVS_RESTORE_FILE".to_string(),
+                        dir.join(SNAPSHOT_FILE).display().to_string(),
+                    ),
                 ];
                 // Launching needs the state unborrowed; do it from a task.
                 tokio::task::spawn_local(async move {
@@ -229,16 +281,19 @@ impl Shared {
                 let criu = self.migrations.criu();
                 tokio::task::spawn_local(async move {
                     let result = async {
-                        let criu = criu.map_err(|e| format!("criu does not work on this node: {e}"))?;
+                        let criu =
+                            criu.map_err(|e| format!("criu does not work on this node: {e}"))?;
                         let inode: u64 = std::fs::read_to_string(dir.join(SOCKET_FILE))
                             .map_err(|e| format!("image has no {SOCKET_FILE}: {e}"))?
                             .trim()
                             .parse()
                             .map_err(|_| format!("bad {SOCKET_FILE}"))?;
-                        let (node_end, proc_end) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+                        let (node_end, proc_end) =
+                            std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
                         let conn = crate::local::adopt(&st, node_end).map_err(|e| e.to_string())?;
                         let restored = tokio::task::spawn_blocking(move || {
-                            let req = RestoreRequest::new(&dir).inherit_unix_socket(proc_end.as_raw_fd(), inode);
+                            let req = RestoreRequest::new(&dir)
+                                .inherit_unix_socket(proc_end.as_raw_fd(), inode);
                             let r = criu.restore(&req).map(|r| r.pid).map_err(|e| e.to_string());
                             drop(proc_end);
                             r
@@ -249,12 +304,16 @@ impl Shared {
                             Ok(pid) if fail => {
                                 let _ = dvs_checkpoint::kill_tree(pid);
                                 reap_later(pid);
-                                st.borrow().conns.get(&conn).map(|w| w.close());
+                                if let Some(w) = st.borrow().conns.get(&conn) {
+                                    w.close();
+                                }
                                 Err("injected failure (--fail-at restore)".to_string())
                             }
                             Ok(pid) => Ok((conn, pid)),
                             Err(e) => {
-                                st.borrow().conns.get(&conn).map(|w| w.close());
+                                if let Some(w) = st.borrow().conns.get(&conn) {
+                                    w.close();
+                                }
                                 Err(e)
                             }
                         }
@@ -262,7 +321,14 @@ impl Shared {
                     .await;
                     let mut s = st.borrow_mut();
                     if let Ok((_, pid)) = &result {
-                        s.migrations.restored.insert(*pid, Restored { dc, ep, since: Instant::now() });
+                        s.migrations.restored.insert(
+                            *pid,
+                            Restored {
+                                dc,
+                                ep,
+                                since: Instant::now(),
+                            },
+                        );
                         reap_later(*pid);
                     }
                     s.core.on_restored(id, result, Instant::now());
@@ -320,8 +386,13 @@ fn checkpoint(criu: &Criu, pid: i32, dir: &Path, fail: bool) -> Result<u64, Stri
 fn reap_later(pid: i32) {
     tokio::task::spawn_local(async move {
         loop {
-            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-                Ok(nix::sys::wait::WaitStatus::StillAlive) => tokio::time::sleep(Duration::from_millis(200)).await,
+            match nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            ) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
                 // Exited, or not our child (yet/any more): nothing to reap.
                 _ => return,
             }

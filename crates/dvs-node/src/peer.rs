@@ -19,6 +19,9 @@ use crate::wire::{Sock, Wire};
 use crate::State;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bytes asked for per read of an established link (vcopy chunks are 256 KiB frames; they
+/// are read straight into the frame decoder's buffer).
+const READ_CHUNK: usize = 256 * 1024;
 
 /// Starts the listener and one dialer per peer with a higher id.
 pub(crate) fn start(state: State, listener: TcpListener) {
@@ -202,7 +205,10 @@ async fn run_link(state: State, peer: NodeId, stream: TcpStream, mut dec: FrameD
             Duration::from_millis(s.cfg.link.dead_after_ms),
         )
     };
-    let wire = Rc::new(Wire::new(Sock::Tcp(stream), compress));
+    let wire = match Wire::new(Sock::Tcp(stream), compress) {
+        Ok(w) => Rc::new(w),
+        Err(e) => return warn!("link to node {peer}: cannot register the socket: {e}"),
+    };
     {
         let mut s = state.borrow_mut();
         if let Some(old) = s.peers.insert(peer, wire.clone()) {
@@ -231,7 +237,6 @@ async fn run_link(state: State, peer: NodeId, stream: TcpStream, mut dec: FrameD
         dead_after,
     ));
 
-    let mut buf = vec![0u8; 256 * 1024];
     let reason = 'read: loop {
         // Frames that arrived before the link was shared (rare) are in `dec` already.
         {
@@ -240,7 +245,7 @@ async fn run_link(state: State, peer: NodeId, stream: TcpStream, mut dec: FrameD
             loop {
                 match dec.next_frame::<PeerFrame>() {
                     Ok(Some((frame, tail))) => match frame {
-                        PeerFrame::Ping => s.to_peer(peer, &PeerFrame::Pong, &[]),
+                        PeerFrame::Ping => s.send_peer(peer, &PeerFrame::Pong, &[]),
                         PeerFrame::Pong => {}
                         f @ PeerFrame::VcopyData { .. } => s.vcopy_chunk(peer, f, &tail),
                         f @ PeerFrame::MigrImage { .. } => s.migr_image_chunk(f, &tail),
@@ -255,7 +260,7 @@ async fn run_link(state: State, peer: NodeId, stream: TcpStream, mut dec: FrameD
             }
             s.drive();
         }
-        match wire.read(&mut buf).await {
+        match wire.read(dec.buffer(), READ_CHUNK).await {
             Ok(0) => {
                 break if wire.is_closed() {
                     "closed".to_string()
@@ -263,10 +268,7 @@ async fn run_link(state: State, peer: NodeId, stream: TcpStream, mut dec: FrameD
                     "peer closed the connection".to_string()
                 }
             }
-            Ok(n) => {
-                last_rx.set(Instant::now());
-                dec.extend(&buf[..n]);
-            }
+            Ok(_) => last_rx.set(Instant::now()),
             Err(e) => break e.to_string(),
         }
     };
@@ -308,7 +310,7 @@ async fn heartbeat_task(
         }
         let mut s = state.borrow_mut();
         if s.peers.get(&peer).is_some_and(|w| Rc::ptr_eq(w, &wire)) {
-            s.to_peer(peer, &PeerFrame::Ping, &[]);
+            s.send_peer(peer, &PeerFrame::Ping, &[]);
             s.drive();
         }
     }

@@ -2,54 +2,134 @@
 //! written together, so that everything one event produced leaves in as few writes as possible.
 
 use std::cell::{Cell, RefCell};
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 
 use bytes::{Buf, BytesMut};
 use dvs_wire::frame::{self, FrameError};
 use serde::Serialize;
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 
-/// A local or peer socket.
+/// A local or peer socket, as accepted or dialed.
 pub enum Sock {
     /// A process's connection.
-    Unix(UnixStream),
+    Unix(tokio::net::UnixStream),
     /// A peer link.
-    Tcp(TcpStream),
+    Tcp(tokio::net::TcpStream),
 }
 
-impl Sock {
-    async fn ready(&self, interest: Interest) -> io::Result<()> {
+/// A socket registered with the reactor directly (not through tokio's stream types), so
+/// that the node kernel chooses its epoll interest and when its readiness is consumed.
+enum Io {
+    /// A process's connection, registered for readability only: a Unix socket signals
+    /// "writable" to its epoll waiters each time the peer consumes data, so with write
+    /// interest every response a process reads would wake the node kernel for nothing.
+    /// Writes that would block wait on a temporary write registration (see `writable`).
+    Unix(AsyncFd<std::os::unix::net::UnixStream>),
+    /// A peer link (TCP signals "writable" only after a write found the buffer full).
+    Tcp(AsyncFd<std::net::TcpStream>),
+}
+
+impl Io {
+    fn new(sock: Sock) -> io::Result<Io> {
+        // `into_std` deregisters the stream and leaves it non-blocking.
+        Ok(match sock {
+            Sock::Unix(s) => Io::Unix(register(s.into_std()?, Interest::READABLE)?),
+            Sock::Tcp(s) => Io::Tcp(register(
+                s.into_std()?,
+                Interest::READABLE | Interest::WRITABLE,
+            )?),
+        })
+    }
+
+    /// Waits until the socket is readable, then reads once, appending to `buf`;
+    /// `WouldBlock` when the readiness was stale.
+    async fn read_ready(&self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            Sock::Unix(s) => s.ready(interest).await.map(|_| ()),
-            Sock::Tcp(s) => s.ready(interest).await.map(|_| ()),
+            Io::Unix(fd) => read_ready(fd, buf).await,
+            Io::Tcp(fd) => read_ready(fd, buf).await,
         }
     }
-    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+
+    /// Waits until the socket may take more bytes.
+    async fn writable(&self) -> io::Result<()> {
         match self {
-            Sock::Unix(s) => s.try_read(buf),
-            Sock::Tcp(s) => s.try_read(buf),
+            Io::Unix(fd) => {
+                // Rare (a process that does not read its responses): a second registration
+                // with write interest, on a duplicate of the descriptor, only while waiting.
+                let dup = register(fd.get_ref().try_clone()?, Interest::WRITABLE)?;
+                let _ready = dup.writable().await?;
+                Ok(())
+            }
+            Io::Tcp(fd) => {
+                // Consumed here: `try_write` reports `WouldBlock` again if it is still full,
+                // and the next edge sets the readiness anew.
+                fd.writable().await?.clear_ready();
+                Ok(())
+            }
         }
     }
+
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Sock::Unix(s) => s.try_write(buf),
-            Sock::Tcp(s) => s.try_write(buf),
+            Io::Unix(fd) => fd.get_ref().write(buf),
+            Io::Tcp(fd) => fd.get_ref().write(buf),
         }
     }
+
     fn raw_fd(&self) -> RawFd {
         match self {
-            Sock::Unix(s) => s.as_raw_fd(),
-            Sock::Tcp(s) => s.as_raw_fd(),
+            Io::Unix(fd) => fd.as_raw_fd(),
+            Io::Tcp(fd) => fd.as_raw_fd(),
         }
+    }
+}
+
+/// Registers a std socket with the reactor for `interest`.
+fn register<T: AsRawFd>(sock: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `sock` is a std socket that owns its descriptor, which therefore stays open and
+    // the same for as long as the `AsyncFd` owns the socket.
+    Ok(unsafe { AsyncFd::register_with_interest(sock, interest) }?)
+}
+
+/// One read once `fd` is readable, into the spare capacity of `buf` (no zero-filling and no
+/// copy out of a separate read buffer: bulk vcopy chunks land in the frame decoder directly).
+/// A short read drains the socket (epoll is edge-triggered), so the readiness is cleared
+/// then, which spares the next read's `EAGAIN` round trip to the kernel (tokio's own
+/// `AsyncRead` does the same). End of stream stays ready: tokio never clears the closed state.
+async fn read_ready<T: AsRawFd>(fd: &AsyncFd<T>, buf: &mut BytesMut) -> io::Result<usize> {
+    let mut guard = fd.readable().await?;
+    let spare = buf.spare_capacity_mut();
+    let want = spare.len();
+    let r = guard.try_io(|fd| {
+        // SAFETY: the kernel writes at most `want` bytes into `spare`, which is writable
+        // memory of that length owned by `buf`; `fd` is open for as long as `fd` lives.
+        let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), want) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    });
+    match r {
+        Ok(Ok(n)) => {
+            // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+            if n > 0 && n < want {
+                guard.clear_ready();
+            }
+            Ok(n)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_would_block) => Err(io::ErrorKind::WouldBlock.into()),
     }
 }
 
 /// A connection shared by its reader task, its writer task and the event loop.
 pub struct Wire {
-    sock: Sock,
+    sock: Io,
     out: RefCell<BytesMut>,
     wake: Notify,
     closed: Cell<bool>,
@@ -61,17 +141,18 @@ pub struct Wire {
 }
 
 impl Wire {
-    /// Wraps a socket; `compress` enables lz4 on frames that shrink.
-    pub fn new(sock: Sock, compress: bool) -> Self {
-        Wire {
-            sock,
+    /// Wraps a socket (registering it with the reactor); `compress` enables lz4 on frames
+    /// that shrink.
+    pub fn new(sock: Sock, compress: bool) -> io::Result<Self> {
+        Ok(Wire {
+            sock: Io::new(sock)?,
             out: RefCell::new(BytesMut::with_capacity(8 * 1024)),
             wake: Notify::new(),
             closed: Cell::new(false),
             compress,
             frames_out: Cell::new(0),
             bytes_out: Cell::new(0),
-        }
+        })
     }
 
     /// Queues one frame (not written until [`Wire::flush`]).
@@ -102,6 +183,7 @@ impl Wire {
         while !out.is_empty() {
             match self.sock.try_write(&out) {
                 Ok(n) => out.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     drop(out);
                     self.wake.notify_one();
@@ -122,7 +204,7 @@ impl Wire {
         loop {
             self.wake.notified().await;
             while !self.closed.get() && self.pending() > 0 {
-                if self.sock.ready(Interest::WRITABLE).await.is_err() {
+                if self.sock.writable().await.is_err() {
                     self.close();
                     return;
                 }
@@ -134,15 +216,23 @@ impl Wire {
         }
     }
 
-    /// Waits until the socket is readable, then reads into `buf` (0 = end of stream).
-    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Waits until the socket is readable, then appends what one read returns to `buf`,
+    /// asking for up to `want` bytes at least (0 = end of stream).
+    pub async fn read(&self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
         loop {
             if self.closed.get() {
                 return Ok(0);
             }
-            self.sock.ready(Interest::READABLE).await?;
-            match self.sock.try_read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            buf.reserve(want.max(1));
+            match self.sock.read_ready(buf).await {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
                 r => return r,
             }
         }
@@ -160,5 +250,109 @@ impl Wire {
                 nix::sys::socket::shutdown(self.sock.raw_fd(), nix::sys::socket::Shutdown::Both);
             self.wake.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dvs_wire::FrameDecoder;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn run_local<F: std::future::Future>(f: F) -> F::Output {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, f)
+    }
+
+    /// A process that does not read its responses for a while: the writes that would block
+    /// wait on the temporary write registration and all arrive, in order, once it reads.
+    #[test]
+    fn unix_writes_that_block_finish_when_the_peer_reads() {
+        run_local(async {
+            let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+            let wire = std::rc::Rc::new(Wire::new(Sock::Unix(a), false).unwrap());
+            let writer = wire.clone();
+            tokio::task::spawn_local(async move { writer.writer().await });
+            let chunk = vec![7u8; 64 * 1024];
+            let frames = 64u32; // 4 MiB: far more than a Unix socket buffers.
+            for i in 0..frames {
+                wire.queue(&i, &chunk).unwrap();
+                wire.flush();
+            }
+            assert!(wire.pending() > 0, "the socket should have filled up");
+            let mut dec = FrameDecoder::new();
+            let mut got = 0u32;
+            let mut buf = vec![0u8; 256 * 1024];
+            while got < frames {
+                let n = b.read(&mut buf).await.unwrap();
+                assert!(n > 0, "stream ended after {got} frames");
+                dec.extend(&buf[..n]);
+                while let Some((i, tail)) = dec.next_frame::<u32>().unwrap() {
+                    assert_eq!(i, got);
+                    assert_eq!(&tail[..], &chunk[..]);
+                    got += 1;
+                }
+            }
+            assert_eq!(wire.pending(), 0);
+        });
+    }
+
+    /// Reads append to the buffer; a short read clears the readiness, and data or the end
+    /// of the stream arriving afterwards still wake the reader.
+    #[test]
+    fn reads_see_later_data_and_the_end_of_stream() {
+        run_local(async {
+            let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+            let wire = Wire::new(Sock::Unix(a), false).unwrap();
+            let mut buf = BytesMut::new();
+            b.write_all(b"hello").await.unwrap();
+            assert_eq!(wire.read(&mut buf, 1024).await.unwrap(), 5);
+            let later = tokio::task::spawn_local(async move {
+                tokio::task::yield_now().await;
+                b.write_all(b" world").await.unwrap();
+                tokio::task::yield_now().await;
+                drop(b);
+            });
+            assert_eq!(wire.read(&mut buf, 1024).await.unwrap(), 6);
+            assert_eq!(&buf[..], b"hello world");
+            assert_eq!(wire.read(&mut buf, 1024).await.unwrap(), 0);
+            later.await.unwrap();
+        });
+    }
+
+    /// The same over TCP, whose registration also carries write interest.
+    #[test]
+    fn tcp_reads_and_blocked_writes() {
+        run_local(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let a = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (mut b, _) = listener.accept().await.unwrap();
+            let wire = std::rc::Rc::new(Wire::new(Sock::Tcp(a), false).unwrap());
+            let writer = wire.clone();
+            tokio::task::spawn_local(async move { writer.writer().await });
+            let chunk = vec![3u8; 256 * 1024];
+            for i in 0..64u32 {
+                wire.queue(&i, &chunk).unwrap();
+            }
+            wire.flush();
+            let total = wire.bytes_out.get() as usize;
+            let mut seen = 0;
+            let mut buf = vec![0u8; 256 * 1024];
+            while seen < total {
+                let n = b.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                seen += n;
+            }
+            b.write_all(b"pong").await.unwrap();
+            let mut rbuf = BytesMut::new();
+            assert_eq!(wire.read(&mut rbuf, 16).await.unwrap(), 4);
+            drop(b);
+            assert_eq!(wire.read(&mut rbuf, 16).await.unwrap(), 0);
+        });
     }
 }

@@ -172,7 +172,13 @@ impl Endpoint {
 
     /// Binds as the destination of a cooperative migration: the node answers once the
     /// migration commits; the snapshot is then available from [`Endpoint::take_restored`].
-    fn bind_restored(stream: UnixStream, dc: DcId, ep: Ep, migration: u64, snapshot: Vec<u8>) -> Result<Endpoint> {
+    fn bind_restored(
+        stream: UnixStream,
+        dc: DcId,
+        ep: Ep,
+        migration: u64,
+        snapshot: Vec<u8>,
+    ) -> Result<Endpoint> {
         let me = Endpoint {
             stream,
             dc,
@@ -184,7 +190,12 @@ impl Endpoint {
             snapshot_hook: None,
             restored: Some(snapshot),
         };
-        let req = LocalRequest::BindRestored { version: PROTOCOL_VERSION, dc, ep, migration };
+        let req = LocalRequest::BindRestored {
+            version: PROTOCOL_VERSION,
+            dc,
+            ep,
+            migration,
+        };
         me.finish_bind(req)
     }
 
@@ -220,9 +231,17 @@ impl Endpoint {
         let ep = env_parse::<Ep>(ENV_EP)?;
         if let Ok(migration) = env_parse::<u64>(ENV_RESTORE_MIGRATION) {
             let file = env_var(ENV_RESTORE_FILE)?;
-            let snapshot = std::fs::read(&file).map_err(|e| Error::Env(format!("cannot read the snapshot {file} named by {ENV_RESTORE_FILE}: {e}")))?;
-            let stream = UnixStream::connect(&socket)
-                .map_err(|e| Error::Io(io::Error::new(e.kind(), format!("cannot connect to the node kernel at {socket}: {e}"))))?;
+            let snapshot = std::fs::read(&file).map_err(|e| {
+                Error::Env(format!(
+                    "cannot read the snapshot {file} named by {ENV_RESTORE_FILE}: {e}"
+                ))
+            })?;
+            let stream = UnixStream::connect(&socket).map_err(|e| {
+                Error::Io(io::Error::new(
+                    e.kind(),
+                    format!("cannot connect to the node kernel at {socket}: {e}"),
+                ))
+            })?;
             return Self::bind_restored(stream, dc, ep, migration, snapshot);
         }
         Self::bind_at(socket, dc, ep)
@@ -474,6 +493,9 @@ impl Endpoint {
                     )))
                 }
             }
+            if let Err(e) = wait_readable(&self.stream) {
+                return Err(Error::Io(e));
+            }
             let buf = self.dec.buffer();
             let len = buf.len();
             // Zero-filling a small chunk is cheaper than a syscall and keeps this safe code.
@@ -495,6 +517,31 @@ impl Endpoint {
                     return Err(Error::Io(e));
                 }
             }
+        }
+    }
+}
+
+/// Waits until `stream` has bytes to read, is closed or failed.
+///
+/// A blocking `read` alone would do, but a thread asleep in `read` on a Unix socket is woken
+/// each time the peer consumes bytes this side wrote (the kernel wakes every waiter of the
+/// socket on "write space"), that is once per request, when the node kernel takes it: a
+/// wasted context switch per call. `poll` filters wake-ups by event, so a thread waiting for
+/// `POLLIN` sleeps through those.
+fn wait_readable(stream: &UnixStream) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is one valid `pollfd`, and its descriptor is owned by `stream`.
+        if unsafe { libc::poll(&mut pfd, 1, -1) } >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

@@ -20,7 +20,9 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use dvs_wire::local::{LocalRequest, LocalResponse};
-use dvs_wire::peer::{Backend, DeliverKind, MigratedCall, MigratedEndpoint, MigrationId, PeerFrame, RestoreInfo};
+use dvs_wire::peer::{
+    Backend, DeliverKind, MigratedCall, MigratedEndpoint, MigrationId, PeerFrame, RestoreInfo,
+};
 use dvs_wire::{DcId, Ep, Errno, Message, NodeId, Timeout, PROTOCOL_VERSION};
 
 use super::{err, Action, Blocked, NodeCore, TimerKey};
@@ -110,7 +112,10 @@ impl MigrRecord {
             RecordState::Committed => "committed",
             RecordState::RolledBack => "rolled_back",
         };
-        format!("id={} from={} to={} state={st}", self.id, self.from, self.to)
+        format!(
+            "id={} from={} to={} state={st}",
+            self.id, self.from, self.to
+        )
     }
 
     /// Parses [`MigrRecord::encode`]'s form.
@@ -136,7 +141,12 @@ impl MigrRecord {
                 _ => {}
             }
         }
-        Some(MigrRecord { id: id?, from: from?, to: to?, state: state? })
+        Some(MigrRecord {
+            id: id?,
+            from: from?,
+            to: to?,
+            state: state?,
+        })
     }
 }
 
@@ -295,7 +305,11 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn remaining_ms(deadline: Option<Instant>, now: Instant) -> Option<u32> {
-    deadline.map(|d| d.saturating_duration_since(now).as_millis().min(u32::MAX as u128) as u32)
+    deadline.map(|d| {
+        d.saturating_duration_since(now)
+            .as_millis()
+            .min(u32::MAX as u128) as u32
+    })
 }
 
 /// The request a blocked sender made, rebuilt to be run again after a migration.
@@ -319,11 +333,18 @@ impl NodeCore {
 
     /// The endpoint and source node of an incoming migration (destination side).
     pub fn arrival(&self, id: MigrationId) -> Option<(DcId, Ep, NodeId)> {
-        self.migr.arrivals.get(&id).map(|a| (a.dc, a.ep, a.coordinator))
+        self.migr
+            .arrivals
+            .get(&id)
+            .map(|a| (a.dc, a.ep, a.coordinator))
     }
 
     /// Starts migrating local endpoint `{dc, ep}`. Errors come before anything stops.
-    pub fn start_migration(&mut self, req: MigrationRequest, now: Instant) -> Result<MigrationId, String> {
+    pub fn start_migration(
+        &mut self,
+        req: MigrationRequest,
+        now: Instant,
+    ) -> Result<MigrationId, String> {
         let (dc, ep, to) = (req.dc, req.ep, req.to);
         let info = self.dcs.get(&dc).ok_or_else(|| format!("no DC {dc}"))?;
         if !info.nodes.contains(&to) {
@@ -333,9 +354,18 @@ impl NodeCore {
             return Err(format!("endpoint {dc}/{ep} already runs on node {to}"));
         }
         let Some(Registration::Local { conn }) = self.table.get(dc, ep) else {
-            return Err(format!("endpoint {dc}/{ep} does not run on node {}", self.node));
+            return Err(format!(
+                "endpoint {dc}/{ep} does not run on node {}",
+                self.node
+            ));
         };
-        if self.migr.holds(dc, ep) || self.migr.coords.values().any(|c| c.req.dc == dc && c.req.ep == ep) {
+        if self.migr.holds(dc, ep)
+            || self
+                .migr
+                .coords
+                .values()
+                .any(|c| c.req.dc == dc && c.req.ep == ep)
+        {
             return Err(format!("another migration of {dc}/{ep} is in progress"));
         }
         if !self.links_up.contains(&to) {
@@ -363,14 +393,30 @@ impl NodeCore {
             req,
         };
         self.migr.coords.insert(id, coord);
-        self.actions.push_back(Action::MigrProgress { id, phase: Phase::Start });
-        let record = MigrRecord { id, from: self.node, to, state: RecordState::Started };
-        self.actions.push_back(Action::MigrRecord { id, dc, ep, record, require: Require::NotRunning });
+        self.actions.push_back(Action::MigrProgress {
+            id,
+            phase: Phase::Start,
+        });
+        let record = MigrRecord {
+            id,
+            from: self.node,
+            to,
+            state: RecordState::Started,
+        };
+        self.actions.push_back(Action::MigrRecord {
+            id,
+            dc,
+            ep,
+            record,
+            require: Require::NotRunning,
+        });
         Ok(id)
     }
 
     fn enter_phase(&mut self, id: MigrationId, phase: Phase, now: Instant) {
-        let Some(c) = self.migr.coords.get_mut(&id) else { return };
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
         let prev = c.phase;
         c.phases.push((prev, ms(now - c.phase_started)));
         c.phase = phase;
@@ -380,8 +426,15 @@ impl NodeCore {
 
     /// The directory's answer to [`Action::MigrRecord`]: `Err` carries the record that
     /// prevented the write.
-    pub fn on_migr_record_result(&mut self, id: MigrationId, result: Result<(), Option<MigrRecord>>, now: Instant) {
-        let Some(c) = self.migr.coords.get(&id) else { return };
+    pub fn on_migr_record_result(
+        &mut self,
+        id: MigrationId,
+        result: Result<(), Option<MigrRecord>>,
+        now: Instant,
+    ) {
+        let Some(c) = self.migr.coords.get(&id) else {
+            return;
+        };
         let (dc, ep, conn) = (c.req.dc, c.req.ep, c.conn);
         match (c.commit, result) {
             (None, Ok(())) => {
@@ -393,7 +446,16 @@ impl NodeCore {
                 let to = c.req.to;
                 let nodes: Vec<NodeId> = self.dc_peers(dc);
                 for n in &nodes {
-                    self.actions.push_back(Action::Peer { node: *n, frame: PeerFrame::MigrStart { id, dc, ep, from: self.node, to } });
+                    self.actions.push_back(Action::Peer {
+                        node: *n,
+                        frame: PeerFrame::MigrStart {
+                            id,
+                            dc,
+                            ep,
+                            from: self.node,
+                            to,
+                        },
+                    });
                 }
                 let c = self.migr.coords.get_mut(&id).expect("present");
                 c.acks = nodes.into_iter().collect();
@@ -403,7 +465,10 @@ impl NodeCore {
             }
             (None, Err(current)) => {
                 let why = match current {
-                    Some(r) => format!("another migration of {dc}/{ep} is in progress (id {}, node {} to node {})", r.id, r.from, r.to),
+                    Some(r) => format!(
+                        "another migration of {dc}/{ep} is in progress (id {}, node {} to node {})",
+                        r.id, r.from, r.to
+                    ),
                     None => format!("cannot record the migration of {dc}/{ep} in the directory"),
                 };
                 // Nothing was stopped or held yet: just report.
@@ -429,7 +494,9 @@ impl NodeCore {
                 let _ = commit;
                 if let Some(c) = self.migr.coords.get_mut(&id) {
                     c.commit = Some(false);
-                    c.error.get_or_insert_with(|| "the migration record changed under the coordinator".into());
+                    c.error.get_or_insert_with(|| {
+                        "the migration record changed under the coordinator".into()
+                    });
                 }
                 self.apply_decision(id, false, now);
             }
@@ -440,13 +507,21 @@ impl NodeCore {
     fn dc_peers(&self, dc: DcId) -> Vec<NodeId> {
         self.dcs
             .get(&dc)
-            .map(|d| d.nodes.iter().copied().filter(|n| *n != self.node && self.links_up.contains(n)).collect())
+            .map(|d| {
+                d.nodes
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != self.node && self.links_up.contains(n))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     fn enter_quiesce(&mut self, id: MigrationId, now: Instant) {
         self.enter_phase(id, Phase::Quiesce, now);
-        let Some(c) = self.migr.coords.get(&id) else { return };
+        let Some(c) = self.migr.coords.get(&id) else {
+            return;
+        };
         let deadline = now + c.req.quiesce_timeout;
         self.add_timer(deadline, TimerKey::Migration { id });
         self.check_quiescence(now);
@@ -462,7 +537,11 @@ impl NodeCore {
             .coords
             .iter()
             .filter(|(_, c)| c.phase == Phase::Quiesce && c.commit.is_none())
-            .filter(|(_, c)| self.conns.get(&c.conn).is_some_and(|p| quiescent(p.owes_reply.is_empty(), &p.blocked, c.req.backend)))
+            .filter(|(_, c)| {
+                self.conns
+                    .get(&c.conn)
+                    .is_some_and(|p| quiescent(p.owes_reply.is_empty(), &p.blocked, c.req.backend))
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in ready {
@@ -474,7 +553,8 @@ impl NodeCore {
     /// it checkpointed.
     fn capture(&mut self, id: MigrationId, now: Instant) {
         let c = self.migr.coords.get(&id).expect("ready");
-        let (dc, ep, conn, backend, to, pid) = (c.req.dc, c.req.ep, c.conn, c.req.backend, c.req.to, c.pid);
+        let (dc, ep, conn, backend, to, pid) =
+            (c.req.dc, c.req.ep, c.conn, c.req.backend, c.req.to, c.pid);
         let fail = c.req.fail_at == Some(FailAt::Checkpoint);
         let p = self.conns.get_mut(&conn).expect("quiescent conn exists");
         let call = match (&p.blocked, backend) {
@@ -489,23 +569,82 @@ impl NodeCore {
                 },
             })),
             (Blocked::Held { req }, _) => Some(MigratedCall::Request(req.clone())),
-            (Blocked::AwaitingReply { from }, _) => Some(MigratedCall::AwaitingReply { from: *from, remaining_ms: remaining_ms(p.deadline, now) }),
+            (Blocked::AwaitingReply { from }, _) => Some(MigratedCall::AwaitingReply {
+                from: *from,
+                remaining_ms: remaining_ms(p.deadline, now),
+            }),
+            // Its message is at the server's node, taken or not: either way the reply is routed
+            // by where the client runs, so the client just awaits it on its new node.
+            (
+                Blocked::SendingRemote {
+                    dst,
+                    kind: DeliverKind::SendRec,
+                    ..
+                },
+                _,
+            ) => Some(MigratedCall::AwaitingReply {
+                from: *dst,
+                remaining_ms: remaining_ms(p.deadline, now),
+            }),
+            // Not taken yet: withdraw it here, send it again from the new node.
+            (
+                Blocked::SendingLocal {
+                    dst,
+                    kind: DeliverKind::SendRec,
+                    msg,
+                    timeout,
+                },
+                _,
+            ) => Some(MigratedCall::Request(send_request(
+                DeliverKind::SendRec,
+                *dst,
+                *msg,
+                *timeout,
+            ))),
             _ => None,
         };
-        let state = MigratedEndpoint { call, notifies: p.notifies.iter().map(|(k, v)| (*k, *v)).collect() };
+        if let Blocked::SendingLocal { dst, .. } = p.blocked {
+            if let Some(Registration::Local { conn: q }) = self.table.get(dc, dst) {
+                if let Some(qc) = self.conns.get_mut(&q) {
+                    qc.queue.retain(|i| i.origin != super::Origin::Local(conn));
+                }
+            }
+        }
+        if let Blocked::SendingRemote { node, op, .. } = self.conns[&conn].blocked {
+            self.remote_sends.remove(&(node, op));
+        }
+        let p = self.conns.get_mut(&conn).expect("quiescent conn exists");
+        let state = MigratedEndpoint {
+            call,
+            notifies: p.notifies.iter().map(|(k, v)| (*k, *v)).collect(),
+        };
         let queue: Vec<_> = p.queue.drain(..).collect();
         // Queued callers hold their calls and send them again after the outcome.
         for inc in queue {
             match inc.origin {
                 super::Origin::Local(sc) => {
-                    if let Some(Blocked::SendingLocal { dst, kind, msg, timeout }) = self.conns.get(&sc).map(|s| s.blocked.clone()) {
+                    if let Some(Blocked::SendingLocal {
+                        dst,
+                        kind,
+                        msg,
+                        timeout,
+                    }) = self.conns.get(&sc).map(|s| s.blocked.clone())
+                    {
                         self.migr.hold_call(dc, ep, sc);
-                        self.reblock(sc, Blocked::Held { req: send_request(kind, dst, msg, timeout) });
+                        self.reblock(
+                            sc,
+                            Blocked::Held {
+                                req: send_request(kind, dst, msg, timeout),
+                            },
+                        );
                     }
                 }
                 super::Origin::Remote { node, op } => {
                     self.remote_incoming.remove(&(node, op));
-                    self.actions.push_back(Action::Peer { node, frame: PeerFrame::Redirect { op, dc, dst: ep } });
+                    self.actions.push_back(Action::Peer {
+                        node,
+                        frame: PeerFrame::Redirect { op, dc, dst: ep },
+                    });
                 }
             }
         }
@@ -513,13 +652,24 @@ impl NodeCore {
         let cmd = self.migr.coords[&id].req.cmd.clone();
         self.actions.push_back(Action::Peer {
             node: to,
-            frame: PeerFrame::MigrPrepare { id, dc, ep, backend, state, cmd, fail_restore: self.migr.coords[&id].req.fail_at == Some(FailAt::Restore) },
+            frame: PeerFrame::MigrPrepare {
+                id,
+                dc,
+                ep,
+                backend,
+                state,
+                cmd,
+                fail_restore: self.migr.coords[&id].req.fail_at == Some(FailAt::Restore),
+            },
         });
         match backend {
             Backend::Criu => self.actions.push_back(Action::Checkpoint { id, pid, fail }),
             Backend::Cooperative => {
                 // Interrupt the call it is blocked in; the library answers with the snapshot.
-                self.actions.push_back(Action::Respond { conn, resp: LocalResponse::Checkpoint });
+                self.actions.push_back(Action::Respond {
+                    conn,
+                    resp: LocalResponse::Checkpoint,
+                });
                 if let Some(p) = self.conns.get_mut(&conn) {
                     p.blocked = Blocked::Snapshotting;
                     p.gen += 1;
@@ -530,11 +680,19 @@ impl NodeCore {
 
     /// A cooperative program sent its snapshot.
     pub(super) fn on_snapshot(&mut self, conn: ConnId, data: Option<Vec<u8>>) {
-        let Some(p) = self.conns.get(&conn) else { return };
+        let Some(p) = self.conns.get(&conn) else {
+            return;
+        };
         let Some(id) = p.migrating_out else { return };
-        let fail = self.migr.coords.get(&id).is_some_and(|c| c.req.fail_at == Some(FailAt::Checkpoint));
+        let fail = self
+            .migr
+            .coords
+            .get(&id)
+            .is_some_and(|c| c.req.fail_at == Some(FailAt::Checkpoint));
         match data {
-            Some(data) => self.actions.push_back(Action::SaveSnapshot { id, data, fail }),
+            Some(data) => self
+                .actions
+                .push_back(Action::SaveSnapshot { id, data, fail }),
             None => {
                 let now = self.last_now;
                 self.on_checkpoint_done(id, Err("the program registered no snapshot hook (m3ipc::Endpoint::set_snapshot_hook)".into()), now);
@@ -543,9 +701,16 @@ impl NodeCore {
     }
 
     /// The checkpoint is taken (`Ok(image bytes)`) or failed.
-    pub fn on_checkpoint_done(&mut self, id: MigrationId, result: Result<u64, String>, now: Instant) {
+    pub fn on_checkpoint_done(
+        &mut self,
+        id: MigrationId,
+        result: Result<u64, String>,
+        now: Instant,
+    ) {
         self.last_now = now;
-        let Some(c) = self.migr.coords.get_mut(&id) else { return };
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
         if c.commit.is_some() {
             return;
         }
@@ -567,17 +732,27 @@ impl NodeCore {
     /// The image is on its way (all of it queued on the link), or could not be sent.
     pub fn on_image_sent(&mut self, id: MigrationId, result: Result<u64, String>, now: Instant) {
         self.last_now = now;
-        let Some(c) = self.migr.coords.get_mut(&id) else { return };
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
         if c.commit.is_some() {
             return;
         }
         match result {
-            Ok(_) if c.req.fail_at == Some(FailAt::Transfer) => self.decide(id, false, Some("transfer failed: injected failure (--fail-at transfer)".into()), now),
+            Ok(_) if c.req.fail_at == Some(FailAt::Transfer) => self.decide(
+                id,
+                false,
+                Some("transfer failed: injected failure (--fail-at transfer)".into()),
+                now,
+            ),
             Ok(bytes) => {
                 c.image_bytes = c.image_bytes.max(bytes);
                 let to = c.req.to;
                 self.enter_phase(id, Phase::Restore, now);
-                self.actions.push_back(Action::Peer { node: to, frame: PeerFrame::MigrRestore { id } });
+                self.actions.push_back(Action::Peer {
+                    node: to,
+                    frame: PeerFrame::MigrRestore { id },
+                });
             }
             Err(e) => self.decide(id, false, Some(format!("transfer failed: {e}")), now),
         }
@@ -594,9 +769,16 @@ impl NodeCore {
 
     /// Destination (criu): the process was restored with its node connection `conn` (already
     /// announced with [`NodeCore::on_local_connect`]), or restoring failed.
-    pub fn on_restored(&mut self, id: MigrationId, result: Result<(ConnId, i32), String>, now: Instant) {
+    pub fn on_restored(
+        &mut self,
+        id: MigrationId,
+        result: Result<(ConnId, i32), String>,
+        now: Instant,
+    ) {
         self.last_now = now;
-        let Some(a) = self.migr.arrivals.get_mut(&id) else { return };
+        let Some(a) = self.migr.arrivals.get_mut(&id) else {
+            return;
+        };
         let coordinator = a.coordinator;
         let result = match result {
             Ok((conn, pid)) => {
@@ -612,7 +794,10 @@ impl NodeCore {
             }
             Err(e) => Err(e),
         };
-        self.actions.push_back(Action::Peer { node: coordinator, frame: PeerFrame::MigrRestored { id, result } });
+        self.actions.push_back(Action::Peer {
+            node: coordinator,
+            frame: PeerFrame::MigrRestored { id, result },
+        });
     }
 
     fn restore_info(&self, id: MigrationId, now: Instant) -> RestoreInfo {
@@ -628,9 +813,21 @@ impl NodeCore {
     }
 
     /// Destination (cooperative): the restarted program binds as the migrated endpoint.
-    pub(super) fn on_bind_restored(&mut self, conn: ConnId, version: u32, dc: DcId, ep: Ep, id: MigrationId) {
+    pub(super) fn on_bind_restored(
+        &mut self,
+        conn: ConnId,
+        version: u32,
+        dc: DcId,
+        ep: Ep,
+        id: MigrationId,
+    ) {
         let now = self.last_now;
-        let ok = version == PROTOCOL_VERSION && self.migr.arrivals.get(&id).is_some_and(|a| a.dc == dc && a.ep == ep && a.conn.is_none());
+        let ok = version == PROTOCOL_VERSION
+            && self
+                .migr
+                .arrivals
+                .get(&id)
+                .is_some_and(|a| a.dc == dc && a.ep == ep && a.conn.is_none());
         if !ok {
             return self.respond(conn, err(Errno::Invalid));
         }
@@ -638,11 +835,17 @@ impl NodeCore {
             // The copy is killed by the rollback this failure causes.
             let a = self.migr.arrivals.get_mut(&id).expect("checked");
             a.conn = Some(conn);
-            let (coordinator, pid) = (a.coordinator, self.conns.get(&conn).map(|c| c.pid).unwrap_or(0));
+            let (coordinator, pid) = (
+                a.coordinator,
+                self.conns.get(&conn).map(|c| c.pid).unwrap_or(0),
+            );
             a.pid = pid;
             self.actions.push_back(Action::Peer {
                 node: coordinator,
-                frame: PeerFrame::MigrRestored { id, result: Err("injected failure (--fail-at restore)".into()) },
+                frame: PeerFrame::MigrRestored {
+                    id,
+                    result: Err("injected failure (--fail-at restore)".into()),
+                },
             });
             return;
         }
@@ -651,30 +854,65 @@ impl NodeCore {
     }
 
     fn decide(&mut self, id: MigrationId, commit: bool, error: Option<String>, now: Instant) {
-        let Some(c) = self.migr.coords.get_mut(&id) else { return };
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
         if c.commit.is_some() {
             return;
         }
         c.commit = Some(commit);
         c.error = error;
         let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
-        self.enter_phase(id, if commit { Phase::Commit } else { Phase::Rollback }, now);
-        let state = if commit { RecordState::Committed } else { RecordState::RolledBack };
-        self.actions.push_back(Action::MigrRecord { id, dc, ep, record: MigrRecord { id, from, to, state }, require: Require::Started(id) });
+        self.enter_phase(
+            id,
+            if commit {
+                Phase::Commit
+            } else {
+                Phase::Rollback
+            },
+            now,
+        );
+        let state = if commit {
+            RecordState::Committed
+        } else {
+            RecordState::RolledBack
+        };
+        self.actions.push_back(Action::MigrRecord {
+            id,
+            dc,
+            ep,
+            record: MigrRecord {
+                id,
+                from,
+                to,
+                state,
+            },
+            require: Require::Started(id),
+        });
     }
 
     /// The outcome is recorded: broadcast it and apply it here.
     fn apply_decision(&mut self, id: MigrationId, commit: bool, now: Instant) {
-        let Some(c) = self.migr.coords.get_mut(&id) else { return };
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
         c.decided_at = Some(now);
         let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
         let nodes = self.dc_peers(dc);
-        let frame = if commit { PeerFrame::MigrCommit { id, dc, ep, to } } else { PeerFrame::MigrRollback { id, dc, ep, from } };
+        let frame = if commit {
+            PeerFrame::MigrCommit { id, dc, ep, to }
+        } else {
+            PeerFrame::MigrRollback { id, dc, ep, from }
+        };
         for n in &nodes {
-            self.actions.push_back(Action::Peer { node: *n, frame: frame.clone() });
+            self.actions.push_back(Action::Peer {
+                node: *n,
+                frame: frame.clone(),
+            });
         }
         if commit {
-            self.actions.push_back(Action::Relocate { dc, ep, node: to });
+            self.actions
+                .push_back(Action::Relocate { dc, ep, node: to });
         }
         let c = self.migr.coords.get_mut(&id).expect("present");
         c.acks = nodes.into_iter().collect();
@@ -688,7 +926,11 @@ impl NodeCore {
     }
 
     fn maybe_finish(&mut self, id: MigrationId, now: Instant) {
-        let done = self.migr.coords.get(&id).is_some_and(|c| c.decided_at.is_some() && c.acks.is_empty());
+        let done = self
+            .migr
+            .coords
+            .get(&id)
+            .is_some_and(|c| c.decided_at.is_some() && c.acks.is_empty());
         if !done {
             return;
         }
@@ -698,7 +940,14 @@ impl NodeCore {
         self.actions.push_back(Action::MigrFinished { id, report });
     }
 
-    fn report(&self, id: MigrationId, c: &Coord, committed: bool, error: Option<String>, now: Instant) -> MigrationReport {
+    fn report(
+        &self,
+        id: MigrationId,
+        c: &Coord,
+        committed: bool,
+        error: Option<String>,
+        now: Instant,
+    ) -> MigrationReport {
         let mut phases = c.phases.clone();
         let end = c.decided_at.unwrap_or(now);
         phases.push((c.phase, ms(end.saturating_duration_since(c.phase_started))));
@@ -713,7 +962,11 @@ impl NodeCore {
             error,
             phases,
             migration_ms: ms(end - c.started),
-            image_bytes: c.info.as_ref().map(|i| i.image_bytes).unwrap_or(c.image_bytes),
+            image_bytes: c
+                .info
+                .as_ref()
+                .map(|i| i.image_bytes)
+                .unwrap_or(c.image_bytes),
             transfer_ms: c.info.as_ref().map(|i| i.transfer_ms).unwrap_or(0.0),
             restore_ms: c.info.as_ref().map(|i| i.restore_ms).unwrap_or(0.0),
             held: c.held,
@@ -723,7 +976,16 @@ impl NodeCore {
     /// Applies MIGR_COMMIT or MIGR_ROLLBACK on this node; returns how many held calls and
     /// frames were replayed.
     #[allow(clippy::too_many_arguments)]
-    fn apply_outcome(&mut self, id: MigrationId, dc: DcId, ep: Ep, commit: bool, from: NodeId, to: NodeId, now: Instant) -> u32 {
+    fn apply_outcome(
+        &mut self,
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        commit: bool,
+        from: NodeId,
+        to: NodeId,
+        now: Instant,
+    ) -> u32 {
         let hold = match self.migr.holds.get(&(dc, ep)) {
             Some(h) if h.id.is_none() || h.id == Some(id) => self.migr.holds.remove(&(dc, ep)),
             _ => None,
@@ -731,7 +993,11 @@ impl NodeCore {
         .unwrap_or_default();
         let here = self.node;
         // Source side.
-        let source_conn = self.conns.iter().find(|(_, c)| c.migrating_out == Some(id)).map(|(k, _)| *k);
+        let source_conn = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.migrating_out == Some(id))
+            .map(|(k, _)| *k);
         if let Some(conn) = source_conn {
             let backend = self.migr.coords.get(&id).map(|c| c.req.backend);
             let checkpointed = self.migr.coords.get(&id).is_some_and(|c| c.checkpointed);
@@ -741,7 +1007,9 @@ impl NodeCore {
                 // It runs on the destination now; this copy goes away without unbinding.
                 p.bound = None;
                 p.owes_reply.clear();
+                let pid = p.pid;
                 self.table.set(dc, ep, Registration::Remote { node: to });
+                self.actions.push_back(Action::MigratedAway { pid, to });
                 match backend {
                     Some(Backend::Cooperative) => self.respond(conn, LocalResponse::Exit),
                     _ => self.actions.push_back(Action::KillTree { pid: p.pid }),
@@ -777,11 +1045,26 @@ impl NodeCore {
                         p.notifies = a.state.notifies.iter().copied().collect();
                     }
                     match (a.backend, a.state.call.clone()) {
-                        (Backend::Cooperative, _) => self.respond(conn, LocalResponse::Ep { dc, ep, node: here }),
-                        (Backend::Criu, Some(MigratedCall::Request(req))) => self.run_request(conn, req, now),
-                        (Backend::Criu, Some(MigratedCall::AwaitingReply { from, remaining_ms })) => {
-                            let timeout = remaining_ms.map(Timeout::Millis).unwrap_or(Timeout::Forever);
-                            self.block(conn, Blocked::AwaitingReply { from }, timeout, now, Duration::ZERO);
+                        (Backend::Cooperative, _) => {
+                            self.respond(conn, LocalResponse::Ep { dc, ep, node: here })
+                        }
+                        (Backend::Criu, Some(MigratedCall::Request(req))) => {
+                            self.run_request(conn, req, now)
+                        }
+                        (
+                            Backend::Criu,
+                            Some(MigratedCall::AwaitingReply { from, remaining_ms }),
+                        ) => {
+                            let timeout = remaining_ms
+                                .map(Timeout::Millis)
+                                .unwrap_or(Timeout::Forever);
+                            self.block(
+                                conn,
+                                Blocked::AwaitingReply { from },
+                                timeout,
+                                now,
+                                Duration::ZERO,
+                            );
                         }
                         (Backend::Criu, None) => {}
                     }
@@ -796,7 +1079,10 @@ impl NodeCore {
             self.actions.push_back(Action::DropImage { id });
         } else if commit && to != here {
             // Everyone else: the endpoint is remote, on the destination now.
-            let known = matches!(self.table.get(dc, ep), Some(Registration::Remote { .. } | Registration::Backup { .. }));
+            let known = matches!(
+                self.table.get(dc, ep),
+                Some(Registration::Remote { .. } | Registration::Backup { .. })
+            );
             if known || !hold.calls.is_empty() || !hold.frames.is_empty() {
                 self.table.set(dc, ep, Registration::Remote { node: to });
             }
@@ -808,7 +1094,10 @@ impl NodeCore {
             if target == here {
                 self.apply_held_frame(frame);
             } else if self.links_up.contains(&target) {
-                self.actions.push_back(Action::Peer { node: target, frame });
+                self.actions.push_back(Action::Peer {
+                    node: target,
+                    frame,
+                });
             }
         }
         for conn in hold.calls {
@@ -825,13 +1114,25 @@ impl NodeCore {
     /// A held reply or notification whose endpoint ended up on this node.
     fn apply_held_frame(&mut self, frame: PeerFrame) {
         match frame {
-            PeerFrame::Notify { dc, src, dst, value } => {
+            PeerFrame::Notify {
+                dc,
+                src,
+                dst,
+                value,
+            } => {
                 if let Some(Registration::Local { conn }) = self.table.get(dc, dst) {
                     self.notify_local(conn, src, value);
                 }
             }
-            PeerFrame::Reply { dc, src, dst, result } => {
-                let Some(Registration::Local { conn }) = self.table.get(dc, dst) else { return };
+            PeerFrame::Reply {
+                dc,
+                src,
+                dst,
+                result,
+            } => {
+                let Some(Registration::Local { conn }) = self.table.get(dc, dst) else {
+                    return;
+                };
                 let waiting = matches!(self.conns.get(&conn).map(|c| &c.blocked), Some(Blocked::AwaitingReply { from }) if *from == src);
                 if waiting {
                     let resp = match result {
@@ -852,25 +1153,64 @@ impl NodeCore {
     pub(super) fn on_migration_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
         match frame {
             PeerFrame::Redirect { op, dc, dst } => {
-                let Some(conn) = self.remote_sends.remove(&(from, op)) else { return };
-                let Some(Blocked::SendingRemote { op: o, kind, msg, timeout, .. }) = self.conns.get(&conn).map(|c| c.blocked.clone()) else { return };
+                let Some(conn) = self.remote_sends.remove(&(from, op)) else {
+                    return;
+                };
+                let Some(Blocked::SendingRemote {
+                    op: o,
+                    kind,
+                    msg,
+                    timeout,
+                    ..
+                }) = self.conns.get(&conn).map(|c| c.blocked.clone())
+                else {
+                    return;
+                };
                 if o != op {
                     return;
                 }
                 self.migr.hold_call(dc, dst, conn);
-                self.reblock(conn, Blocked::Held { req: send_request(kind, dst, msg, timeout) });
+                self.reblock(
+                    conn,
+                    Blocked::Held {
+                        req: send_request(kind, dst, msg, timeout),
+                    },
+                );
             }
-            PeerFrame::MigrStart { id, dc, ep, from: _, to: _ } => {
+            PeerFrame::MigrStart {
+                id,
+                dc,
+                ep,
+                from: _,
+                to: _,
+            } => {
                 self.migr.holds.entry((dc, ep)).or_default().id = Some(id);
-                self.actions.push_back(Action::Peer { node: from, frame: PeerFrame::MigrStartAck { id } });
+                self.actions.push_back(Action::Peer {
+                    node: from,
+                    frame: PeerFrame::MigrStartAck { id },
+                });
             }
             PeerFrame::MigrStartAck { id } => {
-                let Some(c) = self.migr.coords.get_mut(&id) else { return };
-                if c.phase == Phase::Start && c.commit.is_none() && c.acks.remove(&from) && c.acks.is_empty() {
+                let Some(c) = self.migr.coords.get_mut(&id) else {
+                    return;
+                };
+                if c.phase == Phase::Start
+                    && c.commit.is_none()
+                    && c.acks.remove(&from)
+                    && c.acks.is_empty()
+                {
                     self.enter_quiesce(id, now);
                 }
             }
-            PeerFrame::MigrPrepare { id, dc, ep, backend, state, cmd, fail_restore } => {
+            PeerFrame::MigrPrepare {
+                id,
+                dc,
+                ep,
+                backend,
+                state,
+                cmd,
+                fail_restore,
+            } => {
                 self.migr.arrivals.insert(
                     id,
                     Arrival {
@@ -892,15 +1232,31 @@ impl NodeCore {
             }
             PeerFrame::MigrRestore { id } => {
                 let Some(a) = self.migr.arrivals.get_mut(&id) else {
-                    self.actions.push_back(Action::Peer { node: from, frame: PeerFrame::MigrRestored { id, result: Err("destination has no state for this migration".into()) } });
+                    self.actions.push_back(Action::Peer {
+                        node: from,
+                        frame: PeerFrame::MigrRestored {
+                            id,
+                            result: Err("destination has no state for this migration".into()),
+                        },
+                    });
                     return;
                 };
                 a.restore_started = Some(now);
-                let (dc, ep, backend, cmd, fail) = (a.dc, a.ep, a.backend, a.cmd.clone(), a.fail_restore);
-                self.actions.push_back(Action::Restore { id, dc, ep, backend, cmd, fail });
+                let (dc, ep, backend, cmd, fail) =
+                    (a.dc, a.ep, a.backend, a.cmd.clone(), a.fail_restore);
+                self.actions.push_back(Action::Restore {
+                    id,
+                    dc,
+                    ep,
+                    backend,
+                    cmd,
+                    fail,
+                });
             }
             PeerFrame::MigrRestored { id, result } => {
-                let Some(c) = self.migr.coords.get_mut(&id) else { return };
+                let Some(c) = self.migr.coords.get_mut(&id) else {
+                    return;
+                };
                 if c.commit.is_some() {
                     return;
                 }
@@ -914,11 +1270,22 @@ impl NodeCore {
             }
             PeerFrame::MigrCommit { id, dc, ep, to } => {
                 let held = self.apply_outcome(id, dc, ep, true, from, to, now);
-                self.actions.push_back(Action::Peer { node: from, frame: PeerFrame::MigrDone { id, held } });
+                self.actions.push_back(Action::Peer {
+                    node: from,
+                    frame: PeerFrame::MigrDone { id, held },
+                });
             }
-            PeerFrame::MigrRollback { id, dc, ep, from: src } => {
+            PeerFrame::MigrRollback {
+                id,
+                dc,
+                ep,
+                from: src,
+            } => {
                 let held = self.apply_outcome(id, dc, ep, false, src, src, now);
-                self.actions.push_back(Action::Peer { node: from, frame: PeerFrame::MigrDone { id, held } });
+                self.actions.push_back(Action::Peer {
+                    node: from,
+                    frame: PeerFrame::MigrDone { id, held },
+                });
             }
             PeerFrame::MigrDone { id, held } => {
                 if let Some(c) = self.migr.coords.get_mut(&id) {
@@ -938,17 +1305,29 @@ impl NodeCore {
         if record.state == RecordState::Started || self.migr.coords.contains_key(&record.id) {
             return;
         }
-        if self.migr.holds.get(&(dc, ep)).is_some_and(|h| h.id == Some(record.id)) || self.migr.arrivals.contains_key(&record.id) {
+        if self
+            .migr
+            .holds
+            .get(&(dc, ep))
+            .is_some_and(|h| h.id == Some(record.id))
+            || self.migr.arrivals.contains_key(&record.id)
+        {
             let commit = record.state == RecordState::Committed;
             self.apply_outcome(record.id, dc, ep, commit, record.from, record.to, now);
         }
     }
 
     pub(super) fn on_migration_timer(&mut self, id: MigrationId, now: Instant) {
-        let Some(c) = self.migr.coords.get(&id) else { return };
+        let Some(c) = self.migr.coords.get(&id) else {
+            return;
+        };
         match (c.phase, c.decided_at) {
             (Phase::Quiesce, None) if c.commit.is_none() => {
-                let what = self.conns.get(&c.conn).map(|p| describe(&p.blocked, !p.owes_reply.is_empty())).unwrap_or("gone");
+                let what = self
+                    .conns
+                    .get(&c.conn)
+                    .map(|p| describe(&p.blocked, !p.owes_reply.is_empty()))
+                    .unwrap_or("gone");
                 let why = format!(
                     "endpoint {}/{} did not become quiescent within {:?} (it is {what})",
                     c.req.dc, c.req.ep, c.req.quiesce_timeout
@@ -969,7 +1348,13 @@ impl NodeCore {
     /// A link went down: a migration does not wait for that node's acks.
     pub(super) fn migration_link_down(&mut self, node: NodeId) {
         let now = self.last_now;
-        let ids: Vec<MigrationId> = self.migr.coords.iter().filter(|(_, c)| c.acks.contains(&node)).map(|(id, _)| *id).collect();
+        let ids: Vec<MigrationId> = self
+            .migr
+            .coords
+            .iter()
+            .filter(|(_, c)| c.acks.contains(&node))
+            .map(|(id, _)| *id)
+            .collect();
         for id in ids {
             let c = self.migr.coords.get_mut(&id).expect("listed");
             c.acks.remove(&node);
@@ -982,9 +1367,20 @@ impl NodeCore {
             let _ = to;
         }
         // Losing the destination before the decision means rolling back.
-        let lost: Vec<MigrationId> = self.migr.coords.iter().filter(|(_, c)| c.req.to == node && c.commit.is_none()).map(|(id, _)| *id).collect();
+        let lost: Vec<MigrationId> = self
+            .migr
+            .coords
+            .iter()
+            .filter(|(_, c)| c.req.to == node && c.commit.is_none())
+            .map(|(id, _)| *id)
+            .collect();
         for id in lost {
-            self.decide(id, false, Some(format!("lost the link to the destination node {node}")), now);
+            self.decide(
+                id,
+                false,
+                Some(format!("lost the link to the destination node {node}")),
+                now,
+            );
         }
     }
 }
@@ -993,7 +1389,20 @@ impl NodeCore {
 fn quiescent(owes_nothing: bool, b: &Blocked, backend: Backend) -> bool {
     owes_nothing
         && match backend {
-            Backend::Criu => matches!(b, Blocked::Receiving { .. } | Blocked::AwaitingReply { .. } | Blocked::Held { .. }),
+            Backend::Criu => matches!(
+                b,
+                Blocked::Receiving { .. }
+                    | Blocked::AwaitingReply { .. }
+                    | Blocked::Held { .. }
+                    | Blocked::SendingRemote {
+                        kind: DeliverKind::SendRec,
+                        ..
+                    }
+                    | Blocked::SendingLocal {
+                        kind: DeliverKind::SendRec,
+                        ..
+                    }
+            ),
             // The snapshot interrupts the call; a reply in flight would be lost with it.
             Backend::Cooperative => matches!(b, Blocked::Receiving { .. } | Blocked::Held { .. }),
         }

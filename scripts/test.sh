@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs what the tests need (a working
+# criu for the migration tests), then checks formatting and lints and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install a Rust toolchain (stable) first, e.g. with rustup" >&2
+    exit 1
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "the test suite needs root: criu checkpoints processes and the node kernel copies between address spaces" >&2
+    exit 1
+fi
+
+log "system packages"
+missing=()
+for cmd in unshare setsid nsenter; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=(util-linux)
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+scripts/install-criu.sh
+
+log "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+log "build"
+cargo build --workspace --all-targets --quiet
+
+log "tests"
+cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test-output.txt
