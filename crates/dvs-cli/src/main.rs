@@ -1,6 +1,7 @@
 //! `dvs`: the operator's command.
 
 mod bench;
+mod bench_migration;
 mod cluster;
 mod demo;
 mod migrate;
@@ -79,14 +80,21 @@ enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Start a local cluster, run the paper's client/server across nodes, show status, stop.
+    /// The paper's evaluation on a local 3-node cluster: its three migration scenarios and a
+    /// rollback under a checking client, figures beside the paper's, status, stop.
     Demo {
-        /// Iterations of the client.
+        /// Runs per scenario.
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        /// Iterations of the client in each run.
         #[arg(long, default_value_t = 1000)]
         iterations: u32,
         /// Bytes the server copies into the client per iteration.
         #[arg(long, default_value = "65536")]
         block_size: String,
+        /// Migration backend. Default: criu when it works, else cooperative.
+        #[arg(long, value_parser = ["criu", "cooperative"])]
+        backend: Option<String>,
     },
     /// Migrate a running endpoint to another node while its clients keep calling it.
     Migrate {
@@ -131,6 +139,19 @@ enum BenchWhat {
         /// MiB moved by each bandwidth test (raw TCP stream, local and remote vcopy).
         #[arg(long, default_value_t = 256)]
         bulk_mib: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live migration under load (migration time, client stall, image transfer rate beside a
+    /// raw TCP transfer of the same size), per backend, on its own 3-node cluster.
+    Migration {
+        /// Migrations per backend.
+        #[arg(long, default_value_t = 20)]
+        runs: u32,
+        /// Measure only this backend. Default: criu (when it works) and cooperative.
+        #[arg(long, value_parser = ["criu", "cooperative"])]
+        backend: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -215,12 +236,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cluster::run(&cfg, &dc, ep, &node, wait, cmd)
         }
         Cmd::Demo {
+            runs,
             iterations,
             block_size,
-        } => demo::demo(&cli.dir, iterations, &block_size),
-        Cmd::Migrate { target, to, backend, fail_at, quiesce_ms, json } => {
+            backend,
+        } => demo::demo(
+            &cli.dir,
+            &demo::DemoOptions {
+                runs,
+                iterations,
+                block_size,
+                backend,
+            },
+        ),
+        Cmd::Migrate {
+            target,
+            to,
+            backend,
+            fail_at,
+            quiesce_ms,
+            json,
+        } => {
             let (cfg, _) = load_config(&cli.dir, &cli.config)?;
-            migrate::migrate(&cfg, &migrate::MigrateOptions { target: &target, to: &to, backend, fail_at, quiesce_ms, json })
+            migrate::migrate(
+                &cfg,
+                &migrate::MigrateOptions {
+                    target: &target,
+                    to: &to,
+                    backend,
+                    fail_at,
+                    quiesce_ms,
+                    json,
+                },
+            )
         }
         Cmd::Doctor => {
             let cfg = load_config(&cli.dir, &cli.config).ok().map(|(c, _)| c);
@@ -234,6 +282,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } => bench::ipc(&bench::IpcOptions {
                 iterations,
                 bulk_mib,
+                json,
+            }),
+            BenchWhat::Migration {
+                runs,
+                backend,
+                json,
+            } => bench_migration::migration(&bench_migration::MigrationOptions {
+                runs,
+                backend,
                 json,
             }),
         },

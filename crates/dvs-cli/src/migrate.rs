@@ -28,37 +28,80 @@ pub struct MigrateOptions<'a> {
 
 /// Splits `DC/EP` and resolves the DC.
 pub fn parse_target(cfg: &ClusterConfig, target: &str) -> Result<(u16, i32)> {
-    let (dc, ep) = target.split_once('/').ok_or_else(|| anyhow!("{target:?}: expected DC/EP, e.g. dc0/1"))?;
-    let dcc = cfg.find_dc(dc).ok_or_else(|| anyhow!("no DC {dc:?} in the cluster config"))?;
-    let ep: i32 = ep.parse().map_err(|_| anyhow!("{ep:?} is not an endpoint number"))?;
+    let (dc, ep) = target
+        .split_once('/')
+        .ok_or_else(|| anyhow!("{target:?}: expected DC/EP, e.g. dc0/1"))?;
+    let dcc = cfg
+        .find_dc(dc)
+        .ok_or_else(|| anyhow!("no DC {dc:?} in the cluster config"))?;
+    let ep: i32 = ep
+        .parse()
+        .map_err(|_| anyhow!("{ep:?} is not an endpoint number"))?;
     Ok((dcc.id, ep))
 }
 
 /// Runs one migration and returns its summary (progress lines go to `progress`).
-pub fn run_migration(cfg: &ClusterConfig, o: &MigrateOptions, progress: &mut dyn Write) -> Result<MigrationSummary> {
+pub fn run_migration(
+    cfg: &ClusterConfig,
+    o: &MigrateOptions,
+    progress: &mut dyn Write,
+) -> Result<MigrationSummary> {
     let (dc, ep) = parse_target(cfg, o.target)?;
     let dcc = cfg.dc_by_id(dc).expect("resolved");
-    let to = cfg.find_node(o.to).ok_or_else(|| anyhow!("no node {:?} in the cluster config", o.to))?;
+    let to = cfg
+        .find_node(o.to)
+        .ok_or_else(|| anyhow!("no node {:?} in the cluster config", o.to))?;
     if !cfg.dc_nodes(dcc).contains(&to.id) {
-        bail!("node {} is not part of DC {} (it spans nodes {:?})", to.name, dcc.name, cfg.dc_nodes(dcc));
+        bail!(
+            "node {} is not part of DC {} (it spans nodes {:?})",
+            to.name,
+            dcc.name,
+            cfg.dc_nodes(dcc)
+        );
     }
     // The migration is coordinated by the node the endpoint runs on.
     let source = cfg
         .nodes
         .iter()
-        .find(|n| node_status(n).is_ok_and(|s| s.endpoints.iter().any(|e| e.dc == dc && e.ep == ep && e.state == "RUNNING")))
-        .ok_or_else(|| anyhow!("endpoint {}/{ep} is not running on any node (see `dvs status`)", dcc.name))?;
+        .find(|n| {
+            node_status(n).is_ok_and(|s| {
+                s.endpoints
+                    .iter()
+                    .any(|e| e.dc == dc && e.ep == ep && e.state == "RUNNING")
+            })
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "endpoint {}/{ep} is not running on any node (see `dvs status`)",
+                dcc.name
+            )
+        })?;
     let mut c = CtlClient::connect(&source.ctl_socket())?;
     c.set_timeout(Some(Duration::from_secs(60)))?;
-    let r = c.call(&CtlRequest::Migrate { dc, ep, to: to.id, backend: o.backend.clone(), fail_at: o.fail_at.clone(), quiesce_ms: o.quiesce_ms })?;
-    let CtlResponse::Accepted { backend, note, .. } = r else { bail!("unexpected answer: {r:?}") };
+    let r = c.call(&CtlRequest::Migrate {
+        dc,
+        ep,
+        to: to.id,
+        backend: o.backend.clone(),
+        fail_at: o.fail_at.clone(),
+        quiesce_ms: o.quiesce_ms,
+    })?;
+    let CtlResponse::Accepted { backend, note, .. } = r else {
+        bail!("unexpected answer: {r:?}")
+    };
     if let Some(n) = note {
         writeln!(progress, "note: {n}")?;
     }
-    writeln!(progress, "migrating {}/{ep}: {} -> {} (backend {backend})", dcc.name, source.name, to.name)?;
+    writeln!(
+        progress,
+        "migrating {}/{ep}: {} -> {} (backend {backend})",
+        dcc.name, source.name, to.name
+    )?;
     loop {
         match c.recv().context("migration")? {
-            CtlResponse::MigrPhase { phase, at_ms } => writeln!(progress, "  {at_ms:8.1} ms  {phase}")?,
+            CtlResponse::MigrPhase { phase, at_ms } => {
+                writeln!(progress, "  {at_ms:8.1} ms  {phase}")?
+            }
             CtlResponse::Migrated(s) => return Ok(s),
             other => bail!("unexpected answer: {other:?}"),
         }
@@ -78,11 +121,25 @@ pub fn migrate(cfg: &ClusterConfig, o: &MigrateOptions) -> Result<ExitCode> {
     let expected = s.committed == o.fail_at.is_none();
     if o.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(if expected { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        return Ok(if expected {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
-    let name = |id: u16| cfg.node_by_id(id).map(|n| n.name.clone()).unwrap_or_else(|| id.to_string());
+    let name = |id: u16| {
+        cfg.node_by_id(id)
+            .map(|n| n.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    };
     if s.committed {
-        println!("committed: {}/{} now runs on {} ({:.1} ms from START to COMMIT)", s.dc, s.ep, name(s.to), s.migration_ms);
+        println!(
+            "committed: {}/{} now runs on {} ({:.1} ms from START to COMMIT)",
+            s.dc,
+            s.ep,
+            name(s.to),
+            s.migration_ms
+        );
     } else {
         println!(
             "rolled back: {}/{} still runs on {} ({:.1} ms): {}",
@@ -97,7 +154,11 @@ pub fn migrate(cfg: &ClusterConfig, o: &MigrateOptions) -> Result<ExitCode> {
     for p in &s.phases {
         println!("  {:<11} {:>9.2}", p.phase, p.ms);
     }
-    let rate = if s.transfer_ms > 0.0 { format!(" ({:.0} MB/s)", s.image_bytes as f64 / 1e3 / s.transfer_ms) } else { String::new() };
+    let rate = if s.transfer_ms > 0.0 {
+        format!(" ({:.0} MB/s)", s.image_bytes as f64 / 1e3 / s.transfer_ms)
+    } else {
+        String::new()
+    };
     println!(
         "  image {}, received in {:.2} ms{rate}, restored in {:.2} ms; {} calls/notifications held and replayed",
         mb(s.image_bytes),
@@ -105,27 +166,68 @@ pub fn migrate(cfg: &ClusterConfig, o: &MigrateOptions) -> Result<ExitCode> {
         s.restore_ms,
         s.held
     );
-    Ok(if expected { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if expected {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `dvs doctor`: which checkpoint backends work on this machine, and on each running node.
 pub fn doctor(cfg: Option<&ClusterConfig>) -> Result<ExitCode> {
     let root = nix::unistd::Uid::effective().is_root();
     println!("{:<14} {:<4} detail", "check", "ok");
-    println!("{:<14} {:<4} {}", "root", yes(root), if root { "running as root" } else { "criu needs root (or CAP_CHECKPOINT_RESTORE + CAP_SYS_PTRACE)" });
-    let unshare = std::process::Command::new("unshare").arg("--version").output().is_ok();
-    println!("{:<14} {:<4} {}", "unshare", yes(unshare), if unshare { "util-linux unshare found (PID namespaces for migratable processes)" } else { "unshare not found: install util-linux" });
+    println!(
+        "{:<14} {:<4} {}",
+        "root",
+        yes(root),
+        if root {
+            "running as root"
+        } else {
+            "criu needs root (or CAP_CHECKPOINT_RESTORE + CAP_SYS_PTRACE)"
+        }
+    );
+    let unshare = std::process::Command::new("unshare")
+        .arg("--version")
+        .output()
+        .is_ok();
+    println!(
+        "{:<14} {:<4} {}",
+        "unshare",
+        yes(unshare),
+        if unshare {
+            "util-linux unshare found (PID namespaces for migratable processes)"
+        } else {
+            "unshare not found: install util-linux"
+        }
+    );
     match dvs_checkpoint::Criu::locate().and_then(|c| c.check().map(|v| (c, v))) {
-        Ok((c, v)) => println!("{:<14} {:<4} criu {v} at {} passes `criu check`", "criu backend", "yes", c.bin().display()),
-        Err(e) => println!("{:<14} {:<4} {e}; run scripts/install-criu.sh", "criu backend", "no"),
+        Ok((c, v)) => println!(
+            "{:<14} {:<4} criu {v} at {} passes `criu check`",
+            "criu backend",
+            "yes",
+            c.bin().display()
+        ),
+        Err(e) => println!(
+            "{:<14} {:<4} {e}; run scripts/install-criu.sh",
+            "criu backend", "no"
+        ),
     }
     println!("{:<14} {:<4} always: programs that register m3ipc snapshot/restore hooks, started with `dvs run`", "cooperative", "yes");
     if let Some(cfg) = cfg {
         for n in &cfg.nodes {
-            let Ok(mut c) = CtlClient::connect(&n.ctl_socket()) else { continue };
+            let Ok(mut c) = CtlClient::connect(&n.ctl_socket()) else {
+                continue;
+            };
             if let Ok(CtlResponse::Doctor { checks }) = c.call(&CtlRequest::Doctor) {
                 for ch in checks {
-                    println!("{:<14} {:<4} {}: {}", format!("{} {}", n.name, ch.name), yes(ch.ok), n.name, ch.detail);
+                    println!(
+                        "{:<14} {:<4} {}: {}",
+                        format!("{} {}", n.name, ch.name),
+                        yes(ch.ok),
+                        n.name,
+                        ch.detail
+                    );
                 }
             }
         }

@@ -123,6 +123,10 @@ pub enum Action {
     Register { conn: ConnId, dc: DcId, ep: Ep },
     /// Remove `{dc, ep}` on this node from the directory.
     Unregister { dc: DcId, ep: Ep },
+    /// Once every directory action before this one has landed, call
+    /// [`NodeCore::on_directory_synced`] (an `unbind` answers only then, so that the endpoint
+    /// can be bound elsewhere as soon as it returns).
+    DirectorySync { conn: ConnId },
     /// Ask the directory where `{dc, ep}` runs, then call [`NodeCore::on_lookup_result`].
     Lookup { dc: DcId, ep: Ep },
     /// Copy between two local processes, then call [`NodeCore::on_vcopy_local_done`].
@@ -212,6 +216,8 @@ enum Blocked {
     LookingUp { ep: Ep, req: LocalRequest },
     /// Waiting for the directory to accept its registration.
     Binding,
+    /// Waiting for the directory to forget its endpoint.
+    Unbinding,
 }
 
 struct Conn {
@@ -420,7 +426,8 @@ impl NodeCore {
                     return self.respond(conn, err(Errno::NotBound));
                 }
                 self.release_endpoint(conn, Errno::DstDied);
-                self.respond(conn, LocalResponse::Done);
+                self.reblock(conn, Blocked::Unbinding);
+                self.actions.push_back(Action::DirectorySync { conn });
             }
             LocalRequest::GetEp => match self.bound(conn) {
                 Some((dc, ep)) => self.respond(
@@ -552,6 +559,17 @@ impl NodeCore {
             c.bound = Some((dc, ep));
         }
         self.actions.push_back(Action::Register { conn, dc, ep });
+    }
+
+    /// Every directory action up to [`Action::DirectorySync`] has landed.
+    pub fn on_directory_synced(&mut self, conn: ConnId) {
+        if self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.blocked == Blocked::Unbinding)
+        {
+            self.respond(conn, LocalResponse::Done);
+        }
     }
 
     /// The directory's answer to [`Action::Register`]: `Err` names why (e.g. bound elsewhere).
@@ -1441,6 +1459,21 @@ impl NodeCore {
             .map(|(id, _)| *id)
             .collect();
         for v in victims {
+            self.respond(v, err(Errno::NodeUnreachable));
+        }
+        // Receivers waiting for an endpoint of that node only would wait in vain.
+        let receivers: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| match (c.blocked.clone(), c.bound) {
+                (Blocked::Receiving { src: Source::Ep(x) }, Some((dc, _))) if c.migrating_out.is_none() => {
+                    matches!(self.table.get(dc, x), Some(Registration::Remote { node: n } | Registration::Backup { node: n }) if n == node)
+                }
+                _ => false,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for v in receivers {
             self.respond(v, err(Errno::NodeUnreachable));
         }
         self.remote_sends.retain(|(n, _), _| *n != node);

@@ -180,6 +180,8 @@ impl Sim {
                 }
                 self.others.push((n, Action::Unregister { dc, ep }));
             }
+            // The directory here is synchronous: everything before has landed.
+            Action::DirectorySync { conn } => self.core(n).on_directory_synced(conn),
             Action::VcopyLocal { done, .. } if self.auto_vcopy => {
                 self.core(n).on_vcopy_local_done(done, Ok(()))
             }

@@ -190,6 +190,7 @@ impl Sim {
                 };
                 self.cores[core].on_migr_record_result(id, r, now);
             }
+            Action::DirectorySync { conn } => self.cores[core].on_directory_synced(conn),
             Action::Relocate { dc, ep, node: n } => {
                 self.dir_eps.insert((dc, ep), n);
             }

@@ -200,7 +200,10 @@ async fn migrate(
             .core
             .local_pid(dc, ep)
             .ok_or_else(|| format!("endpoint {dc}/{ep} does not run on this node"))?;
-        let cmd = s.procs.cmd_of(dc, ep);
+        let cmd = s
+            .procs
+            .cmd_of(dc, ep)
+            .or_else(|| s.migrations.cmd_of(dc, ep));
         let mut note = None;
         let backend = match backend.as_deref() {
             Some("criu") => {

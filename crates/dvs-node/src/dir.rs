@@ -43,6 +43,10 @@ pub(crate) enum DirOp {
         ep: Ep,
         node: NodeId,
     },
+    /// Answered once every operation queued before it is done (operations run in order).
+    Sync {
+        conn: ConnId,
+    },
 }
 
 const MIGR_PREFIX: &str = "migr/";
@@ -237,6 +241,11 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                 let result = write_record(dir.as_ref(), dc, ep, record, require).await;
                 let mut s = state.borrow_mut();
                 s.core.on_migr_record_result(id, result, Instant::now());
+                s.drive();
+            }
+            DirOp::Sync { conn } => {
+                let mut s = state.borrow_mut();
+                s.core.on_directory_synced(conn);
                 s.drive();
             }
             DirOp::Relocate { dc, ep, node } => {

@@ -129,6 +129,7 @@ impl Shared {
             Action::Peer { node, frame } => self.send_peer(node, &frame, &[]),
             Action::Register { conn, dc, ep } => self.dir(DirOp::Register { conn, dc, ep }),
             Action::Unregister { dc, ep } => self.dir(DirOp::Unregister { dc, ep }),
+            Action::DirectorySync { conn } => self.dir(DirOp::Sync { conn }),
             Action::Lookup { dc, ep } => self.dir(DirOp::Lookup { dc, ep }),
             Action::VcopyLocal {
                 src_pid,

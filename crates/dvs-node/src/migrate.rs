@@ -31,6 +31,9 @@ pub(crate) struct Restored {
     pub dc: DcId,
     pub ep: Ep,
     pub since: Instant,
+    /// The program's command line, carried from node to node (a later cooperative
+    /// migration restarts it).
+    pub cmd: Vec<String>,
 }
 
 /// Migration bookkeeping of the daemon.
@@ -45,6 +48,14 @@ pub(crate) struct Migrations {
 }
 
 impl Migrations {
+    /// Command line of the process restored here as `{dc, ep}`.
+    pub fn cmd_of(&self, dc: DcId, ep: Ep) -> Option<Vec<String>> {
+        self.restored
+            .values()
+            .find(|r| r.dc == dc && r.ep == ep && !r.cmd.is_empty())
+            .map(|r| r.cmd.clone())
+    }
+
     /// Processes restored here, for `dvs ps`.
     pub fn restored_status(&self) -> Vec<crate::ctl::ProcStatus> {
         self.restored
@@ -53,7 +64,11 @@ impl Migrations {
                 pid: *pid,
                 dc: r.dc,
                 ep: r.ep,
-                cmd: vec!["(restored by a criu migration)".into()],
+                cmd: if r.cmd.is_empty() {
+                    vec!["(restored by a criu migration)".into()]
+                } else {
+                    r.cmd.clone()
+                },
                 log: String::new(),
                 age_ms: r.since.elapsed().as_millis() as u64,
                 state: "running".into(),
@@ -279,6 +294,7 @@ impl Shared {
             }
             Backend::Criu => {
                 let criu = self.migrations.criu();
+                let restored_cmd = cmd;
                 tokio::task::spawn_local(async move {
                     let result = async {
                         let criu =
@@ -327,6 +343,7 @@ impl Shared {
                                 dc,
                                 ep,
                                 since: Instant::now(),
+                                cmd: restored_cmd,
                             },
                         );
                         reap_later(*pid);

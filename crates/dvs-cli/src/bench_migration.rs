@@ -1,0 +1,997 @@
+//! `dvs bench migration`, and the migration harness it shares with `dvs demo`.
+//!
+//! The harness drives the paper's test on a running cluster: a `migr-server` (with a few MiB
+//! of ballast, so that its checkpoint image has the paper's size) serves a `migr-client`
+//! launched in a thread; once the server has served some of the client's requests the server
+//! is migrated, the client is joined and its JSON report checked (every iteration ok, none
+//! lost, duplicated or corrupt, the server's counter continuing where the previous client
+//! left it), and the server must run where the migration's outcome says.
+//!
+//! `dvs bench migration` starts its own 3-node cluster (a temporary folder in `/tmp`, free
+//! ports), migrates the server back and forth between node0 and node1 while a client on
+//! node2 loads it, once per client run, for every available backend, and reports the median
+//! and p95 of the migration time (START to COMMIT) and of the longest stall the client saw,
+//! the image size and the image transfer rate beside a raw TCP loopback transfer of the same
+//! byte count measured in the same run. Missed targets are reported, never an error.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use dvs_config::{ClusterConfig, NodeConfig};
+use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, MigrationSummary};
+use m3ipc::{DcId, Ep};
+use serde::Serialize;
+
+use crate::cluster;
+use crate::demo::example_binary;
+use crate::migrate::{run_migration, MigrateOptions};
+
+/// MiB of heap the migrating server fills, for a checkpoint image of about the paper's 2.5 MB.
+pub const BALLAST_MB: u32 = 2;
+/// Endpoint of the first migrating server.
+pub const EP_SERVER: Ep = 1;
+/// First endpoint of the clients: each client run takes the next one.
+const EP_FIRST_CLIENT: Ep = 10;
+/// Number of client endpoints used in turn.
+const CLIENT_EPS: u32 = 200;
+/// Longest wait for the server to serve part of a client run before migrating anyway.
+const MID_RUN_WAIT: Duration = Duration::from_secs(10);
+/// First peer port tried for the bench's own cluster.
+const BENCH_BASE_PORT: u16 = 7800;
+/// Client iterations per migration in the bench (64 KiB blocks).
+const BENCH_ITERATIONS: u32 = 400;
+/// Bytes per client iteration in the bench.
+const BENCH_BLOCK: &str = "65536";
+
+// ----- the cluster ---------------------------------------------------------------------------
+
+/// Starts a `nodes`-node cluster under `dir`, runs `f`, and always stops the cluster
+/// afterwards (also on error, panic, SIGINT or SIGTERM); removes `dir` when `remove` is set.
+pub fn with_cluster<T>(
+    dir: &Path,
+    nodes: u16,
+    base_port: u16,
+    remove: bool,
+    f: impl FnOnce(&ClusterConfig) -> Result<T>,
+) -> Result<T> {
+    // Block SIGINT/SIGTERM in this thread before any other thread starts, so that they
+    // inherit the mask and only the watcher below takes them: the nodes run in their own
+    // sessions and would survive us.
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    sigs.add(nix::sys::signal::Signal::SIGINT);
+    sigs.add(nix::sys::signal::Signal::SIGTERM);
+    let old_mask = sigs.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)?;
+    let cfg = match cluster::start(dir, nodes, base_port, false) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            let _ = old_mask.thread_set_mask();
+            if remove {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Err(e.context("cannot start the cluster"));
+        }
+    };
+    let guard = ClusterGuard {
+        cfg: cfg.clone(),
+        dir: remove.then(|| dir.to_path_buf()),
+    };
+    {
+        let (cfg, dir) = (cfg.clone(), guard.dir.clone());
+        thread::spawn(move || {
+            if let Ok(sig) = sigs.wait() {
+                eprintln!("dvs: {sig}, stopping the cluster");
+                cluster::stop(&cfg);
+                if let Some(dir) = dir {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                std::process::exit(130);
+            }
+        });
+    }
+    let r = f(&cfg);
+    drop(guard);
+    r
+}
+
+/// Stops a cluster (and removes its folder, if set) when dropped.
+struct ClusterGuard {
+    cfg: ClusterConfig,
+    dir: Option<PathBuf>,
+}
+
+impl Drop for ClusterGuard {
+    fn drop(&mut self) {
+        cluster::stop(&self.cfg);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Whether the criu backend works on `node` (its `dvs doctor` check), with the detail.
+pub fn criu_on(node: &NodeConfig) -> (bool, String) {
+    let answer = CtlClient::connect(&node.ctl_socket()).and_then(|mut c| {
+        c.set_timeout(Some(Duration::from_secs(30)))?;
+        c.call(&CtlRequest::Doctor)
+    });
+    match answer {
+        Ok(CtlResponse::Doctor { checks }) => checks
+            .into_iter()
+            .find(|c| c.name == "criu")
+            .map(|c| (c.ok, c.detail))
+            .unwrap_or((false, "the node did not check criu".into())),
+        Ok(other) => (false, format!("unexpected answer: {other:?}")),
+        Err(e) => (false, format!("{e:#}")),
+    }
+}
+
+/// Launches `cmd` as endpoint `ep` of `dc` on `node`, detached.
+fn launch(node: &NodeConfig, dc: DcId, ep: Ep, cmd: Vec<String>) -> Result<()> {
+    let mut c = CtlClient::connect(&node.ctl_socket())?;
+    c.set_timeout(Some(Duration::from_secs(10)))?;
+    match c.call(&CtlRequest::Run {
+        dc,
+        ep,
+        cmd,
+        wait: false,
+    })? {
+        CtlResponse::Started { .. } => Ok(()),
+        other => bail!("cannot start endpoint {ep} on {}: {other:?}", node.name),
+    }
+}
+
+// ----- one client run ------------------------------------------------------------------------
+
+/// What a `migr-client --json` run reported.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClientReport {
+    /// Exit code (None: killed by a signal or never reported).
+    pub code: Option<i32>,
+    /// Iterations whose reply and block were right.
+    pub ok: u64,
+    /// Iterations with a wrong reply or block.
+    pub corrupt: u64,
+    /// Iterations without a valid answer.
+    pub lost: u64,
+    /// Iterations where the server's counter did not increase.
+    pub duplicated: u64,
+    /// Duration of the run, in seconds.
+    pub seconds: f64,
+    /// Longest single iteration, in milliseconds.
+    pub max_stall_ms: f64,
+    /// Server counter in the first reply.
+    pub first_counter: Option<u64>,
+    /// Server counter in the last reply.
+    pub last_counter: Option<u64>,
+    /// The client's other output lines (its complaints), first few.
+    pub complaints: Vec<String>,
+}
+
+/// Runs `cmd` as endpoint `ep` of `dc` on `node`, waits for it and parses the JSON line of
+/// its output.
+fn run_client(node: &NodeConfig, dc: DcId, ep: Ep, cmd: Vec<String>) -> Result<ClientReport> {
+    let mut c = CtlClient::connect(&node.ctl_socket())?;
+    c.set_timeout(Some(Duration::from_secs(300)))?;
+    let started = c.call(&CtlRequest::Run {
+        dc,
+        ep,
+        cmd,
+        wait: true,
+    })?;
+    let CtlResponse::Started { .. } = started else {
+        bail!("cannot start the client on {}: {started:?}", node.name)
+    };
+    let mut out = String::new();
+    let code = loop {
+        match c.recv().context("client output")? {
+            CtlResponse::Output { data } => out.push_str(&data),
+            CtlResponse::Exited { code, .. } => break code,
+            other => bail!("unexpected answer: {other:?}"),
+        }
+    };
+    let mut r = ClientReport {
+        code,
+        ..ClientReport::default()
+    };
+    let mut json = None;
+    for line in out.lines() {
+        if line.starts_with('{') {
+            json = serde_json::from_str::<serde_json::Value>(line).ok();
+        } else if r.complaints.len() < 5 && !line.trim().is_empty() {
+            r.complaints.push(line.to_string());
+        }
+    }
+    let Some(j) = json else {
+        bail!(
+            "the client printed no report (exit {code:?}): {}",
+            out.trim()
+        )
+    };
+    let u = |k: &str| j[k].as_u64().unwrap_or(0);
+    r.ok = u("ok");
+    r.corrupt = u("corrupt");
+    r.lost = u("lost");
+    r.duplicated = u("duplicated");
+    r.seconds = j["seconds"].as_f64().unwrap_or(0.0);
+    r.max_stall_ms = j["max_stall_ms"].as_f64().unwrap_or(0.0);
+    r.first_counter = j["first_counter"].as_u64();
+    r.last_counter = j["last_counter"].as_u64();
+    Ok(r)
+}
+
+// ----- the harness ---------------------------------------------------------------------------
+
+/// A migrating `migr-server` and its checking clients on a running cluster.
+pub struct Harness<'a> {
+    cfg: &'a ClusterConfig,
+    dc: DcId,
+    dc_name: String,
+    server_ep: Ep,
+    server_bin: String,
+    client_bin: String,
+    /// Client iterations per run.
+    pub iterations: u32,
+    /// Bytes per client iteration (as `migr-client --block-size` takes it).
+    pub block_size: String,
+    /// `criu`, `cooperative`, or None for the node's default.
+    pub backend: Option<String>,
+    /// Server counter the next client should see first, when known.
+    expected_first: Option<u64>,
+    runs: u32,
+}
+
+/// The outcome of one migration under load.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// Source node.
+    pub from: String,
+    /// Destination node.
+    pub to: String,
+    /// Node of the client.
+    pub client_node: String,
+    /// The phase made to fail, for a rollback.
+    pub fail_at: Option<String>,
+    /// The migration's report (None if the migration could not be run).
+    pub summary: Option<MigrationSummary>,
+    /// The client's report (None if it could not be read).
+    pub client: Option<ClientReport>,
+    /// Requests the server had served in this client run when the migration started (from
+    /// its log, which has one line per 100).
+    pub served_before: u64,
+    /// Whether the client was still running when the migration started.
+    pub mid_run: bool,
+    /// What went wrong: lost, duplicated or corrupt iterations, a wrong outcome or placement.
+    pub violations: Vec<String>,
+}
+
+impl<'a> Harness<'a> {
+    /// A harness for the server `server_ep` of the cluster's first DC.
+    pub fn new(
+        cfg: &'a ClusterConfig,
+        server_ep: Ep,
+        iterations: u32,
+        block_size: &str,
+    ) -> Result<Self> {
+        let dc = cfg
+            .dcs
+            .first()
+            .ok_or_else(|| anyhow!("the cluster has no DC"))?;
+        Ok(Harness {
+            cfg,
+            dc: dc.id,
+            dc_name: dc.name.clone(),
+            server_ep,
+            server_bin: example_binary("migr-server")?.display().to_string(),
+            client_bin: example_binary("migr-client")?.display().to_string(),
+            iterations,
+            block_size: block_size.to_string(),
+            backend: None,
+            expected_first: None,
+            runs: 0,
+        })
+    }
+
+    /// The node by id.
+    pub fn node(&self, id: u16) -> Result<&'a NodeConfig> {
+        self.cfg
+            .node_by_id(id)
+            .ok_or_else(|| anyhow!("no node {id}"))
+    }
+
+    /// Starts the server (with the ballast) on `node` and waits until it is bound.
+    pub fn start_server(&mut self, node: u16) -> Result<()> {
+        let n = self.node(node)?;
+        launch(
+            n,
+            self.dc,
+            self.server_ep,
+            vec![
+                self.server_bin.clone(),
+                "--ballast-mb".into(),
+                BALLAST_MB.to_string(),
+            ],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.server_node() != Some(node) {
+            if Instant::now() > deadline {
+                bail!(
+                    "migr-server did not come up on {} within 10 s (see {})",
+                    n.name,
+                    n.runtime_dir.join("logs").display()
+                );
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.expected_first = None;
+        Ok(())
+    }
+
+    /// The node the server runs on (RUNNING there), if any.
+    pub fn server_node(&self) -> Option<u16> {
+        self.cfg.nodes.iter().find_map(|n| {
+            let s = cluster::node_status(n).ok()?;
+            s.endpoints
+                .iter()
+                .any(|e| e.dc == self.dc && e.ep == self.server_ep && e.state == "RUNNING")
+                .then_some(n.id)
+        })
+    }
+
+    /// The highest request count the server logged (one line per 100 requests), over the
+    /// logs of every node: a criu-restored server keeps writing its first log, a
+    /// cooperatively restarted one writes the destination node's.
+    fn served_logged(&self) -> u64 {
+        let name = format!("{}-{}.log", self.dc_name, self.server_ep);
+        let mut best = 0;
+        for n in &self.cfg.nodes {
+            let Ok(text) = std::fs::read_to_string(n.runtime_dir.join("logs").join(&name)) else {
+                continue;
+            };
+            for line in text.lines().rev() {
+                let count = line
+                    .strip_prefix("migr-server: ")
+                    .and_then(|r| r.split_once(" requests served"))
+                    .and_then(|(c, _)| c.parse::<u64>().ok());
+                if let Some(c) = count {
+                    best = best.max(c);
+                    break;
+                }
+            }
+        }
+        best
+    }
+
+    /// Launches a client on `client_node`, migrates the server to `to` once it has served
+    /// part of the client's run (with `fail_at`: a migration made to fail), joins the client
+    /// and checks everything. Errors only when the cluster cannot be driven at all.
+    pub fn run_once(&mut self, client_node: u16, to: u16, fail_at: Option<&str>) -> Result<Sample> {
+        let from = self
+            .server_node()
+            .ok_or_else(|| anyhow!("migr-server is not running on any node"))?;
+        let cnode = self.node(client_node)?;
+        let tnode = self.node(to)?;
+        let client_ep = EP_FIRST_CLIENT + (self.runs % CLIENT_EPS) as Ep;
+        self.runs += 1;
+        let base = self.served_logged();
+        // Migrate once 100 to 200 requests of this run are served (the log has a line per
+        // 100), or as soon as the client started for short runs.
+        let step = match self.iterations {
+            0..=199 => 0,
+            200..=399 => 100,
+            _ => 200,
+        };
+        let cmd = vec![
+            self.client_bin.clone(),
+            "--server".into(),
+            self.server_ep.to_string(),
+            "--iterations".into(),
+            self.iterations.to_string(),
+            "--block-size".into(),
+            self.block_size.clone(),
+            "--timeout-ms".into(),
+            "60000".into(),
+            "--json".into(),
+        ];
+        let dc = self.dc;
+        let client: JoinHandle<Result<ClientReport>> = {
+            let node = cnode.clone();
+            thread::spawn(move || run_client(&node, dc, client_ep, cmd))
+        };
+        let t0 = Instant::now();
+        loop {
+            if client.is_finished() || t0.elapsed() > MID_RUN_WAIT {
+                break;
+            }
+            if step == 0 {
+                thread::sleep(Duration::from_millis(5));
+                break;
+            }
+            if self.served_logged() >= base + step {
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        let served_before = self.served_logged().saturating_sub(base);
+        let mid_run = !client.is_finished();
+        let target = format!("{}/{}", self.dc_name, self.server_ep);
+        let migrated = run_migration(
+            self.cfg,
+            &MigrateOptions {
+                target: &target,
+                to: &tnode.name,
+                backend: self.backend.clone(),
+                fail_at: fail_at.map(str::to_string),
+                quiesce_ms: None,
+                json: true,
+            },
+            &mut io::sink(),
+        );
+        let joined = client
+            .join()
+            .map_err(|_| anyhow!("client thread panicked"))?;
+        let mut v = Vec::new();
+        let summary = match migrated {
+            Ok(s) => {
+                if s.committed && fail_at.is_some() {
+                    v.push(format!(
+                        "committed although --fail-at {}",
+                        fail_at.unwrap_or_default()
+                    ));
+                } else if !s.committed && fail_at.is_none() {
+                    v.push(format!(
+                        "rolled back: {}",
+                        s.error.clone().unwrap_or_default()
+                    ));
+                }
+                Some(s)
+            }
+            Err(e) => {
+                v.push(format!("migration failed: {e:#}"));
+                None
+            }
+        };
+        let client = match joined {
+            Ok(r) => {
+                let n = u64::from(self.iterations);
+                if r.ok != n || r.lost + r.duplicated + r.corrupt > 0 {
+                    v.push(format!(
+                        "client: {} ok of {n}, {} lost, {} duplicated, {} corrupt{}",
+                        r.ok,
+                        r.lost,
+                        r.duplicated,
+                        r.corrupt,
+                        r.complaints
+                            .first()
+                            .map(|c| format!(" ({c})"))
+                            .unwrap_or_default()
+                    ));
+                } else if r.code != Some(0) {
+                    v.push(format!("client exited with {:?}", r.code));
+                }
+                if let (Some(want), Some(got)) = (self.expected_first, r.first_counter) {
+                    if want != got {
+                        v.push(format!(
+                            "server counter: the client saw {got} first, {want} expected (state lost or replayed)"
+                        ));
+                    }
+                }
+                self.expected_first = r.last_counter.map(|c| c + 1);
+                Some(r)
+            }
+            Err(e) => {
+                v.push(format!("client: {e:#}"));
+                self.expected_first = None;
+                None
+            }
+        };
+        let committed = summary.as_ref().is_some_and(|s| s.committed);
+        let want = if committed { to } else { from };
+        let now = self.server_node();
+        if now != Some(want) {
+            let name = |n: Option<u16>| {
+                n.and_then(|id| self.cfg.node_by_id(id))
+                    .map_or("no node".to_string(), |n| n.name.clone())
+            };
+            v.push(format!(
+                "server runs on {}, expected on {}",
+                name(now),
+                name(Some(want))
+            ));
+        }
+        Ok(Sample {
+            from: self.node(from)?.name.clone(),
+            to: tnode.name.clone(),
+            client_node: cnode.name.clone(),
+            fail_at: fail_at.map(str::to_string),
+            summary,
+            client,
+            served_before,
+            mid_run,
+            violations: v,
+        })
+    }
+}
+
+// ----- statistics ----------------------------------------------------------------------------
+
+/// Summary statistics of a set of samples.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    /// Number of samples.
+    pub n: usize,
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation.
+    pub sd: f64,
+    /// Median (nearest rank).
+    pub median: f64,
+    /// 95th percentile (nearest rank).
+    pub p95: f64,
+    /// Smallest.
+    pub min: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Stats {
+    /// Statistics of `v` (all zero when empty).
+    pub fn of(v: &[f64]) -> Stats {
+        if v.is_empty() {
+            return Stats::default();
+        }
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let mean = s.iter().sum::<f64>() / n as f64;
+        let var = if n > 1 {
+            s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64
+        } else {
+            0.0
+        };
+        let at = |q: f64| s[((q * n as f64).ceil() as usize).clamp(1, n) - 1];
+        Stats {
+            n,
+            mean,
+            sd: var.sqrt(),
+            median: at(0.5),
+            p95: at(0.95),
+            min: s[0],
+            max: s[n - 1],
+        }
+    }
+}
+
+/// Median time of each phase over `samples`, in the order the phases first appear.
+pub fn phase_medians(samples: &[&MigrationSummary]) -> Vec<(String, f64)> {
+    let mut order = Vec::new();
+    let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for s in samples {
+        for p in &s.phases {
+            if !by.contains_key(&p.phase) {
+                order.push(p.phase.clone());
+            }
+            by.entry(p.phase.clone()).or_default().push(p.ms);
+        }
+    }
+    order
+        .into_iter()
+        .map(|p| {
+            let m = Stats::of(&by[&p]).median;
+            (p, m)
+        })
+        .collect()
+}
+
+// ----- raw baseline --------------------------------------------------------------------------
+
+/// Sends `bytes` over a fresh TCP loopback connection to a reading thread in 64 KiB writes;
+/// returns the time from the first write to the reader's acknowledgement of the last byte,
+/// in milliseconds.
+fn raw_tcp_transfer_ms(bytes: usize) -> Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let mut tx = TcpStream::connect(listener.local_addr()?)?;
+    let (mut rx, _) = listener.accept()?;
+    tx.set_nodelay(true)?;
+    rx.set_nodelay(true)?;
+    let sink: JoinHandle<io::Result<()>> = thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0;
+        while got < bytes {
+            let n = rx.read(&mut buf)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            got += n;
+        }
+        rx.write_all(&[1])
+    });
+    let data: Vec<u8> = (0..bytes).map(|i| (i * 7) as u8).collect();
+    let t = Instant::now();
+    for chunk in data.chunks(1 << 16) {
+        tx.write_all(chunk)?;
+    }
+    let mut ack = [0u8; 1];
+    tx.read_exact(&mut ack)?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    sink.join().map_err(|_| anyhow!("sink thread panicked"))??;
+    Ok(ms)
+}
+
+// ----- dvs bench migration -------------------------------------------------------------------
+
+/// Options of `dvs bench migration`.
+#[derive(Debug, Clone)]
+pub struct MigrationOptions {
+    /// Migrations per backend.
+    pub runs: u32,
+    /// Only this backend (`criu` or `cooperative`); default: every available one.
+    pub backend: Option<String>,
+    /// Print JSON instead of a table.
+    pub json: bool,
+}
+
+/// The figures of one backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendReport {
+    /// `criu` or `cooperative`.
+    pub backend: String,
+    /// Migrations done.
+    pub runs: usize,
+    /// START to COMMIT, in milliseconds, over committed migrations.
+    pub migration_ms: Stats,
+    /// Longest sendrec the client saw in each migration's run, in milliseconds.
+    pub stall_ms: Stats,
+    /// Median image bytes.
+    pub image_bytes: u64,
+    /// Image transfer time, in milliseconds.
+    pub transfer_ms: Stats,
+    /// Median image bytes / transfer time, in MB/s (10^6 bytes), when an image was moved.
+    pub transfer_mb_s: Option<f64>,
+    /// Median time of each phase, in milliseconds.
+    pub phases_ms: Vec<(String, f64)>,
+    /// Problems seen (lost, duplicated or corrupt iterations, rollbacks, misplacement).
+    pub violations: Vec<String>,
+    /// Every migration.
+    pub samples: Vec<Sample>,
+}
+
+/// One target and whether it was met.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What is compared.
+    pub name: String,
+    /// The target, as text.
+    pub target: String,
+    /// The measured value, as text.
+    pub value: String,
+    /// Met (None: not measured, e.g. criu unavailable).
+    pub pass: Option<bool>,
+}
+
+/// The whole report of `dvs bench migration`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// How the run was set up.
+    pub method: String,
+    /// Why criu was not measured, if it was not.
+    pub criu_unavailable: Option<String>,
+    /// One entry per measured backend.
+    pub backends: Vec<BackendReport>,
+    /// Bytes of the raw baseline transfer (the criu image size, or 2.5 MB).
+    pub raw_bytes: usize,
+    /// Median raw TCP loopback transfer time of `raw_bytes`, in milliseconds.
+    pub raw_tcp_ms: f64,
+    /// `raw_bytes` / `raw_tcp_ms`, in MB/s.
+    pub raw_tcp_mb_s: f64,
+    /// Targets.
+    pub targets: Vec<Target>,
+}
+
+fn progress(what: &str) {
+    eprintln!("dvs bench: {what}");
+}
+
+/// `dvs bench migration`.
+pub fn migration(opts: &MigrationOptions) -> Result<ExitCode> {
+    if opts.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let dir = std::env::temp_dir().join(format!("dvs-bench-migration-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    progress(&format!(
+        "starting a 3-node cluster under {}",
+        dir.display()
+    ));
+    let (backends, criu_unavailable) = with_cluster(&dir, 3, BENCH_BASE_PORT, true, |cfg| {
+        let (criu_ok, detail) = criu_on(&cfg.nodes[0]);
+        let wanted: Vec<&str> = match opts.backend.as_deref() {
+            Some(b) => vec![b],
+            None if criu_ok => vec!["criu", "cooperative"],
+            None => vec!["cooperative"],
+        };
+        let criu_unavailable = (!criu_ok).then(|| detail.clone());
+        if criu_ok {
+            progress(&format!("criu works: {detail}"));
+        } else {
+            progress(&format!(
+                "criu does not work here ({detail}): cooperative only"
+            ));
+        }
+        let mut reports = Vec::new();
+        for (i, b) in wanted.iter().enumerate() {
+            reports.push(bench_backend(cfg, b, EP_SERVER + 2 * i as Ep, opts.runs)?);
+        }
+        Ok((reports, criu_unavailable))
+    })?;
+    progress("cluster stopped");
+
+    // The raw baseline: the same byte count over TCP loopback, median of 21.
+    let criu = backends.iter().find(|b| b.backend == "criu");
+    let raw_bytes = criu.map_or(2_500_000, |c| c.image_bytes as usize).max(1);
+    progress(&format!("raw TCP loopback transfer of {raw_bytes} bytes"));
+    let mut raw = Vec::new();
+    for _ in 0..21 {
+        raw.push(raw_tcp_transfer_ms(raw_bytes).context("raw TCP transfer")?);
+    }
+    let raw_tcp_ms = Stats::of(&raw).median;
+    let raw_tcp_mb_s = raw_bytes as f64 / 1e3 / raw_tcp_ms;
+
+    let coop = backends.iter().find(|b| b.backend == "cooperative");
+    let mut targets = vec![
+        Target {
+            name: "criu migration START->COMMIT (median)".into(),
+            target: "<= 150 ms".into(),
+            value: criu.map_or("not measured".into(), |c| {
+                format!("{:.1} ms", c.migration_ms.median)
+            }),
+            pass: criu.map(|c| c.migration_ms.n > 0 && c.migration_ms.median <= 150.0),
+        },
+        Target {
+            name: "criu client stall (p95)".into(),
+            target: "<= 200 ms".into(),
+            value: criu.map_or("not measured".into(), |c| {
+                format!("{:.1} ms", c.stall_ms.p95)
+            }),
+            pass: criu.map(|c| c.stall_ms.n > 0 && c.stall_ms.p95 <= 200.0),
+        },
+        Target {
+            name: "cooperative migration START->COMMIT (median)".into(),
+            target: "<= 20 ms".into(),
+            value: coop.map_or("not measured".into(), |c| {
+                format!("{:.1} ms", c.migration_ms.median)
+            }),
+            pass: coop.map(|c| c.migration_ms.n > 0 && c.migration_ms.median <= 20.0),
+        },
+    ];
+    let rate = criu.and_then(|c| c.transfer_mb_s);
+    targets.push(Target {
+        name: "criu image transfer (median)".into(),
+        target: ">= 500 MB/s".into(),
+        value: rate.map_or("not measured".into(), |r| {
+            format!("{r:.0} MB/s ({:.0}% of raw TCP)", 100.0 * r / raw_tcp_mb_s)
+        }),
+        pass: rate.map(|r| r >= 500.0),
+    });
+    let report = MigrationReport {
+        method: format!(
+            "3 node kernels on loopback; migr-server --ballast-mb {BALLAST_MB} migrated \
+             node0 <-> node1, one migr-client run on node2 per migration ({BENCH_ITERATIONS} \
+             iterations of {BENCH_BLOCK} bytes), the migration starting after 100-200 of them; \
+             stall = the client's longest sendrec in that run; raw baseline = the same bytes \
+             over a fresh TCP loopback connection between two threads (64 KiB writes, median \
+             of 21)"
+        ),
+        criu_unavailable,
+        backends,
+        raw_bytes,
+        raw_tcp_ms,
+        raw_tcp_mb_s,
+        targets,
+    };
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `runs` migrations of a fresh server (endpoint `ep`) with `backend`, node0 <-> node1, each
+/// under one client run on node2.
+fn bench_backend(cfg: &ClusterConfig, backend: &str, ep: Ep, runs: u32) -> Result<BackendReport> {
+    let mut h = Harness::new(cfg, ep, BENCH_ITERATIONS, BENCH_BLOCK)?;
+    h.backend = Some(backend.to_string());
+    let ids: Vec<u16> = cfg.nodes.iter().map(|n| n.id).collect();
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    h.start_server(a)?;
+    progress(&format!(
+        "{backend}: {runs} migrations between {} and {} under load from {}",
+        h.node(a)?.name,
+        h.node(b)?.name,
+        h.node(c)?.name
+    ));
+    let mut samples = Vec::new();
+    for i in 0..runs {
+        let from = match h.server_node() {
+            Some(n) => n,
+            None => {
+                // A failed migration lost the server: start a new one and go on.
+                h.start_server(a)?;
+                a
+            }
+        };
+        let to = if from == a { b } else { a };
+        let s = h.run_once(c, to, None)?;
+        let m = s.summary.as_ref();
+        eprintln!(
+            "  {backend:<11} {:>3}/{runs}  {} -> {}  migration {:>7.1} ms  stall {:>7.1} ms  {}",
+            i + 1,
+            s.from,
+            s.to,
+            m.map_or(f64::NAN, |m| m.migration_ms),
+            s.client.as_ref().map_or(f64::NAN, |c| c.max_stall_ms),
+            if s.violations.is_empty() {
+                "ok".to_string()
+            } else {
+                s.violations.join("; ")
+            }
+        );
+        samples.push(s);
+    }
+    let committed: Vec<&MigrationSummary> = samples
+        .iter()
+        .filter_map(|s| s.summary.as_ref())
+        .filter(|m| m.committed)
+        .collect();
+    let f = |g: fn(&MigrationSummary) -> f64| {
+        Stats::of(&committed.iter().map(|m| g(m)).collect::<Vec<_>>())
+    };
+    let migration_ms = f(|m| m.migration_ms);
+    let transfer_ms = f(|m| m.transfer_ms);
+    let image = f(|m| m.image_bytes as f64);
+    let rates: Vec<f64> = committed
+        .iter()
+        .filter(|m| m.transfer_ms > 0.0 && m.image_bytes > 0)
+        .map(|m| m.image_bytes as f64 / 1e3 / m.transfer_ms)
+        .collect();
+    let stall_ms = Stats::of(
+        &samples
+            .iter()
+            .filter_map(|s| s.client.as_ref().map(|c| c.max_stall_ms))
+            .collect::<Vec<_>>(),
+    );
+    let violations = samples
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            s.violations
+                .iter()
+                .map(move |v| format!("run {}: {v}", i + 1))
+        })
+        .collect();
+    Ok(BackendReport {
+        backend: backend.to_string(),
+        runs: samples.len(),
+        migration_ms,
+        stall_ms,
+        image_bytes: image.median as u64,
+        transfer_ms,
+        transfer_mb_s: (!rates.is_empty()).then(|| Stats::of(&rates).median),
+        phases_ms: phase_medians(&committed),
+        violations,
+        samples,
+    })
+}
+
+/// Bytes as text: B, kB or MB.
+pub fn bytes_text(b: u64) -> String {
+    match b {
+        0..=9_999 => format!("{b} B"),
+        10_000..=999_999 => format!("{:.1} kB", b as f64 / 1e3),
+        _ => format!("{:.2} MB", b as f64 / 1e6),
+    }
+}
+
+fn print_report(r: &MigrationReport) {
+    println!();
+    println!("dvs bench migration");
+    println!("  {}", r.method);
+    if let Some(why) = &r.criu_unavailable {
+        println!("  criu not measured: {why}");
+    }
+    println!();
+    println!(
+        "{:<12} {:>4}  {:>18}  {:>18}  {:>9}  {:>16}  {:>10}",
+        "backend", "runs", "migration ms", "client stall ms", "image", "transfer ms", "MB/s"
+    );
+    println!(
+        "{:<12} {:>4}  {:>18}  {:>18}  {:>9}  {:>16}  {:>10}",
+        "", "", "median / p95", "median / p95", "", "median / p95", "median"
+    );
+    for b in &r.backends {
+        println!(
+            "{:<12} {:>4}  {:>18}  {:>18}  {:>9}  {:>16}  {:>10}",
+            b.backend,
+            b.runs,
+            format!("{:.1} / {:.1}", b.migration_ms.median, b.migration_ms.p95),
+            format!("{:.1} / {:.1}", b.stall_ms.median, b.stall_ms.p95),
+            bytes_text(b.image_bytes),
+            format!("{:.2} / {:.2}", b.transfer_ms.median, b.transfer_ms.p95),
+            b.transfer_mb_s.map_or("-".into(), |x| format!("{x:.0}")),
+        );
+    }
+    println!(
+        "{:<12} {:>4}  {:>18}  {:>18}  {:>9}  {:>16}  {:>10}",
+        "raw TCP",
+        21,
+        "",
+        "",
+        bytes_text(r.raw_bytes as u64),
+        format!("{:.2}", r.raw_tcp_ms),
+        format!("{:.0}", r.raw_tcp_mb_s),
+    );
+    println!();
+    for b in &r.backends {
+        let phases: Vec<String> = b
+            .phases_ms
+            .iter()
+            .map(|(p, ms)| format!("{p} {ms:.2}"))
+            .collect();
+        println!("{} phases (median ms): {}", b.backend, phases.join(", "));
+    }
+    println!();
+    println!("{:<46} {:<12} {:<32} result", "target", "goal", "measured");
+    for t in &r.targets {
+        let res = match t.pass {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "n/a",
+        };
+        println!("{:<46} {:<12} {:<32} {res}", t.name, t.target, t.value);
+    }
+    let v: Vec<String> = r
+        .backends
+        .iter()
+        .flat_map(|b| {
+            b.violations
+                .iter()
+                .map(move |v| format!("{}: {v}", b.backend))
+        })
+        .collect();
+    println!();
+    if v.is_empty() {
+        let n: usize = r.backends.iter().map(|b| b.runs).sum();
+        println!("correctness: {n} migrations under load, every client iteration ok (none lost, duplicated or corrupt)");
+    } else {
+        println!("correctness: {} violations", v.len());
+        for x in v {
+            println!("  {x}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_nearest_rank_and_sd() {
+        let s = Stats::of(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]);
+        assert_eq!(s.median, 5.0);
+        assert_eq!(s.p95, 10.0);
+        assert!((s.mean - 5.5).abs() < 1e-9);
+        assert!((s.sd - 3.0276503540974917).abs() < 1e-9);
+        assert_eq!(Stats::of(&[]).n, 0);
+    }
+
+    #[test]
+    fn raw_transfer_runs() {
+        assert!(raw_tcp_transfer_ms(1 << 20).unwrap() > 0.0);
+    }
+}
