@@ -557,3 +557,43 @@ fn order_of_held_calls_is_kept() {
     }
     assert_eq!(got.values().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
 }
+
+#[test]
+fn participants_roll_back_when_the_coordinator_dies_before_deciding() {
+    let mut sim = Sim::new();
+    let (s, _c) = setup(&mut sim);
+    // The server is blocked sending: the migration stays undecided (quiescing).
+    sim.request(
+        0,
+        s,
+        LocalRequest::Send {
+            dst: 2,
+            msg: msg(1),
+            timeout: Timeout::Forever,
+        },
+    );
+    sim.migrate(0, 1, 1, None);
+    // node2 holds a call to the migrating server.
+    let other = sim.bind(2, 5, 5000);
+    sim.request(2, other, sendrec(1, 7));
+    assert_eq!(sim.take(2, other), None);
+    // The coordinator (node0) dies: its links go down and it never decides.
+    for n in [1usize, 2] {
+        sim.cores[n].on_link_down(0);
+    }
+    sim.run();
+    // After the participant timeout a participant records the rollback...
+    sim.advance(Duration::from_secs(11));
+    let rec = sim.dir_migr.values().next().copied().expect("record");
+    assert_eq!(rec.state, dvs_core::RecordState::RolledBack);
+    // ...and every node applies it from the directory (the watch).
+    for n in [1usize, 2] {
+        sim.cores[n].on_migr_record(DC, 1, rec, sim.now);
+    }
+    sim.run();
+    // The held call is replayed to node0, whose link is down: it fails instead of hanging.
+    assert!(
+        matches!(sim.take(2, other), Some(LocalResponse::Err(_))),
+        "the held call must not hang"
+    );
+}

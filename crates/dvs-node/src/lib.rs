@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dvs_config::{ClusterConfig, Compression, NodeConfig};
-use dvs_core::{Action, ConnId, CoreConfig, DcInfo, NodeCore, VcopyCompletion};
+use dvs_core::{Action, ConnId, CoreConfig, DcInfo, NodeCore};
 use dvs_directory::{Directory, EmbeddedDirectory};
 use dvs_wire::peer::PeerFrame;
 use dvs_wire::{Errno, NodeId};
@@ -270,7 +270,6 @@ impl Shared {
             let r = vcopy::write(pid, dst_addr + offset, data);
             self.core.on_vcopy_chunk_written(caller_node, op, last, r);
         }
-        let _ = VcopyCompletion::Local { op };
     }
 }
 

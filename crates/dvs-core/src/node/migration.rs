@@ -223,11 +223,17 @@ pub struct MigrationReport {
     pub held: u32,
 }
 
+/// How long a participant holds calls for an undecided migration before it tries to decide a
+/// rollback itself (the coordinator may have died).
+pub const PARTICIPANT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Calls and frames held for a migrating endpoint on this node.
 #[derive(Default)]
 struct Hold {
     /// `None` until MIGR_START arrives (a `Redirect` can come first).
     id: Option<MigrationId>,
+    /// Source and destination, once MIGR_START arrived.
+    route: Option<(NodeId, NodeId)>,
     calls: Vec<ConnId>,
     frames: Vec<PeerFrame>,
 }
@@ -1181,10 +1187,13 @@ impl NodeCore {
                 id,
                 dc,
                 ep,
-                from: _,
-                to: _,
+                from: src,
+                to,
             } => {
-                self.migr.holds.entry((dc, ep)).or_default().id = Some(id);
+                let h = self.migr.holds.entry((dc, ep)).or_default();
+                h.id = Some(id);
+                h.route = Some((src, to));
+                self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
                 self.actions.push_back(Action::Peer {
                     node: from,
                     frame: PeerFrame::MigrStartAck { id },
@@ -1319,6 +1328,31 @@ impl NodeCore {
 
     pub(super) fn on_migration_timer(&mut self, id: MigrationId, now: Instant) {
         let Some(c) = self.migr.coords.get(&id) else {
+            // A participant still holding calls for an undecided migration: the coordinator may
+            // be gone. Try to decide a rollback; the directory watch applies what is recorded.
+            let held = self
+                .migr
+                .holds
+                .iter()
+                .find(|(_, h)| h.id == Some(id))
+                .map(|(k, h)| (*k, h.route));
+            if let Some(((dc, ep), Some((from, to)))) = held {
+                let record = MigrRecord {
+                    id,
+                    from,
+                    to,
+                    state: RecordState::RolledBack,
+                };
+                let require = Require::Started(id);
+                self.actions.push_back(Action::MigrRecord {
+                    id,
+                    dc,
+                    ep,
+                    record,
+                    require,
+                });
+                self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
+            }
             return;
         };
         match (c.phase, c.decided_at) {
