@@ -309,3 +309,51 @@ pub fn run(
 fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
     it.cloned().collect::<Vec<_>>().join(", ")
 }
+
+/// `dvs register`: records on nodes that `{dc, ep}` runs on `at` (REMOTE), or is a backup kept
+/// on `at` (BACKUP). Without `on`, every other node of the DC.
+pub fn register(
+    cfg: &ClusterConfig,
+    target: &str,
+    at: &str,
+    on: &[String],
+    backup: bool,
+) -> Result<()> {
+    let (dc, ep) = crate::migrate::parse_target(cfg, target)?;
+    let dcc = cfg.dc_by_id(dc).expect("resolved");
+    let at = cfg
+        .find_node(at)
+        .ok_or_else(|| anyhow!("no node {at:?} in the cluster config"))?;
+    let nodes: Vec<&NodeConfig> = if on.is_empty() {
+        cfg.dc_nodes(dcc)
+            .into_iter()
+            .filter(|n| *n != at.id)
+            .filter_map(|n| cfg.node_by_id(n))
+            .collect()
+    } else {
+        on.iter()
+            .map(|n| {
+                cfg.find_node(n)
+                    .ok_or_else(|| anyhow!("no node {n:?} in the cluster config"))
+            })
+            .collect::<Result<_>>()?
+    };
+    let kind = if backup { "BACKUP" } else { "REMOTE" };
+    for node in nodes {
+        let mut c = CtlClient::connect(&node.ctl_socket())
+            .with_context(|| format!("node {} is not running", node.name))?;
+        c.set_timeout(Some(Duration::from_secs(3)))?;
+        c.call(&CtlRequest::Register {
+            dc,
+            ep,
+            at: at.id,
+            backup,
+        })
+        .with_context(|| format!("on node {}", node.name))?;
+        println!(
+            "{}: {}/{ep} registered as {kind}({})",
+            node.name, dcc.name, at.name
+        );
+    }
+    Ok(())
+}

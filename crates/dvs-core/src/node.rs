@@ -561,6 +561,32 @@ impl NodeCore {
         self.actions.push_back(Action::Register { conn, dc, ep });
     }
 
+    /// Registers `{dc, ep}` here as running on `node` (the DVK's `rmtbind`), or as the backup
+    /// of a replicated primary kept on `node` (`bkupbind`). Refused for an endpoint bound here.
+    pub fn register_remote(
+        &mut self,
+        dc: DcId,
+        ep: Ep,
+        node: NodeId,
+        backup: bool,
+    ) -> Result<(), Errno> {
+        let info = self.dc_check(dc, ep)?;
+        if !info.nodes.contains(&node) || !info.nodes.contains(&self.node) {
+            return Err(Errno::NodeNotInDc);
+        }
+        if node == self.node || matches!(self.table.get(dc, ep), Some(Registration::Local { .. })) {
+            return Err(Errno::AlreadyBound);
+        }
+        let reg = if backup {
+            Registration::Backup { node }
+        } else {
+            Registration::Remote { node }
+        };
+        self.table.set(dc, ep, reg);
+        self.wake_bind_waiters(dc, ep);
+        Ok(())
+    }
+
     /// Every directory action up to [`Action::DirectorySync`] has landed.
     pub fn on_directory_synced(&mut self, conn: ConnId) {
         if self

@@ -41,6 +41,14 @@ pub enum CtlRequest {
     },
     /// Which checkpoint backends work on this node, and why not.
     Doctor,
+    /// Register `{dc, ep}` on this node as running on `at` (REMOTE) or as a backup kept on
+    /// `at` (BACKUP).
+    Register {
+        dc: DcId,
+        ep: Ep,
+        at: NodeId,
+        backup: bool,
+    },
 }
 
 /// One line of the node's answer. `Run` with `wait` gets `Started`, any number of `Output`

@@ -79,6 +79,21 @@ async fn connection(state: State, stream: UnixStream) {
                 fail_at,
                 quiesce_ms,
             } => migrate(&state, dc, ep, to, backend, fail_at, quiesce_ms, &mut w).await,
+            CtlRequest::Register { dc, ep, at, backup } => {
+                let r = {
+                    let mut s = state.borrow_mut();
+                    let r = s.core.register_remote(dc, ep, at, backup);
+                    s.drive();
+                    r
+                };
+                let resp = match r {
+                    Ok(()) => CtlResponse::Ok,
+                    Err(e) => CtlResponse::Error {
+                        message: format!("cannot register {dc}/{ep} at node {at}: {e}"),
+                    },
+                };
+                send(&mut w, &resp).await
+            }
             CtlRequest::Doctor => {
                 send(
                     &mut w,
