@@ -588,6 +588,18 @@ fn print_table(r: &IpcReport) {
         s.block_bytes / 1024
     );
     println!("  {}", s.method);
+    let busy = |l: &str| {
+        l.split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|v| v > 0.5)
+    };
+    if busy(&s.loadavg_before) || busy(&s.loadavg_after) {
+        println!(
+            "  note: 1-minute load average above 0.5 (other work, or runs just before this one): \
+             figures may be noisy"
+        );
+    }
     println!();
     let lat = |name: &str, l: &Latency| {
         println!(

@@ -246,7 +246,11 @@ fn print_run(sc: Scenario, i: u32, o: &DemoOptions, s: &Sample) {
         Some(c) if s.violations.is_empty() => format!("{}/{} ok", c.ok, o.iterations),
         _ => format!("VIOLATION: {}", s.violations.join("; ")),
     };
-    let note = if s.mid_run { "" } else { " (client had ended)" };
+    let note = if s.mid_run {
+        ""
+    } else {
+        " (the client had ended before the migration: stall not counted)"
+    };
     println!(
         "   {:<27} run {:>2}/{runs}  {} {arrow} {} (client {})  {what}  {stall}  {verdict}{note}",
         sc.label(),
@@ -261,11 +265,11 @@ fn print_run(sc: Scenario, i: u32, o: &DemoOptions, s: &Sample) {
 fn print_table(backend: &str, all: &[(Scenario, Vec<Sample>)]) {
     println!("\n== results ({backend} backend) beside the paper's (3 VMs on a 2012 desktop, DMTCP, ssh transfer)");
     println!(
-        "{:<28} {:>16} {:>14} {:>8}   {:>13} {:>8} {:>8}   {:>7} {:>6}   {:>14}",
-        "", "migration ms", "", "", "transfer ms", "", "", "image MB", "", "client stall ms"
+        "{:<28} {:-^40}   {:-^31}   {:-^14}   {:>16}",
+        "", " migration (ms) ", " image transfer (ms) ", " image (MB) ", "client stall (ms)"
     );
     println!(
-        "{:<28} {:>16} {:>14} {:>8}   {:>13} {:>8} {:>8}   {:>7} {:>6}   {:>14}",
+        "{:<28} {:>16} {:>14} {:>8}   {:>13} {:>8} {:>8}   {:>7} {:>6}   {:>16}",
         "scenario",
         "dvs",
         "paper",
@@ -275,7 +279,7 @@ fn print_table(backend: &str, all: &[(Scenario, Vec<Sample>)]) {
         "speed-up",
         "dvs",
         "paper",
-        "dvs (max/run)"
+        "dvs, max per run"
     );
     let mut committed_all: Vec<&MigrationSummary> = Vec::new();
     for (sc, samples) in all {
@@ -301,9 +305,11 @@ fn print_table(backend: &str, all: &[(Scenario, Vec<Sample>)]) {
                 .map(|m| m.image_bytes as f64 / 1e6)
                 .collect::<Vec<_>>(),
         );
+        // A client that ended before the migration started saw no stall from it.
         let stall = Stats::of(
             &samples
                 .iter()
+                .filter(|s| s.mid_run)
                 .filter_map(|s| s.client.as_ref().map(|c| c.max_stall_ms))
                 .collect::<Vec<_>>(),
         );
@@ -317,7 +323,7 @@ fn print_table(backend: &str, all: &[(Scenario, Vec<Sample>)]) {
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         println!(
-            "{:<28} {:>16} {:>14} {:>8}   {:>13} {:>8} {:>8}   {:>7} {:>6}   {:>14}",
+            "{:<28} {:>16} {:>14} {:>8}   {:>13} {:>8} {:>8}   {:>7} {:>6}   {:>16}",
             sc.label(),
             ms_pm(&mig, 1),
             paper_mig,
@@ -327,6 +333,9 @@ fn print_table(backend: &str, all: &[(Scenario, Vec<Sample>)]) {
             xfer_x,
             if image.n == 0 {
                 "-".into()
+            } else if image.mean < 0.005 {
+                // A cooperative snapshot: a few bytes.
+                format!("{:.0} B", image.mean * 1e6)
             } else {
                 format!("{:.2}", image.mean)
             },

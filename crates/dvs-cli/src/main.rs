@@ -119,6 +119,21 @@ enum Cmd {
     },
     /// Which checkpoint backends work here (and on each running node), and why not.
     Doctor,
+    /// Register an endpoint on nodes as running on another node (REMOTE), or as the backup of a
+    /// replicated primary kept there (BACKUP): the DVK's rmtbind and bkupbind.
+    Register {
+        /// The endpoint, as DC/EP.
+        target: String,
+        /// The node it runs on (or whose backup it is).
+        #[arg(long)]
+        at: String,
+        /// Nodes to register it on (default: every other node of the DC).
+        #[arg(long)]
+        on: Vec<String>,
+        /// Register a backup instead of a remote endpoint.
+        #[arg(long)]
+        backup: bool,
+    },
     /// Benchmarks on a temporary local cluster, with raw baselines measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -269,6 +284,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     json,
                 },
             )
+        }
+        Cmd::Register { target, at, on, backup } => {
+            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            cluster::register(&cfg, &target, &at, &on, backup)?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Doctor => {
             let cfg = load_config(&cli.dir, &cli.config).ok().map(|(c, _)| c);

@@ -201,7 +201,13 @@ pub fn doctor(cfg: Option<&ClusterConfig>) -> Result<ExitCode> {
             "unshare not found: install util-linux"
         }
     );
-    match dvs_checkpoint::Criu::locate().and_then(|c| c.check().map(|v| (c, v))) {
+    let criu = dvs_checkpoint::Criu::locate()
+        .map_err(|e| e.to_string())
+        .and_then(|c| match c.check() {
+            Ok(v) => Ok((c, v)),
+            Err(e) => Err(e.to_string()),
+        });
+    match criu {
         Ok((c, v)) => println!(
             "{:<14} {:<4} criu {v} at {} passes `criu check`",
             "criu backend",
