@@ -285,7 +285,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
             )
         }
-        Cmd::Register { target, at, on, backup } => {
+        Cmd::Register {
+            target,
+            at,
+            on,
+            backup,
+        } => {
             let (cfg, _) = load_config(&cli.dir, &cli.config)?;
             cluster::register(&cfg, &target, &at, &on, backup)?;
             Ok(ExitCode::SUCCESS)

@@ -1399,7 +1399,7 @@ impl NodeCore {
                 return Err(Errno::NodeNotInDc);
             }
             let Some(Registration::Local { conn }) = self.table.get(dc, dst) else {
-                return Err(Errno::DstDied);
+                return self.installing_pid(dc, dst).ok_or(Errno::DstDied);
             };
             let c = self.conns.get(&conn).ok_or(Errno::DstDied)?;
             let is_caller = caller_node == self.node && caller == dst;
@@ -1571,6 +1571,7 @@ impl NodeCore {
                 if let Some((dc, dst)) = self.remote_incoming.remove(&(from, op)) {
                     self.drop_remote_incoming(dc, dst, (from, op));
                 }
+                self.migr.unhold_deliver(from, op);
                 // A caller that gave up after its sendrec was taken is not owed a reply any
                 // more (as a local caller that timed out); acknowledge, so that any reply to
                 // `op` is on the link ahead of the ack (see `abandoned`).
@@ -1786,6 +1787,21 @@ impl NodeCore {
         }
         self.absorb_remote(dc, src, from);
         if self.migr.holds(dc, dst) {
+            // On the destination, the sender's node may have applied a COMMIT that has not
+            // reached this node yet, and would not hold a redirected call any more: the
+            // message waits here for the outcome instead.
+            if self.migr.is_destination(dc, dst, self.node) {
+                let frame = PeerFrame::Deliver {
+                    op,
+                    dc,
+                    src,
+                    dst,
+                    kind,
+                    msg,
+                    timeout,
+                };
+                return self.migr.hold_deliver(dc, dst, from, frame);
+            }
             // Not taken: the sender's node holds the call and sends it again after the outcome.
             self.actions.push_back(Action::Peer {
                 node: from,
@@ -1866,14 +1882,16 @@ impl NodeCore {
             if len > VCOPY_MAX {
                 return Err(Errno::TooBig);
             }
-            let Some(Registration::Local { conn: sc }) = self.table.get(dc, src) else {
-                return Err(Errno::SrcDied);
+            let src_pid = match self.table.get(dc, src) {
+                Some(Registration::Local { conn: sc }) => {
+                    let s = self.conns.get(&sc).ok_or(Errno::SrcDied)?;
+                    if !is_blocked_in_ipc(&s.blocked) {
+                        return Err(Errno::Busy);
+                    }
+                    s.pid
+                }
+                _ => self.installing_pid(dc, src).ok_or(Errno::SrcDied)?,
             };
-            let s = self.conns.get(&sc).ok_or(Errno::SrcDied)?;
-            if !is_blocked_in_ipc(&s.blocked) {
-                return Err(Errno::Busy);
-            }
-            let src_pid = s.pid;
             match self.table.get(dc, dst) {
                 Some(Registration::Local { conn: dcn }) => {
                     let d = self.conns.get(&dcn).ok_or(Errno::DstDied)?;

@@ -230,12 +230,14 @@ pub const PARTICIPANT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Calls and frames held for a migrating endpoint on this node.
 #[derive(Default)]
 struct Hold {
-    /// `None` until MIGR_START arrives (a `Redirect` can come first).
+    /// `None` until MIGR_START arrives.
     id: Option<MigrationId>,
     /// Source and destination, once MIGR_START arrived.
     route: Option<(NodeId, NodeId)>,
     calls: Vec<ConnId>,
     frames: Vec<PeerFrame>,
+    /// On the destination: messages for the endpoint (`Deliver`) and the node that sent each.
+    delivers: Vec<(NodeId, PeerFrame)>,
 }
 
 /// The coordinator's view of one migration.
@@ -304,6 +306,30 @@ impl MigrationState {
     pub fn hold_frame(&mut self, dc: DcId, ep: Ep, frame: PeerFrame) {
         self.holds.entry((dc, ep)).or_default().frames.push(frame);
     }
+    /// Whether `node` is the destination of the migration of `{dc, ep}` held here.
+    pub fn is_destination(&self, dc: DcId, ep: Ep, node: NodeId) -> bool {
+        self.holds
+            .get(&(dc, ep))
+            .and_then(|h| h.route)
+            .is_some_and(|(_, to)| to == node)
+    }
+    /// Holds a message for `{dc, ep}` that node `from` sent here, the destination, until the
+    /// outcome: taken here after a COMMIT, redirected back to `from` after a ROLLBACK.
+    pub fn hold_deliver(&mut self, dc: DcId, ep: Ep, from: NodeId, frame: PeerFrame) {
+        self.holds
+            .entry((dc, ep))
+            .or_default()
+            .delivers
+            .push((from, frame));
+    }
+    /// Forgets a held message (operation `op` of node `from`: its sender gave up).
+    pub fn unhold_deliver(&mut self, from: NodeId, op: crate::OpId) {
+        for h in self.holds.values_mut() {
+            h.delivers.retain(|(n, f)| {
+                !(*n == from && matches!(f, PeerFrame::Deliver { op: o, .. } if *o == op))
+            });
+        }
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -330,6 +356,17 @@ impl NodeCore {
     /// Seeds migration ids so that a restarted node does not reuse old ones.
     pub fn set_migration_seed(&mut self, seed: u64) {
         self.migr.next = seed & 0xffff_ffff_ffff;
+    }
+
+    /// Destination (criu): the pid of `{dc, ep}`'s process restored here and waiting for its
+    /// COMMIT. A node that applied the COMMIT before this one may already copy to or from it
+    /// (its peer's vcopy, replayed there); the process is blocked in the call it migrated in.
+    pub(super) fn installing_pid(&self, dc: DcId, ep: Ep) -> Option<i32> {
+        self.migr
+            .arrivals
+            .values()
+            .find(|a| a.dc == dc && a.ep == ep && a.backend == Backend::Criu && a.conn.is_some())
+            .map(|a| a.pid)
     }
 
     /// Whether a migration coordinated here is still running.
@@ -1013,6 +1050,12 @@ impl NodeCore {
                 // It runs on the destination now; this copy goes away without unbinding.
                 p.bound = None;
                 p.owes_reply.clear();
+                // Its pending call went with it: when this copy dies, abandoning that call
+                // here (a `Cancel` to the server's node) would take the request or the reply
+                // away from the restored process.
+                p.blocked = Blocked::No;
+                p.deadline = None;
+                p.gen += 1;
                 let pid = p.pid;
                 self.table.set(dc, ep, Registration::Remote { node: to });
                 self.actions.push_back(Action::MigratedAway { pid, to });
@@ -1095,7 +1138,30 @@ impl NodeCore {
         }
         // Replay, in the order held.
         let target = if commit { to } else { from };
-        let held = (hold.calls.len() + hold.frames.len()) as u32;
+        let held = (hold.calls.len() + hold.frames.len() + hold.delivers.len()) as u32;
+        for (origin, frame) in hold.delivers {
+            let PeerFrame::Deliver {
+                op,
+                dc,
+                src,
+                dst,
+                kind,
+                msg,
+                timeout,
+            } = frame
+            else {
+                continue;
+            };
+            if target == here {
+                self.remote_deliver(origin, op, dc, src, dst, kind, msg, timeout, now);
+            } else {
+                // Its sender's node holds the call (or, past the outcome, sends it again).
+                self.actions.push_back(Action::Peer {
+                    node: origin,
+                    frame: PeerFrame::Redirect { op, dc, dst },
+                });
+            }
+        }
         for frame in hold.frames {
             if target == here {
                 self.apply_held_frame(frame);
@@ -1174,6 +1240,14 @@ impl NodeCore {
                 };
                 if o != op {
                     return;
+                }
+                if !self.migr.holds(dc, dst) {
+                    // This node applied the outcome before the redirecting node did: holding
+                    // the call would wait for an outcome that already came. Send it again.
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.blocked = Blocked::No;
+                    }
+                    return self.run_request(conn, send_request(kind, dst, msg, timeout), now);
                 }
                 self.migr.hold_call(dc, dst, conn);
                 self.reblock(

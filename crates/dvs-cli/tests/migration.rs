@@ -1,0 +1,819 @@
+//! The paper's evaluation (DESIGN §6) as integration tests: real node kernels, real CRIU, real
+//! sockets. `migr-server` serves `migr-client`'s sendrec + vcopy requests while the server is
+//! migrated between the nodes of a fresh 3-node cluster:
+//!
+//! 1. server on a remote node → the client's node;
+//! 2. server on the client's node → a remote node;
+//! 3. server on a remote node → another remote node;
+//!
+//! each with both backends (criu and cooperative), and each once more as a failed migration
+//! (`--fail-at`, rotating checkpoint/transfer/restore) that rolls back. Every run checks the
+//! client's tally (all ok, nothing corrupt, lost or duplicated), that the server's counter
+//! went on across the move, the migration's outcome, and every node's registration of the
+//! endpoint afterwards. Then: a client migrated while it waits in sendrec, two migrations of
+//! different endpoints at once, and one server moved 20 times under load.
+//!
+//! The criu tests fail when criu does not work here (install it with
+//! `scripts/install-criu.sh`), unless `DVS_SKIP_CRIU=1` is set: then they are skipped.
+//!
+//! The tests take turns (one global lock): each runs a cluster of three node kernels plus
+//! CRIU, which is about all a 2-core machine can do without making the runs flaky. Timeouts
+//! here are only hang guards; nothing asserts on timing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Barrier, Mutex, MutexGuard, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Cluster, DVS};
+use serde_json::Value;
+
+/// Upper bound for anything a test waits for. Never reached when things work: it only turns
+/// a hang into a failure.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// Endpoint of the (first) server.
+const SERVER: i32 = 1;
+/// Endpoint of the (first) client.
+const CLIENT: i32 = 2;
+/// Iterations of a client run (the paper's figure).
+const ITERATIONS: u64 = 1000;
+/// Bytes the server copies into the client per iteration.
+const BLOCK: &str = "65536";
+/// The server logs a line with this every 100 requests served.
+const SERVED: &str = "requests served";
+
+/// How the process state moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    /// Transparent checkpoint/restore with CRIU.
+    Criu,
+    /// The program's own snapshot hook (m3ipc), restarted on the destination.
+    Cooperative,
+}
+
+impl Backend {
+    /// The value of `dvs migrate --backend`.
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Criu => "criu",
+            Backend::Cooperative => "cooperative",
+        }
+    }
+}
+
+/// The paper's three placements of a migration (DESIGN §6).
+#[derive(Clone, Copy, Debug)]
+enum Scenario {
+    /// Server on a remote node → the client's node.
+    RemoteToClientNode,
+    /// Server on the client's node → a remote node.
+    ClientNodeToRemote,
+    /// Server on a remote node → another remote node.
+    RemoteToRemote,
+}
+
+impl Scenario {
+    /// (server's node, client's node, destination) for the scenario.
+    fn nodes(self) -> (u16, u16, u16) {
+        match self {
+            Scenario::RemoteToClientNode => (0, 2, 2),
+            Scenario::ClientNodeToRemote => (0, 0, 1),
+            Scenario::RemoteToRemote => (0, 2, 1),
+        }
+    }
+}
+
+/// Takes the global lock that makes the tests of this file run one at a time (a poisoned
+/// lock only means another test failed).
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Polls `f` every 10 ms until it returns `Some`, failing the test with `what` (and what
+/// `detail` says then) after [`HANG_GUARD`].
+fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>, detail: impl Fn() -> String) -> T {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {HANG_GUARD:?} waiting for {what}; {}",
+            detail()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The path of example program `name` (`migr-server`, `migr-client`), from the target folder
+/// the `dvs` binary under test was built in. `cargo test --workspace` builds them; with
+/// `cargo test -p dvs-cli` they may be missing, and are then built once with
+/// `cargo build -p dvs-examples --bins` in the same profile and target folder.
+fn example_bin(name: &str) -> PathBuf {
+    static BUILD: OnceLock<Result<(), String>> = OnceLock::new();
+    let profile_dir = Path::new(DVS)
+        .parent()
+        .expect("the dvs binary is in a folder");
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        let built = BUILD.get_or_init(|| build_examples(profile_dir));
+        if let Err(e) = built {
+            panic!(
+                "{} does not exist and building it failed ({e}): run `cargo build -p dvs-examples` \
+                 (or `cargo test --workspace`, which builds it)",
+                path.display()
+            );
+        }
+    }
+    assert!(
+        path.exists(),
+        "{} does not exist, even after `cargo build -p dvs-examples --bins`: the migration tests \
+         need the dvs-examples binaries next to the dvs binary",
+        path.display()
+    );
+    path
+}
+
+/// Runs `cargo build -p dvs-examples --bins` into the target folder and profile of
+/// `profile_dir` (e.g. `target/debug`, or `target/TRIPLE/release`).
+fn build_examples(profile_dir: &Path) -> Result<(), String> {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["build", "-p", "dvs-examples", "--bins"]);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(other) => {
+            cmd.args(["--profile", other]);
+        }
+        None => return Err(format!("odd binary folder {}", profile_dir.display())),
+    }
+    let parent = profile_dir.parent().ok_or("no target folder")?;
+    // target/PROFILE, or target/TRIPLE/PROFILE when cross-compiling.
+    let target_dir = if parent.join("CACHEDIR.TAG").exists() {
+        parent
+    } else {
+        let triple = parent
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or("no triple")?;
+        cmd.args(["--target", triple]);
+        parent.parent().ok_or("no target folder")?
+    };
+    cmd.env("CARGO_TARGET_DIR", target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null());
+    eprintln!("migration tests: building the example programs: {cmd:?}");
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run cargo: {e}"))?;
+    // Generous: other builds may hold the target folder's lock for a while.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return if status.success() {
+                Ok(())
+            } else {
+                Err(format!("cargo build exited with {status}"))
+            };
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("cargo build did not finish within 15 minutes".into());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether the criu tests should run: `true` when `dvs doctor` says the criu backend works.
+/// Otherwise the test fails, telling to run `scripts/install-criu.sh`, unless
+/// `DVS_SKIP_CRIU=1` is set: then this prints why and returns `false` (skip the test).
+fn criu_available(test: &str) -> bool {
+    static DOCTOR: OnceLock<Result<(), String>> = OnceLock::new();
+    let usable = DOCTOR.get_or_init(|| {
+        // A folder without a cluster: only this machine is checked.
+        let out = common::dvs(&["--dir", "/nonexistent/dvs-migration-tests", "doctor"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("criu backend"))
+            .map(str::to_string);
+        match line {
+            Some(l) if l["criu backend".len()..].trim_start().starts_with("yes") => Ok(()),
+            Some(l) => Err(l.split_whitespace().collect::<Vec<_>>().join(" ")),
+            None => Err(format!(
+                "`dvs doctor` printed no criu line: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )),
+        }
+    });
+    match usable {
+        Ok(()) => true,
+        Err(why) if std::env::var("DVS_SKIP_CRIU").is_ok_and(|v| v == "1") => {
+            println!("skipping {test}: criu is not usable here (DVS_SKIP_CRIU=1): {why}");
+            false
+        }
+        Err(why) => panic!(
+            "criu is not usable here ({why}): run scripts/install-criu.sh (as root), or set \
+             DVS_SKIP_CRIU=1 to skip the criu migration tests"
+        ),
+    }
+}
+
+/// The name of node `id` (`dvs` commands take names).
+fn node_name(c: &Cluster, id: u16) -> String {
+    c.node(id).name.clone()
+}
+
+/// The log file of the process launched as endpoint `ep` of dc0 on node `node` (a process
+/// restored by criu elsewhere keeps writing to it).
+fn ep_log(c: &Cluster, node: u16, ep: i32) -> PathBuf {
+    c.node(node)
+        .runtime_dir
+        .join("logs")
+        .join(format!("dc0-{ep}.log"))
+}
+
+/// How many "N requests served" lines the log at `path` holds (one per 100 requests).
+fn served_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(SERVED))
+        .count()
+}
+
+/// Everything `dvs` printed, for failure messages.
+fn printed(out: &Output) -> String {
+    format!(
+        "status {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    )
+}
+
+/// What the cluster looks like, for failure messages: `dvs status`, `dvs ps` and the last
+/// lines of every program's log.
+fn diagnose(c: &Cluster) -> String {
+    let mut out = String::new();
+    for args in [["status"], ["ps"]] {
+        let o = c.dvs(&args);
+        out += &format!(
+            "\n--- dvs {} ---\n{}{}",
+            args[0],
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    for n in &c.cfg.nodes {
+        let Ok(dir) = std::fs::read_dir(n.runtime_dir.join("logs")) else {
+            continue;
+        };
+        for f in dir.flatten() {
+            let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(12)..].join("\n");
+            out += &format!("\n--- {} (last lines) ---\n{tail}", f.path().display());
+        }
+    }
+    out
+}
+
+/// Launches `migr-server` as endpoint `ep` of dc0 on node `node` (in the background).
+fn start_server(c: &Cluster, node: u16, ep: i32) {
+    let server = example_bin("migr-server");
+    let (name, ep_s) = (node_name(c, node), ep.to_string());
+    let out = c.dvs(&[
+        "run",
+        "--dc",
+        "dc0",
+        "--ep",
+        &ep_s,
+        "--node",
+        &name,
+        "--",
+        server.to_str().expect("UTF-8 path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "dvs run migr-server failed: {}",
+        printed(&out)
+    );
+}
+
+/// The `migr-client` command line for `iterations` requests of `block` bytes to `server`.
+fn client_cmd(server: i32, iterations: u64, block: &str) -> Vec<String> {
+    let client = example_bin("migr-client");
+    vec![
+        client.display().to_string(),
+        "--server".into(),
+        server.to_string(),
+        "--iterations".into(),
+        iterations.to_string(),
+        "--block-size".into(),
+        block.into(),
+        "--json".into(),
+    ]
+}
+
+/// A `migr-client` run under `dvs run --wait`, in a background thread.
+struct ClientRun {
+    /// What it is, for messages.
+    what: String,
+    /// The output of `dvs run --wait`, once it ended.
+    rx: mpsc::Receiver<Output>,
+    /// Set when `dvs run --wait` ended.
+    done: Arc<AtomicBool>,
+}
+
+impl ClientRun {
+    /// Starts `migr-client` as endpoint `ep` on node `node`, calling `server`.
+    fn start(c: &Cluster, node: u16, ep: i32, server: i32, iterations: u64, block: &str) -> Self {
+        let what = format!("migr-client ep {ep} on node {node} (server ep {server})");
+        let mut cmd = Command::new(DVS);
+        cmd.arg("--dir")
+            .arg(c.dir())
+            .args(["run", "--dc", "dc0", "--ep", &ep.to_string()])
+            .args(["--node", &node_name(c, node), "--wait", "--"])
+            .args(client_cmd(server, iterations, block))
+            .stdin(Stdio::null());
+        let (tx, rx) = mpsc::channel();
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        thread::spawn(move || {
+            let out = cmd.output().expect("cannot run dvs run --wait");
+            flag.store(true, Ordering::SeqCst);
+            let _ = tx.send(out);
+        });
+        ClientRun { what, rx, done }
+    }
+
+    /// Whether the run ended already.
+    fn finished(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Waits for the run to end (at most [`HANG_GUARD`]) and returns the client's JSON
+    /// result, failing the test if the run printed none or failed.
+    fn finish(self, c: &Cluster) -> Value {
+        let out = self.rx.recv_timeout(HANG_GUARD).unwrap_or_else(|_| {
+            panic!(
+                "{} did not finish within {HANG_GUARD:?} after the migrations{}",
+                self.what,
+                diagnose(c)
+            )
+        });
+        let result = client_json(&String::from_utf8_lossy(&out.stdout))
+            .unwrap_or_else(|| panic!("{} printed no JSON result: {}", self.what, printed(&out)));
+        assert!(
+            out.status.success(),
+            "{} failed (result {result}): {}{}",
+            self.what,
+            printed(&out),
+            diagnose(c)
+        );
+        result
+    }
+}
+
+/// The client's JSON result line in `text` (its output also holds its error lines).
+fn client_json(text: &str) -> Option<Value> {
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .find(|v| v.get("ok").is_some())
+}
+
+/// Waits until the server log at `log` shows at least `lines` "requests served" lines (100
+/// requests each) and returns `true`, or returns `false` if `client` ended first.
+fn wait_served(c: &Cluster, log: &Path, lines: usize, client: &ClientRun) -> bool {
+    wait_until(
+        &format!("{} in {}", lines * 100, log.display()),
+        || {
+            if served_lines(log) >= lines {
+                Some(true)
+            } else if client.finished() {
+                Some(served_lines(log) >= lines)
+            } else {
+                None
+            }
+        },
+        || {
+            format!(
+                "the log holds {} such lines{}",
+                served_lines(log),
+                diagnose(c)
+            )
+        },
+    )
+}
+
+/// Asserts a client's result: `iterations` ok, nothing corrupt, lost or duplicated, and the
+/// server's counter went up by exactly one per request (it had no other client), from 1.
+fn assert_client_ok(c: &Cluster, what: &str, r: &Value, iterations: u64) {
+    let n = |k: &str| {
+        r[k].as_u64()
+            .unwrap_or_else(|| panic!("{what}: no {k} in {r}"))
+    };
+    assert_eq!(
+        (n("ok"), n("corrupt"), n("lost"), n("duplicated")),
+        (iterations, 0, 0, 0),
+        "{what}: (ok, corrupt, lost, duplicated) in {r}{}",
+        diagnose(c)
+    );
+    let (first, last) = (n("first_counter"), n("last_counter"));
+    assert_eq!(
+        last - first + 1,
+        iterations,
+        "{what}: the server's counter did not go on across the move ({r}){}",
+        diagnose(c)
+    );
+    assert_eq!(first, 1, "{what}: the server's first counter ({r})");
+}
+
+/// A phase `dvs migrate --fail-at` can make fail.
+const FAIL_PHASES: [&str; 3] = ["checkpoint", "transfer", "restore"];
+
+/// Runs `dvs migrate dc0/EP --to NODE --backend B [--fail-at PHASE] --json` and checks the
+/// outcome: committed without `fail_at`, rolled back with the injected error with it.
+/// Returns the migration's JSON report.
+fn migrate(c: &Cluster, ep: i32, to: u16, backend: Backend, fail_at: Option<&str>) -> Value {
+    let target = format!("dc0/{ep}");
+    let to_name = node_name(c, to);
+    let mut args = vec![
+        "migrate",
+        &target,
+        "--to",
+        &to_name,
+        "--backend",
+        backend.name(),
+        "--json",
+    ];
+    if let Some(phase) = fail_at {
+        args.extend(["--fail-at", phase]);
+    }
+    let out = c.dvs(&args);
+    let what = format!("dvs {}", args.join(" "));
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what} printed no JSON ({e}): {}", printed(&out)));
+    match fail_at {
+        None => assert_eq!(
+            report["committed"],
+            Value::Bool(true),
+            "{what} did not commit: {report}"
+        ),
+        Some(phase) => {
+            assert_eq!(
+                report["committed"],
+                Value::Bool(false),
+                "{what} committed despite the injected failure: {report}"
+            );
+            let error = report["error"].as_str().unwrap_or_default();
+            assert!(
+                error.contains("injected failure") && error.contains(phase),
+                "{what}: the rollback's error is not the injected one: {report}"
+            );
+        }
+    }
+    assert!(
+        out.status.success(),
+        "{what} exited with a failure: {}",
+        printed(&out)
+    );
+    report
+}
+
+/// Every node's registration of dc0 endpoint `ep`, as (node, state, node it points at).
+fn placements(status: &Value, ep: i32) -> Vec<(u64, String, u64)> {
+    let mut out = Vec::new();
+    for n in status["nodes"].as_array().expect("nodes array") {
+        let id = n["id"].as_u64().expect("node id");
+        for e in n["status"]["endpoints"].as_array().into_iter().flatten() {
+            if e["dc"] == 0 && e["ep"] == ep {
+                let state = e["state"].as_str().unwrap_or_default().to_string();
+                out.push((id, state, e["node"].as_u64().unwrap_or(u64::MAX)));
+            }
+        }
+    }
+    out
+}
+
+/// Checks once that `dvs status --json` shows endpoint `ep` RUNNING on node `home` only, and
+/// REMOTE pointing at `home` on every other node; returns what it shows otherwise, as
+/// (node, state, node it points at).
+fn check_runs_on(c: &Cluster, ep: i32, home: u16) -> Result<(), Vec<(u64, String, u64)>> {
+    let home = home as u64;
+    let want: Vec<(u64, String, u64)> = c
+        .cfg
+        .nodes
+        .iter()
+        .map(|n| {
+            let id = n.id as u64;
+            let state = if id == home { "RUNNING" } else { "REMOTE" };
+            (id, state.to_string(), home)
+        })
+        .collect();
+    let mut got = placements(&c.status(), ep);
+    got.sort();
+    if got == want {
+        Ok(())
+    } else {
+        Err(got)
+    }
+}
+
+/// Asserts (waiting at most [`HANG_GUARD`] for the nodes to settle) that `dvs status --json`
+/// shows endpoint `ep` RUNNING on node `home` only, and REMOTE pointing at `home` on every
+/// other node.
+fn assert_runs_on(c: &Cluster, ep: i32, home: u16) {
+    let last = std::cell::RefCell::new(Vec::new());
+    wait_until(
+        &format!("dc0/{ep} RUNNING on node {home} and REMOTE(node {home}) elsewhere"),
+        || match check_runs_on(c, ep, home) {
+            Ok(()) => Some(()),
+            Err(got) => {
+                *last.borrow_mut() = got;
+                None
+            }
+        },
+        || format!("registrations (node, state, node): {:?}", last.borrow()),
+    );
+}
+
+/// One run of the paper's evaluation: fresh cluster, server, client with [`ITERATIONS`]
+/// requests, one migration of the server after ≥ 100 requests (failing at `fail_at` if
+/// given), then the checks.
+fn paper_run(backend: Backend, scenario: Scenario, fail_at: Option<&str>) {
+    let _turn = serial();
+    let name = format!("{} {scenario:?} fail_at={fail_at:?}", backend.name());
+    if backend == Backend::Criu && !criu_available(&name) {
+        return;
+    }
+    let (server_node, client_node, dest) = scenario.nodes();
+    let c = Cluster::start();
+    start_server(&c, server_node, SERVER);
+    let client = ClientRun::start(&c, client_node, CLIENT, SERVER, ITERATIONS, BLOCK);
+    let log = ep_log(&c, server_node, SERVER);
+    assert!(
+        wait_served(&c, &log, 1, &client),
+        "{name}: the client ended before the server served 100 requests: {}",
+        client.finish(&c)
+    );
+    let report = migrate(&c, SERVER, dest, backend, fail_at);
+    if client.finished() {
+        eprintln!("{name}: note: the client ended before the migration did (slow machine?)");
+    }
+    let result = client.finish(&c);
+    assert_client_ok(&c, &name, &result, ITERATIONS);
+    let home = if fail_at.is_some() { server_node } else { dest };
+    assert_runs_on(&c, SERVER, home);
+    println!(
+        "{name}: {} in {:.1} ms, client max stall {:.1} ms",
+        if fail_at.is_some() {
+            "rolled back"
+        } else {
+            "committed"
+        },
+        report["migration_ms"].as_f64().unwrap_or(f64::NAN),
+        result["max_stall_ms"].as_f64().unwrap_or(f64::NAN)
+    );
+}
+
+/// The injected failure of scenario `i` (0..3) of `backend`: each backend rotates through
+/// every phase, shifted so that the two backends fail different phases in each scenario.
+fn fail_phase(backend: Backend, i: usize) -> &'static str {
+    let shift = match backend {
+        Backend::Criu => 0,
+        Backend::Cooperative => 1,
+    };
+    FAIL_PHASES[(i + shift) % FAIL_PHASES.len()]
+}
+
+#[test]
+fn criu_remote_to_client_node() {
+    paper_run(Backend::Criu, Scenario::RemoteToClientNode, None);
+}
+
+#[test]
+fn criu_client_node_to_remote() {
+    paper_run(Backend::Criu, Scenario::ClientNodeToRemote, None);
+}
+
+#[test]
+fn criu_remote_to_remote() {
+    paper_run(Backend::Criu, Scenario::RemoteToRemote, None);
+}
+
+#[test]
+fn criu_remote_to_client_node_rolls_back() {
+    let b = Backend::Criu;
+    paper_run(b, Scenario::RemoteToClientNode, Some(fail_phase(b, 0)));
+}
+
+#[test]
+fn criu_client_node_to_remote_rolls_back() {
+    let b = Backend::Criu;
+    paper_run(b, Scenario::ClientNodeToRemote, Some(fail_phase(b, 1)));
+}
+
+#[test]
+fn criu_remote_to_remote_rolls_back() {
+    let b = Backend::Criu;
+    paper_run(b, Scenario::RemoteToRemote, Some(fail_phase(b, 2)));
+}
+
+#[test]
+fn cooperative_remote_to_client_node() {
+    paper_run(Backend::Cooperative, Scenario::RemoteToClientNode, None);
+}
+
+#[test]
+fn cooperative_client_node_to_remote() {
+    paper_run(Backend::Cooperative, Scenario::ClientNodeToRemote, None);
+}
+
+#[test]
+fn cooperative_remote_to_remote() {
+    paper_run(Backend::Cooperative, Scenario::RemoteToRemote, None);
+}
+
+#[test]
+fn cooperative_remote_to_client_node_rolls_back() {
+    let b = Backend::Cooperative;
+    paper_run(b, Scenario::RemoteToClientNode, Some(fail_phase(b, 0)));
+}
+
+#[test]
+fn cooperative_client_node_to_remote_rolls_back() {
+    let b = Backend::Cooperative;
+    paper_run(b, Scenario::ClientNodeToRemote, Some(fail_phase(b, 1)));
+}
+
+#[test]
+fn cooperative_remote_to_remote_rolls_back() {
+    let b = Backend::Cooperative;
+    paper_run(b, Scenario::RemoteToRemote, Some(fail_phase(b, 2)));
+}
+
+/// A client migrated (criu) while it waits in sendrec for the server finishes its run with
+/// every request ok. It is launched in the background: its result comes from its log, which
+/// the restored process keeps writing to.
+#[test]
+fn criu_client_migrated_while_in_sendrec() {
+    let _turn = serial();
+    if !criu_available("criu_client_migrated_while_in_sendrec") {
+        return;
+    }
+    let c = Cluster::start();
+    start_server(&c, 0, SERVER);
+    let cmd = client_cmd(SERVER, ITERATIONS, BLOCK);
+    let mut args = vec!["run", "--dc", "dc0", "--ep", "2", "--node", "node2", "--"];
+    args.extend(cmd.iter().map(String::as_str));
+    let out = c.dvs(&args);
+    assert!(
+        out.status.success(),
+        "dvs run migr-client failed: {}",
+        printed(&out)
+    );
+    let server_log = ep_log(&c, 0, SERVER);
+    let client_log = ep_log(&c, 2, CLIENT);
+    let result_in_log = || client_json(&std::fs::read_to_string(&client_log).unwrap_or_default());
+    wait_until(
+        "the server to serve 100 requests",
+        || (served_lines(&server_log) >= 1 || result_in_log().is_some()).then_some(()),
+        || format!("server log lines: {}", served_lines(&server_log)),
+    );
+    assert!(
+        result_in_log().is_none(),
+        "the client ended before the server served 100 requests"
+    );
+    migrate(&c, CLIENT, 1, Backend::Criu, None);
+    // The client unbinds when done: look at its registrations while it still runs.
+    let last = std::cell::RefCell::new(Vec::new());
+    let checked = wait_until(
+        "dc0/2 RUNNING on node 1 and REMOTE(node 1) elsewhere",
+        || match check_runs_on(&c, CLIENT, 1) {
+            Ok(()) => Some(true),
+            Err(_) if result_in_log().is_some() => Some(false),
+            Err(got) => {
+                *last.borrow_mut() = got;
+                None
+            }
+        },
+        || format!("registrations (node, state, node): {:?}", last.borrow()),
+    );
+    if !checked {
+        eprintln!(
+            "note: the client ended before its registrations could be checked (slow machine?)"
+        );
+    }
+    let result = wait_until(
+        "the migrated client's result in its log",
+        result_in_log,
+        || diagnose(&c),
+    );
+    assert_client_ok(&c, "migrated client", &result, ITERATIONS);
+    // Its unbind, made on its new node, reached every node.
+    wait_until(
+        "the migrated client's unbind to reach every node",
+        || placements(&c.status(), CLIENT).is_empty().then_some(()),
+        || format!("registrations: {:?}", placements(&c.status(), CLIENT)),
+    );
+    assert_runs_on(&c, SERVER, 0);
+}
+
+/// Two servers, each with its own client, migrated at the same moment from two threads:
+/// both migrations commit and both clients see every request ok.
+#[test]
+fn criu_two_endpoints_migrate_at_once() {
+    let _turn = serial();
+    if !criu_available("criu_two_endpoints_migrate_at_once") {
+        return;
+    }
+    // (server ep, server node, client ep, client node, destination)
+    let pairs = [(SERVER, 0u16, CLIENT, 2u16, 1u16), (3, 1, 4, 2, 2)];
+    let c = Cluster::start();
+    let mut clients = Vec::new();
+    for (s_ep, s_node, c_ep, c_node, _) in pairs {
+        start_server(&c, s_node, s_ep);
+        clients.push(ClientRun::start(&c, c_node, c_ep, s_ep, ITERATIONS, BLOCK));
+    }
+    for ((s_ep, s_node, ..), client) in pairs.iter().zip(&clients) {
+        assert!(
+            wait_served(&c, &ep_log(&c, *s_node, *s_ep), 1, client),
+            "{} ended before its server served 100 requests",
+            client.what
+        );
+    }
+    let barrier = Barrier::new(pairs.len());
+    thread::scope(|s| {
+        let (c, barrier) = (&c, &barrier);
+        let handles: Vec<_> = pairs
+            .iter()
+            .map(|&(s_ep, _, _, _, dest)| {
+                s.spawn(move || {
+                    barrier.wait();
+                    migrate(c, s_ep, dest, Backend::Criu, None)
+                })
+            })
+            .collect();
+        for h in handles {
+            if let Err(panic) = h.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
+    for (client, (s_ep, _, _, _, dest)) in clients.into_iter().zip(pairs) {
+        let what = client.what.clone();
+        let result = client.finish(&c);
+        assert_client_ok(&c, &what, &result, ITERATIONS);
+        assert_runs_on(&c, s_ep, dest);
+    }
+}
+
+/// One server moved 20 times in a row (criu) around the three nodes while one client keeps
+/// calling it: every migration commits, every request is ok, the counter never skips. Between
+/// two moves the server serves at least 100 more requests (unless the client is done).
+#[test]
+fn criu_server_moves_20_times_under_load() {
+    const MOVES: usize = 20;
+    let _turn = serial();
+    if !criu_available("criu_server_moves_20_times_under_load") {
+        return;
+    }
+    // Enough requests to keep the client busy through every move (≥ 100 between moves).
+    let iterations = 200 * MOVES as u64 + 1000;
+    let c = Cluster::start();
+    start_server(&c, 0, SERVER);
+    let client = ClientRun::start(&c, 2, CLIENT, SERVER, iterations, "4096");
+    // A criu-restored server keeps writing to the log it was launched with.
+    let log = ep_log(&c, 0, SERVER);
+    let mut home = 0u16;
+    let mut under_load = 0;
+    for i in 0..MOVES {
+        let seen = served_lines(&log);
+        if wait_served(&c, &log, seen.max(1) + usize::from(i > 0), &client) {
+            under_load += 1;
+        }
+        let dest = (home + 1) % 3;
+        migrate(&c, SERVER, dest, Backend::Criu, None);
+        home = dest;
+    }
+    if under_load < MOVES {
+        eprintln!(
+            "note: the client ended before move {} of {MOVES} (slow machine?)",
+            under_load + 1
+        );
+    }
+    let result = client.finish(&c);
+    assert_client_ok(&c, "client of the moving server", &result, iterations);
+    assert_runs_on(&c, SERVER, home);
+}
