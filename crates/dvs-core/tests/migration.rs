@@ -10,7 +10,7 @@ use dvs_core::{
     NodeCore, Registration,
 };
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
-use dvs_wire::peer::Backend;
+use dvs_wire::peer::{Backend, PeerFrame};
 use dvs_wire::{Message, NodeId, Timeout, PROTOCOL_VERSION};
 
 const DC: u16 = 0;
@@ -26,6 +26,9 @@ struct Sim {
     reports: Vec<MigrationReport>,
     /// Conn of the process restored on each node, by migration.
     restored: Vec<(NodeId, ConnId)>,
+    /// Frames on this link (from, to) wait until nothing else is left to do: a slow link.
+    slow_link: Option<(NodeId, NodeId)>,
+    slow: VecDeque<PeerFrame>,
     /// pids killed and resumed by the cores.
     killed: Vec<i32>,
     resumed: Vec<i32>,
@@ -63,6 +66,8 @@ impl Sim {
             next_conn: 100,
             reports: Vec::new(),
             restored: Vec::new(),
+            slow_link: None,
+            slow: VecDeque::new(),
             killed: Vec::new(),
             resumed: Vec::new(),
         };
@@ -128,16 +133,28 @@ impl Sim {
 
     /// Carries out every action until the system is idle.
     fn run(&mut self) {
+        // A protocol that bounces a message between nodes forever is a bug, not a hang.
+        let mut budget = 100_000u32;
         loop {
             let mut any = false;
             for n in 0..self.cores.len() {
                 while let Some(a) = self.cores[n].poll_action() {
+                    budget = budget
+                        .checked_sub(1)
+                        .expect("livelock: the nodes never go idle");
                     any = true;
                     self.execute(n as NodeId, a);
                 }
             }
             if !any {
-                return;
+                // Only now does the slow link deliver (in order).
+                let Some((from, to)) = self.slow_link else {
+                    return;
+                };
+                let Some(f) = self.slow.pop_front() else {
+                    return;
+                };
+                self.cores[to as usize].on_peer_frame(from, f, self.now);
             }
         }
     }
@@ -152,6 +169,9 @@ impl Sim {
                 .or_default()
                 .push_back(resp),
             Action::Close { conn, reason } => panic!("node {node} closed conn {conn}: {reason}"),
+            Action::Peer { node: to, frame } if self.slow_link == Some((node, to)) => {
+                self.slow.push_back(frame)
+            }
             Action::Peer { node: to, frame } => {
                 self.cores[to as usize].on_peer_frame(node, frame, now)
             }
@@ -596,4 +616,39 @@ fn participants_roll_back_when_the_coordinator_dies_before_deciding() {
         matches!(sim.take(2, other), Some(LocalResponse::Err(_))),
         "the held call must not hang"
     );
+}
+
+#[test]
+fn a_call_replayed_by_a_third_node_before_the_destination_commits_is_not_lost() {
+    let mut sim = Sim::new();
+    // Server on node0 (busy: not in a call yet), client on node1; the server moves to node2,
+    // and the coordinator's link to node2 is slow: node1 applies COMMIT and replays its held
+    // call to node2 before node2 learns of the COMMIT.
+    let s = sim.bind(0, 1, 1000);
+    let c = sim.bind(1, 2, 2000);
+    sim.slow_link = Some((0, 2));
+    sim.migrate(0, 1, 2, None);
+    sim.request(1, c, sendrec(1, 42));
+    assert_eq!(sim.take(1, c), None, "held on node1 during the move");
+    // The server's next call makes it quiescent; the move completes.
+    sim.request(0, s, receive());
+    let r = sim.reports.last().expect("finished").clone();
+    assert!(r.committed, "{r:?}");
+    sim.assert_runs_on(1, 2);
+    let (rn, rc) = *sim.restored.last().expect("restored");
+    assert_eq!(rn, 2);
+    let got = sim.take(2, rc);
+    assert!(
+        matches!(got, Some(LocalResponse::Msg(m)) if m.word(0) == 42),
+        "the replayed call must reach the restored server: {got:?}"
+    );
+    sim.request(
+        2,
+        rc,
+        LocalRequest::Reply {
+            dst: 2,
+            msg: msg(43),
+        },
+    );
+    assert!(matches!(sim.take(1, c), Some(LocalResponse::Msg(m)) if m.word(0) == 43));
 }
