@@ -932,19 +932,9 @@ impl NodeCore {
                 if timeout == Timeout::NoWait {
                     return self.respond(conn, err(Errno::TimedOut));
                 }
-                let max = self
-                    .dcs
-                    .get(&dc)
-                    .map(|d| d.max_queue as usize)
-                    .unwrap_or(usize::MAX);
-                let qc = self
-                    .conns
-                    .get_mut(&q)
-                    .expect("local registrations point at live conns");
-                if qc.queue.len() >= max {
-                    return self.respond(conn, err(Errno::QueueFull));
+                if let Err(e) = self.enqueue(dc, q, inc) {
+                    return self.respond(conn, err(e));
                 }
-                qc.queue.push_back(inc);
                 self.block(
                     conn,
                     Blocked::SendingLocal {
@@ -998,6 +988,24 @@ impl NodeCore {
         let op = self.next_op;
         self.next_op += 1;
         op
+    }
+
+    /// Queues `inc` for local endpoint `q` of `dc`, within the DC's queue limit.
+    fn enqueue(&mut self, dc: DcId, q: ConnId, inc: Incoming) -> Result<(), Errno> {
+        let max = self
+            .dcs
+            .get(&dc)
+            .map(|d| d.max_queue as usize)
+            .unwrap_or(usize::MAX);
+        let qc = self
+            .conns
+            .get_mut(&q)
+            .expect("local registrations point at live conns");
+        if qc.queue.len() >= max {
+            return Err(Errno::QueueFull);
+        }
+        qc.queue.push_back(inc);
+        Ok(())
     }
 
     /// If local endpoint `q` is receiving and accepts `inc`, hands the message over.
@@ -1645,14 +1653,7 @@ impl NodeCore {
                     _ => false,
                 };
                 if waiting {
-                    let resp = match result {
-                        Ok(mut m) => {
-                            m.source = src;
-                            LocalResponse::Msg(m)
-                        }
-                        Err(e) => err(e),
-                    };
-                    self.respond(conn, resp);
+                    self.respond(conn, reply_response(src, result));
                 }
             }
             PeerFrame::Notify {
@@ -1826,19 +1827,9 @@ impl NodeCore {
         if timeout == Timeout::NoWait {
             return fail(self, Errno::TimedOut);
         }
-        let max = self
-            .dcs
-            .get(&dc)
-            .map(|d| d.max_queue as usize)
-            .unwrap_or(usize::MAX);
-        let qc = self
-            .conns
-            .get_mut(&q)
-            .expect("local registrations point at live conns");
-        if qc.queue.len() >= max {
-            return fail(self, Errno::QueueFull);
+        if let Err(e) = self.enqueue(dc, q, inc) {
+            return fail(self, e);
         }
-        qc.queue.push_back(inc);
         self.remote_incoming.insert((from, op), (dc, dst));
         if let Some(d) = timeout.as_duration() {
             self.add_timer(now + d, TimerKey::Incoming { node: from, op });
@@ -2006,6 +1997,17 @@ fn is_blocked_in_ipc(b: &Blocked) -> bool {
             | Blocked::Receiving { .. }
             | Blocked::Held { .. }
     )
+}
+
+/// What a client waiting in sendrec gets for a reply (or its failure) from `src`.
+fn reply_response(src: Ep, result: Result<Message, Errno>) -> LocalResponse {
+    match result {
+        Ok(mut m) => {
+            m.source = src;
+            LocalResponse::Msg(m)
+        }
+        Err(e) => err(e),
+    }
 }
 
 fn notify_message(from: Ep, value: u64) -> Message {

@@ -148,10 +148,9 @@ impl Endpoint {
         Self::bind_stream(stream, dc, ep)
     }
 
-    /// Binds endpoint `ep` of DC `dc` over an already connected stream to a node kernel
-    /// (e.g. one inherited from a launcher).
-    pub fn bind_stream(stream: UnixStream, dc: DcId, ep: Ep) -> Result<Endpoint> {
-        let me = Endpoint {
+    /// A connection not bound yet (the bind request is sent by the caller).
+    fn unbound(stream: UnixStream, dc: DcId, ep: Ep, restored: Option<Vec<u8>>) -> Endpoint {
+        Endpoint {
             stream,
             dc,
             ep,
@@ -160,8 +159,14 @@ impl Endpoint {
             dec: FrameDecoder::new(),
             broken: false,
             snapshot_hook: None,
-            restored: None,
-        };
+            restored,
+        }
+    }
+
+    /// Binds endpoint `ep` of DC `dc` over an already connected stream to a node kernel
+    /// (e.g. one inherited from a launcher).
+    pub fn bind_stream(stream: UnixStream, dc: DcId, ep: Ep) -> Result<Endpoint> {
+        let me = Self::unbound(stream, dc, ep, None);
         let req = LocalRequest::Bind {
             version: PROTOCOL_VERSION,
             dc,
@@ -179,17 +184,7 @@ impl Endpoint {
         migration: u64,
         snapshot: Vec<u8>,
     ) -> Result<Endpoint> {
-        let me = Endpoint {
-            stream,
-            dc,
-            ep,
-            node: 0,
-            wbuf: BytesMut::with_capacity(WRITE_CAPACITY),
-            dec: FrameDecoder::new(),
-            broken: false,
-            snapshot_hook: None,
-            restored: Some(snapshot),
-        };
+        let me = Self::unbound(stream, dc, ep, Some(snapshot));
         let req = LocalRequest::BindRestored {
             version: PROTOCOL_VERSION,
             dc,

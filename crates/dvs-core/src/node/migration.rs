@@ -25,7 +25,7 @@ use dvs_wire::peer::{
 };
 use dvs_wire::{DcId, Ep, Errno, Message, NodeId, Timeout, PROTOCOL_VERSION};
 
-use super::{err, Action, Blocked, NodeCore, TimerKey};
+use super::{err, reply_response, Action, Blocked, NodeCore, TimerKey};
 use crate::table::Registration;
 use crate::ConnId;
 
@@ -1207,14 +1207,7 @@ impl NodeCore {
                 };
                 let waiting = matches!(self.conns.get(&conn).map(|c| &c.blocked), Some(Blocked::AwaitingReply { from }) if *from == src);
                 if waiting {
-                    let resp = match result {
-                        Ok(mut m) => {
-                            m.source = src;
-                            LocalResponse::Msg(m)
-                        }
-                        Err(e) => err(e),
-                    };
-                    self.respond(conn, resp);
+                    self.respond(conn, reply_response(src, result));
                 }
             }
             _ => {}
