@@ -354,7 +354,10 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
     }
     let state: State = Rc::new_cyclic(|weak| {
         RefCell::new(Shared {
-            migrations: migrate::Migrations::default(),
+            migrations: migrate::Migrations {
+                images_root: migrate::images_root(&cfg.cluster_id, &me.name, &me.runtime_dir),
+                ..Default::default()
+            },
             self_ref: weak.clone(),
             core: NodeCore::new(core_config(&cfg, me.id)),
             compress: cfg.link.compression == Compression::Lz4,
@@ -413,6 +416,13 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
         _ = tokio::signal::ctrl_c() => info!("SIGINT"),
     }
     state.borrow_mut().procs.kill_all();
+    // Images of migrations cut short by the shutdown, and the folders that held only them
+    // (remove_dir fails on a folder another node still uses).
+    let root = state.borrow().migrations.images_root.clone();
+    let _ = std::fs::remove_dir_all(&root);
+    for parent in root.ancestors().skip(1).take(2) {
+        let _ = std::fs::remove_dir(parent);
+    }
     let _ = std::fs::remove_file(&ipc_path);
     let _ = std::fs::remove_file(&ctl_path);
     let _ = std::fs::remove_file(me.runtime_dir.join("node.pid"));

@@ -3,7 +3,6 @@
 //! protocol itself is in `dvs_core::node::migration`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,6 +44,10 @@ pub(crate) struct Migrations {
     pub restored: BTreeMap<i32, Restored>,
     /// Whether CRIU works here (checked once, on first use).
     pub criu: Option<Result<Arc<Criu>, String>>,
+    /// Folder of the image folders (see [`images_root`]).
+    pub images_root: PathBuf,
+    /// Destination: image files being received, kept open between chunks.
+    pub receiving: HashMap<(MigrationId, String), std::fs::File>,
 }
 
 impl Migrations {
@@ -90,7 +93,20 @@ impl Migrations {
 
 /// The folder of migration `id`'s image on this node.
 pub(crate) fn image_dir(s: &Shared, id: MigrationId) -> PathBuf {
-    s.me.runtime_dir.join("migrations").join(format!("{id:x}"))
+    s.migrations.images_root.join(format!("{id:x}"))
+}
+
+/// Where this node keeps checkpoint images: they are transient (deleted after the outcome), so
+/// on a tmpfs when the machine has one (`/dev/shm`), else under the node's runtime dir.
+pub(crate) fn images_root(cluster_id: &str, node: &str, runtime_dir: &Path) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let on_tmpfs = nix::sys::statfs::statfs(shm)
+        .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    if on_tmpfs {
+        shm.join("dvs").join(cluster_id).join(node)
+    } else {
+        runtime_dir.join("migrations")
+    }
 }
 
 fn report_summary(r: &MigrationReport) -> MigrationSummary {
@@ -231,7 +247,10 @@ impl Shared {
     /// Destination: stores one image chunk.
     pub(crate) fn migr_image_chunk(&mut self, frame: PeerFrame, data: &[u8]) {
         let PeerFrame::MigrImage {
-            id, file, offset, ..
+            id,
+            file,
+            offset,
+            last,
         } = frame
         else {
             return;
@@ -244,18 +263,25 @@ impl Shared {
             return warn!("image file name {file:?} refused");
         }
         let dir = image_dir(self, id);
+        let key = (id, file);
         let r = (|| -> std::io::Result<()> {
-            std::fs::create_dir_all(&dir)?;
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(dir.join(&file))?;
-            f.seek(SeekFrom::Start(offset))?;
-            f.write_all(data)
+            if !self.migrations.receiving.contains_key(&key) {
+                std::fs::create_dir_all(&dir)?;
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .open(dir.join(&key.1))?;
+                self.migrations.receiving.insert(key.clone(), f);
+            }
+            let f = &self.migrations.receiving[&key];
+            std::os::unix::fs::FileExt::write_all_at(f, data, offset)
         })();
-        if let Err(e) = r {
-            warn!("cannot store image chunk of {file}: {e}");
+        if let Err(e) = &r {
+            warn!("cannot store image chunk of {}: {e}", key.1);
+        }
+        if last || r.is_err() {
+            self.migrations.receiving.remove(&key);
         }
         self.core
             .on_image_chunk(id, data.len() as u64, Instant::now());
@@ -369,6 +395,7 @@ impl Shared {
     }
 
     pub(crate) fn migr_drop_image(&mut self, id: MigrationId) {
+        self.migrations.receiving.retain(|(m, _), _| *m != id);
         let dir = image_dir(self, id);
         let _ = std::fs::remove_dir_all(&dir);
     }
