@@ -193,11 +193,6 @@ impl Shared {
                 let mut off = 0u64;
                 while off < len {
                     let n = ((len - off) as usize).min(vcopy::CHUNK);
-                    self.bounce.resize(n, 0);
-                    if let Err(e) = vcopy::read(pid, src_addr + off, &mut self.bounce[..n]) {
-                        self.core.on_vcopy_stream_failed(caller_node, op, e);
-                        break;
-                    }
                     let f = PeerFrame::VcopyData {
                         op,
                         caller_node,
@@ -208,8 +203,26 @@ impl Shared {
                         offset: off,
                         total: len,
                     };
-                    if let Err(e) = w.queue(&f, &self.bounce[..n]) {
-                        error!("cannot encode a vcopy chunk: {e}");
+                    let at = src_addr + off;
+                    // Read the process's memory straight into the link's buffer when the link
+                    // does not compress; through the bounce buffer otherwise.
+                    let queued = match w.queue_filled(&f, n, |buf| vcopy::read(pid, at, buf)) {
+                        Some(r) => r,
+                        None => {
+                            self.bounce.resize(n, 0);
+                            match vcopy::read(pid, at, &mut self.bounce[..n]) {
+                                Ok(()) => w.queue(&f, &self.bounce[..n]).map(Ok),
+                                Err(e) => Ok(Err(e)),
+                            }
+                        }
+                    };
+                    match queued {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            self.core.on_vcopy_stream_failed(caller_node, op, e);
+                            break;
+                        }
+                        Err(e) => error!("cannot encode a vcopy chunk: {e}"),
                     }
                     off += n as u64;
                     // Start writing big copies while reading the rest.

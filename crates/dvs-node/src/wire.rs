@@ -169,6 +169,31 @@ impl Wire {
         Ok(())
     }
 
+    /// Queues one frame whose tail `fill` writes in place, when the link does not compress
+    /// (a compressed frame needs its tail in a buffer anyway): `None` means use [`Wire::queue`].
+    pub fn queue_filled<T: Serialize, E>(
+        &self,
+        body: &T,
+        tail_len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Option<Result<Result<(), E>, FrameError>> {
+        if self.compress {
+            return None;
+        }
+        if self.closed.get() {
+            return Some(Ok(Ok(())));
+        }
+        let mut out = self.out.borrow_mut();
+        let before = out.len();
+        let r = frame::encode_filled(&mut out, body, tail_len, fill);
+        if matches!(r, Ok(Ok(()))) {
+            self.frames_out.set(self.frames_out.get() + 1);
+            self.bytes_out
+                .set(self.bytes_out.get() + (out.len() - before) as u64);
+        }
+        Some(r)
+    }
+
     /// Bytes queued and not yet written.
     pub fn pending(&self) -> usize {
         self.out.borrow().len()

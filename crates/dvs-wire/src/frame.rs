@@ -79,6 +79,32 @@ pub fn encode<T: Serialize>(
     Ok(())
 }
 
+/// Appends one uncompressed frame whose `tail_len`-byte tail `fill` writes in place (e.g.
+/// read straight from another process's memory), saving the copy through a separate buffer.
+/// If `fill` fails, nothing is appended and its error is returned.
+pub fn encode_filled<T: Serialize, E>(
+    out: &mut BytesMut,
+    body: &T,
+    tail_len: usize,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+) -> Result<Result<(), E>, FrameError> {
+    let start = out.len();
+    encode(out, body, &[], false)?;
+    let payload_len = out.len() - start - 5 + tail_len;
+    if payload_len > MAX_FRAME {
+        out.truncate(start);
+        return Err(FrameError::TooLarge(payload_len));
+    }
+    let tail_start = out.len();
+    out.resize(tail_start + tail_len, 0);
+    if let Err(e) = fill(&mut out[tail_start..]) {
+        out.truncate(start);
+        return Ok(Err(e));
+    }
+    out[start..start + 4].copy_from_slice(&((1 + payload_len) as u32).to_le_bytes());
+    Ok(Ok(()))
+}
+
 /// Encodes one frame into a fresh buffer.
 pub fn encode_to_vec<T: Serialize>(
     body: &T,
@@ -225,6 +251,42 @@ mod tests {
         assert_eq!(&got[0].1[..], &tail[..]);
         assert_eq!(got[1].0, PeerFrame::Ping);
         assert!(got[1].1.is_empty());
+    }
+
+    #[test]
+    fn filled_frames_decode_like_copied_ones_and_failed_fills_leave_nothing() {
+        let frame = PeerFrame::VcopyData {
+            op: 9,
+            caller_node: 1,
+            dc: 0,
+            caller: 2,
+            dst: 3,
+            dst_addr: 4,
+            offset: 5,
+            total: 6,
+        };
+        let tail: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
+        let mut out = BytesMut::new();
+        encode_filled(
+            &mut out,
+            &frame,
+            tail.len(),
+            |buf: &mut [u8]| -> Result<(), ()> {
+                buf.copy_from_slice(&tail);
+                Ok(())
+            },
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(out, encode_to_vec(&frame, &tail, false).unwrap());
+        let before = out.clone();
+        let r = encode_filled(&mut out, &frame, 10, |_: &mut [u8]| Err("unreadable"));
+        assert_eq!(r, Ok(Err("unreadable")));
+        assert_eq!(out, before, "a failed fill appends nothing");
+        let mut dec = FrameDecoder::new();
+        dec.extend(&out);
+        let (f, t) = dec.next_frame::<PeerFrame>().unwrap().unwrap();
+        assert_eq!((f, &t[..]), (frame, &tail[..]));
     }
 
     #[test]
