@@ -37,6 +37,9 @@ const LOG_CAP: usize = 256;
 /// How often a watcher looks at the state file. Directory changes are rare (registrations,
 /// migrations), and a read of a small file every few ms is negligible.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// With inotify, the longest wait between two looks at the state file: it bounds how long a
+/// dropped receiver keeps its thread, and catches an event that was missed.
+const NOTIFY_TIMEOUT_MS: i32 = 200;
 
 /// Entries under a prefix, sorted by key, as [`Directory::watch`] returns them.
 type Snapshot = Vec<(String, Versioned)>;
@@ -310,10 +313,57 @@ struct Watcher {
     tx: UnboundedSender<DirEvent>,
 }
 
+/// Wakes a watcher when a file in the directory's folder is written or renamed into place
+/// (every change replaces the state file by a rename), so that idle watchers do not poll.
+struct FolderNotify {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl FolderNotify {
+    /// `None` when inotify is unavailable; the watcher then polls.
+    fn new(folder: &Path) -> Option<Self> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain syscalls; the fd is owned by the OwnedFd from here on.
+        let raw = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        if raw < 0 {
+            return None;
+        }
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let path = std::ffi::CString::new(folder.as_os_str().as_bytes()).ok()?;
+        let mask = libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE | libc::IN_CREATE | libc::IN_DELETE;
+        // SAFETY: `path` is a valid C string and `fd` an inotify instance.
+        if unsafe { libc::inotify_add_watch(raw, path.as_ptr(), mask) } < 0 {
+            return None;
+        }
+        Some(FolderNotify { fd })
+    }
+
+    /// Waits for a change (or the timeout), then drains the pending events.
+    fn wait(&self) {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a buffer of its stated length for read.
+        unsafe {
+            libc::poll(&mut pfd, 1, NOTIFY_TIMEOUT_MS);
+            let mut buf = [0u8; 4096];
+            while libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) > 0 {}
+        }
+    }
+}
+
 impl Watcher {
     fn run(mut self) {
+        let notify = self.path.parent().and_then(FolderNotify::new);
         loop {
-            thread::sleep(POLL_INTERVAL);
+            match &notify {
+                Some(n) => n.wait(),
+                None => thread::sleep(POLL_INTERVAL),
+            }
             if self.tx.is_closed() {
                 return;
             }
