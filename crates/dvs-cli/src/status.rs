@@ -130,6 +130,11 @@ pub fn status(cfg: &ClusterConfig, path: &Path, json: bool) -> Result<ExitCode> 
                     format!("{other}({name})")
                 }
             };
+            let cell = if e.migrating {
+                format!("{cell} MIGRATING")
+            } else {
+                cell
+            };
             rows.entry((e.dc, e.ep)).or_default().insert(n.id, cell);
         }
     }
@@ -146,18 +151,24 @@ pub fn status(cfg: &ClusterConfig, path: &Path, json: bool) -> Result<ExitCode> 
             println!("  no endpoints");
             continue;
         }
+        // Columns as wide as their widest cell (a MIGRATING mark makes cells longer).
+        let width = dc_rows
+            .iter()
+            .flat_map(|(_, cells)| cells.values().map(String::len))
+            .chain(cfg.nodes.iter().map(|n| n.name.len()))
+            .max()
+            .unwrap_or(0)
+            .max(18);
         print!("  {:<6}", "EP");
         for n in &cfg.nodes {
-            print!(" {:<18}", n.name);
+            print!(" {:<width$}", n.name);
         }
         println!();
         for ((_, ep), cells) in dc_rows {
             print!("  {:<6}", ep);
             for n in &cfg.nodes {
-                print!(
-                    " {:<18}",
-                    cells.get(&n.id).map(String::as_str).unwrap_or("-")
-                );
+                let cell = cells.get(&n.id).map(String::as_str).unwrap_or("-");
+                print!(" {cell:<width$}");
             }
             println!();
         }

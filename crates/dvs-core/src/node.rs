@@ -339,6 +339,11 @@ impl NodeCore {
         }
     }
 
+    /// Whether calls to `{dc, ep}` are held here because it is migrating.
+    pub fn migrating(&self, dc: DcId, ep: Ep) -> bool {
+        self.migr.holds(dc, ep)
+    }
+
     /// Whether the link to `node` is up.
     pub fn link_up(&self, node: NodeId) -> bool {
         self.links_up.contains(&node)

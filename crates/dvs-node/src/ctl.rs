@@ -172,6 +172,9 @@ pub struct EndpointStatus {
     pub node: NodeId,
     /// Local pid, for RUNNING endpoints.
     pub pid: Option<i32>,
+    /// Calls to it are held here: it is migrating (MIGRATING is layered on the registration).
+    #[serde(default)]
+    pub migrating: bool,
 }
 
 /// A process launched by the node.

@@ -340,6 +340,7 @@ fn status(state: &State) -> NodeStatus {
                 state: state_name.into(),
                 node,
                 pid: s.core.local_pid(dc, ep),
+                migrating: s.core.migrating(dc, ep),
             }
         })
         .collect();
