@@ -351,10 +351,6 @@ fn status(state: &State) -> NodeStatus {
         uptime_ms: s.started.elapsed().as_millis() as u64,
         links,
         endpoints,
-        procs: {
-            let mut p = s.procs.status();
-            p.extend(s.migrations.restored_status());
-            p
-        },
+        procs: all_procs(state),
     }
 }

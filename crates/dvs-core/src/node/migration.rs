@@ -369,11 +369,6 @@ impl NodeCore {
             .map(|a| a.pid)
     }
 
-    /// Whether a migration coordinated here is still running.
-    pub fn migration_running(&self, id: MigrationId) -> bool {
-        self.migr.coords.contains_key(&id)
-    }
-
     /// The endpoint and source node of an incoming migration (destination side).
     pub fn arrival(&self, id: MigrationId) -> Option<(DcId, Ep, NodeId)> {
         self.migr
