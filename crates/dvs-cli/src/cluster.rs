@@ -102,6 +102,7 @@ pub fn start(dir: &Path, n: u16, base_port: u16, lz4: bool) -> Result<ClusterCon
     let _ = std::fs::remove_dir_all(dir.join("directory"));
     std::fs::write(&config_path, cfg.to_toml())
         .with_context(|| format!("cannot write {}", config_path.display()))?;
+    crate::tls::provision_local(&cfg)?;
     let exe = std::env::current_exe().context("cannot find the dvs executable")?;
     for node in &cfg.nodes {
         std::fs::create_dir_all(&node.runtime_dir)?;

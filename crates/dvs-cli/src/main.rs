@@ -6,6 +6,7 @@ mod cluster;
 mod demo;
 mod migrate;
 mod status;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -134,6 +135,11 @@ enum Cmd {
         #[arg(long)]
         backup: bool,
     },
+    /// The cluster's TLS material: CA, node certificates, revocation.
+    Tls {
+        #[command(subcommand)]
+        what: tls::TlsCmd,
+    },
     /// Benchmarks on a temporary local cluster, with raw baselines measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -175,6 +181,14 @@ enum BenchWhat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Node { .. }) {
+        // `dvs status | head` ends quietly instead of panicking on a closed stdout. The node
+        // kernel keeps SIGPIPE ignored: a peer closing its socket must not kill it.
+        // SAFETY: sets the disposition of one signal before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -215,8 +229,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // `dvs up` sends the log to a file: no colour codes there.
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            dvs_node::run(dvs_node::NodeOptions { config, node })
-                .with_context(|| format!("node kernel (config {})", path.display()))?;
+            dvs_node::run(dvs_node::NodeOptions {
+                config,
+                node,
+                config_path: Some(path.clone()),
+            })
+            .with_context(|| format!("node kernel (config {})", path.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Up {
@@ -293,6 +311,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let (cfg, _) = load_config(&cli.dir, &cli.config)?;
             cluster::register(&cfg, &target, &at, &on, backup)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Tls { what } => {
+            let (cfg, path) = load_config(&cli.dir, &cli.config)?;
+            tls::run(what, &cfg, &path)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Doctor => {

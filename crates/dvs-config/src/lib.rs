@@ -7,6 +7,10 @@
 //! path = "/tmp/dvs/directory"
 //! [link]
 //! compression = "lz4"
+//! tls = true                    # the default; `false` sends plaintext, with a warning
+//! [tls]
+//! dir = "/etc/dvs/tls"          # ca.crt, NAME.crt, NAME.key per node, optional crl.pem
+//! revoked = ["5a1f..."]         # serials of refused certificates, reread without restart
 //! [[node]]
 //! id = 0
 //! name = "node0"
@@ -70,6 +74,9 @@ pub struct LinkConfig {
     pub dead_after_ms: u64,
     /// Delay before redialing a lost link, in milliseconds (doubles up to 1 s).
     pub reconnect_ms: u64,
+    /// Mutual TLS on every link (see [`TlsConfig`]). Off only when set to `false`
+    /// explicitly, and then every node warns at start.
+    pub tls: bool,
 }
 
 impl Default for LinkConfig {
@@ -79,7 +86,38 @@ impl Default for LinkConfig {
             heartbeat_ms: 250,
             dead_after_ms: 1500,
             reconnect_ms: 50,
+            tls: true,
         }
+    }
+}
+
+/// Where the TLS material of the cluster is, and which certificates are revoked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Folder with `ca.crt`, each node's `NAME.crt` and `NAME.key`, and optionally the CA's
+    /// revocation list `crl.pem`.
+    pub dir: PathBuf,
+    /// Serial numbers (hex) of node certificates that are refused even though the CA
+    /// signed them. Nodes reread this list, and the files, without a restart.
+    pub revoked: Vec<String>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            dir: PathBuf::from("/etc/dvs/tls"),
+            revoked: Vec::new(),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether a serial (hex, any case, leading zeros allowed) is on the deny list.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        let norm = |s: &str| s.trim_start_matches('0').to_ascii_lowercase();
+        let serial = norm(serial);
+        self.revoked.iter().any(|r| norm(r) == serial)
     }
 }
 
@@ -177,6 +215,9 @@ pub struct ClusterConfig {
     /// Peer-link settings.
     #[serde(default)]
     pub link: LinkConfig,
+    /// TLS material of the peer links.
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// The nodes.
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
@@ -322,6 +363,17 @@ impl ClusterConfig {
                 ));
             }
         }
+        if !self.tls.dir.is_absolute() {
+            return Err(bad("tls.dir".into(), "must be an absolute path".into()));
+        }
+        for (i, r) in self.tls.revoked.iter().enumerate() {
+            if r.is_empty() || !r.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad(
+                    format!("tls.revoked[{i}]"),
+                    format!("{r:?} is not a certificate serial number in hex"),
+                ));
+            }
+        }
         if self.link.heartbeat_ms == 0 || self.link.dead_after_ms <= self.link.heartbeat_ms {
             return Err(bad(
                 "link.dead_after_ms".into(),
@@ -394,6 +446,10 @@ impl ClusterConfig {
                 path: dir.join("directory"),
             },
             link: LinkConfig::default(),
+            tls: TlsConfig {
+                dir: dir.join("tls"),
+                revoked: Vec::new(),
+            },
             dcs: vec![DcConfig {
                 id: 0,
                 name: "dc0".into(),

@@ -12,6 +12,7 @@ mod launcher;
 mod local;
 mod migrate;
 mod peer;
+mod tls;
 pub mod vcopy;
 mod wire;
 
@@ -52,6 +53,9 @@ pub enum NodeError {
     /// Configured but not available in this build.
     #[error("{0}")]
     Unsupported(String),
+    /// The node's TLS material does not load.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
@@ -64,6 +68,8 @@ pub(crate) struct LinkInfo {
     pub up: bool,
     pub since: Instant,
     pub last_error: Option<String>,
+    /// Serial of the certificate the peer presented on the current link (TLS only).
+    pub serial: Option<String>,
 }
 
 /// Everything the event loop shares between its tasks (single thread, so `Rc<RefCell<_>>`).
@@ -86,6 +92,10 @@ pub(crate) struct Shared {
     pub started: Instant,
     pub shutdown: Rc<Notify>,
     pub migrations: migrate::Migrations,
+    /// TLS material and deny list of the peer links.
+    pub security: tls::LinkSecurity,
+    /// Peer connections that have not finished their handshake.
+    pub handshakes: usize,
     /// The `Rc` this state lives in, for tasks started from inside the event loop.
     pub self_ref: Weak<RefCell<Shared>>,
 }
@@ -243,6 +253,15 @@ impl Shared {
                 if let Err(e) = w.queue(frame, tail) {
                     error!("cannot encode a frame for node {node}: {e}");
                 }
+                if w.over_limit() {
+                    // The peer stopped reading: a dead link is better than unbounded memory.
+                    error!(
+                        "link to node {node}: over {} MiB queued that the peer does not read, closing the link",
+                        wire::MAX_PENDING >> 20
+                    );
+                    w.close();
+                    return;
+                }
                 mark(&mut self.dirty, w);
             }
             None => tracing::debug!("link to node {node} is down; dropping {frame:?}"),
@@ -286,6 +305,21 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Closes every link whose peer certificate is on the deny list now.
+    pub fn close_revoked_links(&mut self) {
+        for (node, l) in &self.links {
+            let Some(serial) = &l.serial else { continue };
+            if self.security.cfg.is_revoked(serial) {
+                if let Some(w) = self.peers.get(node) {
+                    warn!("closing the link to node {node}: its certificate (serial {serial}) is revoked now");
+                    w.close();
+                }
+            }
+        }
+    }
+}
+
 fn mark(dirty: &mut Vec<Rc<Wire>>, w: &Rc<Wire>) {
     if !dirty.iter().any(|d| Rc::ptr_eq(d, w)) {
         dirty.push(w.clone());
@@ -298,6 +332,8 @@ pub struct NodeOptions {
     pub config: ClusterConfig,
     /// This node (id or name).
     pub node: String,
+    /// The file `config` came from: the node rereads its TLS deny list from it.
+    pub config_path: Option<PathBuf>,
 }
 
 /// Runs a node kernel until it is told to shut down (control `Shutdown`, SIGTERM or SIGINT).
@@ -343,6 +379,7 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
                 .into(),
         )),
     };
+    let security = tls::LinkSecurity::load(&cfg, me.id, &me.name, opts.config_path.clone())?;
     let ipc_path = me.ipc_socket();
     let ctl_path = me.ctl_socket();
     let ipc = bind_unix(&ipc_path)?;
@@ -388,6 +425,7 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
                             up: false,
                             since: Instant::now(),
                             last_error: None,
+                            serial: None,
                         },
                     )
                 })
@@ -401,6 +439,8 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
             procs: Procs::default(),
             started: Instant::now(),
             shutdown: Rc::new(Notify::new()),
+            security,
+            handshakes: 0,
             cfg: cfg.clone(),
         })
     });
@@ -418,6 +458,7 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
     tokio::task::spawn_local(local::serve(state.clone(), ipc));
     tokio::task::spawn_local(ctl_server::serve(state.clone(), ctl));
     peer::start(state.clone(), peer_listener);
+    tokio::task::spawn_local(tls::reload_task(state.clone()));
     info!(node = me.id, name = %me.name, ipc = %ipc_path.display(), peer = %me.peer_addr, "node kernel up");
 
     let shutdown = state.borrow().shutdown.clone();

@@ -1,7 +1,11 @@
 //! Peer links: one TCP connection per node pair, dialed by the node with the lower id.
 //!
-//! A link starts with `Hello` (protocol version, cluster id, node id) answered by `Welcome`
-//! or `Refuse`; then frames flow both ways. Idle links carry `Ping`/`Pong`; a link silent for
+//! A link starts with a mutual TLS handshake (both nodes present a certificate of the cluster
+//! CA naming their node id; see `dvs-tls`), then `Hello` (protocol version, cluster id, node
+//! id, which must be the one the certificate names) answered by `Welcome` or `Refuse`; then
+//! frames flow both ways. A refused peer learns nothing about the cluster; the log says why.
+//! Until the handshake is done a connection may send only small frames, and only
+//! [`MAX_HANDSHAKES`] connections may be in it at once. Idle links carry `Ping`/`Pong`; a link silent for
 //! `dead_after_ms` is declared down. The dialing side reconnects by itself.
 
 use std::cell::Cell;
@@ -9,9 +13,10 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use dvs_wire::frame::HANDSHAKE_MAX_FRAME;
 use dvs_wire::peer::PeerFrame;
 use dvs_wire::{FrameDecoder, NodeId, PROTOCOL_VERSION};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{error, info, warn};
 
@@ -43,10 +48,38 @@ pub(crate) fn start(state: State, listener: TcpListener) {
     }
 }
 
+/// Most peer connections in their handshake at once; more are closed at accept, so that a
+/// flood of connections that never authenticate costs a bounded amount of memory.
+pub(crate) const MAX_HANDSHAKES: usize = 64;
+
+/// What a refused peer is told: nothing about the cluster. The node logs the real reason.
+const REFUSAL: &str = "link refused";
+
 async fn accept_loop(state: State, listener: TcpListener) {
+    let mut last_full_warning: Option<Instant> = None;
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
+                let full = {
+                    let mut s = state.borrow_mut();
+                    if s.handshakes >= MAX_HANDSHAKES {
+                        true
+                    } else {
+                        s.handshakes += 1;
+                        false
+                    }
+                };
+                if full {
+                    if last_full_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                        warn!(
+                            "{MAX_HANDSHAKES} peer connections are already in their handshake: \
+                             dropping the one from {addr} (and others for 5 s, silently)"
+                        );
+                        last_full_warning = Some(Instant::now());
+                    }
+                    drop(stream);
+                    continue;
+                }
                 tokio::task::spawn_local(accept_one(state.clone(), stream, addr));
             }
             Err(e) => {
@@ -58,7 +91,10 @@ async fn accept_loop(state: State, listener: TcpListener) {
 }
 
 /// Reads one frame during the handshake (before the link is shared with the event loop).
-async fn read_frame(stream: &mut TcpStream, dec: &mut FrameDecoder) -> Result<PeerFrame, String> {
+async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    dec: &mut FrameDecoder,
+) -> Result<PeerFrame, String> {
     let mut buf = [0u8; 4096];
     loop {
         match dec.next_frame::<PeerFrame>() {
@@ -74,112 +110,262 @@ async fn read_frame(stream: &mut TcpStream, dec: &mut FrameDecoder) -> Result<Pe
     }
 }
 
-async fn write_frame(stream: &mut TcpStream, f: &PeerFrame) -> std::io::Result<()> {
+async fn write_frame<S: AsyncWrite + Unpin>(stream: &mut S, f: &PeerFrame) -> std::io::Result<()> {
     let b = dvs_wire::frame::encode_to_vec(f, &[], false).expect("handshake frames encode");
-    stream.write_all(&b).await
+    stream.write_all(&b).await?;
+    stream.flush().await
 }
 
-async fn accept_one(state: State, mut stream: TcpStream, addr: SocketAddr) {
-    let _ = stream.set_nodelay(true);
-    let mut dec = FrameDecoder::new();
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream, &mut dec))
-        .await
-    {
-        Ok(Ok(f)) => f,
-        Ok(Err(e)) => return warn!("peer link from {addr} dropped: {e}"),
-        Err(_) => {
-            return warn!("peer link from {addr} dropped: no Hello within {HANDSHAKE_TIMEOUT:?}")
+/// A link that finished its handshake: the socket (with its TLS session), the frames read
+/// past the handshake, and the serial of the peer's certificate.
+struct Established {
+    sock: Sock,
+    dec: FrameDecoder,
+    serial: Option<String>,
+}
+
+/// The accepting side's handshake: TLS (unless off), then `Hello` → `Welcome`.
+async fn accept_handshake(
+    state: &State,
+    mut tcp: TcpStream,
+) -> Result<(NodeId, Established), String> {
+    let (me, cluster, tls) = {
+        let s = state.borrow();
+        (
+            s.me.id,
+            s.cfg.cluster_id.clone(),
+            s.security.tls.as_ref().map(|t| t.server.clone()),
+        )
+    };
+    let mut dec = FrameDecoder::with_limit(HANDSHAKE_MAX_FRAME);
+    let check_hello = |hello: &PeerFrame, cert_node: Option<NodeId>| -> Result<NodeId, String> {
+        match hello {
+            PeerFrame::Hello { version, .. } if *version != PROTOCOL_VERSION => Err(format!(
+                "protocol version mismatch (ours {PROTOCOL_VERSION}, theirs {version})"
+            )),
+            PeerFrame::Hello { cluster: c, .. } if *c != cluster => {
+                Err(format!("its Hello names another cluster ({c:?})"))
+            }
+            PeerFrame::Hello { node, .. } if cert_node.is_some_and(|n| n != *node) => Err(format!(
+                "it claims node id {node} but its certificate names node {}",
+                cert_node.unwrap_or_default()
+            )),
+            PeerFrame::Hello { node, .. }
+                if *node == me || state.borrow().cfg.node_by_id(*node).is_none() =>
+            {
+                Err(format!(
+                    "node id {node} is not a peer in our cluster config"
+                ))
+            }
+            PeerFrame::Hello { node, .. } => Ok(*node),
+            other => Err(format!("expected Hello, got {}", frame_kind(other))),
         }
     };
-    let (me, cluster) = {
-        let s = state.borrow();
-        (s.me.id, s.cfg.cluster_id.clone())
-    };
-    let refusal = match &hello {
-        PeerFrame::Hello { version, .. } if *version != PROTOCOL_VERSION => Some(format!(
-            "protocol version mismatch (ours {PROTOCOL_VERSION}, theirs {version})"
-        )),
-        PeerFrame::Hello { cluster: c, .. } if *c != cluster => Some(format!(
-            "cluster id mismatch (ours {cluster:?}, theirs {c:?})"
-        )),
-        PeerFrame::Hello { node, .. }
-            if *node == me || state.borrow().cfg.node_by_id(*node).is_none() =>
-        {
-            Some(format!(
-                "node id {node} is not a peer in our cluster config"
+    match tls {
+        Some(cfg) => {
+            let mut stream = tokio_rustls::TlsAcceptor::from(cfg)
+                .accept(tcp)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            let id =
+                dvs_tls::verifier::peer_identity(stream.get_ref().1).map_err(|e| e.to_string())?;
+            let refusal = state.borrow().security.refuse(&cluster, &id);
+            let hello = match refusal {
+                Some(r) => Err(r),
+                None => read_frame(&mut stream, &mut dec).await,
+            };
+            let node = hello.and_then(|h| check_hello(&h, Some(id.node)));
+            let node = match node {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = write_frame(
+                        &mut stream,
+                        &PeerFrame::Refuse {
+                            reason: REFUSAL.into(),
+                        },
+                    )
+                    .await;
+                    return Err(e);
+                }
+            };
+            write_frame(&mut stream, &PeerFrame::Welcome { node: me })
+                .await
+                .map_err(|e| e.to_string())?;
+            let (tcp, conn) = stream.into_inner();
+            Ok((
+                node,
+                Established {
+                    sock: Sock::Tls(tcp, rustls::Connection::Server(conn)),
+                    dec,
+                    serial: Some(id.serial),
+                },
             ))
         }
-        PeerFrame::Hello { .. } => None,
-        other => Some(format!("expected Hello, got {other:?}")),
-    };
-    if let Some(reason) = refusal {
-        error!("refusing peer link from {addr}: {reason}");
-        let _ = write_frame(&mut stream, &PeerFrame::Refuse { reason }).await;
-        return;
+        None => {
+            let hello = read_frame(&mut tcp, &mut dec).await?;
+            let node = match check_hello(&hello, None) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = write_frame(
+                        &mut tcp,
+                        &PeerFrame::Refuse {
+                            reason: REFUSAL.into(),
+                        },
+                    )
+                    .await;
+                    return Err(e);
+                }
+            };
+            write_frame(&mut tcp, &PeerFrame::Welcome { node: me })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((
+                node,
+                Established {
+                    sock: Sock::Tcp(tcp),
+                    dec,
+                    serial: None,
+                },
+            ))
+        }
     }
-    let PeerFrame::Hello { node, .. } = hello else {
-        unreachable!("checked above")
+}
+
+async fn accept_one(state: State, stream: TcpStream, addr: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_handshake(&state, stream)).await;
+    state.borrow_mut().handshakes -= 1;
+    match r {
+        Ok(Ok((node, link))) => run_link(state, node, link).await,
+        Ok(Err(e)) => warn!("refused a peer link from {addr}: {e}"),
+        Err(_) => {
+            warn!("refused a peer link from {addr}: no handshake within {HANDSHAKE_TIMEOUT:?}")
+        }
+    }
+}
+
+/// The dialing side's handshake: TLS (unless off), then `Hello` → `Welcome`.
+async fn dial_handshake(
+    state: &State,
+    me: NodeId,
+    peer: NodeId,
+    addr: SocketAddr,
+) -> Result<Established, String> {
+    let (cluster, tls) = {
+        let s = state.borrow();
+        (
+            s.cfg.cluster_id.clone(),
+            s.security.tls.as_ref().map(|t| t.client.clone()),
+        )
     };
-    if write_frame(&mut stream, &PeerFrame::Welcome { node: me })
+    let tcp = TcpStream::connect(addr)
         .await
-        .is_err()
-    {
-        return;
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let hello = PeerFrame::Hello {
+        version: PROTOCOL_VERSION,
+        cluster: cluster.clone(),
+        node: me,
+    };
+    let mut dec = FrameDecoder::with_limit(HANDSHAKE_MAX_FRAME);
+    let answer = |f: Result<PeerFrame, String>| match f {
+        Ok(PeerFrame::Welcome { node }) if node == peer => Ok(()),
+        Ok(PeerFrame::Welcome { node }) => Err(format!(
+            "{addr} is node {node}, not node {peer} as configured"
+        )),
+        Ok(PeerFrame::Refuse { reason }) => Err(format!(
+            "node {peer} refused our link: {reason} (its log says why)"
+        )),
+        Ok(other) => Err(format!(
+            "unexpected handshake answer {}",
+            frame_kind(&other)
+        )),
+        Err(e) => Err(e),
+    };
+    match tls {
+        Some(cfg) => {
+            let mut stream = tokio_rustls::TlsConnector::from(cfg)
+                .connect(dvs_tls::verifier::server_name(), tcp)
+                .await
+                .map_err(|e| format!("TLS handshake with {addr} failed: {e}"))?;
+            let id =
+                dvs_tls::verifier::peer_identity(stream.get_ref().1).map_err(|e| e.to_string())?;
+            if let Some(r) = state.borrow().security.refuse(&cluster, &id) {
+                return Err(format!("refusing the link to {addr}: {r}"));
+            }
+            if id.node != peer {
+                return Err(format!(
+                    "{addr} presents the certificate of node {}, not node {peer} as configured",
+                    id.node
+                ));
+            }
+            write_frame(&mut stream, &hello)
+                .await
+                .map_err(|e| e.to_string())?;
+            answer(read_frame(&mut stream, &mut dec).await)?;
+            let (tcp, conn) = stream.into_inner();
+            Ok(Established {
+                sock: Sock::Tls(tcp, rustls::Connection::Client(conn)),
+                dec,
+                serial: Some(id.serial),
+            })
+        }
+        None => {
+            let mut tcp = tcp;
+            write_frame(&mut tcp, &hello)
+                .await
+                .map_err(|e| e.to_string())?;
+            answer(read_frame(&mut tcp, &mut dec).await)?;
+            Ok(Established {
+                sock: Sock::Tcp(tcp),
+                dec,
+                serial: None,
+            })
+        }
     }
-    run_link(state, node, stream, dec).await;
+}
+
+/// The variant name of a frame, for logs (never its contents).
+fn frame_kind(f: &PeerFrame) -> String {
+    let dbg = format!("{f:?}");
+    dbg.split([' ', '{', '('])
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 async fn dial_loop(state: State, me: NodeId, peer: NodeId, addr: SocketAddr) {
-    let (base, cluster) = {
+    let base = {
         let s = state.borrow();
-        (
-            Duration::from_millis(s.cfg.link.reconnect_ms.max(1)),
-            s.cfg.cluster_id.clone(),
-        )
+        Duration::from_millis(s.cfg.link.reconnect_ms.max(1))
     };
     let mut backoff = base;
     let mut last_logged: Option<String> = None;
     loop {
-        let attempt = async {
-            let mut stream = TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-            let _ = stream.set_nodelay(true);
-            write_frame(
-                &mut stream,
-                &PeerFrame::Hello {
-                    version: PROTOCOL_VERSION,
-                    cluster: cluster.clone(),
-                    node: me,
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            let mut dec = FrameDecoder::new();
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream, &mut dec)).await {
-                Ok(Ok(PeerFrame::Welcome { node })) if node == peer => Ok((stream, dec)),
-                Ok(Ok(PeerFrame::Welcome { node })) => Err(format!(
-                    "{addr} is node {node}, not node {peer} as configured"
-                )),
-                Ok(Ok(PeerFrame::Refuse { reason })) => {
-                    Err(format!("node {peer} refused our link: {reason}"))
-                }
-                Ok(Ok(other)) => Err(format!("unexpected handshake answer {other:?}")),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(format!("no handshake answer within {HANDSHAKE_TIMEOUT:?}")),
-            }
+        let attempt =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, dial_handshake(&state, me, peer, addr));
+        let result = match attempt.await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "no handshake with {addr} within {HANDSHAKE_TIMEOUT:?}"
+            )),
         };
-        match attempt.await {
-            Ok((stream, dec)) => {
+        match result {
+            Ok(link) => {
                 backoff = base;
                 last_logged = None;
-                run_link(state.clone(), peer, stream, dec).await;
+                run_link(state.clone(), peer, link).await;
             }
             Err(e) => {
                 // Log each distinct failure once, not every retry.
                 if last_logged.as_ref() != Some(&e) {
-                    if e.contains("refused our link") || e.contains("not node") {
-                        error!("{e}");
+                    if e.contains("refused our link")
+                        || e.contains("refusing")
+                        || e.contains("certificate")
+                        || e.contains("not node")
+                        || e.contains("TLS")
+                    {
+                        error!("link to node {peer}: {e}");
                     } else {
                         info!("link to node {peer}: {e}; retrying");
                     }
@@ -196,7 +382,13 @@ async fn dial_loop(state: State, me: NodeId, peer: NodeId, addr: SocketAddr) {
 }
 
 /// Runs an established link until it breaks.
-async fn run_link(state: State, peer: NodeId, stream: TcpStream, mut dec: FrameDecoder) {
+async fn run_link(state: State, peer: NodeId, link: Established) {
+    let Established {
+        sock,
+        mut dec,
+        serial,
+    } = link;
+    dec.set_limit(dvs_wire::MAX_FRAME);
     let (compress, heartbeat, dead_after) = {
         let s = state.borrow();
         (
@@ -205,21 +397,27 @@ async fn run_link(state: State, peer: NodeId, stream: TcpStream, mut dec: FrameD
             Duration::from_millis(s.cfg.link.dead_after_ms),
         )
     };
-    let wire = match Wire::new(Sock::Tcp(stream), compress) {
+    let wire = match Wire::new(sock, compress) {
         Ok(w) => Rc::new(w),
         Err(e) => return warn!("link to node {peer}: cannot register the socket: {e}"),
     };
     {
         let mut s = state.borrow_mut();
-        if let Some(old) = s.peers.insert(peer, wire.clone()) {
-            // The peer restarted and redialed before we noticed the old link die.
+        if let Some(old) = s.peers.remove(&peer) {
+            // The peer restarted and redialed before we noticed the old link die. Only an
+            // authenticated node gets here, and the old link is closed (and every call that
+            // depended on it failed) before the new one carries anything.
+            warn!("node {peer} opened a new link while the old one was up: closing the old one");
             old.close();
             s.core.on_link_down(peer);
+            s.drive();
         }
+        s.peers.insert(peer, wire.clone());
         if let Some(l) = s.links.get_mut(&peer) {
             l.up = true;
             l.since = Instant::now();
             l.last_error = None;
+            l.serial = serial;
         }
         s.core.on_link_up(peer);
         s.drive();

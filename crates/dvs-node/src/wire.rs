@@ -2,7 +2,7 @@
 //! written together, so that everything one event produced leaves in as few writes as possible.
 
 use std::cell::{Cell, RefCell};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 
 use bytes::{Buf, BytesMut};
@@ -16,8 +16,37 @@ use tokio::sync::Notify;
 pub enum Sock {
     /// A process's connection.
     Unix(tokio::net::UnixStream),
-    /// A peer link.
+    /// A peer link in plaintext (`[link] tls = false`).
     Tcp(tokio::net::TcpStream),
+    /// A peer link after its TLS handshake: the socket and the session that encrypts it.
+    Tls(tokio::net::TcpStream, rustls::Connection),
+}
+
+/// Plaintext bytes queued beyond which a link is declared stuck and closed: a peer that stops
+/// reading must not make this node buffer without bound.
+pub const MAX_PENDING: usize = 256 << 20;
+
+/// Ciphertext encrypted ahead of the socket: the TLS layer takes plaintext in steps of this,
+/// so that big writes reach the socket while the rest is being encrypted.
+const TLS_BUFFER: usize = 1 << 20;
+
+/// The TLS session of a peer link and the ciphertext read but not yet decrypted.
+struct Tls {
+    conn: rustls::Connection,
+    cipher_in: BytesMut,
+    eof: bool,
+}
+
+/// Writes to a non-blocking socket for rustls.
+struct FdWriter<'a>(&'a Io);
+
+impl Write for FdWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A socket registered with the reactor directly (not through tokio's stream types), so
@@ -33,14 +62,23 @@ enum Io {
 }
 
 impl Io {
-    fn new(sock: Sock) -> io::Result<Io> {
+    fn new(sock: Sock) -> io::Result<(Io, Option<Tls>)> {
         // `into_std` deregisters the stream and leaves it non-blocking.
+        let tcp = |s: tokio::net::TcpStream| {
+            register(s.into_std()?, Interest::READABLE | Interest::WRITABLE).map(Io::Tcp)
+        };
         Ok(match sock {
-            Sock::Unix(s) => Io::Unix(register(s.into_std()?, Interest::READABLE)?),
-            Sock::Tcp(s) => Io::Tcp(register(
-                s.into_std()?,
-                Interest::READABLE | Interest::WRITABLE,
-            )?),
+            Sock::Unix(s) => (Io::Unix(register(s.into_std()?, Interest::READABLE)?), None),
+            Sock::Tcp(s) => (tcp(s)?, None),
+            Sock::Tls(s, mut conn) => {
+                conn.set_buffer_limit(Some(TLS_BUFFER));
+                let tls = Tls {
+                    conn,
+                    cipher_in: BytesMut::new(),
+                    eof: false,
+                };
+                (tcp(s)?, Some(tls))
+            }
         })
     }
 
@@ -130,6 +168,7 @@ async fn read_ready<T: AsRawFd>(fd: &AsyncFd<T>, buf: &mut BytesMut) -> io::Resu
 /// A connection shared by its reader task, its writer task and the event loop.
 pub struct Wire {
     sock: Io,
+    tls: Option<RefCell<Tls>>,
     out: RefCell<BytesMut>,
     wake: Notify,
     closed: Cell<bool>,
@@ -144,8 +183,10 @@ impl Wire {
     /// Wraps a socket (registering it with the reactor); `compress` enables lz4 on frames
     /// that shrink.
     pub fn new(sock: Sock, compress: bool) -> io::Result<Self> {
+        let (sock, tls) = Io::new(sock)?;
         Ok(Wire {
-            sock: Io::new(sock)?,
+            sock,
+            tls: tls.map(RefCell::new),
             out: RefCell::new(BytesMut::with_capacity(8 * 1024)),
             wake: Notify::new(),
             closed: Cell::new(false),
@@ -194,15 +235,28 @@ impl Wire {
         Some(r)
     }
 
-    /// Bytes queued and not yet written.
+    /// Bytes queued and not yet written (ciphertext the TLS layer holds counts as one).
     pub fn pending(&self) -> usize {
-        self.out.borrow().len()
+        let tls = self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.borrow().conn.wants_write());
+        self.out.borrow().len() + usize::from(tls)
+    }
+
+    /// Whether the link's peer stopped reading long enough for [`MAX_PENDING`] bytes to pile
+    /// up; the caller closes such a link.
+    pub fn over_limit(&self) -> bool {
+        self.out.borrow().len() > MAX_PENDING
     }
 
     /// Writes what it can now; the writer task finishes the rest when the socket drains.
     pub fn flush(&self) {
         if self.closed.get() {
             return;
+        }
+        if let Some(tls) = &self.tls {
+            return self.flush_tls(&mut tls.borrow_mut());
         }
         let mut out = self.out.borrow_mut();
         while !out.is_empty() {
@@ -214,6 +268,43 @@ impl Wire {
                     self.wake.notify_one();
                     return;
                 }
+                Err(_) => {
+                    out.clear();
+                    drop(out);
+                    self.close();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// [`Wire::flush`] through TLS: plaintext is encrypted in steps of [`TLS_BUFFER`], each
+    /// written out before the next is taken.
+    fn flush_tls(&self, tls: &mut Tls) {
+        let mut out = self.out.borrow_mut();
+        loop {
+            while tls.conn.wants_write() {
+                match tls.conn.write_tls(&mut FdWriter(&self.sock)) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        drop(out);
+                        self.wake.notify_one();
+                        return;
+                    }
+                    Err(_) => {
+                        out.clear();
+                        drop(out);
+                        self.close();
+                        return;
+                    }
+                }
+            }
+            if out.is_empty() {
+                return;
+            }
+            match tls.conn.writer().write(&out) {
+                Ok(n) => out.advance(n),
                 Err(_) => {
                     out.clear();
                     drop(out);
@@ -244,6 +335,9 @@ impl Wire {
     /// Waits until the socket is readable, then appends what one read returns to `buf`,
     /// asking for up to `want` bytes at least (0 = end of stream).
     pub async fn read(&self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return self.read_tls(tls, buf, want).await;
+        }
         loop {
             if self.closed.get() {
                 return Ok(0);
@@ -263,6 +357,48 @@ impl Wire {
         }
     }
 
+    /// [`Wire::read`] through TLS: reads up to `want` bytes of ciphertext at once, then
+    /// decrypts all of it into `buf`.
+    async fn read_tls(
+        &self,
+        tls: &RefCell<Tls>,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> io::Result<usize> {
+        loop {
+            if self.closed.get() {
+                return Ok(0);
+            }
+            // Plaintext decrypted earlier (during the handshake) comes out first.
+            let (n, eof, reply) = decrypt(&mut tls.borrow_mut(), buf)?;
+            if reply {
+                // A TLS message that needs an answer (e.g. a key update).
+                self.flush();
+            }
+            if n > 0 {
+                return Ok(n);
+            }
+            if eof {
+                return Ok(0);
+            }
+            let mut cin = std::mem::take(&mut tls.borrow_mut().cipher_in);
+            cin.reserve(want.max(1));
+            let r = self.sock.read_ready(&mut cin).await;
+            let mut t = tls.borrow_mut();
+            t.cipher_in = cin;
+            match r {
+                Ok(0) => t.eof = true,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Whether the connection was closed by us.
     pub fn is_closed(&self) -> bool {
         self.closed.get()
@@ -276,6 +412,35 @@ impl Wire {
             self.wake.notify_one();
         }
     }
+}
+
+/// Feeds the buffered ciphertext to the TLS session and appends the plaintext to `buf`:
+/// (plaintext bytes, end of stream, the session has something to send).
+fn decrypt(t: &mut Tls, buf: &mut BytesMut) -> io::Result<(usize, bool, bool)> {
+    let bad = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
+    let mut total = 0;
+    loop {
+        let st = t.conn.process_new_packets().map_err(bad)?;
+        let n = st.plaintext_bytes_to_read();
+        if n > 0 {
+            let start = buf.len();
+            buf.resize(start + n, 0);
+            t.conn.reader().read_exact(&mut buf[start..])?;
+            total += n;
+        }
+        if st.peer_has_closed() {
+            t.eof = true;
+        }
+        if t.cipher_in.is_empty() {
+            break;
+        }
+        let k = t.conn.read_tls(&mut &t.cipher_in[..])?;
+        if k == 0 {
+            break;
+        }
+        t.cipher_in.advance(k);
+    }
+    Ok((total, t.eof && total == 0, t.conn.wants_write()))
 }
 
 #[cfg(test)]

@@ -19,8 +19,8 @@ const KNOWN_FLAGS: u8 = FLAG_LZ4;
 /// Why a frame was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
-    /// The announced length exceeds [`MAX_FRAME`].
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME} bytes")]
+    /// The announced length exceeds the limit ([`MAX_FRAME`], or less before a handshake).
+    #[error("frame of {0} bytes exceeds the limit")]
     TooLarge(usize),
     /// The frame is shorter than its own header says.
     #[error("truncated frame: {0}")]
@@ -117,15 +117,43 @@ pub fn encode_to_vec<T: Serialize>(
 }
 
 /// Incremental decoder: feed bytes as they arrive, take whole frames out.
-#[derive(Default)]
 pub struct FrameDecoder {
     buf: BytesMut,
+    /// Largest frame accepted, at most [`MAX_FRAME`].
+    limit: usize,
 }
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder {
+            buf: BytesMut::new(),
+            limit: MAX_FRAME,
+        }
+    }
+}
+
+/// Largest frame accepted on a connection that has not finished its handshake: a peer that is
+/// not yet authenticated must not make the node allocate megabytes.
+pub const HANDSHAKE_MAX_FRAME: usize = 4096;
 
 impl FrameDecoder {
     /// A decoder with an empty buffer.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder that refuses frames longer than `limit` bytes (capped at [`MAX_FRAME`]).
+    pub fn with_limit(limit: usize) -> Self {
+        FrameDecoder {
+            buf: BytesMut::new(),
+            limit: limit.min(MAX_FRAME),
+        }
+    }
+
+    /// Changes the frame-size limit (capped at [`MAX_FRAME`]), e.g. once a peer is
+    /// authenticated.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.min(MAX_FRAME);
     }
 
     /// The buffer to read socket bytes into (append only).
@@ -150,7 +178,7 @@ impl FrameDecoder {
             return Ok(None);
         }
         let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
-        if len > MAX_FRAME + 1 {
+        if len > self.limit + 1 {
             return Err(FrameError::TooLarge(len));
         }
         if len < 1 {

@@ -1,0 +1,177 @@
+//! The cluster CA and the node certificates it signs (rcgen).
+//!
+//! Node certificates carry one URI SAN naming the cluster and the node id, and both the
+//! server and client authentication usages: each node is a TLS server for the links it
+//! accepts and a client for the links it dials.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+use crate::files::{ensure_private_dir, read, write_file};
+use crate::identity::node_uri;
+use crate::TlsError;
+
+/// How long a CA stays valid.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long a node certificate stays valid unless asked otherwise.
+pub const NODE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Certificates start being valid this much before they are made, so that a peer whose clock
+/// is slightly behind accepts a fresh one.
+const BACKDATE: Duration = Duration::from_secs(3600);
+
+/// Paths of a certificate and its key.
+#[derive(Clone, Debug)]
+pub struct IssuedCert {
+    /// The certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, mode 0600).
+    pub key: PathBuf,
+    /// Serial number in lower-case hex, as a deny list names it.
+    pub serial: String,
+}
+
+fn random_serial() -> Result<SerialNumber, TlsError> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(TlsError::io("/dev/urandom"))?;
+    // Positive and non-zero as a DER integer.
+    b[0] = (b[0] & 0x7f) | 0x01;
+    Ok(SerialNumber::from_slice(&b))
+}
+
+fn validity(params: &mut CertificateParams, valid_for: Duration) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + valid_for;
+}
+
+fn gen(e: rcgen::Error) -> TlsError {
+    TlsError::Generate(e.to_string())
+}
+
+/// `dvs tls init`: creates `dir/ca.crt` and `dir/ca.key` for `cluster`. With `force`,
+/// existing files are replaced (every node certificate must then be issued again).
+pub fn init_ca(dir: &Path, cluster: &str, force: bool) -> Result<IssuedCert, TlsError> {
+    ensure_private_dir(dir)?;
+    let key = KeyPair::generate().map_err(gen)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("dvs cluster CA {cluster}"));
+    dn.push(DnType::OrganizationName, "dvs");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let serial = random_serial()?;
+    let serial_hex = hex(serial.as_ref());
+    params.serial_number = Some(serial);
+    validity(&mut params, CA_VALIDITY);
+    let cert = params.self_signed(&key).map_err(gen)?;
+    let out = IssuedCert {
+        cert: dir.join("ca.crt"),
+        key: dir.join("ca.key"),
+        serial: serial_hex,
+    };
+    write_file(&out.key, key.serialize_pem().as_bytes(), 0o600, force)?;
+    write_file(&out.cert, cert.pem().as_bytes(), 0o644, force)?;
+    Ok(out)
+}
+
+/// `dvs tls issue`: creates `dir/NAME.crt` and `dir/NAME.key` for node `id` of `cluster`,
+/// signed by `dir/ca.crt` + `dir/ca.key`. An existing pair is replaced (rotation).
+pub fn issue_node_cert(
+    dir: &Path,
+    cluster: &str,
+    id: u16,
+    name: &str,
+    valid_for: Duration,
+) -> Result<IssuedCert, TlsError> {
+    let ca_cert_path = dir.join("ca.crt");
+    let ca_key_path = dir.join("ca.key");
+    let ca_pem = String::from_utf8_lossy(&read(&ca_cert_path)?).into_owned();
+    let ca_key_pem = String::from_utf8_lossy(&read(&ca_key_path)?).into_owned();
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::BadPem {
+        path: ca_key_path.clone(),
+        message: format!("not a private key: {e}"),
+    })?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| TlsError::BadPem {
+        path: ca_cert_path.clone(),
+        message: format!("not a CA certificate: {e}"),
+    })?;
+
+    let key = KeyPair::generate().map_err(gen)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("{name}.{cluster}"));
+    dn.push(DnType::OrganizationName, "dvs");
+    params.distinguished_name = dn;
+    let uri = rcgen::string::Ia5String::try_from(node_uri(cluster, id)).map_err(gen)?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let serial = random_serial()?;
+    let serial_hex = hex(serial.as_ref());
+    params.serial_number = Some(serial);
+    validity(&mut params, valid_for);
+    let cert = params.signed_by(&key, &issuer).map_err(gen)?;
+    let out = IssuedCert {
+        cert: dir.join(format!("{name}.crt")),
+        key: dir.join(format!("{name}.key")),
+        serial: serial_hex,
+    };
+    write_file(&out.key, key.serialize_pem().as_bytes(), 0o600, true)?;
+    write_file(&out.cert, cert.pem().as_bytes(), 0o644, true)?;
+    Ok(out)
+}
+
+/// Lower-case hex of `bytes`, without leading zero bytes (how serials are compared).
+pub fn hex(bytes: &[u8]) -> String {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    bytes[start..].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::NodeIdentity;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn issued_certificate_names_cluster_and_node() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = init_ca(d.path(), "prod", false).unwrap();
+        assert!(
+            init_ca(d.path(), "prod", false).is_err(),
+            "init must not clobber a CA"
+        );
+        let c = issue_node_cert(d.path(), "prod", 7, "node7", NODE_VALIDITY).unwrap();
+        for key in [&ca.key, &c.key] {
+            let mode = std::fs::metadata(key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        let pem = std::fs::read(&c.cert).unwrap();
+        let der = crate::verifier::load_certs(&c.cert, &pem)
+            .unwrap()
+            .remove(0);
+        let id = NodeIdentity::from_der(&der).unwrap();
+        assert_eq!(id.cluster, "prod");
+        assert_eq!(id.node, 7);
+        assert_eq!(id.serial, c.serial);
+    }
+}
