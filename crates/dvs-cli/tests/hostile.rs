@@ -4,145 +4,15 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::thread;
 
-use common::{errno, pseudo_random, Cluster, CALL_TIMEOUT, PATIENCE};
-use dvs_wire::frame;
+use common::attack::*;
+use common::{errno, pseudo_random, Cluster};
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::peer::PeerFrame;
-use dvs_wire::{FrameDecoder, MAX_FRAME, PROTOCOL_VERSION};
-use m3ipc::{Endpoint, Errno, Message, NodeId, Timeout};
-
-/// Something that can be written to and read from with a timeout (a Unix or TCP socket).
-trait Conn: Read + Write {
-    /// Makes reads fail after [`PATIENCE`] instead of hanging.
-    fn set_timeout(&self);
-    /// Half-closes: the node reads end of stream, the socket can still be read.
-    fn shutdown_write(&self);
-}
-
-impl Conn for UnixStream {
-    fn set_timeout(&self) {
-        self.set_read_timeout(Some(PATIENCE)).unwrap();
-    }
-    fn shutdown_write(&self) {
-        let _ = self.shutdown(Shutdown::Write);
-    }
-}
-
-impl Conn for TcpStream {
-    fn set_timeout(&self) {
-        self.set_read_timeout(Some(PATIENCE)).unwrap();
-    }
-    fn shutdown_write(&self) {
-        let _ = self.shutdown(Shutdown::Write);
-    }
-}
-
-/// Writes `bytes` (the node may close the connection before taking them all, so write errors
-/// are fine), optionally half-closes, then reads until the node closes the connection.
-/// Returns what the node sent. Fails the test if the node keeps the connection open.
-fn send_and_expect_close<C: Conn>(
-    mut conn: C,
-    bytes: &[u8],
-    half_close: bool,
-    what: &str,
-) -> Vec<u8> {
-    conn.set_timeout();
-    let _ = conn.write_all(bytes);
-    if half_close {
-        conn.shutdown_write();
-    }
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match conn.read(&mut buf) {
-            Ok(0) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            // A close with our bytes still unread may reset the connection.
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return got,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("{what}: the node kept the connection open")
-            }
-            Err(e) => panic!("{what}: read: {e}"),
-        }
-    }
-}
-
-/// Every frame of type `T` in `bytes`.
-fn frames<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Vec<T> {
-    let mut dec = FrameDecoder::new();
-    dec.extend(bytes);
-    let mut out = Vec::new();
-    while let Ok(Some((f, _))) = dec.next_frame::<T>() {
-        out.push(f);
-    }
-    out
-}
-
-/// A frame with the given flags and payload (body length field included by the caller).
-fn raw_frame(flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut v = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
-    v.push(flags);
-    v.extend_from_slice(payload);
-    v
-}
-
-/// A frame whose body is `body` verbatim (not necessarily a valid encoding).
-fn frame_with_body(body: &[u8]) -> Vec<u8> {
-    let mut payload = (body.len() as u32).to_le_bytes().to_vec();
-    payload.extend_from_slice(body);
-    raw_frame(0, &payload)
-}
-
-/// One valid frame holding `v`.
-fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    frame::encode_to_vec(v, &[], false).unwrap().to_vec()
-}
-
-/// A client/server pair on `node` that answers a sendrec, proving the node still serves.
-struct Witness {
-    client: Endpoint,
-    server: Option<thread::JoinHandle<Endpoint>>,
-    server_ep: m3ipc::Ep,
-}
-
-impl Witness {
-    fn new(c: &Cluster, client_node: NodeId, server_node: NodeId, base: m3ipc::Ep) -> Witness {
-        let mut w = Witness {
-            client: c.bind(client_node, base),
-            server: None,
-            server_ep: base + 1,
-        };
-        let server = c.bind(server_node, base + 1);
-        w.server = Some(Self::serve(server));
-        w
-    }
-
-    fn serve(mut server: Endpoint) -> thread::JoinHandle<Endpoint> {
-        // Errors are left to `check` to notice: the last round ends with the cluster.
-        thread::spawn(move || {
-            if let Ok(req) = server.receive_timeout(Source::Any, CALL_TIMEOUT) {
-                let _ = server.reply(req.source, &Message::new(req.mtype + 1));
-            }
-            server
-        })
-    }
-
-    /// One sendrec round trip; fails the test if it does not work.
-    fn check(&mut self, what: &str) {
-        let r = self
-            .client
-            .sendrec_timeout(self.server_ep, &Message::new(0x10), CALL_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{what}: the normal client stopped working: {e}"));
-        assert_eq!(r.mtype, 0x11, "{what}");
-        let server = self.server.take().unwrap().join().unwrap();
-        self.server = Some(Self::serve(server));
-    }
-}
+use dvs_wire::{frame, FrameDecoder, MAX_FRAME, PROTOCOL_VERSION};
+use m3ipc::{Errno, NodeId, Timeout};
 
 #[test]
 fn local_socket_refuses_malformed_frames() {
@@ -349,14 +219,112 @@ struct Handshake<'a> {
     bytes: Vec<u8>,
     /// Whether it then half-closes the connection.
     half_close: bool,
-    /// What the `Refuse` frame must say (`None`: the node closes without one).
-    refusal: Option<&'a str>,
+    /// Whether the node answers with `Refuse` (else it closes without a frame).
+    refused: bool,
     /// What the node's log line must say.
     log: &'a str,
 }
 
+/// Sends each bad handshake over a connection `connect` makes; checks that the node refuses
+/// with a `Refuse` that tells nothing (or closes), logs the real reason, and keeps its links.
+fn refuse_each(c: &Cluster, target: NodeId, cases: &[Handshake], connect: impl Fn() -> PeerConn) {
+    for Handshake {
+        what,
+        bytes,
+        half_close,
+        refused,
+        log,
+    } in cases
+    {
+        let before = c.log_count(target, log);
+        let answer = send_and_expect_close(connect(), bytes, *half_close, what);
+        let got = frames::<PeerFrame>(&answer);
+        if *refused {
+            assert_eq!(
+                got,
+                vec![PeerFrame::Refuse {
+                    reason: "link refused".into()
+                }],
+                "{what}"
+            );
+        } else {
+            assert!(got.is_empty(), "{what}: expected no answer, got {got:?}");
+        }
+        // The refusal leaks nothing about the cluster.
+        let cluster = c.cfg.cluster_id.as_bytes();
+        assert!(
+            !answer.windows(cluster.len()).any(|w| w == cluster),
+            "{what}: the answer names the cluster id"
+        );
+        let line = c.wait_log(target, log, before);
+        assert!(line.contains("peer link from"), "{what}: log line {line:?}");
+    }
+}
+
+/// Bad `Hello`s over a link that passed (or, in plaintext, skipped) TLS.
+fn bad_hellos<'a>(cluster: &str, target: NodeId, claimed: NodeId) -> Vec<Handshake<'a>> {
+    let mut garbage = pseudo_random(3, 2048);
+    garbage[3] = 0xff; // a length far above the limit
+    let mut partial = hello(PROTOCOL_VERSION, cluster, claimed);
+    partial.truncate(partial.len() - 3);
+    // A frame header announcing 1 MiB: more than a peer may send before its handshake.
+    let mut big = (1u32 << 20).to_le_bytes().to_vec();
+    big.extend_from_slice(&pseudo_random(4, 1024));
+    vec![
+        Handshake {
+            what: "garbage before Hello",
+            bytes: garbage,
+            half_close: false,
+            refused: true,
+            log: "malformed handshake frame",
+        },
+        Handshake {
+            what: "a large frame before the handshake",
+            bytes: big,
+            half_close: false,
+            refused: true,
+            log: "exceeds the limit",
+        },
+        Handshake {
+            what: "wrong cluster id",
+            bytes: hello(PROTOCOL_VERSION, "another-cluster", claimed),
+            half_close: false,
+            refused: true,
+            log: "another cluster",
+        },
+        Handshake {
+            what: "wrong protocol version",
+            bytes: hello(PROTOCOL_VERSION + 7, cluster, claimed),
+            half_close: false,
+            refused: true,
+            log: "protocol version mismatch",
+        },
+        Handshake {
+            what: "the node's own id",
+            bytes: hello(PROTOCOL_VERSION, cluster, target),
+            half_close: false,
+            refused: true,
+            log: "node id",
+        },
+        Handshake {
+            what: "another frame first",
+            bytes: encode(&PeerFrame::Ping),
+            half_close: false,
+            refused: true,
+            log: "expected Hello",
+        },
+        Handshake {
+            what: "truncated Hello, then end of stream",
+            bytes: partial,
+            half_close: true,
+            refused: true,
+            log: "connection closed during the handshake",
+        },
+    ]
+}
+
 #[test]
-fn peer_port_refuses_bad_handshakes() {
+fn peer_port_refuses_peers_without_a_valid_certificate() {
     let c = Cluster::start();
     let target = 1;
     let addr = c.node(target).peer_addr;
@@ -364,85 +332,83 @@ fn peer_port_refuses_bad_handshakes() {
     let mut witness = Witness::new(&c, 0, target, 1);
     witness.check("before");
 
-    let mut garbage = pseudo_random(3, 2048);
-    garbage[3] = 0xff; // a length far above the limit
-    let mut partial = hello(PROTOCOL_VERSION, &cluster, 0);
-    partial.truncate(partial.len() - 3);
+    // No TLS at all, even with the right cluster id: the TLS layer refuses it.
+    let plain = [Handshake {
+        what: "plaintext Hello with the right cluster id",
+        bytes: hello(PROTOCOL_VERSION, &cluster, 0),
+        half_close: false,
+        refused: false,
+        log: "TLS handshake failed",
+    }];
+    refuse_each(&c, target, &plain, || PeerConn::plain(addr));
 
-    let cases = [
-        Handshake {
-            what: "garbage before Hello",
-            bytes: garbage,
-            half_close: false,
-            refusal: None,
-            log: "malformed handshake frame",
-        },
-        Handshake {
-            what: "wrong cluster id",
-            bytes: hello(PROTOCOL_VERSION, "another-cluster", 0),
-            half_close: false,
-            refusal: Some("cluster id mismatch"),
-            log: "cluster id mismatch",
-        },
-        Handshake {
-            what: "wrong protocol version",
-            bytes: hello(PROTOCOL_VERSION + 7, &cluster, 0),
-            half_close: false,
-            refusal: Some("protocol version mismatch"),
-            log: "protocol version mismatch",
-        },
-        Handshake {
-            what: "unknown node id",
-            bytes: hello(PROTOCOL_VERSION, &cluster, 99),
-            half_close: false,
-            refusal: Some("not a peer"),
-            log: "node id 99 is not a peer",
-        },
-        Handshake {
-            what: "the node's own id",
-            bytes: hello(PROTOCOL_VERSION, &cluster, target),
-            half_close: false,
-            refusal: Some("not a peer"),
-            log: "is not a peer",
-        },
-        Handshake {
-            what: "another frame first",
-            bytes: encode(&PeerFrame::Ping),
-            half_close: false,
-            refusal: Some("expected Hello"),
-            log: "expected Hello",
-        },
-        Handshake {
-            what: "truncated Hello, then end of stream",
-            bytes: partial,
-            half_close: true,
-            refusal: None,
-            log: "connection closed during the handshake",
-        },
-    ];
-    for Handshake {
-        what,
-        bytes,
-        half_close,
-        refusal,
-        log,
-    } in &cases
-    {
-        let before = c.log_count(target, log);
-        let conn = TcpStream::connect(addr).unwrap();
-        let answer = send_and_expect_close(conn, bytes, *half_close, what);
-        let got = frames::<PeerFrame>(&answer);
-        match refusal {
-            Some(reason) => assert!(
-                matches!(got.as_slice(), [PeerFrame::Refuse { reason: r }] if r.contains(reason)),
-                "{what}: expected a Refuse naming {reason:?}, got {got:?}"
-            ),
-            None => assert!(got.is_empty(), "{what}: expected no answer, got {got:?}"),
-        }
-        let line = c.wait_log(target, log, before);
-        assert!(line.contains("peer link from"), "{what}: log line {line:?}");
+    // TLS without a client certificate, and with a certificate of another CA that names a
+    // real node of this cluster.
+    let (_keep, forged) = forged_identity(&c, 0);
+    for (what, conn) in [
+        (
+            "no client certificate",
+            Box::new(|| PeerConn::tls_anonymous(addr, &c.cfg.tls.dir.join("ca.crt")))
+                as Box<dyn Fn() -> PeerConn>,
+        ),
+        (
+            "certificate of another CA",
+            Box::new(|| PeerConn::tls(addr, &forged)),
+        ),
+    ] {
+        let before = c.log_count(target, "TLS handshake failed");
+        let mut conn = conn();
+        conn.set_timeout();
+        let _ = conn.write_all(&hello(PROTOCOL_VERSION, &cluster, 0));
+        let mut buf = [0u8; 64];
+        let r = conn.read(&mut buf);
+        assert!(
+            !matches!(r, Ok(n) if n > 0),
+            "{what}: the node answered {r:?}"
+        );
+        c.wait_log(target, "TLS handshake failed", before);
     }
+
+    // A valid certificate of node 0 whose Hello claims node 2.
+    let stolen = stolen_identity(&c, 0);
+    let claims_other = [Handshake {
+        what: "Hello claiming another node than the certificate",
+        bytes: hello(PROTOCOL_VERSION, &cluster, 2),
+        half_close: false,
+        refused: true,
+        log: "its certificate names node 0",
+    }];
+    refuse_each(&c, target, &claims_other, || PeerConn::tls(addr, &stolen));
+    // Bad Hellos after a valid TLS handshake.
+    refuse_each(&c, target, &bad_hellos(&cluster, target, 0), || {
+        PeerConn::tls(addr, &stolen)
+    });
+
     // The real links were never disturbed.
+    assert!(Cluster::all_links_up(&c.status()));
+    witness.check("after");
+}
+
+#[test]
+fn plaintext_cluster_refuses_bad_handshakes_without_leaking() {
+    let c = Cluster::start_with(|cfg| cfg.link.tls = false);
+    let target = 1;
+    let addr = c.node(target).peer_addr;
+    assert!(
+        c.log(target).contains("NOT encrypted"),
+        "no warning at start"
+    );
+    let mut witness = Witness::new(&c, 0, target, 1);
+    witness.check("before");
+    let mut cases = bad_hellos(&c.cfg.cluster_id, target, 0);
+    cases.push(Handshake {
+        what: "unknown node id",
+        bytes: hello(PROTOCOL_VERSION, &c.cfg.cluster_id, 99),
+        half_close: false,
+        refused: true,
+        log: "node id 99 is not a peer",
+    });
+    refuse_each(&c, target, &cases, || PeerConn::plain(addr));
     assert!(Cluster::all_links_up(&c.status()));
     witness.check("after");
 }
@@ -452,7 +418,7 @@ struct Attack {
     what: &'static str,
     /// The node whose peer port is dialed.
     target: NodeId,
-    /// The node id the Hello claims (a real peer of the target).
+    /// The node id the Hello claims (a real peer of the target, whose key it stole).
     claimed: NodeId,
     /// Garbage sent in the same write as the Hello.
     with_hello: Vec<u8>,
@@ -498,8 +464,10 @@ fn garbage_after_a_handshake_drops_the_link_and_the_cluster_recovers() {
         let redials = c.log_count(claimed, &format!("link to node {target} up"));
         let reason = format!("malformed frame from node {claimed}");
         let logged = c.log_count(target, &reason);
+        let replaced = c.log_count(target, "closing the old one");
 
-        let mut conn = TcpStream::connect(c.node(target).peer_addr).unwrap();
+        let stolen = stolen_identity(&c, claimed);
+        let mut conn = PeerConn::tls(c.node(target).peer_addr, &stolen);
         conn.set_timeout();
         let mut first = hello(PROTOCOL_VERSION, &cluster, claimed);
         first.extend_from_slice(with_hello);
@@ -514,25 +482,18 @@ fn garbage_after_a_handshake_drops_the_link_and_the_cluster_recovers() {
                 "{what}: {got:?}"
             );
         } else {
-            // Wait for the Welcome before sending the garbage.
-            let mut dec = FrameDecoder::new();
-            let mut buf = [0u8; 512];
-            let welcome = loop {
-                if let Some((f, _)) = dec.next_frame::<PeerFrame>().unwrap() {
-                    break f;
-                }
-                let n = conn.read(&mut buf).unwrap();
-                assert!(n > 0, "{what}: closed before the Welcome");
-                dec.extend(&buf[..n]);
-            };
+            let welcome = read_until::<PeerFrame>(&mut conn, what, |_| true);
             assert_eq!(welcome, PeerFrame::Welcome { node: target }, "{what}");
             send_and_expect_close(conn, after, false, what);
         }
         let line = c.wait_log(target, &reason, logged);
         assert!(line.contains("down"), "{what}: log line {line:?}");
+        // The authenticated newcomer replaced the real link only after closing it, and said so.
+        if claimed < target {
+            c.wait_log(target, "closing the old one", replaced);
+        }
 
-        // The real link of the claimed node was replaced by ours, then ours was dropped: the
-        // real one comes back by itself.
+        // The real link of the claimed node comes back by itself.
         c.wait_log(claimed, &format!("link to node {target} up"), redials);
         c.wait_all_links_up();
         let base = 10 * (i as m3ipc::Ep + 1);
@@ -543,19 +504,24 @@ fn garbage_after_a_handshake_drops_the_link_and_the_cluster_recovers() {
 
 #[test]
 fn nothing_is_delivered_from_a_refused_peer() {
-    // A Hello with the wrong cluster id followed by a Deliver for a bound endpoint: the node
-    // must not act on anything after a refused handshake.
+    // A Hello followed by a Notify for a bound endpoint, from peers that fail the handshake:
+    // without TLS, and with a certificate of another CA. The node must act on nothing.
     let c = Cluster::start();
     let mut victim = c.bind(1, 5);
-    let mut bytes = hello(PROTOCOL_VERSION, "another-cluster", 0);
+    let mut bytes = hello(PROTOCOL_VERSION, &c.cfg.cluster_id, 0);
     bytes.extend(encode(&PeerFrame::Notify {
         dc: 0,
         src: 6,
         dst: 5,
         value: 1,
     }));
-    let conn = TcpStream::connect(c.node(1).peer_addr).unwrap();
-    send_and_expect_close(conn, &bytes, false, "refused peer");
+    let addr = c.node(1).peer_addr;
+    send_and_expect_close(PeerConn::plain(addr), &bytes, false, "plaintext peer");
+    let (_keep, forged) = forged_identity(&c, 0);
+    let mut conn = PeerConn::tls(addr, &forged);
+    conn.set_timeout();
+    let _ = conn.write_all(&bytes);
+    let _ = conn.read(&mut [0u8; 16]);
     let e = errno(victim.receive_timeout(Source::Any, Timeout::Millis(100)));
     assert_eq!(e, Errno::TimedOut);
 }

@@ -102,7 +102,11 @@ async fn read_frame<S: AsyncRead + Unpin>(
             Ok(None) => {}
             Err(e) => return Err(format!("malformed handshake frame: {e}")),
         }
-        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        let n = match stream.read(&mut buf).await {
+            // A TLS peer that closes without close_notify.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            r => r.map_err(|e| e.to_string())?,
+        };
         if n == 0 {
             return Err("connection closed during the handshake".into());
         }
@@ -185,6 +189,8 @@ async fn accept_handshake(
                         },
                     )
                     .await;
+                    // close_notify: the peer sees a clean end, not a truncation.
+                    let _ = stream.shutdown().await;
                     return Err(e);
                 }
             };
@@ -202,8 +208,8 @@ async fn accept_handshake(
             ))
         }
         None => {
-            let hello = read_frame(&mut tcp, &mut dec).await?;
-            let node = match check_hello(&hello, None) {
+            let hello = read_frame(&mut tcp, &mut dec).await;
+            let node = match hello.and_then(|h| check_hello(&h, None)) {
                 Ok(n) => n,
                 Err(e) => {
                     let _ = write_frame(

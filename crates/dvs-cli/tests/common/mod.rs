@@ -8,6 +8,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod attack;
+
 use std::fs::OpenOptions;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -133,6 +135,19 @@ impl Cluster {
         edit(&mut cfg);
         std::fs::write(root.join("cluster.toml"), cfg.to_toml()).expect("cannot write config");
         let cluster = Cluster { dir, cfg };
+        if cluster.cfg.link.tls {
+            // The CA and node certificates, made as an operator would.
+            let config = root.join("cluster.toml");
+            let config = config.to_str().expect("utf-8 path");
+            for args in [&["tls", "init"][..], &["tls", "issue", "all"][..]] {
+                let out = dvs(&[&["--config", config][..], args].concat());
+                assert!(
+                    out.status.success(),
+                    "dvs {args:?} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
         for i in 0..cluster.cfg.nodes.len() {
             cluster.spawn_node(i as NodeId);
         }
