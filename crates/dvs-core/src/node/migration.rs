@@ -225,6 +225,9 @@ pub struct MigrationReport {
 /// rollback itself (the coordinator may have died).
 pub const PARTICIPANT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Source and destination node of a migration.
+pub(crate) type Route = (NodeId, NodeId);
+
 /// Calls and frames held for a migrating endpoint on this node.
 #[derive(Default)]
 struct Hold {
@@ -328,11 +331,7 @@ impl MigrationState {
             .is_some_and(|(a, b)| a == node || b == node)
     }
     /// The migration id and route of the hold of `{dc, ep}`, if any.
-    pub fn hold_of(
-        &self,
-        dc: DcId,
-        ep: Ep,
-    ) -> Option<(Option<MigrationId>, Option<(NodeId, NodeId)>)> {
+    pub fn hold_of(&self, dc: DcId, ep: Ep) -> Option<(Option<MigrationId>, Option<Route>)> {
         self.holds.get(&(dc, ep)).map(|h| (h.id, h.route))
     }
     /// Whether the coordinator of `id` (this node) waits for an answer from `node`.

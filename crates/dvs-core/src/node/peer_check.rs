@@ -559,6 +559,7 @@ impl NodeCore {
     // ----- vcopy chunks --------------------------------------------------------------------
 
     /// Records that the local caller's vcopy `op` expects its data from `from`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn expect_vcopy_data(
         &mut self,
         from: NodeId,
