@@ -8,6 +8,7 @@
 //! - [`table`]: per-DC endpoint registrations (RUNNING here, REMOTE, BACKUP).
 //! - [`node`]: the node kernel core: M3-IPC calls, peer frames, timeouts.
 //! - [`node::migration`]: the migration state machine (coordinator and participants).
+//! - [`node::peer_check`]: what a frame from a peer must match before it has any effect.
 
 pub mod node;
 pub mod table;
@@ -15,6 +16,7 @@ pub mod table;
 pub use node::migration::{
     FailAt, MigrRecord, MigrationReport, MigrationRequest, Phase, RecordState, Require,
 };
+pub use node::peer_check::{VcopyChunk, Violation, MAX_INCOMING_VCOPIES_PER_PEER};
 pub use node::{Action, CoreConfig, DcInfo, NodeCore, VcopyCompletion, VCOPY_MAX};
 pub use table::{Registration, RegistrationKind};
 

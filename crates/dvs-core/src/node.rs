@@ -16,7 +16,9 @@ use crate::table::{EndpointTable, Registration};
 use crate::{ConnId, OpId};
 
 pub mod migration;
+pub mod peer_check;
 use migration::{MigrRecord, MigrationReport, MigrationState, Phase, Require};
+use peer_check::{IncomingKey, IncomingVcopy, Verdict, Violation};
 
 /// Largest `vcopy` in one call.
 pub const VCOPY_MAX: u64 = 16 << 20;
@@ -92,7 +94,6 @@ pub enum Action {
         dc: DcId,
         ep: Ep,
         backend: Backend,
-        cmd: Vec<String>,
         fail: bool,
     },
     /// Migration: SIGKILL the process tree rooted at `pid` (a stopped or failed copy).
@@ -118,6 +119,13 @@ pub enum Action {
     Close { conn: ConnId, reason: String },
     /// Send a frame on the link to `node`.
     Peer { node: NodeId, frame: PeerFrame },
+    /// `node` sent a frame no honest peer sends (of kind `frame`): it was dropped, and so is
+    /// everything else from `node` until its link comes up again. Close the link.
+    PeerViolation {
+        node: NodeId,
+        frame: &'static str,
+        reason: Violation,
+    },
     /// Record in the directory that `{dc, ep}` is bound on this node (must be absent), then
     /// call [`NodeCore::on_register_result`].
     Register { conn: ConnId, dc: DcId, ep: Ep },
@@ -272,7 +280,11 @@ pub struct NodeCore {
     remote_callers: HashMap<(DcId, Ep, Ep), (NodeId, OpId)>,
     lookups: HashMap<(DcId, Ep), Vec<ConnId>>,
     bind_waiters: HashMap<(DcId, Ep), Vec<ConnId>>,
-    vcopy_failed: HashSet<(NodeId, OpId)>,
+    /// Vcopies streaming into this node, until their last chunk (see `peer_check`).
+    vcopy_in: HashMap<IncomingKey, IncomingVcopy>,
+    vcopy_seq: u64,
+    /// Peers that sent a forged frame; their frames are dropped until the link is new.
+    condemned: HashSet<NodeId>,
     timers: BTreeSet<(Instant, u64, TimerKey)>,
     timer_seq: u64,
     actions: VecDeque<Action>,
@@ -302,7 +314,9 @@ impl NodeCore {
             remote_callers: HashMap::new(),
             lookups: HashMap::new(),
             bind_waiters: HashMap::new(),
-            vcopy_failed: HashSet::new(),
+            vcopy_in: HashMap::new(),
+            vcopy_seq: 0,
+            condemned: HashSet::new(),
             timers: BTreeSet::new(),
             timer_seq: 0,
             actions: VecDeque::new(),
@@ -781,6 +795,7 @@ impl NodeCore {
             }
             Blocked::Vcopy { op } => {
                 self.ops.remove(&op);
+                self.forget_local_vcopy(op);
             }
             Blocked::Held { .. } => self.migr.unhold_call(conn),
             Blocked::LookingUp { ep, .. } | Blocked::WaitingBind { ep } => {
@@ -1327,6 +1342,10 @@ impl NodeCore {
                         len: v.len,
                     },
                 });
+                // The source node streams the data here when the destination is local.
+                if let Registration::Local { .. } = dst_reg {
+                    self.expect_vcopy_data(node, op, dc, me, v.dst, v.dst_addr, v.len);
+                }
             }
         }
         let remote = |r: Registration| Some(r.node(self.node)).filter(|n| *n != self.node);
@@ -1353,6 +1372,7 @@ impl NodeCore {
         match done {
             VcopyCompletion::Local { op } => {
                 if let Some(Op::Vcopy { conn, .. }) = self.ops.remove(&op) {
+                    self.forget_local_vcopy(op);
                     let resp = match result {
                         Ok(()) => LocalResponse::Done,
                         Err(e) => err(e),
@@ -1386,80 +1406,12 @@ impl NodeCore {
         self.complete_vcopy(done, Err(e));
     }
 
-    /// A `VcopyData` chunk arrived: the pid to write it into, or why not (already reported to
-    /// the caller; the daemon just drops the chunk).
-    #[allow(clippy::too_many_arguments)]
-    pub fn on_vcopy_chunk(
-        &mut self,
-        from: NodeId,
-        op: OpId,
-        caller_node: NodeId,
-        dc: DcId,
-        caller: Ep,
-        dst: Ep,
-        last: bool,
-    ) -> Option<i32> {
-        let key = (caller_node, op);
-        if self.vcopy_failed.contains(&key) {
-            if last {
-                self.vcopy_failed.remove(&key);
-            }
-            return None;
-        }
-        let result = (|| {
-            let info = self.dcs.get(&dc).ok_or(Errno::NoSuchDc)?;
-            if !info.nodes.contains(&from) || !info.nodes.contains(&self.node) {
-                return Err(Errno::NodeNotInDc);
-            }
-            let Some(Registration::Local { conn }) = self.table.get(dc, dst) else {
-                return self.installing_pid(dc, dst).ok_or(Errno::DstDied);
-            };
-            let c = self.conns.get(&conn).ok_or(Errno::DstDied)?;
-            let is_caller = caller_node == self.node && caller == dst;
-            if !is_caller && !is_blocked_in_ipc(&c.blocked) {
-                return Err(Errno::Busy);
-            }
-            Ok(c.pid)
-        })();
-        match result {
-            Ok(pid) => Some(pid),
-            Err(e) => {
-                if !last {
-                    self.vcopy_failed.insert(key);
-                }
-                let done = self.completion(caller_node, op);
-                self.complete_vcopy(done, Err(e));
-                None
-            }
-        }
-    }
-
-    /// A chunk was written (or writing it failed); `last` closes the vcopy.
-    pub fn on_vcopy_chunk_written(
-        &mut self,
-        caller_node: NodeId,
-        op: OpId,
-        last: bool,
-        result: Result<(), Errno>,
-    ) {
-        let done = self.completion(caller_node, op);
-        match result {
-            Err(e) => {
-                if !last {
-                    self.vcopy_failed.insert((caller_node, op));
-                }
-                self.complete_vcopy(done, Err(e));
-            }
-            Ok(()) if last => self.complete_vcopy(done, Ok(())),
-            Ok(()) => {}
-        }
-    }
-
     // ----- peers -------------------------------------------------------------------------
 
     /// The link to `node` came up.
     pub fn on_link_up(&mut self, node: NodeId) {
         self.links_up.insert(node);
+        self.condemned.remove(&node);
         // Tell the peer what runs here, in case it missed it while the link was down.
         let mine: Vec<(DcId, Ep)> = self
             .table
@@ -1481,6 +1433,8 @@ impl NodeCore {
 
     /// The link to `node` went down: every call depending on it fails.
     pub fn on_link_down(&mut self, node: NodeId) {
+        self.condemned.remove(&node);
+        self.forget_incoming_vcopies(node);
         if !self.links_up.remove(&node) {
             return;
         }
@@ -1545,6 +1499,7 @@ impl NodeCore {
         for conn in vcopies {
             if let Some(Blocked::Vcopy { op }) = self.conns.get(&conn).map(|c| c.blocked.clone()) {
                 self.ops.remove(&op);
+                self.forget_local_vcopy(op);
                 self.respond(conn, err(Errno::NodeUnreachable));
             }
         }
@@ -1562,10 +1517,26 @@ impl NodeCore {
     }
 
     /// A frame from the peer `from` (after the handshake).
+    /// Frames that fail the checks of [`peer_check`] have no effect.
     pub fn on_peer_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
         self.last_now = now;
-        self.peer_frame(from, frame, now);
-        self.check_quiescence(now);
+        if self.is_condemned(from) {
+            return;
+        }
+        match self.check_peer_frame(from, &frame) {
+            Verdict::Accept => {
+                self.peer_frame(from, frame, now);
+                self.check_quiescence(now);
+            }
+            Verdict::Ignore(why) => {
+                tracing::debug!(
+                    node = from,
+                    frame = peer_check::frame_kind(&frame),
+                    "dropped: {why}"
+                );
+            }
+            Verdict::Refuse(v) => self.peer_violation(from, peer_check::frame_kind(&frame), v),
+        }
     }
 
     fn peer_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {

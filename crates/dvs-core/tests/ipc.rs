@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use dvs_core::{
-    Action, ConnId, CoreConfig, DcInfo, NodeCore, Registration, RegistrationKind, VcopyCompletion,
-    VCOPY_MAX,
+    Action, ConnId, CoreConfig, DcInfo, NodeCore, Registration, RegistrationKind, VcopyChunk,
+    VcopyCompletion, VCOPY_MAX,
 };
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::message::NOTIFY_MTYPE;
@@ -228,19 +228,10 @@ impl Sim {
         let core = self.core(to);
         match frame {
             // The daemon's part: write the chunk (always one chunk here) into the process.
-            PeerFrame::VcopyData {
-                op,
-                caller_node,
-                dc,
-                caller,
-                dst,
-                ..
-            } => {
-                if core
-                    .on_vcopy_chunk(from, op, caller_node, dc, caller, dst, true)
-                    .is_some()
-                {
-                    core.on_vcopy_chunk_written(caller_node, op, true, Ok(()));
+            PeerFrame::VcopyData { offset, total, .. } => {
+                let c = VcopyChunk::from_frame(&frame, total - offset).expect("a chunk");
+                if core.on_vcopy_chunk(from, &c).is_some() {
+                    core.on_vcopy_chunk_written(from, &c, Ok(()));
                 }
             }
             frame => core.on_peer_frame(from, frame, now),
@@ -451,6 +442,32 @@ fn notify(dst: Ep, value: u64) -> LocalRequest {
 
 const SRC_ADDR: u64 = 0x1000;
 const DST_ADDR: u64 = 0x8000;
+
+/// Chunk `offset..offset + len` of a `total`-byte vcopy `op` of `{dc, caller}` on
+/// `caller_node`, into `dst` at `DST_ADDR`.
+#[allow(clippy::too_many_arguments)]
+fn chunk(
+    op: u64,
+    caller_node: NodeId,
+    dc: DcId,
+    caller: Ep,
+    dst: Ep,
+    offset: u64,
+    len: u64,
+    total: u64,
+) -> VcopyChunk {
+    VcopyChunk {
+        op,
+        caller_node,
+        dc,
+        caller,
+        dst,
+        dst_addr: DST_ADDR,
+        offset,
+        total,
+        len,
+    }
+}
 
 fn vcopy(src: Ep, dst: Ep, len: u64, timeout: Timeout) -> LocalRequest {
     LocalRequest::Vcopy {
@@ -1765,7 +1782,18 @@ fn unknown_remote_sender_is_registered_at_its_node() {
         "{frames:?}"
     );
     s.expect_err(b, Errno::DstDied);
-    // A notification registers too; a migrated sender moves.
+    // A notification registers too; a migrated sender moves (node 3 migrates it to node 2).
+    s.inject(
+        3,
+        1,
+        PeerFrame::MigrStart {
+            id: (3 << 48) | 1,
+            dc: DC,
+            ep: 9,
+            from: 3,
+            to: 2,
+        },
+    );
     s.inject(
         2,
         1,
@@ -2337,18 +2365,14 @@ fn vcopy_pulling_from_a_remote_source() {
         )]
     );
     // The chunks arrive at node 1 and are written into the caller.
-    assert_eq!(
-        s.core(1).on_vcopy_chunk(2, op, 1, DC, 1, 1, false),
-        Some(Sim::pid(srv))
-    );
-    s.core(1).on_vcopy_chunk_written(1, op, false, Ok(()));
+    let first = chunk(op, 1, DC, 1, 1, 0, 50_000, 100_000);
+    assert_eq!(s.core(1).on_vcopy_chunk(2, &first), Some(Sim::pid(srv)));
+    s.core(1).on_vcopy_chunk_written(2, &first, Ok(()));
     s.pump();
     s.idle(srv);
-    assert_eq!(
-        s.core(1).on_vcopy_chunk(2, op, 1, DC, 1, 1, true),
-        Some(Sim::pid(srv))
-    );
-    s.core(1).on_vcopy_chunk_written(1, op, true, Ok(()));
+    let second = chunk(op, 1, DC, 1, 1, 50_000, 50_000, 100_000);
+    assert_eq!(s.core(1).on_vcopy_chunk(2, &second), Some(Sim::pid(srv)));
+    s.core(1).on_vcopy_chunk_written(2, &second, Ok(()));
     s.pump();
     s.expect_done(srv);
     // Reading the source fails at node 2.
@@ -2392,6 +2416,8 @@ fn vcopy_pulling_from_a_remote_source() {
 fn vcopy_pull_checks_at_the_source_node() {
     let mut s = Sim::new();
     let (_srv, c) = server_with_client(&mut s, 2);
+    // The caller runs on node 3 (node 2 refuses pulls for callers it does not know there).
+    let _caller = s.bind(3, DC, 9);
     let pull = |op, caller, dst, len| PeerFrame::VcopyPull {
         op,
         caller_node: 3,
@@ -2563,11 +2589,9 @@ fn vcopy_local_source_remote_destination_streams_from_the_caller_node() {
         (Sim::pid(srv), SRC_ADDR, 500, 2, 1, DC, 1, 2, DST_ADDR)
     );
     // Node 2 writes into the blocked client and reports to node 1.
-    assert_eq!(
-        s.core(2).on_vcopy_chunk(1, op, 1, DC, 1, 2, true),
-        Some(Sim::pid(c))
-    );
-    s.core(2).on_vcopy_chunk_written(1, op, true, Ok(()));
+    let only = chunk(op, 1, DC, 1, 2, 0, 500, 500);
+    assert_eq!(s.core(2).on_vcopy_chunk(1, &only), Some(Sim::pid(c)));
+    s.core(2).on_vcopy_chunk_written(1, &only, Ok(()));
     s.pump();
     s.expect_done(srv);
     // The same path carried out by the simulation's daemon.
@@ -2607,16 +2631,14 @@ fn vcopy_chunk_validation_reports_once() {
         panic!("{others:?}")
     };
     // Valid while d is blocked.
-    assert_eq!(
-        s.core(1).on_vcopy_chunk(2, op, 3, DC, 3, 1, false),
-        Some(Sim::pid(d))
-    );
-    s.core(1).on_vcopy_chunk_written(3, op, false, Ok(()));
+    let part = |i: u64| chunk(op, 3, DC, 3, 1, 75 * i, 75, 300);
+    assert_eq!(s.core(1).on_vcopy_chunk(2, &part(0)), Some(Sim::pid(d)));
+    s.core(1).on_vcopy_chunk_written(2, &part(0), Ok(()));
     // d leaves IPC: the next chunk fails, once.
     s.call(e, send(1, 1, FOREVER));
     s.expect_msg_from(d, 5, 1);
     s.take_frames();
-    assert_eq!(s.core(1).on_vcopy_chunk(2, op, 3, DC, 3, 1, false), None);
+    assert_eq!(s.core(1).on_vcopy_chunk(2, &part(1)), None);
     s.pump();
     assert_eq!(
         s.take_frames(),
@@ -2630,15 +2652,27 @@ fn vcopy_chunk_validation_reports_once() {
         )]
     );
     s.expect_err(k, Errno::Busy);
-    assert_eq!(s.core(1).on_vcopy_chunk(2, op, 3, DC, 3, 1, false), None);
-    assert_eq!(s.core(1).on_vcopy_chunk(2, op, 3, DC, 3, 1, true), None);
+    assert_eq!(s.core(1).on_vcopy_chunk(2, &part(2)), None);
+    assert_eq!(s.core(1).on_vcopy_chunk(2, &part(3)), None);
     s.pump();
     assert!(s.take_frames().is_empty());
     s.idle(k);
     // A chunk for an endpoint not here, or from a node outside the DC.
-    assert_eq!(s.core(1).on_vcopy_chunk(2, 50, 3, DC, 3, 9, true), None);
-    assert_eq!(s.core(1).on_vcopy_chunk(3, 51, 3, DC2, 3, 1, true), None);
-    assert_eq!(s.core(1).on_vcopy_chunk(2, 52, 3, NO_DC, 3, 1, true), None);
+    assert_eq!(
+        s.core(1)
+            .on_vcopy_chunk(2, &chunk(50, 3, DC, 3, 9, 0, 10, 10)),
+        None
+    );
+    assert_eq!(
+        s.core(1)
+            .on_vcopy_chunk(3, &chunk(51, 3, DC2, 3, 1, 0, 10, 10)),
+        None
+    );
+    assert_eq!(
+        s.core(1)
+            .on_vcopy_chunk(2, &chunk(52, 3, NO_DC, 3, 1, 0, 10, 10)),
+        None
+    );
     s.pump();
     assert_eq!(
         s.take_frames(),
@@ -2687,11 +2721,9 @@ fn vcopy_chunk_write_failure_and_success_at_a_third_node() {
     let [(2, Action::VcopyStream { op, .. })] = others[..] else {
         panic!("{others:?}")
     };
-    assert_eq!(
-        s.core(1).on_vcopy_chunk(2, op, 3, DC, 3, 1, true),
-        Some(Sim::pid(d))
-    );
-    s.core(1).on_vcopy_chunk_written(3, op, true, Ok(()));
+    let only = chunk(op, 3, DC, 3, 1, 0, 300, 300);
+    assert_eq!(s.core(1).on_vcopy_chunk(2, &only), Some(Sim::pid(d)));
+    s.core(1).on_vcopy_chunk_written(2, &only, Ok(()));
     s.pump();
     s.expect_done(k);
     // A write fails midway: reported once, the rest dropped.
@@ -2700,15 +2732,17 @@ fn vcopy_chunk_write_failure_and_success_at_a_third_node() {
     let [(2, Action::VcopyStream { op, .. })] = others[..] else {
         panic!("{others:?}")
     };
-    assert!(s
-        .core(1)
-        .on_vcopy_chunk(2, op, 3, DC, 3, 1, false)
-        .is_some());
+    let first = chunk(op, 3, DC, 3, 1, 0, 150, 300);
+    assert!(s.core(1).on_vcopy_chunk(2, &first).is_some());
     s.core(1)
-        .on_vcopy_chunk_written(3, op, false, Err(Errno::BadAddress));
+        .on_vcopy_chunk_written(2, &first, Err(Errno::BadAddress));
     s.pump();
     s.expect_err(k, Errno::BadAddress);
-    assert_eq!(s.core(1).on_vcopy_chunk(2, op, 3, DC, 3, 1, true), None);
+    assert_eq!(
+        s.core(1)
+            .on_vcopy_chunk(2, &chunk(op, 3, DC, 3, 1, 150, 150, 300)),
+        None
+    );
     s.pump();
     s.idle(k);
     // The simulated daemon end to end.

@@ -115,7 +115,6 @@ impl Sim {
             backend: Backend::Criu,
             fail_at,
             quiesce_timeout: Duration::from_secs(2),
-            cmd: vec![],
         };
         self.cores[from as usize]
             .start_migration(req, self.now)
@@ -169,6 +168,12 @@ impl Sim {
                 .or_default()
                 .push_back(resp),
             Action::Close { conn, reason } => panic!("node {node} closed conn {conn}: {reason}"),
+            // Honest nodes never trip the peer checks.
+            Action::PeerViolation {
+                node: peer,
+                frame,
+                reason,
+            } => panic!("node {node} refused {frame} from node {peer}: {reason}"),
             Action::Peer { node: to, frame } if self.slow_link == Some((node, to)) => {
                 self.slow.push_back(frame)
             }
@@ -445,7 +450,6 @@ fn a_second_migration_of_the_same_endpoint_is_refused_before_anything_stops() {
         backend: Backend::Criu,
         fail_at: None,
         quiesce_timeout: Duration::from_secs(2),
-        cmd: vec![],
     };
     let e = sim.cores[0].start_migration(req, sim.now).unwrap_err();
     assert!(e.contains("in progress"), "{e}");
@@ -457,7 +461,6 @@ fn a_second_migration_of_the_same_endpoint_is_refused_before_anything_stops() {
         backend: Backend::Criu,
         fail_at: None,
         quiesce_timeout: Duration::from_secs(2),
-        cmd: vec![],
     };
     assert!(sim.cores[0]
         .start_migration(bad, sim.now)
@@ -470,7 +473,6 @@ fn a_second_migration_of_the_same_endpoint_is_refused_before_anything_stops() {
         backend: Backend::Criu,
         fail_at: None,
         quiesce_timeout: Duration::from_secs(2),
-        cmd: vec![],
     };
     assert!(sim.cores[0]
         .start_migration(bad, sim.now)

@@ -258,7 +258,6 @@ async fn migrate(
             backend,
             fail_at,
             quiesce_timeout: Duration::from_millis(quiesce_ms.unwrap_or(2000)),
-            cmd: cmd.unwrap_or_default(),
         };
         Ok((req, note))
     })();

@@ -1,6 +1,8 @@
 //! Glue between the core and the [`Directory`]: registrations, lookups and the watch.
 //!
-//! Keys are `ep/{dc}/{ep}`, values the id of the node running the endpoint. Operations run
+//! Keys are `ep/{dc}/{ep}`, values the id of the node running the endpoint; `launch/{dc}/{ep}`
+//! holds the command line (JSON) the endpoint's program was launched with, the only place a
+//! cooperative restore learns what to start (never from a peer). Operations run
 //! one at a time, in the order the core asked for them, so a register followed by an
 //! unregister of the same endpoint cannot land in the other order.
 
@@ -11,7 +13,7 @@ use dvs_core::{ConnId, MigrRecord, Require};
 use dvs_directory::{CasOutcome, DirEvent, Directory};
 use dvs_wire::peer::MigrationId;
 use dvs_wire::{DcId, Ep, Errno, NodeId};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::{NodeError, State};
@@ -47,6 +49,58 @@ pub(crate) enum DirOp {
     Sync {
         conn: ConnId,
     },
+    /// Record the command line `{dc, ep}` was launched with on this node.
+    PutLaunch {
+        dc: DcId,
+        ep: Ep,
+        cmd: Vec<String>,
+    },
+    /// Read the launch record of `{dc, ep}`; `Err` names what is missing.
+    GetLaunch {
+        dc: DcId,
+        ep: Ep,
+        reply: oneshot::Sender<Result<Vec<String>, String>>,
+    },
+}
+
+const LAUNCH_PREFIX: &str = "launch/";
+
+fn launch_key(dc: DcId, ep: Ep) -> String {
+    format!("{LAUNCH_PREFIX}{dc}/{ep}")
+}
+
+/// Writes `value` at `k` whatever is there (a few rounds of compare-and-set).
+async fn put(dir: &dyn Directory, k: &str, value: String) -> Result<(), String> {
+    for _ in 0..5 {
+        let current = dir.get(k).await.map_err(|e| e.to_string())?;
+        match dir
+            .cas(k, current.map(|v| v.version), Some(value.clone()))
+            .await
+        {
+            Ok(CasOutcome::Conflict { .. }) => continue,
+            Ok(CasOutcome::Done { .. }) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err("too many concurrent updates".into())
+}
+
+/// The launch record of `{dc, ep}`.
+async fn get_launch(dir: &dyn Directory, dc: DcId, ep: Ep) -> Result<Vec<String>, String> {
+    let k = launch_key(dc, ep);
+    let v = dir
+        .get(&k)
+        .await
+        .map_err(|e| format!("cannot read the launch record {k}: {e}"))?
+        .ok_or_else(|| {
+            format!("no launch record {k} in the directory: start {dc}/{ep} with `dvs run`")
+        })?;
+    let cmd: Vec<String> = serde_json::from_str(&v.value)
+        .map_err(|e| format!("launch record {k} is not a JSON command line: {e}"))?;
+    if cmd.is_empty() {
+        return Err(format!("launch record {k} is an empty command line"));
+    }
+    Ok(cmd)
 }
 
 const MIGR_PREFIX: &str = "migr/";
@@ -270,6 +324,16 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                         }
                     }
                 }
+            }
+            DirOp::PutLaunch { dc, ep, cmd } => {
+                let k = launch_key(dc, ep);
+                let value = serde_json::to_string(&cmd).expect("strings encode");
+                if let Err(e) = put(dir.as_ref(), &k, value).await {
+                    error!("directory: cannot write {k}: {e}");
+                }
+            }
+            DirOp::GetLaunch { dc, ep, reply } => {
+                let _ = reply.send(get_launch(dir.as_ref(), dc, ep).await);
             }
             DirOp::Lookup { dc, ep } => {
                 let k = key(dc, ep);

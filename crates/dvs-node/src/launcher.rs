@@ -154,6 +154,15 @@ pub(crate) fn launch(
         .map(|p| p as i32)
         .ok_or("the process ended at once")?;
     info!(pid, dc, ep, cmd = ?cmd, "launched");
+    // The launch record: what a cooperative migration restarts on its destination.
+    let record = crate::dir::DirOp::PutLaunch {
+        dc,
+        ep,
+        cmd: cmd.clone(),
+    };
+    if state.borrow().dir_tx.send(record).is_err() {
+        warn!("directory worker is gone; no launch record for {dc}/{ep}");
+    }
     state.borrow_mut().procs.by_pid.insert(
         pid,
         Proc {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dvs_config::{ClusterConfig, Compression, NodeConfig};
-use dvs_core::{Action, ConnId, CoreConfig, DcInfo, NodeCore};
+use dvs_core::{Action, ConnId, CoreConfig, DcInfo, NodeCore, VcopyChunk};
 use dvs_directory::{Directory, EmbeddedDirectory};
 use dvs_wire::peer::PeerFrame;
 use dvs_wire::{Errno, NodeId};
@@ -137,6 +137,17 @@ impl Shared {
                 }
             }
             Action::Peer { node, frame } => self.send_peer(node, &frame, &[]),
+            Action::PeerViolation {
+                node,
+                frame,
+                reason,
+            } => {
+                // The read loop sees the close and takes the link down.
+                warn!(node, frame, %reason, "closing the link to a peer that sent a forged frame");
+                if let Some(w) = self.peers.get(&node) {
+                    w.close();
+                }
+            }
             Action::Register { conn, dc, ep } => self.dir(DirOp::Register { conn, dc, ep }),
             Action::Unregister { dc, ep } => self.dir(DirOp::Unregister { dc, ep }),
             Action::DirectorySync { conn } => self.dir(DirOp::Sync { conn }),
@@ -174,9 +185,8 @@ impl Shared {
                 dc,
                 ep,
                 backend,
-                cmd,
                 fail,
-            } => self.migr_restore(id, dc, ep, backend, cmd, fail),
+            } => self.migr_restore(id, dc, ep, backend, fail),
             Action::KillTree { pid } => self.migr_kill_tree(pid),
             Action::MigratedAway { pid, to } => self.procs.migrated_away(pid, to),
             Action::ResumeTree { pid } => self.migr_resume_tree(pid),
@@ -281,26 +291,12 @@ impl Shared {
 
     /// Handles a `VcopyData` chunk from `from`: validates it with the core, writes it.
     pub fn vcopy_chunk(&mut self, from: NodeId, frame: PeerFrame, data: &[u8]) {
-        let PeerFrame::VcopyData {
-            op,
-            caller_node,
-            dc,
-            caller,
-            dst,
-            dst_addr,
-            offset,
-            total,
-        } = frame
-        else {
+        let Some(chunk) = VcopyChunk::from_frame(&frame, data.len() as u64) else {
             return;
         };
-        let last = offset + data.len() as u64 >= total;
-        if let Some(pid) = self
-            .core
-            .on_vcopy_chunk(from, op, caller_node, dc, caller, dst, last)
-        {
-            let r = vcopy::write(pid, dst_addr + offset, data);
-            self.core.on_vcopy_chunk_written(caller_node, op, last, r);
+        if let Some(pid) = self.core.on_vcopy_chunk(from, &chunk) {
+            let r = vcopy::write(pid, chunk.addr(), data);
+            self.core.on_vcopy_chunk_written(from, &chunk, r);
         }
     }
 }

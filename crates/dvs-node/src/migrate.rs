@@ -295,7 +295,6 @@ impl Shared {
         dc: DcId,
         ep: Ep,
         backend: Backend,
-        cmd: Vec<String>,
         fail: bool,
     ) {
         let dir = image_dir(self, id);
@@ -309,9 +308,20 @@ impl Shared {
                         dir.join(SNAPSHOT_FILE).display().to_string(),
                     ),
                 ];
+                // What to start comes from the directory's launch record, never from a peer.
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let ask = crate::dir::DirOp::GetLaunch { dc, ep, reply };
+                let asked = self.dir_tx.send(ask).is_ok();
                 // Launching needs the state unborrowed; do it from a task.
                 tokio::task::spawn_local(async move {
-                    if let Err(e) = crate::launcher::launch(&st, dc, ep, cmd, env) {
+                    let cmd = match answer.await {
+                        Ok(r) => r,
+                        Err(_) if !asked => Err("the directory worker is gone".to_string()),
+                        Err(_) => Err("the directory worker dropped the request".to_string()),
+                    };
+                    let launched =
+                        cmd.and_then(|cmd| crate::launcher::launch(&st, dc, ep, cmd, env));
+                    if let Err(e) = launched {
                         let mut s = st.borrow_mut();
                         s.core.on_restored(id, Err(e), Instant::now());
                         s.drive();
@@ -320,7 +330,6 @@ impl Shared {
             }
             Backend::Criu => {
                 let criu = self.migrations.criu();
-                let restored_cmd = cmd;
                 tokio::task::spawn_local(async move {
                     let result = async {
                         let criu =
@@ -369,7 +378,8 @@ impl Shared {
                                 dc,
                                 ep,
                                 since: Instant::now(),
-                                cmd: restored_cmd,
+                                // A criu image carries no command line.
+                                cmd: Vec::new(),
                             },
                         );
                         reap_later(*pid);

@@ -144,13 +144,14 @@ pub enum PeerFrame {
     /// The sender holds calls to the endpoint now; anything it sent before is on the wire ahead.
     MigrStartAck { id: MigrationId },
     /// Coordinator to destination: the endpoint's node-kernel state and how to restore it.
+    /// No program to run comes with it: a cooperative restore starts what the directory's
+    /// launch record of the endpoint names.
     MigrPrepare {
         id: MigrationId,
         dc: DcId,
         ep: Ep,
         backend: Backend,
         state: MigratedEndpoint,
-        cmd: Vec<String>,
         fail_restore: bool,
     },
     /// One chunk of checkpoint image file `file`; the bytes travel in the tail.

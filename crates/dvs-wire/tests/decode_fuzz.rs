@@ -291,17 +291,15 @@ fn migration_peer_frame() -> impl Strategy<Value = PeerFrame> {
         (
             (any::<u64>(), any::<u16>(), any::<i32>(), backend()),
             migrated_endpoint(),
-            prop::collection::vec(".{0,12}", 0..4),
             any::<bool>(),
         )
-            .prop_map(|((id, dc, ep, backend), state, cmd, fail_restore)| {
+            .prop_map(|((id, dc, ep, backend), state, fail_restore)| {
                 PeerFrame::MigrPrepare {
                     id,
                     dc,
                     ep,
                     backend,
                     state,
-                    cmd,
                     fail_restore,
                 }
             }),

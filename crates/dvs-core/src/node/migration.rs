@@ -186,8 +186,6 @@ pub struct MigrationRequest {
     pub fail_at: Option<FailAt>,
     /// Longest wait for the process to become quiescent.
     pub quiesce_timeout: Duration,
-    /// Command line of the program (cooperative restore starts it again on the destination).
-    pub cmd: Vec<String>,
 }
 
 /// The outcome of a migration, with the time each phase took.
@@ -226,6 +224,9 @@ pub struct MigrationReport {
 /// How long a participant holds calls for an undecided migration before it tries to decide a
 /// rollback itself (the coordinator may have died).
 pub const PARTICIPANT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Source and destination node of a migration.
+pub(crate) type Route = (NodeId, NodeId);
 
 /// Calls and frames held for a migrating endpoint on this node.
 #[derive(Default)]
@@ -268,7 +269,6 @@ struct Arrival {
     coordinator: NodeId,
     backend: Backend,
     state: MigratedEndpoint,
-    cmd: Vec<String>,
     fail_restore: bool,
     conn: Option<ConnId>,
     pid: i32,
@@ -321,6 +321,46 @@ impl MigrationState {
             .or_default()
             .delivers
             .push((from, frame));
+    }
+    /// Whether `{dc, ep}` is held for a migration whose START named `node` as its source or
+    /// destination.
+    pub fn route_involves(&self, dc: DcId, ep: Ep, node: NodeId) -> bool {
+        self.holds
+            .get(&(dc, ep))
+            .and_then(|h| h.route)
+            .is_some_and(|(a, b)| a == node || b == node)
+    }
+    /// The migration id and route of the hold of `{dc, ep}`, if any.
+    pub fn hold_of(&self, dc: DcId, ep: Ep) -> Option<(Option<MigrationId>, Option<Route>)> {
+        self.holds.get(&(dc, ep)).map(|h| (h.id, h.route))
+    }
+    /// Whether the coordinator of `id` (this node) waits for an answer from `node`.
+    pub fn coord_waits_for(&self, id: MigrationId, node: NodeId) -> Option<bool> {
+        self.coords.get(&id).map(|c| c.acks.contains(&node))
+    }
+    /// The destination of `id`, coordinated here.
+    pub fn coord_destination(&self, id: MigrationId) -> Option<NodeId> {
+        self.coords.get(&id).map(|c| c.req.to)
+    }
+    /// Whether the outcome of `id`, coordinated here, was decided and broadcast.
+    pub fn coord_decided(&self, id: MigrationId) -> Option<bool> {
+        self.coords.get(&id).map(|c| c.decided_at.is_some())
+    }
+    /// Whether this node is the destination of `id` (it got MIGR_PREPARE).
+    pub fn has_arrival(&self, id: MigrationId) -> bool {
+        self.arrivals.contains_key(&id)
+    }
+    /// The coordinator of `id` arriving here, and whether it asked for the restore already.
+    pub fn arrival_coordinator(&self, id: MigrationId) -> Option<(NodeId, bool)> {
+        self.arrivals
+            .get(&id)
+            .map(|a| (a.coordinator, a.restore_started.is_some()))
+    }
+    /// Whether `id` arriving here is endpoint `{dc, ep}`.
+    pub fn arrival_is(&self, id: MigrationId, dc: DcId, ep: Ep) -> bool {
+        self.arrivals
+            .get(&id)
+            .is_some_and(|a| (a.dc, a.ep) == (dc, ep))
     }
     /// Forgets a held message (operation `op` of node `from`: its sender gave up).
     pub fn unhold_deliver(&mut self, from: NodeId, op: crate::OpId) {
@@ -687,7 +727,6 @@ impl NodeCore {
             }
         }
         self.enter_phase(id, Phase::Checkpoint, now);
-        let cmd = self.migr.coords[&id].req.cmd.clone();
         self.actions.push_back(Action::Peer {
             node: to,
             frame: PeerFrame::MigrPrepare {
@@ -696,7 +735,6 @@ impl NodeCore {
                 ep,
                 backend,
                 state,
-                cmd,
                 fail_restore: self.migr.coords[&id].req.fail_at == Some(FailAt::Restore),
             },
         });
@@ -1279,7 +1317,6 @@ impl NodeCore {
                 ep,
                 backend,
                 state,
-                cmd,
                 fail_restore,
             } => {
                 self.migr.arrivals.insert(
@@ -1290,7 +1327,6 @@ impl NodeCore {
                         coordinator: from,
                         backend,
                         state,
-                        cmd,
                         fail_restore,
                         conn: None,
                         pid: 0,
@@ -1313,14 +1349,12 @@ impl NodeCore {
                     return;
                 };
                 a.restore_started = Some(now);
-                let (dc, ep, backend, cmd, fail) =
-                    (a.dc, a.ep, a.backend, a.cmd.clone(), a.fail_restore);
+                let (dc, ep, backend, fail) = (a.dc, a.ep, a.backend, a.fail_restore);
                 self.actions.push_back(Action::Restore {
                     id,
                     dc,
                     ep,
                     backend,
-                    cmd,
                     fail,
                 });
             }
@@ -1360,8 +1394,9 @@ impl NodeCore {
             }
             PeerFrame::MigrDone { id, held } => {
                 if let Some(c) = self.migr.coords.get_mut(&id) {
-                    c.held += held;
-                    c.acks.remove(&from);
+                    if c.acks.remove(&from) {
+                        c.held += held;
+                    }
                 }
                 self.maybe_finish(id, now);
             }

@@ -1,0 +1,774 @@
+//! Checks on frames from peers: a peer is trusted for its identity (the link is
+//! authenticated) and for nothing else.
+//!
+//! Every frame is judged against this node's state before it has any effect
+//! ([`NodeCore::check_peer_frame`], and [`NodeCore::on_vcopy_chunk`] for `VcopyData`). A frame
+//! gets one of three verdicts:
+//! - **accept**: handled as usual (the handlers still refuse what a state change made
+//!   impossible, with the errors they always gave);
+//! - **ignore**: stale or racing with a state change that an honest peer can cause (a
+//!   `Delivered` for a call that timed out here, a chunk of a vcopy that already failed):
+//!   dropped quietly;
+//! - **refuse**: no honest peer sends it. It is dropped, logged, and reported as
+//!   [`Action::PeerViolation`] so that the daemon closes the link; frames already queued from
+//!   that node are dropped until the link comes up again.
+//!
+//! The ordering arguments below rely on a link delivering frames in order (one TCP stream per
+//! node pair).
+
+use std::fmt;
+
+use dvs_wire::peer::{MigrationId, PeerFrame};
+use dvs_wire::{DcId, Ep, Errno, NodeId};
+use tracing::{debug, warn};
+
+use super::{is_blocked_in_ipc, Action, NodeCore, Op, VCOPY_MAX};
+use crate::table::Registration;
+use crate::OpId;
+
+/// Most vcopies a peer may have streaming into this node at once for callers on other
+/// nodes. A stream whose source failed midway never finishes here (nobody tells this node),
+/// so the oldest is dropped to make room.
+pub const MAX_INCOMING_VCOPIES_PER_PEER: usize = 32;
+
+/// Why a frame from a peer was refused as one no honest peer sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// A message source, vcopy caller or announced endpoint is bound on this node.
+    EndpointIsLocal { dc: DcId, ep: Ep },
+    /// The endpoint runs on another node (and is not migrating to or from the sender).
+    EndpointElsewhere { dc: DcId, ep: Ep, node: NodeId },
+    /// A vcopy caller this node has never heard of (its node announces its endpoints).
+    UnknownCaller { dc: DcId, ep: Ep },
+    /// A vcopy pull not sent by the caller's node.
+    NotCallerNode { caller_node: NodeId },
+    /// A reply in a DC the sender is not part of.
+    NotInDc { dc: DcId },
+    /// An endpoint number outside its DC.
+    BadEndpoint { dc: DcId, ep: Ep },
+    /// A vcopy chunk for a local caller's operation this node never started.
+    NeverIssued { op: OpId },
+    /// A redirect that does not match the message it names.
+    RedirectMismatch { op: OpId },
+    /// A vcopy chunk with impossible offsets or lengths.
+    MalformedChunk { op: OpId },
+    /// A vcopy chunk that does not match the vcopy it belongs to.
+    ChunkMismatch { op: OpId, what: &'static str },
+    /// A migration frame whose id was not minted by the node it claims as coordinator.
+    ForeignMigrationId { id: MigrationId },
+    /// A migration frame from a node that does not coordinate that migration.
+    NotCoordinator { id: MigrationId },
+    /// A migration frame whose route differs from the one this node recorded.
+    RouteMismatch { id: MigrationId },
+    /// A migration frame for a node that is not the migration's destination.
+    NotDestination { id: MigrationId },
+    /// A migration frame sent twice.
+    Duplicate { id: MigrationId },
+    /// A migration frame out of its phase.
+    OutOfPhase { id: MigrationId },
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::EndpointIsLocal { dc, ep } => write!(f, "endpoint {dc}/{ep} is bound here"),
+            Violation::EndpointElsewhere { dc, ep, node } => {
+                write!(f, "endpoint {dc}/{ep} runs on node {node}")
+            }
+            Violation::UnknownCaller { dc, ep } => {
+                write!(
+                    f,
+                    "vcopy caller {dc}/{ep} is not known to run on the sender"
+                )
+            }
+            Violation::NotCallerNode { caller_node } => {
+                write!(f, "pull on behalf of node {caller_node}")
+            }
+            Violation::NotInDc { dc } => write!(f, "sender is not part of DC {dc}"),
+            Violation::BadEndpoint { dc, ep } => write!(f, "endpoint {ep} is outside DC {dc}"),
+            Violation::NeverIssued { op } => write!(f, "operation {op} was never issued"),
+            Violation::RedirectMismatch { op } => {
+                write!(f, "redirect does not match the message of operation {op}")
+            }
+            Violation::MalformedChunk { op } => write!(f, "vcopy {op}: impossible chunk bounds"),
+            Violation::ChunkMismatch { op, what } => write!(f, "vcopy {op}: {what}"),
+            Violation::ForeignMigrationId { id } => {
+                write!(f, "migration {id:x} was not started by the sender")
+            }
+            Violation::NotCoordinator { id } => {
+                write!(f, "sender does not coordinate migration {id:x}")
+            }
+            Violation::RouteMismatch { id } => {
+                write!(f, "route differs from the recorded one of migration {id:x}")
+            }
+            Violation::NotDestination { id } => {
+                write!(f, "this node is not the destination of migration {id:x}")
+            }
+            Violation::Duplicate { id } => write!(f, "migration {id:x}: frame sent twice"),
+            Violation::OutOfPhase { id } => write!(f, "migration {id:x}: frame out of phase"),
+        }
+    }
+}
+
+impl std::error::Error for Violation {}
+
+/// One `VcopyData` chunk as the daemon received it: the frame's fields and the length of its
+/// data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcopyChunk {
+    pub op: OpId,
+    pub caller_node: NodeId,
+    pub dc: DcId,
+    pub caller: Ep,
+    pub dst: Ep,
+    pub dst_addr: u64,
+    pub offset: u64,
+    pub total: u64,
+    /// Bytes of data in this chunk.
+    pub len: u64,
+}
+
+impl VcopyChunk {
+    /// The chunk of a `VcopyData` frame carrying `len` bytes; `None` for other frames.
+    pub fn from_frame(frame: &PeerFrame, len: u64) -> Option<Self> {
+        match *frame {
+            PeerFrame::VcopyData {
+                op,
+                caller_node,
+                dc,
+                caller,
+                dst,
+                dst_addr,
+                offset,
+                total,
+            } => Some(VcopyChunk {
+                op,
+                caller_node,
+                dc,
+                caller,
+                dst,
+                dst_addr,
+                offset,
+                total,
+                len,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Where in the destination process this chunk goes.
+    pub fn addr(&self) -> u64 {
+        self.dst_addr.wrapping_add(self.offset)
+    }
+
+    /// Whether this chunk ends the copy.
+    pub fn last(&self) -> bool {
+        self.offset.saturating_add(self.len) >= self.total
+    }
+}
+
+/// A vcopy streaming into this node: what its later chunks must look like.
+#[derive(Clone, Debug)]
+pub(super) struct IncomingVcopy {
+    dc: DcId,
+    caller: Ep,
+    dst: Ep,
+    dst_addr: u64,
+    total: u64,
+    received: u64,
+    /// Opening order, to drop the oldest when a peer has too many open.
+    seq: u64,
+}
+
+/// Key of an [`IncomingVcopy`]: (sending node, caller's node, caller's op). The sender is part
+/// of the key so that a peer cannot collide with (or close) another node's stream.
+pub(super) type IncomingKey = (NodeId, NodeId, OpId);
+
+/// The verdict on a frame.
+#[derive(Debug)]
+pub(super) enum Verdict {
+    Accept,
+    Ignore(&'static str),
+    Refuse(Violation),
+}
+
+use Verdict::{Accept, Ignore, Refuse};
+
+/// The kind of a frame, for logs.
+pub(super) fn frame_kind(frame: &PeerFrame) -> &'static str {
+    match frame {
+        PeerFrame::Hello { .. } => "Hello",
+        PeerFrame::Welcome { .. } => "Welcome",
+        PeerFrame::Refuse { .. } => "Refuse",
+        PeerFrame::Ping => "Ping",
+        PeerFrame::Pong => "Pong",
+        PeerFrame::Deliver { .. } => "Deliver",
+        PeerFrame::Delivered { .. } => "Delivered",
+        PeerFrame::Cancel { .. } => "Cancel",
+        PeerFrame::Reply { .. } => "Reply",
+        PeerFrame::Notify { .. } => "Notify",
+        PeerFrame::VcopyPull { .. } => "VcopyPull",
+        PeerFrame::VcopyData { .. } => "VcopyData",
+        PeerFrame::VcopyDone { .. } => "VcopyDone",
+        PeerFrame::Bound { .. } => "Bound",
+        PeerFrame::Unbound { .. } => "Unbound",
+        PeerFrame::Redirect { .. } => "Redirect",
+        PeerFrame::MigrStart { .. } => "MigrStart",
+        PeerFrame::MigrStartAck { .. } => "MigrStartAck",
+        PeerFrame::MigrPrepare { .. } => "MigrPrepare",
+        PeerFrame::MigrImage { .. } => "MigrImage",
+        PeerFrame::MigrRestore { .. } => "MigrRestore",
+        PeerFrame::MigrRestored { .. } => "MigrRestored",
+        PeerFrame::MigrCommit { .. } => "MigrCommit",
+        PeerFrame::MigrRollback { .. } => "MigrRollback",
+        PeerFrame::MigrDone { .. } => "MigrDone",
+    }
+}
+
+/// The node that minted migration id `id` (its top 16 bits).
+fn minted_by(id: MigrationId) -> NodeId {
+    (id >> 48) as NodeId
+}
+
+impl NodeCore {
+    /// Reports a refused frame: logged here, the daemon closes the link.
+    pub(super) fn peer_violation(&mut self, node: NodeId, frame: &'static str, reason: Violation) {
+        warn!(node, frame, %reason, "refused a forged frame from a peer; closing the link");
+        self.condemned.insert(node);
+        self.actions.push_back(Action::PeerViolation {
+            node,
+            frame,
+            reason,
+        });
+    }
+
+    /// Whether frames from `node` are dropped (it sent a forged frame; the link is closing).
+    pub(super) fn is_condemned(&self, node: NodeId) -> bool {
+        !self.condemned.is_empty() && self.condemned.contains(&node)
+    }
+
+    /// Whether node `from` may speak for endpoint `{dc, ep}` (as the source of a message, the
+    /// caller of a vcopy): the endpoint is not bound here, and not recorded at another node
+    /// unless it is migrating to or from `from`. An unknown endpoint passes; the caller decides
+    /// whether that is enough.
+    ///
+    /// A registration at another node can be stale only while that node's `Unbound` is in
+    /// flight; it leaves before the endpoint can bind elsewhere (an unbind answers after the
+    /// directory forgot it, a bind then needs a directory write), so the race is not worth
+    /// keeping a door open for.
+    fn speaks_for(&self, from: NodeId, dc: DcId, ep: Ep) -> Result<(), Violation> {
+        match self.table.get(dc, ep) {
+            Some(Registration::Local { .. }) => Err(Violation::EndpointIsLocal { dc, ep }),
+            Some(Registration::Remote { node } | Registration::Backup { node })
+                if node != from && !self.migr.route_involves(dc, ep, from) =>
+            {
+                Err(Violation::EndpointElsewhere { dc, ep, node })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A vcopy caller on node `node`: it must be known to run there (every node announces its
+    /// endpoints with `Bound`, on bind and when a link comes up, ahead of any call).
+    fn caller_on(&self, node: NodeId, dc: DcId, ep: Ep) -> Result<(), Violation> {
+        self.speaks_for(node, dc, ep)?;
+        if self.table.get(dc, ep).is_none() && !self.migr.route_involves(dc, ep, node) {
+            return Err(Violation::UnknownCaller { dc, ep });
+        }
+        Ok(())
+    }
+
+    /// An answer about operation `op`, which this node numbered: it must match an operation
+    /// outstanding with the sender. An answer that matches nothing changes nothing, so it is
+    /// dropped without judging whether it is stale or invented (op numbers are shared by all
+    /// peers; a test harness or a restarted node can legitimately be behind).
+    fn own_op(&self, matched: bool, stale: &'static str) -> Verdict {
+        if matched {
+            Accept
+        } else {
+            Ignore(stale)
+        }
+    }
+
+    /// The verdict on `frame` from `from` (every frame but `VcopyData`).
+    pub(super) fn check_peer_frame(&self, from: NodeId, frame: &PeerFrame) -> Verdict {
+        match *frame {
+            // A node outside the DC gets the error it always got from the handler.
+            PeerFrame::Deliver { dc, src, .. } | PeerFrame::Notify { dc, src, .. } => {
+                if !self.peer_in_dc(from, dc) || self.dc_check(dc, src).is_err() {
+                    return Accept;
+                }
+                self.speaks_for(from, dc, src)
+                    .map_or_else(Refuse, |_| Accept)
+            }
+            PeerFrame::Reply { dc, src, .. } => {
+                if !self.peer_in_dc(from, dc) {
+                    return Refuse(Violation::NotInDc { dc });
+                }
+                self.speaks_for(from, dc, src)
+                    .map_or_else(Refuse, |_| Accept)
+            }
+            PeerFrame::Delivered { op, .. } => {
+                let known = self.remote_sends.contains_key(&(from, op))
+                    || self.abandoned.contains_key(&(from, op));
+                self.own_op(known, "Delivered for a call that ended here")
+            }
+            // Keyed by the sender's own operations: it can only cancel its own messages.
+            PeerFrame::Cancel { .. } => Accept,
+            PeerFrame::VcopyPull {
+                caller_node,
+                dc,
+                caller,
+                ..
+            } => {
+                if caller_node != from {
+                    return Refuse(Violation::NotCallerNode { caller_node });
+                }
+                if !self.peer_in_dc(from, dc) {
+                    return Accept;
+                }
+                self.caller_on(from, dc, caller)
+                    .map_or_else(Refuse, |_| Accept)
+            }
+            PeerFrame::VcopyDone { op, .. } => match self.ops.get(&op) {
+                Some(Op::Vcopy { nodes, .. }) if nodes.contains(&Some(from)) => Accept,
+                // The source node may know the destination at another node than this one did
+                // (a stale registration); its verdict is not this node's to take.
+                Some(_) => Ignore("VcopyDone from a node the vcopy does not involve"),
+                None => self.own_op(false, "VcopyDone for a vcopy that ended here"),
+            },
+            PeerFrame::Bound { dc, ep } => {
+                if !self.peer_in_dc(from, dc) {
+                    return Ignore("Bound in a DC the sender is not part of");
+                }
+                if self.dc_check(dc, ep).is_err() {
+                    return Refuse(Violation::BadEndpoint { dc, ep });
+                }
+                match self.table.get(dc, ep) {
+                    Some(Registration::Local { .. }) => {
+                        Refuse(Violation::EndpointIsLocal { dc, ep })
+                    }
+                    // The directory decides between two live claims (its watch updates us).
+                    Some(Registration::Remote { node } | Registration::Backup { node })
+                        if node != from
+                            && self.links_up.contains(&node)
+                            && !self.migr.route_involves(dc, ep, from) =>
+                    {
+                        Ignore("Bound for an endpoint of another live node")
+                    }
+                    _ => Accept,
+                }
+            }
+            // Only removes an entry naming the sender; an endpoint unbound there and bound
+            // here since is an honest race.
+            PeerFrame::Unbound { .. } => Accept,
+            PeerFrame::Redirect { op, dc, dst } => match self.remote_sends.get(&(from, op)) {
+                Some(conn) => {
+                    let c = self.conns.get(conn);
+                    let same = c.is_some_and(|c| {
+                        c.bound.map(|b| b.0) == Some(dc)
+                            && matches!(c.blocked, super::Blocked::SendingRemote { dst: d, op: o, node, .. }
+                                if d == dst && o == op && node == from)
+                    });
+                    if same {
+                        Accept
+                    } else {
+                        Refuse(Violation::RedirectMismatch { op })
+                    }
+                }
+                None => self.own_op(false, "Redirect for a call that ended here"),
+            },
+            PeerFrame::MigrStart { .. }
+            | PeerFrame::MigrStartAck { .. }
+            | PeerFrame::MigrPrepare { .. }
+            | PeerFrame::MigrRestore { .. }
+            | PeerFrame::MigrRestored { .. }
+            | PeerFrame::MigrCommit { .. }
+            | PeerFrame::MigrRollback { .. }
+            | PeerFrame::MigrDone { .. } => self.check_migration_frame(from, frame),
+            // Image chunks are stored by the daemon, which checks them against the arrival.
+            PeerFrame::MigrImage { .. } => Accept,
+            PeerFrame::VcopyData { .. } => Ignore("VcopyData outside on_vcopy_chunk"),
+            PeerFrame::Hello { .. }
+            | PeerFrame::Welcome { .. }
+            | PeerFrame::Refuse { .. }
+            | PeerFrame::Ping
+            | PeerFrame::Pong => Accept,
+        }
+    }
+
+    fn check_migration_frame(&self, from: NodeId, frame: &PeerFrame) -> Verdict {
+        let here = self.node;
+        match *frame {
+            // From the node running the endpoint, which coordinates (and minted the id).
+            PeerFrame::MigrStart {
+                id,
+                dc,
+                ep,
+                from: src,
+                to,
+            } => {
+                if src != from {
+                    return Refuse(Violation::NotCoordinator { id });
+                }
+                if minted_by(id) != from {
+                    return Refuse(Violation::ForeignMigrationId { id });
+                }
+                if !self.peer_in_dc(from, dc) || self.dc_check(dc, ep).is_err() {
+                    return Refuse(Violation::BadEndpoint { dc, ep });
+                }
+                if to == from || !self.peer_in_dc(to, dc) {
+                    return Refuse(Violation::RouteMismatch { id });
+                }
+                if let Some((hid, route)) = self.migr.hold_of(dc, ep) {
+                    if hid == Some(id) {
+                        return Refuse(Violation::Duplicate { id });
+                    }
+                    // The destination of a migration whose COMMIT has not reached this node
+                    // yet may already move the endpoint on.
+                    if let Some((a, b)) = route {
+                        if from != a && from != b {
+                            return Refuse(Violation::NotCoordinator { id });
+                        }
+                        return Accept;
+                    }
+                }
+                match self.table.get(dc, ep) {
+                    Some(Registration::Local { .. }) => {
+                        Refuse(Violation::EndpointIsLocal { dc, ep })
+                    }
+                    Some(Registration::Remote { node } | Registration::Backup { node })
+                        if node != from =>
+                    {
+                        Refuse(Violation::EndpointElsewhere { dc, ep, node })
+                    }
+                    _ => Accept,
+                }
+            }
+            PeerFrame::MigrStartAck { id } => {
+                if minted_by(id) != here {
+                    return Refuse(Violation::ForeignMigrationId { id });
+                }
+                match self.migr.coord_waits_for(id, from) {
+                    Some(true) => Accept,
+                    _ => Ignore("MigrStartAck not awaited"),
+                }
+            }
+            // Only the coordinator, to the destination its START named.
+            PeerFrame::MigrPrepare { id, dc, ep, .. } => {
+                if minted_by(id) != from {
+                    return Refuse(Violation::ForeignMigrationId { id });
+                }
+                if self.migr.has_arrival(id) {
+                    return Refuse(Violation::Duplicate { id });
+                }
+                match self.migr.hold_of(dc, ep) {
+                    Some((Some(hid), Some(route))) if hid == id => {
+                        if route == (from, here) {
+                            Accept
+                        } else {
+                            Refuse(Violation::NotDestination { id })
+                        }
+                    }
+                    // A participant may have rolled the migration back on its own already.
+                    _ => Ignore("MigrPrepare for a migration not held here"),
+                }
+            }
+            PeerFrame::MigrRestore { id } => {
+                if minted_by(id) != from {
+                    return Refuse(Violation::ForeignMigrationId { id });
+                }
+                match self.migr.arrival_coordinator(id) {
+                    Some((c, _)) if c != from => Refuse(Violation::NotCoordinator { id }),
+                    Some((_, true)) => Refuse(Violation::Duplicate { id }),
+                    // Without an arrival the handler answers that there is no state.
+                    _ => Accept,
+                }
+            }
+            PeerFrame::MigrRestored { id, .. } => {
+                if minted_by(id) != here {
+                    return Refuse(Violation::ForeignMigrationId { id });
+                }
+                match self.migr.coord_destination(id) {
+                    Some(to) if to != from => Refuse(Violation::NotDestination { id }),
+                    Some(_) => Accept,
+                    None => Ignore("MigrRestored for a migration that ended"),
+                }
+            }
+            PeerFrame::MigrCommit { id, dc, ep, to } => {
+                self.check_outcome(from, id, dc, ep, |(src, dst)| src == from && dst == to)
+            }
+            PeerFrame::MigrRollback {
+                id,
+                dc,
+                ep,
+                from: src,
+            } => {
+                if src != from {
+                    return Refuse(Violation::NotCoordinator { id });
+                }
+                self.check_outcome(from, id, dc, ep, |(s, _)| s == from)
+            }
+            PeerFrame::MigrDone { id, .. } => {
+                if minted_by(id) != here {
+                    return Refuse(Violation::ForeignMigrationId { id });
+                }
+                match self.migr.coord_decided(id) {
+                    Some(false) => Refuse(Violation::OutOfPhase { id }),
+                    Some(true) if self.migr.coord_waits_for(id, from) == Some(true) => Accept,
+                    _ => Ignore("MigrDone not awaited"),
+                }
+            }
+            _ => Accept,
+        }
+    }
+
+    /// COMMIT or ROLLBACK: from the coordinator recorded for that migration, for the route
+    /// recorded (`route_ok`). Without a record here (the link came up after START) the outcome
+    /// is left to the directory watch.
+    fn check_outcome(
+        &self,
+        from: NodeId,
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        route_ok: impl Fn((NodeId, NodeId)) -> bool,
+    ) -> Verdict {
+        if minted_by(id) != from {
+            return Refuse(Violation::ForeignMigrationId { id });
+        }
+        if let Some((c, _)) = self.migr.arrival_coordinator(id) {
+            return if c == from && self.migr.arrival_is(id, dc, ep) {
+                Accept
+            } else {
+                Refuse(Violation::NotCoordinator { id })
+            };
+        }
+        match self.migr.hold_of(dc, ep) {
+            Some((Some(hid), route)) if hid == id => match route {
+                Some(r) if route_ok(r) => Accept,
+                _ => Refuse(Violation::RouteMismatch { id }),
+            },
+            _ if matches!(self.table.get(dc, ep), Some(Registration::Local { .. })) => {
+                Refuse(Violation::EndpointIsLocal { dc, ep })
+            }
+            _ => Ignore("outcome of a migration not held here"),
+        }
+    }
+
+    // ----- vcopy chunks --------------------------------------------------------------------
+
+    /// Records that the local caller's vcopy `op` expects its data from `from`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn expect_vcopy_data(
+        &mut self,
+        from: NodeId,
+        op: OpId,
+        dc: DcId,
+        caller: Ep,
+        dst: Ep,
+        dst_addr: u64,
+        total: u64,
+    ) {
+        self.vcopy_seq += 1;
+        self.vcopy_in.insert(
+            (from, self.node, op),
+            IncomingVcopy {
+                dc,
+                caller,
+                dst,
+                dst_addr,
+                total,
+                received: 0,
+                seq: self.vcopy_seq,
+            },
+        );
+    }
+
+    /// Forgets what the local caller's vcopy `op` expected (it ended).
+    pub(super) fn forget_local_vcopy(&mut self, op: OpId) {
+        if !self.vcopy_in.is_empty() {
+            let here = self.node;
+            self.vcopy_in
+                .retain(|(_, caller_node, o), _| !(*caller_node == here && *o == op));
+        }
+    }
+
+    /// A `VcopyData` chunk arrived from `from`: the pid to write it into (at
+    /// [`VcopyChunk::addr`]), or `None` to drop it. Then call
+    /// [`NodeCore::on_vcopy_chunk_written`].
+    ///
+    /// A chunk must belong to an outstanding vcopy: one a local caller started (pulling from
+    /// `from`), or, for a caller on another node, one whose first chunk opened a record here.
+    /// That first chunk comes from the caller's node (its source is local there) or from a
+    /// third node running the source, which the caller asked with `VcopyPull`; this node cannot
+    /// see that request, so it checks only that the caller is known to run on `caller_node`.
+    /// Later chunks must match the record and follow each other without gap or overlap.
+    pub fn on_vcopy_chunk(&mut self, from: NodeId, c: &VcopyChunk) -> Option<i32> {
+        if self.is_condemned(from) {
+            return None;
+        }
+        let end = c.offset.checked_add(c.len);
+        if c.len == 0
+            || c.total > VCOPY_MAX
+            || end.is_none_or(|e| e > c.total)
+            || c.dst_addr.checked_add(c.total).is_none()
+        {
+            self.peer_violation(from, "VcopyData", Violation::MalformedChunk { op: c.op });
+            return None;
+        }
+        let key = (from, c.caller_node, c.op);
+        let done = self.completion(c.caller_node, c.op);
+        let last = c.last();
+        if let Some(r) = self.vcopy_in.get_mut(&key) {
+            let what = if (r.dc, r.caller, r.dst) != (c.dc, c.caller, c.dst) {
+                Some("endpoints differ from the vcopy's")
+            } else if (r.dst_addr, r.total) != (c.dst_addr, c.total) {
+                Some("address range differs from the vcopy's")
+            } else if c.offset != r.received {
+                Some("chunk out of sequence")
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                self.vcopy_in.remove(&key);
+                self.peer_violation(
+                    from,
+                    "VcopyData",
+                    Violation::ChunkMismatch { op: c.op, what },
+                );
+                return None;
+            }
+            r.received += c.len;
+            if last {
+                self.vcopy_in.remove(&key);
+            }
+        } else if c.caller_node == self.node {
+            // A vcopy of a local caller that is over (it timed out, failed, or its record is
+            // gone with a failed chunk): the rest of its stream is still on the way.
+            if c.op >= self.next_op {
+                self.peer_violation(from, "VcopyData", Violation::NeverIssued { op: c.op });
+            } else {
+                debug!(
+                    node = from,
+                    op = c.op,
+                    "chunk of a vcopy that ended here dropped"
+                );
+            }
+            return None;
+        } else if c.offset != 0 {
+            debug!(
+                node = from,
+                op = c.op,
+                "chunk of a vcopy refused or ended here dropped"
+            );
+            return None;
+        } else {
+            // The first chunk of a vcopy of a caller on another node: as before, DC errors go
+            // back to the caller.
+            if let Err(e) = self.chunk_dc_check(from, c) {
+                self.complete_vcopy(done, Err(e));
+                return None;
+            }
+            if let Err(v) = self.caller_on(c.caller_node, c.dc, c.caller) {
+                self.peer_violation(from, "VcopyData", v);
+                return None;
+            }
+            if !last {
+                self.open_incoming(key, c);
+            }
+        }
+        match self.chunk_target(c) {
+            Ok(pid) => Some(pid),
+            Err(e) => {
+                self.vcopy_in.remove(&key);
+                self.complete_vcopy(done, Err(e));
+                None
+            }
+        }
+    }
+
+    fn chunk_dc_check(&self, from: NodeId, c: &VcopyChunk) -> Result<(), Errno> {
+        let info = self.dcs.get(&c.dc).ok_or(Errno::NoSuchDc)?;
+        if !info.nodes.contains(&from)
+            || !info.nodes.contains(&self.node)
+            || !info.nodes.contains(&c.caller_node)
+        {
+            return Err(Errno::NodeNotInDc);
+        }
+        Ok(())
+    }
+
+    /// Opens the record of a vcopy streaming in for a caller on another node.
+    fn open_incoming(&mut self, key: IncomingKey, c: &VcopyChunk) {
+        let (from, here) = (key.0, self.node);
+        let open: Vec<(IncomingKey, u64)> = self
+            .vcopy_in
+            .iter()
+            .filter(|((f, cn, _), _)| *f == from && *cn != here)
+            .map(|(k, r)| (*k, r.seq))
+            .collect();
+        if open.len() >= MAX_INCOMING_VCOPIES_PER_PEER {
+            let (oldest, _) = *open.iter().min_by_key(|(_, s)| *s).expect("not empty");
+            self.vcopy_in.remove(&oldest);
+            debug!(
+                node = from,
+                op = oldest.2,
+                "too many vcopies from one peer: oldest dropped"
+            );
+            let done = self.completion(oldest.1, oldest.2);
+            self.complete_vcopy(done, Err(Errno::Busy));
+        }
+        self.vcopy_seq += 1;
+        self.vcopy_in.insert(
+            key,
+            IncomingVcopy {
+                dc: c.dc,
+                caller: c.caller,
+                dst: c.dst,
+                dst_addr: c.dst_addr,
+                total: c.total,
+                received: c.len,
+                seq: self.vcopy_seq,
+            },
+        );
+    }
+
+    /// The process a chunk is written into, as long as it may be written (the state may have
+    /// moved on since the vcopy started: an honest race, reported to the caller).
+    fn chunk_target(&self, c: &VcopyChunk) -> Result<i32, Errno> {
+        let Some(Registration::Local { conn }) = self.table.get(c.dc, c.dst) else {
+            return self.installing_pid(c.dc, c.dst).ok_or(Errno::DstDied);
+        };
+        let p = self.conns.get(&conn).ok_or(Errno::DstDied)?;
+        let is_caller = c.caller_node == self.node && c.caller == c.dst;
+        if !is_caller && !is_blocked_in_ipc(&p.blocked) {
+            return Err(Errno::Busy);
+        }
+        Ok(p.pid)
+    }
+
+    /// A chunk accepted by [`NodeCore::on_vcopy_chunk`] was written (or writing it failed);
+    /// the last one closes the vcopy.
+    pub fn on_vcopy_chunk_written(
+        &mut self,
+        from: NodeId,
+        c: &VcopyChunk,
+        result: Result<(), Errno>,
+    ) {
+        let done = self.completion(c.caller_node, c.op);
+        match result {
+            Err(e) => {
+                self.vcopy_in.remove(&(from, c.caller_node, c.op));
+                self.complete_vcopy(done, Err(e));
+            }
+            Ok(()) if c.last() => self.complete_vcopy(done, Ok(())),
+            Ok(()) => {}
+        }
+    }
+
+    /// The link to `node` went down: nothing more streams in from it.
+    pub(super) fn forget_incoming_vcopies(&mut self, node: NodeId) {
+        self.vcopy_in.retain(|(f, _, _), _| *f != node);
+    }
+}

@@ -1,0 +1,755 @@
+//! A hostile peer: frames an honest node never sends must have no effect, and close the link.
+//!
+//! [`Net`] runs node 1 (the victim) and node 3 (an honest node) as real cores; node 2 is the
+//! attacker: its frames are handed to node 1 by the tests, what node 1 sends it is recorded.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Instant;
+
+use dvs_core::{
+    Action, ConnId, CoreConfig, DcInfo, NodeCore, Registration, VcopyChunk, VcopyCompletion,
+    Violation,
+};
+use dvs_wire::local::{LocalRequest, LocalResponse, Source};
+use dvs_wire::peer::{Backend, DeliverKind, MigratedEndpoint, PeerFrame};
+use dvs_wire::{DcId, Ep, Message, NodeId, Timeout, PROTOCOL_VERSION};
+use proptest::prelude::*;
+
+const DC: DcId = 1;
+const VICTIM: NodeId = 1;
+const ATTACKER: NodeId = 2;
+const HONEST: NodeId = 3;
+
+struct Net {
+    now: Instant,
+    cores: BTreeMap<NodeId, NodeCore>,
+    dir: HashMap<(DcId, Ep), NodeId>,
+    responses: HashMap<(NodeId, ConnId), VecDeque<LocalResponse>>,
+    /// Actions the net does not carry out, by node.
+    others: Vec<(NodeId, Action)>,
+    to_attacker: Vec<PeerFrame>,
+    in_flight: VecDeque<(NodeId, NodeId, PeerFrame)>,
+    next_conn: ConnId,
+}
+
+impl Net {
+    fn new() -> Self {
+        let dcs = vec![DcInfo {
+            id: DC,
+            nodes: [1, 2, 3].into_iter().collect(),
+            max_endpoints: 8,
+            max_queue: 4,
+        }];
+        let mut cores = BTreeMap::new();
+        for n in [VICTIM, HONEST] {
+            cores.insert(
+                n,
+                NodeCore::new(CoreConfig {
+                    node: n,
+                    dcs: dcs.clone(),
+                }),
+            );
+        }
+        let mut net = Net {
+            now: Instant::now(),
+            cores,
+            dir: HashMap::new(),
+            responses: HashMap::new(),
+            others: Vec::new(),
+            to_attacker: Vec::new(),
+            in_flight: VecDeque::new(),
+            next_conn: 1,
+        };
+        net.core(VICTIM).on_link_up(ATTACKER);
+        net.core(VICTIM).on_link_up(HONEST);
+        net.core(HONEST).on_link_up(VICTIM);
+        net.pump();
+        net
+    }
+
+    fn core(&mut self, n: NodeId) -> &mut NodeCore {
+        self.cores.get_mut(&n).expect("a simulated node")
+    }
+
+    fn pump(&mut self) {
+        loop {
+            let mut acts = Vec::new();
+            for (n, c) in self.cores.iter_mut() {
+                while let Some(a) = c.poll_action() {
+                    acts.push((*n, a));
+                }
+            }
+            if acts.is_empty() {
+                let Some((from, to, f)) = self.in_flight.pop_front() else {
+                    return;
+                };
+                let now = self.now;
+                self.core(to).on_peer_frame(from, f, now);
+                continue;
+            }
+            for (n, a) in acts {
+                self.handle(n, a);
+            }
+        }
+    }
+
+    fn handle(&mut self, n: NodeId, a: Action) {
+        let now = self.now;
+        match a {
+            Action::Respond { conn, resp } => {
+                self.responses.entry((n, conn)).or_default().push_back(resp)
+            }
+            Action::Peer { node, frame } if node == ATTACKER => self.to_attacker.push(frame),
+            Action::Peer { node, frame } => self.in_flight.push_back((n, node, frame)),
+            Action::Register { conn, dc, ep } => {
+                self.dir.insert((dc, ep), n);
+                self.core(n).on_register_result(conn, Ok(()));
+            }
+            Action::Lookup { dc, ep } => {
+                let at = self.dir.get(&(dc, ep)).copied();
+                self.core(n).on_lookup_result(dc, ep, at, now);
+            }
+            Action::DirectorySync { conn } => self.core(n).on_directory_synced(conn),
+            other => self.others.push((n, other)),
+        }
+    }
+
+    fn bind(&mut self, node: NodeId, ep: Ep) -> ConnId {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.core(node).on_local_connect(conn, 1000 + conn as i32);
+        self.call(
+            node,
+            conn,
+            LocalRequest::Bind {
+                version: PROTOCOL_VERSION,
+                dc: DC,
+                ep,
+            },
+        );
+        assert!(matches!(
+            self.resp(node, conn),
+            Some(LocalResponse::Ep { .. })
+        ));
+        conn
+    }
+
+    fn call(&mut self, node: NodeId, conn: ConnId, req: LocalRequest) {
+        let now = self.now;
+        self.core(node).on_local_request(conn, req, now);
+        self.pump();
+    }
+
+    fn resp(&mut self, node: NodeId, conn: ConnId) -> Option<LocalResponse> {
+        self.responses.get_mut(&(node, conn))?.pop_front()
+    }
+
+    /// The attacker sends `frame` to the victim.
+    fn attack(&mut self, frame: PeerFrame) {
+        let now = self.now;
+        self.core(VICTIM).on_peer_frame(ATTACKER, frame, now);
+        self.pump();
+    }
+
+    /// The attacker sends a vcopy chunk; whether the victim would write it.
+    fn attack_chunk(&mut self, c: VcopyChunk) -> Option<i32> {
+        let pid = self.core(VICTIM).on_vcopy_chunk(ATTACKER, &c);
+        if pid.is_some() {
+            self.core(VICTIM)
+                .on_vcopy_chunk_written(ATTACKER, &c, Ok(()));
+        }
+        self.pump();
+        pid
+    }
+
+    fn take_others(&mut self) -> Vec<(NodeId, Action)> {
+        std::mem::take(&mut self.others)
+    }
+
+    fn table(&mut self) -> Vec<(DcId, Ep, Registration)> {
+        self.core(VICTIM).registrations()
+    }
+
+    /// The victim reported the attacker exactly once since the last call, and nothing else
+    /// happened besides.
+    #[track_caller]
+    fn expect_violation(&mut self) -> Violation {
+        let others = self.take_others();
+        match &others[..] {
+            [(VICTIM, Action::PeerViolation { node, reason, .. })] if *node == ATTACKER => {
+                let r = reason.clone();
+                // The daemon closes the link; the victim sees it go down and come back.
+                self.core(VICTIM).on_link_down(ATTACKER);
+                self.core(VICTIM).on_link_up(ATTACKER);
+                self.pump();
+                self.to_attacker.clear();
+                r
+            }
+            other => panic!("expected one violation by node {ATTACKER}, got {other:?}"),
+        }
+    }
+}
+
+fn recv_any() -> LocalRequest {
+    LocalRequest::Receive {
+        src: Source::Any,
+        timeout: Timeout::Forever,
+    }
+}
+
+fn chunk(op: u64, caller_node: NodeId, caller: Ep, dst: Ep, offset: u64, len: u64) -> VcopyChunk {
+    VcopyChunk {
+        op,
+        caller_node,
+        dc: DC,
+        caller,
+        dst,
+        dst_addr: 0x7000,
+        offset,
+        total: 4096,
+        len,
+    }
+}
+
+/// A server (ep 1) blocked in receive on the victim, an honest endpoint (ep 5) on node 3.
+fn setup() -> (Net, ConnId) {
+    let mut net = Net::new();
+    let srv = net.bind(VICTIM, 1);
+    net.bind(HONEST, 5);
+    net.call(VICTIM, srv, recv_any());
+    net.take_others();
+    (net, srv)
+}
+
+#[test]
+fn forged_vcopy_data_is_not_written() {
+    let (mut net, _srv) = setup();
+    // For a vcopy of the victim's own callers: none is outstanding.
+    assert_eq!(net.attack_chunk(chunk(7, VICTIM, 1, 1, 0, 4096)), None);
+    assert!(matches!(
+        net.expect_violation(),
+        Violation::NeverIssued { op: 7 }
+    ));
+    // For an invented caller "on" the attacker.
+    assert_eq!(net.attack_chunk(chunk(7, ATTACKER, 6, 1, 0, 4096)), None);
+    assert_eq!(
+        net.expect_violation(),
+        Violation::UnknownCaller { dc: DC, ep: 6 }
+    );
+    // For a caller of another node (third-party form).
+    assert_eq!(net.attack_chunk(chunk(8, HONEST, 1, 1, 0, 4096)), None);
+    assert_eq!(
+        net.expect_violation(),
+        Violation::EndpointIsLocal { dc: DC, ep: 1 }
+    );
+    // Chunk bounds outside the copy.
+    assert_eq!(net.attack_chunk(chunk(9, ATTACKER, 6, 1, 4000, 200)), None);
+    assert!(matches!(
+        net.expect_violation(),
+        Violation::MalformedChunk { .. }
+    ));
+}
+
+#[test]
+fn chunks_of_an_accepted_stream_must_follow_it() {
+    let (mut net, srv) = setup();
+    // The attacker's own endpoint 6 copies into the blocked server: a legitimate vcopy.
+    net.attack(PeerFrame::Bound { dc: DC, ep: 6 });
+    let pid = net.core(VICTIM).local_pid(DC, 1);
+    assert_eq!(net.attack_chunk(chunk(3, ATTACKER, 6, 1, 0, 1024)), pid);
+    // A gap, then a different address range: refused.
+    assert_eq!(net.attack_chunk(chunk(3, ATTACKER, 6, 1, 2048, 1024)), None);
+    assert!(matches!(
+        net.expect_violation(),
+        Violation::ChunkMismatch { op: 3, .. }
+    ));
+    let mut moved = chunk(4, ATTACKER, 6, 1, 0, 1024);
+    assert_eq!(net.attack_chunk(moved), pid);
+    moved.dst_addr = 0x1000;
+    moved.offset = 1024;
+    assert_eq!(net.attack_chunk(moved), None);
+    assert!(matches!(
+        net.expect_violation(),
+        Violation::ChunkMismatch { op: 4, .. }
+    ));
+    assert_eq!(net.resp(VICTIM, srv), None);
+}
+
+#[test]
+fn forged_vcopy_pull_streams_nothing() {
+    let (mut net, _srv) = setup();
+    let pull = |caller_node, caller| PeerFrame::VcopyPull {
+        op: 1,
+        caller_node,
+        dc: DC,
+        caller,
+        src: 1,
+        src_addr: 0x7ff0_0000,
+        dst: caller,
+        dst_addr: 0,
+        len: 4096,
+    };
+    // An invented caller on the attacker, reading the server's stack back.
+    net.attack(pull(ATTACKER, 6));
+    assert_eq!(
+        net.expect_violation(),
+        Violation::UnknownCaller { dc: DC, ep: 6 }
+    );
+    // On behalf of another node's caller.
+    net.attack(pull(HONEST, 5));
+    assert_eq!(
+        net.expect_violation(),
+        Violation::NotCallerNode {
+            caller_node: HONEST
+        }
+    );
+    // Speaking for the honest node's endpoint.
+    net.attack(pull(ATTACKER, 5));
+    assert_eq!(
+        net.expect_violation(),
+        Violation::EndpointElsewhere {
+            dc: DC,
+            ep: 5,
+            node: HONEST
+        }
+    );
+    assert!(net.take_others().is_empty());
+}
+
+fn deliver(src: Ep, dst: Ep) -> PeerFrame {
+    PeerFrame::Deliver {
+        op: 1,
+        dc: DC,
+        src,
+        dst,
+        kind: DeliverKind::SendRec,
+        msg: Message::new(1),
+        timeout: Timeout::Forever,
+    }
+}
+
+#[test]
+fn deliver_from_an_endpoint_the_sender_does_not_run_is_not_served() {
+    let (mut net, srv) = setup();
+    let other = net.bind(VICTIM, 2);
+    let before = net.table();
+    for src in [2, 5] {
+        net.attack(deliver(src, 1));
+        net.expect_violation();
+        assert_eq!(net.resp(VICTIM, srv), None, "served a forged message");
+        assert_eq!(net.table(), before, "routing changed");
+    }
+    // A forged reply to a waiting local client, and a forged notification.
+    net.call(VICTIM, other, send_rec(5));
+    net.attack(PeerFrame::Reply {
+        dc: DC,
+        src: 5,
+        dst: 2,
+        result: Ok(Message::new(9)),
+    });
+    net.expect_violation();
+    net.attack(PeerFrame::Notify {
+        dc: DC,
+        src: 1,
+        dst: 2,
+        value: 1,
+    });
+    net.expect_violation();
+    assert_eq!(net.resp(VICTIM, other), None);
+    assert_eq!(net.table(), before);
+}
+
+fn send_rec(dst: Ep) -> LocalRequest {
+    LocalRequest::SendRec {
+        dst,
+        msg: Message::new(4),
+        timeout: Timeout::Forever,
+    }
+}
+
+#[test]
+fn forged_migr_start_holds_nothing() {
+    let (mut net, _srv) = setup();
+    let client = net.bind(VICTIM, 2);
+    let start = |ep, from| PeerFrame::MigrStart {
+        id: (ATTACKER as u64) << 48 | 1,
+        dc: DC,
+        ep,
+        from,
+        to: ATTACKER,
+    };
+    // An endpoint of the honest node, in the attacker's name or in the honest node's.
+    net.attack(start(5, ATTACKER));
+    net.expect_violation();
+    net.attack(start(5, HONEST));
+    net.expect_violation();
+    // The victim's own endpoint.
+    net.attack(start(1, ATTACKER));
+    net.expect_violation();
+    assert!(!net.core(VICTIM).migrating(DC, 5));
+    assert!(!net.core(VICTIM).migrating(DC, 1));
+    // Calls to it are not held: they go to node 3 and are served there.
+    net.call(VICTIM, client, send_rec(5));
+    assert!(net.take_others().is_empty());
+    assert!(net
+        .in_flight
+        .iter()
+        .all(|(_, _, f)| !matches!(f, PeerFrame::Redirect { .. })));
+}
+
+#[test]
+fn forged_migr_commit_does_not_reroute() {
+    let (mut net, _srv) = setup();
+    let before = net.table();
+    net.attack(PeerFrame::MigrCommit {
+        id: (ATTACKER as u64) << 48 | 1,
+        dc: DC,
+        ep: 5,
+        to: ATTACKER,
+    });
+    // Nothing held: left to the directory, quietly (a late link may miss START honestly).
+    assert!(net.take_others().is_empty());
+    assert_eq!(net.table(), before);
+    // A real migration of ep 5 by node 3: the attacker cannot decide it.
+    let id = (HONEST as u64) << 48 | 7;
+    let now = net.now;
+    net.core(VICTIM).on_peer_frame(
+        HONEST,
+        PeerFrame::MigrStart {
+            id,
+            dc: DC,
+            ep: 5,
+            from: HONEST,
+            to: VICTIM,
+        },
+        now,
+    );
+    net.pump();
+    net.attack(PeerFrame::MigrCommit {
+        id,
+        dc: DC,
+        ep: 5,
+        to: ATTACKER,
+    });
+    assert!(matches!(
+        net.expect_violation(),
+        Violation::ForeignMigrationId { .. }
+    ));
+    assert!(net.core(VICTIM).migrating(DC, 5));
+    assert_eq!(net.table(), before);
+}
+
+#[test]
+fn bound_and_unbound_do_not_rewrite_routing() {
+    let (mut net, _srv) = setup();
+    let before = net.table();
+    net.attack(PeerFrame::Bound { dc: DC, ep: 1 });
+    assert_eq!(
+        net.expect_violation(),
+        Violation::EndpointIsLocal { dc: DC, ep: 1 }
+    );
+    // Another live node's endpoint: the directory decides, quietly.
+    net.attack(PeerFrame::Bound { dc: DC, ep: 5 });
+    net.attack(PeerFrame::Unbound { dc: DC, ep: 5 });
+    net.attack(PeerFrame::Unbound { dc: DC, ep: 1 });
+    assert!(net.take_others().is_empty());
+    assert_eq!(net.table(), before);
+}
+
+#[test]
+fn forged_prepare_and_restore_launch_nothing() {
+    let (mut net, _srv) = setup();
+    let id = (ATTACKER as u64) << 48 | 3;
+    let prepare = |ep| PeerFrame::MigrPrepare {
+        id,
+        dc: DC,
+        ep,
+        backend: Backend::Cooperative,
+        state: MigratedEndpoint {
+            call: None,
+            notifies: vec![],
+        },
+        fail_restore: false,
+    };
+    // Without a START naming this node as destination.
+    net.attack(prepare(6));
+    net.attack(PeerFrame::MigrRestore { id });
+    // A START by the attacker for its own endpoint, naming node 3 as destination.
+    net.attack(PeerFrame::Bound { dc: DC, ep: 6 });
+    net.attack(PeerFrame::MigrStart {
+        id,
+        dc: DC,
+        ep: 6,
+        from: ATTACKER,
+        to: HONEST,
+    });
+    net.attack(prepare(6));
+    assert_eq!(net.expect_violation(), Violation::NotDestination { id });
+    net.attack(PeerFrame::MigrRestore { id });
+    assert!(net.take_others().is_empty(), "no restore, no checkpoint");
+    assert!(net
+        .to_attacker
+        .iter()
+        .any(|f| matches!(f, PeerFrame::MigrRestored { result: Err(_), .. })));
+}
+
+// ----- a hostile peer, at random ------------------------------------------------------------
+
+fn hostile_frame() -> impl Strategy<Value = PeerFrame> {
+    let ep = 0..8i32;
+    let node = 1..4u16;
+    let op = 0..4u64;
+    let dc = prop_oneof![Just(DC), Just(9u16)];
+    let id = (1..4u64, 0..3u64).prop_map(|(n, k)| (n << 48) | k);
+    prop_oneof![
+        (
+            op.clone(),
+            dc.clone(),
+            ep.clone(),
+            ep.clone(),
+            any::<bool>()
+        )
+            .prop_map(|(op, dc, src, dst, rec)| PeerFrame::Deliver {
+                op,
+                dc,
+                src,
+                dst,
+                kind: if rec {
+                    DeliverKind::SendRec
+                } else {
+                    DeliverKind::Send
+                },
+                msg: Message::new(3),
+                timeout: Timeout::Forever,
+            }),
+        op.clone()
+            .prop_map(|op| PeerFrame::Delivered { op, result: Ok(()) }),
+        op.clone().prop_map(|op| PeerFrame::Cancel { op }),
+        (dc.clone(), ep.clone(), ep.clone()).prop_map(|(dc, src, dst)| PeerFrame::Reply {
+            dc,
+            src,
+            dst,
+            result: Ok(Message::new(8)),
+        }),
+        (dc.clone(), ep.clone(), ep.clone()).prop_map(|(dc, src, dst)| PeerFrame::Notify {
+            dc,
+            src,
+            dst,
+            value: 1,
+        }),
+        (
+            op.clone(),
+            node.clone(),
+            ep.clone(),
+            ep.clone(),
+            ep.clone(),
+            1..5000u64
+        )
+            .prop_map(|(op, caller_node, caller, src, dst, len)| {
+                PeerFrame::VcopyPull {
+                    op,
+                    caller_node,
+                    dc: DC,
+                    caller,
+                    src,
+                    src_addr: 0x1000,
+                    dst,
+                    dst_addr: 0x2000,
+                    len,
+                }
+            }),
+        op.clone()
+            .prop_map(|op| PeerFrame::VcopyDone { op, result: Ok(()) }),
+        (dc.clone(), ep.clone()).prop_map(|(dc, ep)| PeerFrame::Bound { dc, ep }),
+        (dc.clone(), ep.clone()).prop_map(|(dc, ep)| PeerFrame::Unbound { dc, ep }),
+        (op, ep.clone()).prop_map(|(op, dst)| PeerFrame::Redirect { op, dc: DC, dst }),
+        (id.clone(), ep.clone(), node.clone(), node.clone()).prop_map(|(id, ep, from, to)| {
+            PeerFrame::MigrStart {
+                id,
+                dc: DC,
+                ep,
+                from,
+                to,
+            }
+        }),
+        id.clone().prop_map(|id| PeerFrame::MigrStartAck { id }),
+        (id.clone(), ep.clone(), any::<bool>()).prop_map(|(id, ep, coop)| {
+            PeerFrame::MigrPrepare {
+                id,
+                dc: DC,
+                ep,
+                backend: if coop {
+                    Backend::Cooperative
+                } else {
+                    Backend::Criu
+                },
+                state: MigratedEndpoint {
+                    call: None,
+                    notifies: vec![],
+                },
+                fail_restore: false,
+            }
+        }),
+        id.clone().prop_map(|id| PeerFrame::MigrRestore { id }),
+        id.clone().prop_map(|id| PeerFrame::MigrRestored {
+            id,
+            result: Err("x".into())
+        }),
+        (id.clone(), ep.clone(), node.clone()).prop_map(|(id, ep, to)| PeerFrame::MigrCommit {
+            id,
+            dc: DC,
+            ep,
+            to
+        }),
+        (id.clone(), ep.clone(), node).prop_map(|(id, ep, from)| PeerFrame::MigrRollback {
+            id,
+            dc: DC,
+            ep,
+            from
+        }),
+        id.prop_map(|id| PeerFrame::MigrDone { id, held: 3 }),
+    ]
+}
+
+fn hostile_chunk() -> impl Strategy<Value = VcopyChunk> {
+    (0..4u64, 1..4u16, 0..8i32, 0..8i32, 0..3u64, 1..3u64).prop_map(
+        |(op, caller_node, caller, dst, part, parts)| VcopyChunk {
+            op,
+            caller_node,
+            dc: DC,
+            caller,
+            dst,
+            dst_addr: 0x3000,
+            offset: part * 1000,
+            total: parts * 1000,
+            len: 1000,
+        },
+    )
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// The local client and server move their exchange one step on.
+    Legit,
+    Frame(PeerFrame),
+    Chunk(VcopyChunk),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        2 => Just(Step::Legit),
+        4 => hostile_frame().prop_map(Step::Frame),
+        1 => hostile_chunk().prop_map(Step::Chunk),
+    ]
+}
+
+/// Whether the attacker may act as `{DC, caller}` right now: an endpoint the victim records on
+/// the attacker's node.
+fn attackers(net: &mut Net, caller: Ep) -> bool {
+    net.core(VICTIM).registrations().contains(&(
+        DC,
+        caller,
+        Registration::Remote { node: ATTACKER },
+    ))
+}
+
+fn run_hostile(steps: Vec<Step>) {
+    let mut net = Net::new();
+    let srv = net.bind(VICTIM, 1);
+    let client = net.bind(VICTIM, 2);
+    let mut phase = 0;
+    let mut served = 0;
+    for s in steps {
+        match s {
+            Step::Legit => legit_step(&mut net, srv, client, &mut phase, &mut served),
+            Step::Frame(f) => net.attack(f),
+            Step::Chunk(c) => {
+                let allowed = c.caller_node == ATTACKER && attackers(&mut net, c.caller);
+                let pid = net.attack_chunk(c);
+                assert!(pid.is_none() || allowed, "wrote {c:?}");
+            }
+        }
+        // Nothing but the attacker's own endpoints' vcopies touches memory; nothing migrates.
+        for (n, a) in net.take_others() {
+            assert_eq!(n, VICTIM);
+            match a {
+                Action::PeerViolation { node, .. } => {
+                    assert_eq!(node, ATTACKER);
+                    net.core(VICTIM).on_link_down(ATTACKER);
+                    net.core(VICTIM).on_link_up(ATTACKER);
+                    net.pump();
+                }
+                Action::VcopyLocal {
+                    done: VcopyCompletion::Remote { node: ATTACKER, .. },
+                    ..
+                } => {}
+                Action::VcopyStream {
+                    to: ATTACKER,
+                    caller_node: ATTACKER,
+                    caller,
+                    ..
+                } => assert!(attackers(&mut net, caller)),
+                // Participant: a forged hold times out into a rollback attempt in the directory.
+                Action::MigrRecord { .. } | Action::MigrProgress { .. } => {}
+                other => panic!("node {n}: {other:?}"),
+            }
+        }
+        // The local endpoints stay the victim's.
+        let regs = net.core(VICTIM).registrations();
+        assert!(regs.contains(&(DC, 1, Registration::Local { conn: srv })));
+        assert!(regs.contains(&(DC, 2, Registration::Local { conn: client })));
+        assert!(!net.core(VICTIM).migrating(DC, 1));
+        assert!(!net.core(VICTIM).migrating(DC, 2));
+    }
+    // The local exchange was never stopped: it finishes another round.
+    let target = served + 1;
+    while served < target {
+        legit_step(&mut net, srv, client, &mut phase, &mut served);
+    }
+}
+
+/// One step of a sendrec exchange between a local client (ep 2) and server (ep 1).
+fn legit_step(net: &mut Net, srv: ConnId, client: ConnId, phase: &mut u8, served: &mut u32) {
+    match *phase {
+        0 => {
+            let from2 = LocalRequest::Receive {
+                src: Source::Ep(2),
+                timeout: Timeout::Forever,
+            };
+            net.call(VICTIM, srv, from2);
+            assert_eq!(net.resp(VICTIM, srv), None);
+        }
+        1 => {
+            net.call(VICTIM, client, send_rec(1));
+            let got = net.resp(VICTIM, srv);
+            assert!(
+                matches!(&got, Some(LocalResponse::Msg(m)) if m.source == 2 && m.mtype == 4),
+                "server got {got:?}"
+            );
+        }
+        _ => {
+            let reply = LocalRequest::Reply {
+                dst: 2,
+                msg: Message::new(5),
+            };
+            net.call(VICTIM, srv, reply);
+            assert_eq!(net.resp(VICTIM, srv), Some(LocalResponse::Done));
+            let got = net.resp(VICTIM, client);
+            assert!(
+                matches!(&got, Some(LocalResponse::Msg(m)) if m.source == 1 && m.mtype == 5),
+                "client got {got:?}"
+            );
+            *served += 1;
+        }
+    }
+    *phase = (*phase + 1) % 3;
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn a_hostile_peer_cannot_touch_memory_or_stop_local_ipc(steps in proptest::collection::vec(step(), 1..60)) {
+        run_hostile(steps);
+    }
+}
