@@ -202,3 +202,66 @@ fn revocation_and_rotation_apply_without_a_restart() {
     assert!(c.log(2).contains("TLS material reloaded"));
     Witness::new(&c, 0, 2, 1).check("after rotation");
 }
+
+/// Attack: a peer that knew the cluster id sent `MigrPrepare` (cooperative, with a command
+/// line) and `MigrRestore`, and the node launched the command as root. Now a peer without
+/// the cluster's certificate never gets past TLS, a frame carries no command line at all,
+/// and a node holding a real certificate that sends a migration it does not coordinate loses
+/// its link. Nothing is launched either way.
+#[test]
+fn forged_migration_frames_launch_nothing() {
+    use dvs_wire::peer::{Backend, MigratedEndpoint};
+    let c = Cluster::start();
+    let target = 1;
+    let addr = c.node(target).peer_addr;
+    let id = 0x77;
+    let prepare = PeerFrame::MigrPrepare {
+        id,
+        dc: 0,
+        ep: 5,
+        backend: Backend::Cooperative,
+        state: MigratedEndpoint {
+            call: None,
+            notifies: vec![],
+        },
+        fail_restore: false,
+    };
+    let mut bytes = hello(&c.cfg.cluster_id, 0);
+    bytes.extend(encode(&prepare));
+    bytes.extend(encode(&PeerFrame::MigrRestore { id }));
+    kick(PeerConn::plain(addr), &bytes);
+
+    let before = c.log_count(target, "forged frame");
+    let stolen = stolen_identity(&c, 0);
+    let mut conn = PeerConn::tls(addr, &stolen);
+    conn.set_timeout();
+    conn.write_all(&hello(&c.cfg.cluster_id, 0)).unwrap();
+    read_until::<PeerFrame>(&mut conn, "welcome", |f| {
+        matches!(f, PeerFrame::Welcome { .. })
+    });
+    // A migration this node holds nothing for is ignored (it may be a late frame of one that
+    // ended); one whose id another node minted is forged, and costs the link.
+    let _ = conn.write_all(&encode(&prepare));
+    let _ = conn.write_all(&encode(&PeerFrame::MigrRestore { id }));
+    let foreign = (2u64 << 48) | 0x78;
+    let mut forged = prepare.clone();
+    if let PeerFrame::MigrPrepare { id, .. } = &mut forged {
+        *id = foreign;
+    }
+    let _ = conn.write_all(&encode(&forged));
+    let _ = conn.write_all(&encode(&PeerFrame::MigrRestore { id: foreign }));
+    kick(conn, &[]);
+    let line = c.wait_log(target, "forged frame", before);
+    assert!(line.contains("MigrPrepare"), "log line {line:?}");
+
+    let ps = c.dvs(&["ps", "--json"]);
+    let ps: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let nodes = ps.as_array().expect("one entry per node");
+    assert_eq!(nodes.len(), 3, "{ps}");
+    for n in nodes {
+        let procs = n["procs"].as_array().map(Vec::len);
+        assert_eq!(procs, Some(0), "something was launched: {ps}");
+    }
+    c.wait_all_links_up();
+    Witness::new(&c, 0, target, 1).check("after the forged migration");
+}

@@ -245,7 +245,7 @@ impl Shared {
     }
 
     /// Destination: stores one image chunk.
-    pub(crate) fn migr_image_chunk(&mut self, frame: PeerFrame, data: &[u8]) {
+    pub(crate) fn migr_image_chunk(&mut self, from: NodeId, frame: PeerFrame, data: &[u8]) {
         let PeerFrame::MigrImage {
             id,
             file,
@@ -255,8 +255,21 @@ impl Shared {
         else {
             return;
         };
-        if self.core.arrival(id).is_none() {
-            return warn!("image chunk for unknown migration {id:x} dropped");
+        match self.core.arrival(id) {
+            None => return warn!("image chunk for unknown migration {id:x} dropped"),
+            Some((_, _, coordinator)) if coordinator != from => {
+                // Only the coordinator streams the image: anything else is forged.
+                warn!(
+                    node = from,
+                    "closing the link to a peer that sent an image chunk of migration {id:x}, \
+                     which node {coordinator} coordinates"
+                );
+                if let Some(w) = self.peers.get(&from) {
+                    w.close();
+                }
+                return;
+            }
+            Some(_) => {}
         }
         // The name comes from a peer: keep it inside the image folder.
         if file.is_empty() || file.contains('/') || file.starts_with('.') {

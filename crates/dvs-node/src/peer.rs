@@ -452,7 +452,7 @@ async fn run_link(state: State, peer: NodeId, link: Established) {
                         PeerFrame::Ping => s.send_peer(peer, &PeerFrame::Pong, &[]),
                         PeerFrame::Pong => {}
                         f @ PeerFrame::VcopyData { .. } => s.vcopy_chunk(peer, f, &tail),
-                        f @ PeerFrame::MigrImage { .. } => s.migr_image_chunk(f, &tail),
+                        f @ PeerFrame::MigrImage { .. } => s.migr_image_chunk(peer, f, &tail),
                         f => s.core.on_peer_frame(peer, f, now),
                     },
                     Ok(None) => break,
