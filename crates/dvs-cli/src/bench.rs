@@ -152,6 +152,22 @@ pub struct Dvs {
     pub vcopy_remote_mb_s: f64,
 }
 
+/// What TLS costs on a peer link: remote figures of a TLS cluster and a plaintext cluster,
+/// measured in alternating blocks so that both see the same machine noise.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsCost {
+    /// Alternating blocks per side.
+    pub blocks: usize,
+    /// Remote sendrec round trip over mutual TLS.
+    pub sendrec_tls: Latency,
+    /// Remote sendrec round trip in plaintext.
+    pub sendrec_plain: Latency,
+    /// Remote vcopy of 1 MiB blocks over mutual TLS, MB/s.
+    pub vcopy_tls_mb_s: f64,
+    /// Remote vcopy of 1 MiB blocks in plaintext, MB/s.
+    pub vcopy_plain_mb_s: f64,
+}
+
 /// One target and whether this run meets it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
@@ -172,8 +188,10 @@ pub struct IpcReport {
     pub setup: Setup,
     /// Raw baselines.
     pub raw: Raw,
-    /// dvs figures.
+    /// dvs figures (mutual TLS on the links, the default).
     pub dvs: Dvs,
+    /// Remote figures with TLS beside the same in plaintext, measured in alternating blocks.
+    pub tls: TlsCost,
     /// Ratios against the targets.
     pub targets: Vec<Target>,
 }
@@ -206,7 +224,11 @@ pub fn ipc(opts: &IpcOptions) -> Result<ExitCode> {
         tcp_stream_mb_s,
     };
 
-    let dvs = with_cluster(|cfg| dvs_figures(cfg, warmup as usize, n, opts.bulk_mib as usize))?;
+    let (dvs, tls) = with_clusters(&[true, false], |cfgs| {
+        let dvs = dvs_figures(&cfgs[0], warmup as usize, n, opts.bulk_mib as usize)?;
+        let tls = tls_vs_plaintext(&cfgs[0], &cfgs[1], warmup as usize, n, opts.bulk_mib as usize)?;
+        Ok((dvs, tls))
+    })?;
 
     let targets = vec![
         Target {
@@ -226,6 +248,18 @@ pub fn ipc(opts: &IpcOptions) -> Result<ExitCode> {
             ratio: dvs.vcopy_remote_mb_s / raw.tcp_stream_mb_s,
             target: ">= 50%".into(),
             pass: dvs.vcopy_remote_mb_s >= 0.5 * raw.tcp_stream_mb_s,
+        },
+        Target {
+            name: "remote sendrec, TLS / plaintext (median)".into(),
+            ratio: tls.sendrec_tls.median_us / tls.sendrec_plain.median_us,
+            target: "<= 1.1x".into(),
+            pass: tls.sendrec_tls.median_us <= 1.1 * tls.sendrec_plain.median_us,
+        },
+        Target {
+            name: "remote vcopy, TLS / plaintext".into(),
+            ratio: tls.vcopy_tls_mb_s / tls.vcopy_plain_mb_s,
+            target: ">= 80%".into(),
+            pass: tls.vcopy_tls_mb_s >= 0.8 * tls.vcopy_plain_mb_s,
         },
     ];
     let report = IpcReport {
@@ -247,6 +281,7 @@ pub fn ipc(opts: &IpcOptions) -> Result<ExitCode> {
         },
         raw,
         dvs,
+        tls,
         targets,
     };
     if opts.json {
@@ -335,61 +370,69 @@ fn raw_tcp_stream(mib: usize) -> Result<f64> {
 
 // ----- dvs -----------------------------------------------------------------------------------
 
-/// Starts a 2-node cluster under a fresh folder in /tmp, runs `f`, and always stops the
-/// cluster and removes the folder afterwards (also on error, panic, SIGINT or SIGTERM).
-fn with_cluster<T>(f: impl FnOnce(&ClusterConfig) -> Result<T>) -> Result<T> {
+/// Starts one 2-node cluster per entry of `tls` (mutual TLS or plaintext links) under a
+/// fresh folder in /tmp, runs `f` with their configs, and always stops the clusters and removes
+/// the folder afterwards (also on error, panic, SIGINT or SIGTERM).
+fn with_clusters<T>(tls: &[bool], f: impl FnOnce(&[ClusterConfig]) -> Result<T>) -> Result<T> {
     let dir = std::env::temp_dir().join(format!("dvs-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    progress(&format!(
-        "starting a 2-node cluster under {}",
-        dir.display()
-    ));
     // Block SIGINT/SIGTERM in this thread before the dvs threads start, so that they inherit
     // the mask and only the watcher below takes them.
     let mut sigs = nix::sys::signal::SigSet::empty();
     sigs.add(nix::sys::signal::Signal::SIGINT);
     sigs.add(nix::sys::signal::Signal::SIGTERM);
     let old_mask = sigs.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)?;
-    let started = cluster::start(&dir, 2, BENCH_BASE_PORT, false);
-    let cfg = match started {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            let _ = old_mask.thread_set_mask();
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e.context("cannot start the bench cluster"));
-        }
-    };
-    let guard = ClusterGuard {
-        cfg: cfg.clone(),
+    let mut guard = ClusterGuard {
+        cfgs: Vec::new(),
         dir: dir.clone(),
     };
+    for (i, &tls) in tls.iter().enumerate() {
+        let sub = dir.join(if tls { "tls" } else { "plain" });
+        progress(&format!(
+            "starting a 2-node cluster with {} links under {}",
+            if tls { "mutual TLS" } else { "plaintext" },
+            sub.display()
+        ));
+        match cluster::start_opts(&sub, 2, BENCH_BASE_PORT + 10 * i as u16, false, tls) {
+            Ok(cfg) => guard.cfgs.push(cfg),
+            Err(e) => {
+                let _ = old_mask.thread_set_mask();
+                drop(guard);
+                return Err(e.context("cannot start the bench cluster"));
+            }
+        }
+    }
     {
-        let (cfg, dir) = (cfg.clone(), dir.clone());
+        let (cfgs, dir) = (guard.cfgs.clone(), dir.clone());
         // The watcher: on SIGINT/SIGTERM the nodes (in their own sessions) would survive us.
         thread::spawn(move || {
             if let Ok(sig) = sigs.wait() {
-                eprintln!("dvs bench: {sig}, stopping the bench cluster");
-                cluster::stop(&cfg);
+                eprintln!("dvs bench: {sig}, stopping the bench clusters");
+                for cfg in &cfgs {
+                    cluster::stop(cfg);
+                }
                 let _ = std::fs::remove_dir_all(&dir);
                 std::process::exit(130);
             }
         });
     }
-    let r = f(&cfg);
-    progress("stopping the bench cluster");
+    let r = f(&guard.cfgs);
+    progress("stopping the bench clusters");
     drop(guard);
     r
 }
 
-/// Stops the bench cluster and removes its folder when dropped.
+/// Stops the bench clusters and removes their folder when dropped.
 struct ClusterGuard {
-    cfg: ClusterConfig,
+    cfgs: Vec<ClusterConfig>,
     dir: PathBuf,
 }
 
 impl Drop for ClusterGuard {
     fn drop(&mut self) {
-        cluster::stop(&self.cfg);
+        for cfg in &self.cfgs {
+            cluster::stop(cfg);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -484,6 +527,11 @@ fn dvs_figures(cfg: &ClusterConfig, warmup: usize, n: usize, bulk_mib: usize) ->
 }
 
 fn sendrec_latency(client: &mut Endpoint, server: Ep, warmup: usize, n: usize) -> Result<Latency> {
+    sendrec_samples(client, server, warmup, n).map(Latency::from_samples)
+}
+
+/// Round trips of `n` sendrecs after `warmup`, in nanoseconds.
+fn sendrec_samples(client: &mut Endpoint, server: Ep, warmup: usize, n: usize) -> Result<Vec<u64>> {
     let mut msg = Message::new(MT_PING);
     let mut samples = Vec::with_capacity(n);
     for i in 0..warmup + n {
@@ -498,7 +546,79 @@ fn sendrec_latency(client: &mut Endpoint, server: Ep, warmup: usize, n: usize) -
             samples.push(dt.as_nanos() as u64);
         }
     }
-    Ok(Latency::from_samples(samples))
+    Ok(samples)
+}
+
+/// Endpoint of the remote server of the TLS comparison.
+const EP_CMP_SERVER: Ep = 3;
+/// Endpoint of the client of the TLS comparison.
+const EP_CMP_CLIENT: Ep = 11;
+/// Alternating blocks of the TLS comparison.
+const CMP_BLOCKS: usize = 6;
+
+/// Remote sendrec and vcopy on a TLS cluster and a plaintext cluster, in alternating blocks.
+fn tls_vs_plaintext(
+    tls: &ClusterConfig,
+    plain: &ClusterConfig,
+    warmup: usize,
+    n: usize,
+    bulk_mib: usize,
+) -> Result<TlsCost> {
+    struct Side {
+        server: Server,
+        client: Endpoint,
+        samples: Vec<u64>,
+        bytes: usize,
+        secs: f64,
+    }
+    let setup = |cfg: &ClusterConfig| -> Result<Side> {
+        let dc = cfg.dcs.first().context("the bench cluster has no DC")?.id;
+        let server = Server::start(&cfg.nodes[1].ipc_socket(), dc, EP_CMP_SERVER)?;
+        let mut client = Endpoint::bind_at(&cfg.nodes[0].ipc_socket(), dc, EP_CMP_CLIENT)
+            .context("cannot bind the comparison client")?;
+        client
+            .wait_for_bind(EP_CMP_SERVER, Timeout::Millis(5000))
+            .context("comparison server not visible")?;
+        Ok(Side {
+            server,
+            client,
+            samples: Vec::new(),
+            bytes: 0,
+            secs: 0.0,
+        })
+    };
+    let mut sides = [setup(tls)?, setup(plain)?];
+    let mut buf = vec![0u8; BLOCK];
+    let per_block = n.div_ceil(CMP_BLOCKS);
+    let mib_per_block = bulk_mib.div_ceil(CMP_BLOCKS).max(1);
+    progress("remote sendrec and vcopy, TLS and plaintext in alternating blocks");
+    for block in 0..CMP_BLOCKS {
+        // Alternate which side goes first, too.
+        let order = if block % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let s = &mut sides[i];
+            let w = if block == 0 { warmup } else { 0 };
+            s.samples
+                .extend(sendrec_samples(&mut s.client, EP_CMP_SERVER, w, per_block)?);
+            let rate = vcopy_rate(&mut s.client, EP_CMP_SERVER, &mut buf, mib_per_block)?;
+            s.bytes += mib_per_block * BLOCK;
+            s.secs += (mib_per_block * BLOCK) as f64 / (rate * 1e6);
+        }
+    }
+    let [mut t, mut p] = sides;
+    let vcopy_tls_mb_s = t.bytes as f64 / t.secs / 1e6;
+    let vcopy_plain_mb_s = p.bytes as f64 / p.secs / 1e6;
+    let sendrec_tls = Latency::from_samples(std::mem::take(&mut t.samples));
+    let sendrec_plain = Latency::from_samples(std::mem::take(&mut p.samples));
+    t.server.stop(&mut t.client)?;
+    p.server.stop(&mut p.client)?;
+    Ok(TlsCost {
+        blocks: CMP_BLOCKS,
+        sendrec_tls,
+        sendrec_plain,
+        vcopy_tls_mb_s,
+        vcopy_plain_mb_s,
+    })
 }
 
 fn send_rate(client: &mut Endpoint, server: Ep, warmup: usize, n: usize) -> Result<f64> {
@@ -637,6 +757,15 @@ fn print_table(r: &IpcReport) {
     );
     rate("dvs vcopy 1 MiB, local", r.dvs.vcopy_local_mb_s, "MB/s");
     rate("dvs vcopy 1 MiB, remote", r.dvs.vcopy_remote_mb_s, "MB/s");
+    println!();
+    println!(
+        "  peer-link TLS against plaintext ({} alternating blocks each)",
+        r.tls.blocks
+    );
+    lat("dvs sendrec, remote, plaintext", &r.tls.sendrec_plain);
+    lat("dvs sendrec, remote, mutual TLS", &r.tls.sendrec_tls);
+    rate("dvs vcopy 1 MiB, remote, plaintext", r.tls.vcopy_plain_mb_s, "MB/s");
+    rate("dvs vcopy 1 MiB, remote, TLS", r.tls.vcopy_tls_mb_s, "MB/s");
     println!();
     println!("  targets");
     for t in &r.targets {

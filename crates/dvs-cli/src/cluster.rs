@@ -77,6 +77,18 @@ pub fn up(dir: &Path, n: u16, base_port: u16, lz4: bool) -> Result<()> {
 /// Writes a config for `n` nodes under `dir` (as `dir/cluster.toml`), starts them and waits
 /// until every node answers and every peer link is up. Prints nothing; returns the config.
 pub fn start(dir: &Path, n: u16, base_port: u16, lz4: bool) -> Result<ClusterConfig> {
+    start_opts(dir, n, base_port, lz4, true)
+}
+
+/// [`start`], with mutual TLS on the links or (`tls = false`) in plaintext, for benchmarks
+/// that compare the two.
+pub fn start_opts(
+    dir: &Path,
+    n: u16,
+    base_port: u16,
+    lz4: bool,
+    tls: bool,
+) -> Result<ClusterConfig> {
     if n == 0 {
         bail!("--nodes must be at least 1");
     }
@@ -98,6 +110,7 @@ pub fn start(dir: &Path, n: u16, base_port: u16, lz4: bool) -> Result<ClusterCon
     if lz4 {
         cfg.link.compression = Compression::Lz4;
     }
+    cfg.link.tls = tls;
     // A fresh directory: registrations of an earlier cluster under this folder are stale.
     let _ = std::fs::remove_dir_all(dir.join("directory"));
     std::fs::write(&config_path, cfg.to_toml())
