@@ -15,7 +15,7 @@ pub mod table;
 pub use node::migration::{
     FailAt, MigrRecord, MigrationReport, MigrationRequest, Phase, RecordState, Require,
 };
-pub use node::{Action, CoreConfig, DcInfo, NodeCore, VcopyCompletion, VCOPY_MAX};
+pub use node::{Action, CoreConfig, DcInfo, LocalPeer, NodeCore, VcopyCompletion, VCOPY_MAX};
 pub use table::{Registration, RegistrationKind};
 
 /// Identifies one local connection (one process's endpoint) inside a node.
