@@ -597,9 +597,15 @@ nodes = [0, "b"]
                 "{bad:?}: {e}"
             );
             let e = err(&GOOD.replace("name = \"web\"", &format!("name = {bad:?}")));
-            assert!(e.contains("`dc[0].name`") && e.contains(why), "{bad:?}: {e}");
+            assert!(
+                e.contains("`dc[0].name`") && e.contains(why),
+                "{bad:?}: {e}"
+            );
             let e = err(&GOOD.replace("cluster_id = \"t\"", &format!("cluster_id = {bad:?}")));
-            assert!(e.contains("`cluster_id`") && e.contains(why), "{bad:?}: {e}");
+            assert!(
+                e.contains("`cluster_id`") && e.contains(why),
+                "{bad:?}: {e}"
+            );
         }
         let long = "n".repeat(MAX_NAME_LEN + 1);
         let e = err(&GOOD.replace("name = \"b\"", &format!("name = {long:?}")));
