@@ -230,45 +230,6 @@ async fn connection(state: State, stream: UnixStream) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn lines(input: &[u8], limit: usize) -> Vec<(LineRead, String)> {
-        // A tiny buffer, so that lines span several reads.
-        let mut r = tokio::io::BufReader::with_capacity(3, input);
-        let mut out = Vec::new();
-        let mut buf = Vec::new();
-        loop {
-            let got = read_line(&mut r, &mut buf, limit).await.unwrap();
-            let stop = got != LineRead::Line;
-            out.push((got, String::from_utf8_lossy(&buf).into_owned()));
-            if stop {
-                return out;
-            }
-        }
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn lines_are_split_and_bounded() {
-        let got = lines(b"ab\n\ncdefg\nhi", 5).await;
-        let kinds: Vec<_> = got.iter().map(|(k, l)| (k, l.as_str())).collect();
-        assert_eq!(
-            kinds,
-            vec![
-                (&LineRead::Line, "ab"),
-                (&LineRead::Line, ""),
-                (&LineRead::Line, "cdefg"),
-                (&LineRead::Line, "hi"),
-                (&LineRead::Eof, ""),
-            ]
-        );
-        let got = lines(b"abcdefgh\nok\n", 5).await;
-        assert_eq!(got[0].0, LineRead::TooLong);
-        assert!(got[0].1.len() <= 5);
-    }
-}
-
 /// Streams what the process writes to its log until it ends, then its exit status.
 async fn stream_until_exit(
     state: &State,
@@ -491,5 +452,44 @@ fn status(state: &State) -> NodeStatus {
         links,
         endpoints,
         procs: all_procs(state),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn lines(input: &[u8], limit: usize) -> Vec<(LineRead, String)> {
+        // A tiny buffer, so that lines span several reads.
+        let mut r = tokio::io::BufReader::with_capacity(3, input);
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        loop {
+            let got = read_line(&mut r, &mut buf, limit).await.unwrap();
+            let stop = got != LineRead::Line;
+            out.push((got, String::from_utf8_lossy(&buf).into_owned()));
+            if stop {
+                return out;
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn lines_are_split_and_bounded() {
+        let got = lines(b"ab\n\ncdefg\nhi", 5).await;
+        let kinds: Vec<_> = got.iter().map(|(k, l)| (k, l.as_str())).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (&LineRead::Line, "ab"),
+                (&LineRead::Line, ""),
+                (&LineRead::Line, "cdefg"),
+                (&LineRead::Line, "hi"),
+                (&LineRead::Eof, ""),
+            ]
+        );
+        let got = lines(b"abcdefgh\nok\n", 5).await;
+        assert_eq!(got[0].0, LineRead::TooLong);
+        assert!(got[0].1.len() <= 5);
     }
 }
