@@ -226,7 +226,13 @@ pub fn ipc(opts: &IpcOptions) -> Result<ExitCode> {
 
     let (dvs, tls) = with_clusters(&[true, false], |cfgs| {
         let dvs = dvs_figures(&cfgs[0], warmup as usize, n, opts.bulk_mib as usize)?;
-        let tls = tls_vs_plaintext(&cfgs[0], &cfgs[1], warmup as usize, n, opts.bulk_mib as usize)?;
+        let tls = tls_vs_plaintext(
+            &cfgs[0],
+            &cfgs[1],
+            warmup as usize,
+            n,
+            opts.bulk_mib as usize,
+        )?;
         Ok((dvs, tls))
     })?;
 
@@ -764,7 +770,11 @@ fn print_table(r: &IpcReport) {
     );
     lat("dvs sendrec, remote, plaintext", &r.tls.sendrec_plain);
     lat("dvs sendrec, remote, mutual TLS", &r.tls.sendrec_tls);
-    rate("dvs vcopy 1 MiB, remote, plaintext", r.tls.vcopy_plain_mb_s, "MB/s");
+    rate(
+        "dvs vcopy 1 MiB, remote, plaintext",
+        r.tls.vcopy_plain_mb_s,
+        "MB/s",
+    );
     rate("dvs vcopy 1 MiB, remote, TLS", r.tls.vcopy_tls_mb_s, "MB/s");
     println!();
     println!("  targets");

@@ -3,6 +3,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::TcpListener;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
@@ -92,7 +93,15 @@ pub fn start_opts(
     if n == 0 {
         bail!("--nodes must be at least 1");
     }
+    // Before reading or writing anything in it: the folder must be this user's alone.
+    let dir = crate::cluster_dir::prepare(dir)?;
     let config_path = dir.join("cluster.toml");
+    if std::fs::symlink_metadata(&config_path).is_ok_and(|m| m.file_type().is_symlink()) {
+        bail!(
+            "refusing to use {}: it is a symlink (someone else may have planted it; remove it)",
+            config_path.display()
+        );
+    }
     if config_path.exists() {
         if let Ok(old) = ClusterConfig::load(&config_path) {
             if old.nodes.iter().any(|node| node_status(node).is_ok()) {
@@ -103,7 +112,6 @@ pub fn start_opts(
             }
         }
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let port = free_ports(base_port, n)?;
     let mut cfg = ClusterConfig::local(&dir, n, port);
@@ -113,16 +121,21 @@ pub fn start_opts(
     cfg.link.tls = tls;
     // A fresh directory: registrations of an earlier cluster under this folder are stale.
     let _ = std::fs::remove_dir_all(dir.join("directory"));
-    std::fs::write(&config_path, cfg.to_toml())
-        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    let config_path = crate::cluster_dir::write_file(&dir, "cluster.toml", &cfg.to_toml())?;
     crate::tls::provision_local(&cfg)?;
     let exe = std::env::current_exe().context("cannot find the dvs executable")?;
     for node in &cfg.nodes {
-        std::fs::create_dir_all(&node.runtime_dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&node.runtime_dir)
+            .with_context(|| format!("cannot create {}", node.runtime_dir.display()))?;
         let log_path = node.runtime_dir.join("node.log");
         let log = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let mut cmd = Command::new(&exe);

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_migration;
 mod cluster;
+mod cluster_dir;
 mod demo;
 mod migrate;
 mod status;

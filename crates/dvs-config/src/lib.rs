@@ -21,7 +21,26 @@
 //! name = "dc0"
 //! nodes = [0, "node1"]
 //! max_endpoints = 256
+//! bind_uids = [0]
+//! [access]
+//! admin_group = "dvs"
 //! ```
+//!
+//! Names (`cluster_id`, `node[].name`, `dc[].name`) become path components of runtime and
+//! image folders, so they are restricted to ASCII letters, digits, `-`, `_` and `.`, at most
+//! 64 bytes, with no leading dot (see [`check_name`]).
+//!
+//! Local access control:
+//! - `[access] admin_group`: the Unix group whose members may use the node's sockets besides
+//!   root. With it, `ipc.sock` and `ctl.sock` are mode 0660 with that group and the runtime
+//!   folder 0710; without it (the default) they are 0600 and 0700, root only. Every control
+//!   request (`status` and `ps` included, since they show pids and command lines) needs uid 0
+//!   or membership of this group.
+//! - `[[dc]] bind_uids`: uids whose processes may bind any endpoint of the DC although the
+//!   node did not launch them (default `[0]`, root only). A process launched by the node (or
+//!   restored there by a migration), and its descendants, may bind only the endpoint it was
+//!   launched for, whatever its uid. A non-root uid listed here also needs `admin_group`
+//!   membership to reach `ipc.sock` at all.
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -195,6 +214,46 @@ pub struct DcConfig {
     /// Most messages queued for one endpoint before senders get `QueueFull`.
     #[serde(default = "default_max_queue")]
     pub max_queue: u32,
+    /// Uids allowed to bind endpoints of this DC from processes the node did not launch.
+    #[serde(default = "default_bind_uids")]
+    pub bind_uids: Vec<u32>,
+}
+
+fn default_bind_uids() -> Vec<u32> {
+    vec![0]
+}
+
+/// Who may use a node's local sockets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Group (name) that may use the sockets besides root; `None`: root only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_group: Option<String>,
+}
+
+/// Longest node name, DC name or cluster id.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Why a string is not a safe name (it would not be one path component), or `None` if it is.
+///
+/// Allowed: 1 to [`MAX_NAME_LEN`] bytes of ASCII letters, digits, `-`, `_` and `.`, not
+/// starting with a dot (which also excludes `.` and `..`).
+pub fn check_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("must not be empty")
+    } else if name.len() > MAX_NAME_LEN {
+        Some("longer than 64 bytes")
+    } else if name.starts_with('.') {
+        Some("must not start with a dot")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        Some("only ASCII letters, digits, '-', '_' and '.' are allowed")
+    } else {
+        None
+    }
 }
 
 fn default_max_endpoints() -> u32 {
@@ -218,6 +277,9 @@ pub struct ClusterConfig {
     /// TLS material of the peer links.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// Who may use the nodes' local sockets.
+    #[serde(default)]
+    pub access: AccessConfig,
     /// The nodes.
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
@@ -257,8 +319,20 @@ impl ClusterConfig {
             key,
             message,
         };
-        if self.cluster_id.trim().is_empty() {
-            return Err(bad("cluster_id".into(), "must not be empty".into()));
+        let bad_name = |key: String, name: &str, why: &str| {
+            bad(key, format!("{name:?} is not a valid name: {why}"))
+        };
+        if let Some(why) = check_name(&self.cluster_id) {
+            return Err(bad_name("cluster_id".into(), &self.cluster_id, why));
+        }
+        if let Some(g) = &self.access.admin_group {
+            // A group name, not a path or a number: the node looks it up by name.
+            if g.parse::<u64>().is_ok() || check_name(g).is_some() {
+                return Err(bad(
+                    "access.admin_group".into(),
+                    format!("{g:?} is not a valid group name"),
+                ));
+            }
         }
         if self.nodes.is_empty() {
             return Err(bad(
@@ -274,10 +348,14 @@ impl ClusterConfig {
                     format!("node id {} is used twice", n.id),
                 ));
             }
-            if n.name.is_empty() || n.name.parse::<u64>().is_ok() {
-                return Err(bad(
+            if let Some(why) = check_name(&n.name) {
+                return Err(bad_name(format!("node[{i}].name"), &n.name, why));
+            }
+            if n.name.parse::<u64>().is_ok() {
+                return Err(bad_name(
                     format!("node[{i}].name"),
-                    format!("{:?} is not a valid name (non-empty, not a number)", n.name),
+                    &n.name,
+                    "a number would read as a node id",
                 ));
             }
             if !names.insert(n.name.as_str()) {
@@ -314,13 +392,14 @@ impl ClusterConfig {
                     format!("DC id {} is used twice", dc.id),
                 ));
             }
-            if dc.name.is_empty() || dc.name.parse::<u64>().is_ok() {
-                return Err(bad(
+            if let Some(why) = check_name(&dc.name) {
+                return Err(bad_name(format!("dc[{i}].name"), &dc.name, why));
+            }
+            if dc.name.parse::<u64>().is_ok() {
+                return Err(bad_name(
                     format!("dc[{i}].name"),
-                    format!(
-                        "{:?} is not a valid name (non-empty, not a number)",
-                        dc.name
-                    ),
+                    &dc.name,
+                    "a number would read as a DC id",
                 ));
             }
             if !dc_names.insert(dc.name.as_str()) {
@@ -450,12 +529,14 @@ impl ClusterConfig {
                 dir: dir.join("tls"),
                 revoked: Vec::new(),
             },
+            access: AccessConfig::default(),
             dcs: vec![DcConfig {
                 id: 0,
                 name: "dc0".into(),
                 nodes: nodes.iter().map(|n| NodeRef::Id(n.id)).collect(),
                 max_endpoints: default_max_endpoints(),
                 max_queue: default_max_queue(),
+                bind_uids: default_bind_uids(),
             }],
             nodes,
         }
@@ -554,6 +635,64 @@ nodes = [0, "b"]
     fn relative_runtime_dir_is_refused() {
         let e = err(&GOOD.replace("/tmp/b", "tmp/b"));
         assert!(e.contains("node[1].runtime_dir"), "{e}");
+    }
+
+    #[test]
+    fn unsafe_names_are_refused_with_the_key_named() {
+        for (bad, why) in [
+            ("/tmp/x", "only ASCII"),
+            ("..", "dot"),
+            (".hidden", "dot"),
+            ("a/../b", "only ASCII"),
+            ("caf\u{e9}", "only ASCII"),
+            ("", "empty"),
+        ] {
+            let e = err(&GOOD.replace("name = \"b\"", &format!("name = {bad:?}")));
+            assert!(
+                e.contains("/etc/x.toml") && e.contains("`node[1].name`") && e.contains(why),
+                "{bad:?}: {e}"
+            );
+            let e = err(&GOOD.replace("name = \"web\"", &format!("name = {bad:?}")));
+            assert!(
+                e.contains("`dc[0].name`") && e.contains(why),
+                "{bad:?}: {e}"
+            );
+            let e = err(&GOOD.replace("cluster_id = \"t\"", &format!("cluster_id = {bad:?}")));
+            assert!(
+                e.contains("`cluster_id`") && e.contains(why),
+                "{bad:?}: {e}"
+            );
+        }
+        let long = "n".repeat(MAX_NAME_LEN + 1);
+        let e = err(&GOOD.replace("name = \"b\"", &format!("name = {long:?}")));
+        assert!(e.contains("node[1].name") && e.contains("64"), "{e}");
+    }
+
+    #[test]
+    fn safe_names_pass() {
+        for good in ["node-1", "a_b.c", "N0", &"n".repeat(MAX_NAME_LEN)] {
+            assert_eq!(check_name(good), None, "{good}");
+        }
+        let text = GOOD
+            .replace("name = \"b\"", "name = \"b-1.x\"")
+            .replace("[0, \"b\"]", "[0, \"b-1.x\"]");
+        let c = ClusterConfig::parse(&text, Path::new("x"));
+        assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn access_and_bind_uids_default_to_root_only() {
+        let c = ClusterConfig::parse(GOOD, Path::new("x")).unwrap();
+        assert_eq!(c.access.admin_group, None);
+        assert_eq!(c.dcs[0].bind_uids, vec![0]);
+        let text = format!("{GOOD}bind_uids = [0, 1000]\n[access]\nadmin_group = \"dvs\"\n");
+        let c = ClusterConfig::parse(&text, Path::new("x")).unwrap();
+        assert_eq!(c.access.admin_group.as_deref(), Some("dvs"));
+        assert_eq!(c.dcs[0].bind_uids, vec![0, 1000]);
+        let back = ClusterConfig::parse(&c.to_toml(), Path::new("x")).unwrap();
+        assert_eq!(back, c);
+        let e = err(&format!("{GOOD}[access]\nadmin_group = \"../etc\"\n"));
+        assert!(e.contains("access.admin_group"), "{e}");
     }
 
     #[test]

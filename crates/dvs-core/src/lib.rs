@@ -17,7 +17,7 @@ pub use node::migration::{
     FailAt, MigrRecord, MigrationReport, MigrationRequest, Phase, RecordState, Require,
 };
 pub use node::peer_check::{VcopyChunk, Violation, MAX_INCOMING_VCOPIES_PER_PEER};
-pub use node::{Action, CoreConfig, DcInfo, NodeCore, VcopyCompletion, VCOPY_MAX};
+pub use node::{Action, CoreConfig, DcInfo, LocalPeer, NodeCore, VcopyCompletion, VCOPY_MAX};
 pub use table::{Registration, RegistrationKind};
 
 /// Identifies one local connection (one process's endpoint) inside a node.

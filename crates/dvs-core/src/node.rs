@@ -37,6 +37,32 @@ pub struct DcInfo {
     pub max_endpoints: u32,
     /// Most messages queued for one endpoint.
     pub max_queue: u32,
+    /// Uids whose processes may bind endpoints of this DC without having been launched for
+    /// them by the node.
+    pub bind_uids: BTreeSet<u32>,
+}
+
+/// Who is at the other end of a local connection, as the daemon learnt it from the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalPeer {
+    /// Pid as seen by the node kernel (0 if unknown).
+    pub pid: i32,
+    /// Uid of the process that connected.
+    pub uid: u32,
+    /// The endpoint the node launched this process (or an ancestor of it) for, or restored it
+    /// as; such a process may bind only that endpoint.
+    pub launched_for: Option<(DcId, Ep)>,
+}
+
+impl LocalPeer {
+    /// A process the node did not launch, running as `uid`.
+    pub fn unlaunched(pid: i32, uid: u32) -> Self {
+        LocalPeer {
+            pid,
+            uid,
+            launched_for: None,
+        }
+    }
 }
 
 /// What the core needs to know of the cluster.
@@ -230,6 +256,9 @@ enum Blocked {
 
 struct Conn {
     pid: i32,
+    /// Uid and launch record of the process, for the bind permission check.
+    uid: u32,
+    launched_for: Option<(DcId, Ep)>,
     bound: Option<(DcId, Ep)>,
     blocked: Blocked,
     /// Deadline of the current call; a fresh generation invalidates older timers.
@@ -365,12 +394,15 @@ impl NodeCore {
 
     // ----- local connections -------------------------------------------------------------
 
-    /// A process connected; `pid` is its pid as seen by the node kernel.
-    pub fn on_local_connect(&mut self, conn: ConnId, pid: i32) {
+    /// A process connected; `peer` says who it is (pid as seen by the node kernel, uid, and
+    /// the endpoint it was launched for).
+    pub fn on_local_connect(&mut self, conn: ConnId, peer: LocalPeer) {
         self.conns.insert(
             conn,
             Conn {
-                pid,
+                pid: peer.pid,
+                uid: peer.uid,
+                launched_for: peer.launched_for,
                 bound: None,
                 blocked: Blocked::No,
                 deadline: None,
@@ -416,6 +448,10 @@ impl NodeCore {
                 },
             ) => {
                 let (version, dc, ep, migration) = (*version, *dc, *ep, *migration);
+                // The same rule as `bind`: only the restarted program may take the endpoint.
+                if self.bind_refused(conn, dc, ep) {
+                    return self.respond(conn, err(Errno::Permission));
+                }
                 return self.on_bind_restored(conn, version, dc, ep, migration);
             }
             // Its endpoint is migrating away and owes no reply: the call waits for the outcome,
@@ -570,6 +606,9 @@ impl NodeCore {
         if !info.nodes.contains(&self.node) {
             return self.respond(conn, err(Errno::NodeNotInDc));
         }
+        if self.bind_refused(conn, dc, ep) {
+            return self.respond(conn, err(Errno::Permission));
+        }
         if let Some(Registration::Local { .. }) = self.table.get(dc, ep) {
             return self.respond(conn, err(Errno::AlreadyBound));
         }
@@ -578,6 +617,36 @@ impl NodeCore {
             c.bound = Some((dc, ep));
         }
         self.actions.push_back(Action::Register { conn, dc, ep });
+    }
+
+    /// Whether `conn` may not bind `{dc, ep}` (logged with the reason): a process launched for
+    /// an endpoint may bind only that one; any other needs a uid in the DC's `bind_uids`.
+    fn bind_refused(&self, conn: ConnId, dc: DcId, ep: Ep) -> bool {
+        let Some(c) = self.conns.get(&conn) else {
+            return true;
+        };
+        let reason = match c.launched_for {
+            Some(own) if own == (dc, ep) => return false,
+            Some((ldc, lep)) => format!("it was launched for {ldc}/{lep}"),
+            None if self
+                .dcs
+                .get(&dc)
+                .is_some_and(|i| i.bind_uids.contains(&c.uid)) =>
+            {
+                return false
+            }
+            None => format!(
+                "it was not launched by this node and uid {} is not in the DC's bind_uids",
+                c.uid
+            ),
+        };
+        tracing::warn!(
+            conn,
+            pid = c.pid,
+            uid = c.uid,
+            "bind of {dc}/{ep} refused (permission denied): {reason}"
+        );
+        true
     }
 
     /// Registers `{dc, ep}` here as running on `node` (the DVK's `rmtbind`), or as the backup

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
 use dvs_core::{
-    Action, ConnId, CoreConfig, DcInfo, NodeCore, Registration, VcopyChunk, VcopyCompletion,
-    Violation,
+    Action, ConnId, CoreConfig, DcInfo, LocalPeer, NodeCore, Registration, VcopyChunk,
+    VcopyCompletion, Violation,
 };
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::peer::{Backend, DeliverKind, MigratedEndpoint, PeerFrame};
@@ -39,6 +39,7 @@ impl Net {
             nodes: [1, 2, 3].into_iter().collect(),
             max_endpoints: 8,
             max_queue: 4,
+            bind_uids: [0].into_iter().collect(),
         }];
         let mut cores = BTreeMap::new();
         for n in [VICTIM, HONEST] {
@@ -117,7 +118,8 @@ impl Net {
     fn bind(&mut self, node: NodeId, ep: Ep) -> ConnId {
         let conn = self.next_conn;
         self.next_conn += 1;
-        self.core(node).on_local_connect(conn, 1000 + conn as i32);
+        self.core(node)
+            .on_local_connect(conn, LocalPeer::unlaunched(1000 + conn as i32, 0));
         self.call(
             node,
             conn,

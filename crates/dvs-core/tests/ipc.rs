@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use dvs_core::{
-    Action, ConnId, CoreConfig, DcInfo, NodeCore, Registration, RegistrationKind, VcopyChunk,
-    VcopyCompletion, VCOPY_MAX,
+    Action, ConnId, CoreConfig, DcInfo, LocalPeer, NodeCore, Registration, RegistrationKind,
+    VcopyChunk, VcopyCompletion, VCOPY_MAX,
 };
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::message::NOTIFY_MTYPE;
@@ -38,12 +38,14 @@ fn config(node: NodeId) -> CoreConfig {
                 nodes: BTreeSet::from([1, 2, 3]),
                 max_endpoints: MAX_EP,
                 max_queue: 8,
+                bind_uids: BTreeSet::from([0]),
             },
             DcInfo {
                 id: DC2,
                 nodes: BTreeSet::from([1, 2]),
                 max_endpoints: MAX_EP,
                 max_queue: 2,
+                bind_uids: BTreeSet::from([0, 1000]),
             },
         ],
     }
@@ -303,7 +305,25 @@ impl Sim {
             conn: self.next_conn,
         };
         self.next_conn += 1;
-        self.core(node).on_local_connect(p.conn, Self::pid(p));
+        self.core(node)
+            .on_local_connect(p.conn, LocalPeer::unlaunched(Self::pid(p), 0));
+        p
+    }
+
+    /// A new, unbound process on `node` running as `uid`, launched by the node for
+    /// `launched_for` (if any).
+    fn connect_as(&mut self, node: NodeId, uid: u32, launched_for: Option<(DcId, Ep)>) -> P {
+        let p = P {
+            node,
+            conn: self.next_conn,
+        };
+        self.next_conn += 1;
+        let peer = LocalPeer {
+            pid: Self::pid(p),
+            uid,
+            launched_for,
+        };
+        self.core(node).on_local_connect(p.conn, peer);
         p
     }
 
@@ -950,6 +970,71 @@ fn queue_full_local_and_remote() {
     s.call(d, any());
     s.expect_msg_from(d, 4, 4);
     s.expect_done(e);
+}
+
+#[test]
+fn a_launched_process_binds_only_its_own_endpoint() {
+    let mut s = Sim::new();
+    let a = s.connect_as(1, 0, Some((DC, 1)));
+    // Root, but launched for DC/1: another endpoint is refused, its own is not.
+    s.call(a, bind(DC, 2));
+    s.expect_err(a, Errno::Permission);
+    s.call(a, bind(DC2, 1));
+    s.expect_err(a, Errno::Permission);
+    assert!(s.dir.is_empty() && s.take_frames().is_empty());
+    s.call(a, bind(DC, 1));
+    s.expect(
+        a,
+        LocalResponse::Ep {
+            dc: DC,
+            ep: 1,
+            node: 1,
+        },
+    );
+    // A launched non-root process may bind its own endpoint too.
+    let b = s.connect_as(1, 1000, Some((DC, 3)));
+    s.call(b, bind(DC, 3));
+    s.expect(
+        b,
+        LocalResponse::Ep {
+            dc: DC,
+            ep: 3,
+            node: 1,
+        },
+    );
+}
+
+#[test]
+fn an_unlaunched_process_binds_only_with_a_listed_uid() {
+    let mut s = Sim::new();
+    // DC allows root only; DC2 allows root and 1000.
+    let a = s.connect_as(1, 1000, None);
+    s.call(a, bind(DC, 1));
+    s.expect_err(a, Errno::Permission);
+    assert!(s.dir.is_empty() && s.core(1).registrations().is_empty());
+    s.call(a, bind(DC2, 1));
+    s.expect(
+        a,
+        LocalResponse::Ep {
+            dc: DC2,
+            ep: 1,
+            node: 1,
+        },
+    );
+    let b = s.connect_as(1, 65534, None);
+    s.call(b, bind(DC2, 2));
+    s.expect_err(b, Errno::Permission);
+    // A refused process cannot restore-bind its way in either.
+    s.call(
+        b,
+        LocalRequest::BindRestored {
+            version: PROTOCOL_VERSION,
+            dc: DC,
+            ep: 5,
+            migration: 1,
+        },
+    );
+    s.expect_err(b, Errno::Permission);
 }
 
 #[test]

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use dvs_core::{
-    Action, ConnId, CoreConfig, DcInfo, FailAt, MigrRecord, MigrationReport, MigrationRequest,
-    NodeCore, Registration,
+    Action, ConnId, CoreConfig, DcInfo, FailAt, LocalPeer, MigrRecord, MigrationReport,
+    MigrationRequest, NodeCore, Registration,
 };
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::peer::{Backend, PeerFrame};
@@ -41,6 +41,7 @@ impl Sim {
             nodes: [0, 1, 2].into_iter().collect(),
             max_endpoints: 64,
             max_queue: 16,
+            bind_uids: [0].into_iter().collect(),
         }];
         let mut cores: Vec<NodeCore> = (0..3)
             .map(|n| {
@@ -77,7 +78,7 @@ impl Sim {
 
     fn connect(&mut self, node: NodeId, pid: i32) -> ConnId {
         self.next_conn += 1;
-        self.cores[node as usize].on_local_connect(self.next_conn, pid);
+        self.cores[node as usize].on_local_connect(self.next_conn, LocalPeer::unlaunched(pid, 0));
         self.next_conn
     }
 
@@ -240,7 +241,7 @@ impl Sim {
                 } else {
                     self.next_conn += 1;
                     let conn = self.next_conn;
-                    self.cores[core].on_local_connect(conn, 0);
+                    self.cores[core].on_local_connect(conn, LocalPeer::unlaunched(0, 0));
                     self.restored.push((node, conn));
                     self.cores[core].on_restored(id, Ok((conn, 4242)), now);
                 }

@@ -1,12 +1,21 @@
 //! The control socket: JSON lines from the CLI (see [`crate::ctl`]).
+//!
+//! Every request, `status` and `ps` included (they show pids and command lines), needs the
+//! caller to be root or a member of the configured admin group; the socket's mode already
+//! keeps others out, and this check holds if that mode is ever wrong. Lines are at most
+//! [`MAX_LINE`] bytes.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
 use dvs_core::RegistrationKind;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
+
+/// Longest control request line, newline excluded; a longer one gets an error and the
+/// connection is closed (the rest is never buffered).
+pub(crate) const MAX_LINE: usize = 64 * 1024;
 
 use std::time::Instant;
 
@@ -38,11 +47,83 @@ async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, r: &CtlResponse) -> std:
     w.write_all(&line).await
 }
 
+/// What [`read_line`] got.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    /// A line (without its newline) is in the buffer; the last one may lack its newline.
+    Line,
+    /// The stream ended.
+    Eof,
+    /// The line is longer than the limit.
+    TooLong,
+}
+
+/// Reads one line of at most `limit` bytes into `line`, without ever holding more than
+/// `limit` bytes of it.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    line: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<LineRead> {
+    line.clear();
+    loop {
+        let avail = r.fill_buf().await?;
+        if avail.is_empty() {
+            return Ok(if line.is_empty() {
+                LineRead::Eof
+            } else {
+                LineRead::Line
+            });
+        }
+        let (part, used, done) = match avail.iter().position(|b| *b == b'\n') {
+            Some(i) => (&avail[..i], i + 1, true),
+            None => (avail, avail.len(), false),
+        };
+        if line.len() + part.len() > limit {
+            return Ok(LineRead::TooLong);
+        }
+        line.extend_from_slice(part);
+        r.consume(used);
+        if done {
+            return Ok(LineRead::Line);
+        }
+    }
+}
+
 async fn connection(state: State, stream: UnixStream) {
+    // Credentials are the caller's at connect time; decided once per connection.
+    let allowed = match crate::access::peer_cred(&stream) {
+        Ok(cred) => state
+            .borrow()
+            .admin
+            .check_control(&cred)
+            .map_err(|m| (cred, m)),
+        Err(e) => {
+            return warn!("control connection without peer credentials refused: {e}");
+        }
+    };
     let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let req: CtlRequest = match serde_json::from_str(&line) {
+    let mut r = BufReader::new(r);
+    let mut buf = Vec::new();
+    loop {
+        match read_line(&mut r, &mut buf, MAX_LINE).await {
+            Ok(LineRead::Line) => {}
+            Ok(LineRead::Eof) | Err(_) => return,
+            Ok(LineRead::TooLong) => {
+                warn!("control request line longer than {MAX_LINE} bytes; closing the connection");
+                let _ = send(
+                    &mut w,
+                    &CtlResponse::Error {
+                        message: format!(
+                            "control request too long (more than {MAX_LINE} bytes); closing the connection"
+                        ),
+                    },
+                )
+                .await;
+                return;
+            }
+        }
+        let req: CtlRequest = match serde_json::from_slice(&buf) {
             Ok(r) => r,
             Err(e) => {
                 let _ = send(
@@ -55,6 +136,25 @@ async fn connection(state: State, stream: UnixStream) {
                 continue;
             }
         };
+        if let Err((cred, message)) = &allowed {
+            warn!(
+                pid = cred.pid,
+                uid = cred.uid,
+                gid = cred.gid,
+                "control request {req:?} refused: {message}"
+            );
+            let r = send(
+                &mut w,
+                &CtlResponse::Error {
+                    message: message.clone(),
+                },
+            )
+            .await;
+            if r.is_err() {
+                return;
+            }
+            continue;
+        }
         let result = match req {
             CtlRequest::Status => send(&mut w, &CtlResponse::Status(status(&state))).await,
             CtlRequest::Ps => {
@@ -351,5 +451,44 @@ fn status(state: &State) -> NodeStatus {
         links,
         endpoints,
         procs: all_procs(state),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn lines(input: &[u8], limit: usize) -> Vec<(LineRead, String)> {
+        // A tiny buffer, so that lines span several reads.
+        let mut r = tokio::io::BufReader::with_capacity(3, input);
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        loop {
+            let got = read_line(&mut r, &mut buf, limit).await.unwrap();
+            let stop = got != LineRead::Line;
+            out.push((got, String::from_utf8_lossy(&buf).into_owned()));
+            if stop {
+                return out;
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn lines_are_split_and_bounded() {
+        let got = lines(b"ab\n\ncdefg\nhi", 5).await;
+        let kinds: Vec<_> = got.iter().map(|(k, l)| (k, l.as_str())).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (&LineRead::Line, "ab"),
+                (&LineRead::Line, ""),
+                (&LineRead::Line, "cdefg"),
+                (&LineRead::Line, "hi"),
+                (&LineRead::Eof, ""),
+            ]
+        );
+        let got = lines(b"abcdefgh\nok\n", 5).await;
+        assert_eq!(got[0].0, LineRead::TooLong);
+        assert!(got[0].1.len() <= 5);
     }
 }

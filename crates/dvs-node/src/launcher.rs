@@ -60,6 +60,14 @@ impl Procs {
         }
     }
 
+    /// The endpoint the running process with launcher pid `pid` was launched for.
+    pub fn endpoint_of(&self, pid: i32) -> Option<(DcId, Ep)> {
+        self.by_pid
+            .get(&pid)
+            .filter(|p| p.ended.is_none() && p.migrated_to.is_none())
+            .map(|p| (p.dc, p.ep))
+    }
+
     /// Command line of the running process launched as `{dc, ep}`.
     pub fn cmd_of(&self, dc: DcId, ep: Ep) -> Option<Vec<String>> {
         self.by_pid
@@ -99,9 +107,9 @@ pub(crate) fn launch(
     cmd: Vec<String>,
     env: Vec<(String, String)>,
 ) -> Result<(i32, PathBuf), String> {
-    let (me, cfg) = {
+    let (me, cfg, umask) = {
         let s = state.borrow();
-        (s.me.clone(), s.cfg.clone())
+        (s.me.clone(), s.cfg.clone(), s.app_umask)
     };
     let dcc = cfg
         .dc_by_id(dc)
@@ -146,6 +154,14 @@ pub(crate) fn launch(
         .stdout(out)
         .stderr(err)
         .current_dir(&me.runtime_dir);
+    // The node runs with umask 077; the program gets the umask the node was started with.
+    // SAFETY: umask(2) is async-signal-safe and touches no memory.
+    unsafe {
+        command.pre_exec(move || {
+            libc::umask(umask as libc::mode_t);
+            Ok(())
+        });
+    }
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start {:?}: {e}", cmd[0]))?;

@@ -5,6 +5,7 @@
 //! launcher. All of them turn socket input into core events and carry out the core's
 //! [`Action`]s in [`Shared::drive`]; none of the IPC semantics live here.
 
+mod access;
 pub mod ctl;
 mod ctl_server;
 mod dir;
@@ -12,13 +13,15 @@ mod launcher;
 mod local;
 mod migrate;
 mod peer;
+mod safe_fs;
 mod tls;
 pub mod vcopy;
 mod wire;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,6 +59,9 @@ pub enum NodeError {
     /// The node's TLS material does not load.
     #[error("TLS: {0}")]
     Tls(String),
+    /// Local access control cannot be set up as configured (unknown group, unsafe folder).
+    #[error("{0}")]
+    Access(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
@@ -96,6 +102,11 @@ pub(crate) struct Shared {
     pub security: tls::LinkSecurity,
     /// Peer connections that have not finished their handshake.
     pub handshakes: usize,
+    /// Who may send control requests besides root.
+    pub admin: access::AdminGroup,
+    /// The umask the node was started with; launched programs get it back (the node itself
+    /// runs with 077 so that whatever it creates is private).
+    pub app_umask: u32,
     /// The `Rc` this state lives in, for tasks started from inside the event loop.
     pub self_ref: Weak<RefCell<Shared>>,
 }
@@ -278,6 +289,13 @@ impl Shared {
         }
     }
 
+    /// The endpoint process `pid` was launched or restored here for, if it was.
+    pub fn launched_endpoint(&self, pid: i32) -> Option<(dvs_wire::DcId, dvs_wire::Ep)> {
+        self.procs
+            .endpoint_of(pid)
+            .or_else(|| self.migrations.restored.get(&pid).map(|r| (r.dc, r.ep)))
+    }
+
     /// Remembers to flush `w` at the end of this round.
     pub fn mark_dirty(&mut self, w: &Rc<Wire>) {
         mark(&mut self.dirty, w);
@@ -329,7 +347,7 @@ pub struct NodeOptions {
     /// This node (id or name).
     pub node: String,
     /// The file `config` came from: the node rereads its TLS deny list from it.
-    pub config_path: Option<PathBuf>,
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// Runs a node kernel until it is told to shut down (control `Shutdown`, SIGTERM or SIGINT).
@@ -353,6 +371,7 @@ fn core_config(cfg: &ClusterConfig, node: NodeId) -> CoreConfig {
                 nodes: cfg.dc_nodes(d).into_iter().collect(),
                 max_endpoints: d.max_endpoints,
                 max_queue: d.max_queue,
+                bind_uids: d.bind_uids.iter().copied().collect(),
             })
             .collect(),
     }
@@ -364,10 +383,12 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
         .find_node(&opts.node)
         .cloned()
         .ok_or_else(|| NodeError::UnknownNode(opts.node.clone()))?;
-    std::fs::create_dir_all(&me.runtime_dir).map_err(io_err(format!(
-        "cannot create runtime dir {}",
-        me.runtime_dir.display()
-    )))?;
+    // Everything the node creates (sockets, logs, images, criu's files) is private unless
+    // opened up on purpose; this also closes the window between bind and chmod.
+    let app_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077)).bits();
+    let admin = access::AdminGroup::resolve(cfg.access.admin_group.as_deref())
+        .map_err(NodeError::Access)?;
+    prepare_runtime_dir(&me.runtime_dir, admin.gid())?;
     let directory: Arc<dyn Directory> = match &cfg.directory {
         dvs_config::DirectoryConfig::Embedded { path } => Arc::new(EmbeddedDirectory::open(path)?),
         dvs_config::DirectoryConfig::Etcd { .. } => return Err(NodeError::Unsupported(
@@ -378,19 +399,21 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
     let security = tls::LinkSecurity::load(&cfg, me.id, &me.name, opts.config_path.clone())?;
     let ipc_path = me.ipc_socket();
     let ctl_path = me.ctl_socket();
-    let ipc = bind_unix(&ipc_path)?;
-    let ctl = bind_unix(&ctl_path)?;
+    let ipc = bind_unix(&ipc_path, admin.gid())?;
+    let ctl = bind_unix(&ctl_path, admin.gid())?;
     let peer_listener = tokio::net::TcpListener::bind(me.peer_addr)
         .await
         .map_err(io_err(format!(
             "cannot listen for peers on {}",
             me.peer_addr
         )))?;
-    std::fs::write(
-        me.runtime_dir.join("node.pid"),
-        format!("{}\n", std::process::id()),
+    safe_fs::write_private(
+        &me.runtime_dir.join("node.pid"),
+        format!("{}\n", std::process::id()).as_bytes(),
     )
     .map_err(io_err("cannot write node.pid"))?;
+    let images_root = migrate::prepare_images_root(&cfg.cluster_id, &me.name, &me.runtime_dir)
+        .map_err(NodeError::Access)?;
 
     let (dir_tx, dir_rx) = mpsc::unbounded_channel();
     // Processes restored by CRIU lose their parent; as subreaper this node adopts and reaps them.
@@ -401,7 +424,7 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
     let state: State = Rc::new_cyclic(|weak| {
         RefCell::new(Shared {
             migrations: migrate::Migrations {
-                images_root: migrate::images_root(&cfg.cluster_id, &me.name, &me.runtime_dir),
+                images_root,
                 ..Default::default()
             },
             self_ref: weak.clone(),
@@ -437,6 +460,8 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
             shutdown: Rc::new(Notify::new()),
             security,
             handshakes: 0,
+            admin,
+            app_umask,
             cfg: cfg.clone(),
         })
     });
@@ -479,7 +504,30 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
     Ok(())
 }
 
-fn bind_unix(path: &PathBuf) -> Result<tokio::net::UnixListener, NodeError> {
+/// Creates the runtime folder if needed and makes sure nobody else controls it: a real
+/// folder owned by this uid, mode 0700 (0710 with the admin group, so that its members can
+/// reach the sockets).
+fn prepare_runtime_dir(dir: &Path, admin_gid: Option<u32>) -> Result<(), NodeError> {
+    if let Some(parent) = dir.parent() {
+        // Parents are created world-traversable on purpose (e.g. /run/dvs); the runtime
+        // folder itself is what holds the sockets.
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true).mode(0o755);
+        b.create(parent)
+            .map_err(io_err(format!("cannot create {}", parent.display())))?;
+    }
+    let mode = if admin_gid.is_some() {
+        0o710
+    } else {
+        safe_fs::PRIVATE_DIR
+    };
+    safe_fs::secure_dir(dir, mode, admin_gid)
+        .map_err(|e| NodeError::Access(format!("runtime dir {}: {e}", dir.display())))
+}
+
+/// Binds a Unix socket at `path` (inside the private runtime folder, under umask 077) and
+/// then gives it its final mode: 0600, or 0660 with group `admin_gid`.
+fn bind_unix(path: &Path, admin_gid: Option<u32>) -> Result<tokio::net::UnixListener, NodeError> {
     // A socket file left by a dead node would make bind fail; a live node still answers.
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(NodeError::Io {
@@ -488,8 +536,19 @@ fn bind_unix(path: &PathBuf) -> Result<tokio::net::UnixListener, NodeError> {
         });
     }
     let _ = std::fs::remove_file(path);
-    tokio::net::UnixListener::bind(path)
-        .map_err(io_err(format!("cannot listen on {}", path.display())))
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(io_err(format!("cannot listen on {}", path.display())))?;
+    let mode = match admin_gid {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .map_err(io_err(format!("cannot chown {}", path.display())))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io_err(format!("cannot chmod {}", path.display())))?;
+    Ok(listener)
 }
 
 /// Fires the core's timers.

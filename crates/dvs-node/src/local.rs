@@ -8,6 +8,10 @@ use dvs_wire::FrameDecoder;
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
+use dvs_core::LocalPeer;
+use dvs_wire::{DcId, Ep};
+
+use crate::access;
 use crate::wire::{Sock, Wire};
 use crate::State;
 
@@ -29,20 +33,22 @@ pub(crate) async fn serve(state: State, listener: UnixListener) {
     }
 }
 
-/// The pid of the peer process, as seen from the node kernel's pid namespace.
-fn peer_pid(stream: &UnixStream) -> i32 {
-    stream.peer_cred().ok().and_then(|c| c.pid()).unwrap_or(0)
-}
-
-/// Serves a connection made by the node itself (a migrated process's new connection); the
-/// core learns the process's pid when it is restored.
+/// Serves a connection made by the node itself for a process it restores as `{dc, ep}` (a
+/// criu migration's new connection); the core learns the process's pid when it is restored.
 pub(crate) fn adopt(
     state: &State,
     stream: std::os::unix::net::UnixStream,
+    dc: DcId,
+    ep: Ep,
 ) -> std::io::Result<dvs_core::ConnId> {
     stream.set_nonblocking(true)?;
     let stream = UnixStream::from_std(stream)?;
-    let (conn, wire) = register(state, stream, 0)?;
+    let peer = LocalPeer {
+        pid: 0,
+        uid: nix::unistd::geteuid().as_raw(),
+        launched_for: Some((dc, ep)),
+    };
+    let (conn, wire) = register(state, stream, peer)?;
     tokio::task::spawn_local(serve_conn(state.clone(), conn, wire, 0));
     Ok(conn)
 }
@@ -50,23 +56,38 @@ pub(crate) fn adopt(
 fn register(
     state: &State,
     stream: UnixStream,
-    pid: i32,
+    peer: LocalPeer,
 ) -> std::io::Result<(dvs_core::ConnId, Rc<Wire>)> {
     let wire = Rc::new(Wire::new(Sock::Unix(stream), false)?);
     let mut s = state.borrow_mut();
     let id = s.next_conn;
     s.next_conn += 1;
     s.conns.insert(id, wire.clone());
-    s.core.on_local_connect(id, pid);
+    s.core.on_local_connect(id, peer);
     Ok((id, wire))
 }
 
 async fn connection(state: State, stream: UnixStream) {
-    let pid = peer_pid(&stream);
-    let (conn, wire) = match register(&state, stream, pid) {
+    let cred = match access::peer_cred(&stream) {
+        Ok(c) => c,
+        // Without credentials there is nothing to decide a bind on.
+        Err(e) => return warn!("local connection without peer credentials refused: {e}"),
+    };
+    let launched_for = {
+        let s = state.borrow();
+        access::launched_for(cred.pid, |p| s.launched_endpoint(p))
+    };
+    let peer = LocalPeer {
+        pid: cred.pid,
+        uid: cred.uid,
+        launched_for,
+    };
+    let pid = cred.pid;
+    let (conn, wire) = match register(&state, stream, peer) {
         Ok(r) => r,
         Err(e) => return warn!(pid, "cannot register a local connection: {e}"),
     };
+    debug!(conn, pid, uid = cred.uid, ?launched_for, "local connection");
     serve_conn(state, conn, wire, pid).await;
 }
 

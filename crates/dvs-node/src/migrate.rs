@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::ctl::{CtlResponse, MigrationSummary, PhaseTime};
-use crate::{Shared, State};
+use crate::{safe_fs, Shared, State};
 
 /// Image chunk size on the peer link.
 const IMAGE_CHUNK: usize = 1 << 20;
@@ -96,17 +96,64 @@ pub(crate) fn image_dir(s: &Shared, id: MigrationId) -> PathBuf {
     s.migrations.images_root.join(format!("{id:x}"))
 }
 
-/// Where this node keeps checkpoint images: they are transient (deleted after the outcome), so
-/// on a tmpfs when the machine has one (`/dev/shm`), else under the node's runtime dir.
-pub(crate) fn images_root(cluster_id: &str, node: &str, runtime_dir: &Path) -> PathBuf {
+/// Where this node keeps checkpoint images: they are transient (deleted once the outcome is
+/// decided), so on a tmpfs when the machine has one (`/dev/shm/dvs/CLUSTER/NODE`), else under
+/// the node's runtime dir. Every level is a private folder of this uid (images hold process
+/// memory); a `/dev/shm/dvs` that someone else owns makes the node use its runtime dir.
+/// Images left by an earlier run of this node are deleted.
+pub(crate) fn prepare_images_root(
+    cluster_id: &str,
+    node: &str,
+    runtime_dir: &Path,
+) -> Result<PathBuf, String> {
     let shm = Path::new("/dev/shm");
     let on_tmpfs = nix::sys::statfs::statfs(shm)
         .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-    if on_tmpfs {
-        shm.join("dvs").join(cluster_id).join(node)
+    let root = if on_tmpfs {
+        // Names are validated by the config (no '/', no leading dot), so these stay below
+        // /dev/shm/dvs.
+        let levels = [
+            shm.join("dvs"),
+            shm.join("dvs").join(cluster_id),
+            shm.join("dvs").join(cluster_id).join(node),
+        ];
+        match levels
+            .iter()
+            .try_for_each(|d| safe_fs::secure_dir(d, safe_fs::PRIVATE_DIR, None))
+        {
+            Ok(()) => Some(levels[2].clone()),
+            Err(e) => {
+                warn!("not keeping images under /dev/shm: {e}; using the runtime dir");
+                None
+            }
+        }
     } else {
-        runtime_dir.join("migrations")
+        None
+    };
+    let root = match root {
+        Some(r) => r,
+        None => {
+            let r = runtime_dir.join("migrations");
+            safe_fs::secure_dir(&r, safe_fs::PRIVATE_DIR, None)
+                .map_err(|e| format!("images folder {}: {e}", r.display()))?;
+            r
+        }
+    };
+    // Stale images of migrations this node never saw decided (it stopped or crashed).
+    let entries =
+        std::fs::read_dir(&root).map_err(|e| format!("cannot read {}: {e}", root.display()))?;
+    for e in entries.flatten() {
+        let p = e.path();
+        let r = match e.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+            _ => std::fs::remove_file(&p),
+        };
+        match r {
+            Ok(()) => info!("deleted stale migration file {}", p.display()),
+            Err(err) => warn!("cannot delete stale {}: {err}", p.display()),
+        }
     }
+    Ok(root)
 }
 
 fn report_summary(r: &MigrationReport) -> MigrationSummary {
@@ -153,6 +200,10 @@ impl Shared {
 
     pub(crate) fn migr_finished(&mut self, id: MigrationId, report: MigrationReport) {
         info!(id = format!("{id:x}"), committed = report.committed, error = ?report.error, ms = report.migration_ms, "migration finished");
+        // This node coordinated, so it is the source: once the outcome is decided its image
+        // is useless (committed: the process runs on the destination; rolled back: the
+        // stopped process itself resumes).
+        self.migr_drop_image(id);
         if let Some((_, tx)) = self.migrations.requesters.remove(&id) {
             let _ = tx.send(CtlResponse::Migrated(report_summary(&report)));
         }
@@ -181,9 +232,9 @@ impl Shared {
         let dir = image_dir(self, id);
         let result = (|| {
             let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)
+            safe_fs::secure_dir(&dir, safe_fs::PRIVATE_DIR, None)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            std::fs::write(dir.join(SNAPSHOT_FILE), data)
+            safe_fs::write_private(&dir.join(SNAPSHOT_FILE), data)
                 .map_err(|e| format!("cannot store the snapshot: {e}"))?;
             if fail {
                 return Err("injected failure (--fail-at checkpoint)".to_string());
@@ -279,12 +330,8 @@ impl Shared {
         let key = (id, file);
         let r = (|| -> std::io::Result<()> {
             if !self.migrations.receiving.contains_key(&key) {
-                std::fs::create_dir_all(&dir)?;
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(true)
-                    .write(true)
-                    .open(dir.join(&key.1))?;
+                safe_fs::secure_dir(&dir, safe_fs::PRIVATE_DIR, None)?;
+                let f = safe_fs::open_private(&dir.join(&key.1))?;
                 self.migrations.receiving.insert(key.clone(), f);
             }
             let f = &self.migrations.receiving[&key];
@@ -354,7 +401,8 @@ impl Shared {
                             .map_err(|_| format!("bad {SOCKET_FILE}"))?;
                         let (node_end, proc_end) =
                             std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
-                        let conn = crate::local::adopt(&st, node_end).map_err(|e| e.to_string())?;
+                        let conn = crate::local::adopt(&st, node_end, dc, ep)
+                            .map_err(|e| e.to_string())?;
                         let restored = tokio::task::spawn_blocking(move || {
                             let req = RestoreRequest::new(&dir)
                                 .inherit_unix_socket(proc_end.as_raw_fd(), inode);
@@ -417,16 +465,32 @@ impl Shared {
         }
     }
 
+    /// Deletes the image of `id` and criu's files beside it (`ID.dump.log`, `ID.restore.log`,
+    /// `ID.restore.pid`): images are copies of process memory, and large.
     pub(crate) fn migr_drop_image(&mut self, id: MigrationId) {
         self.migrations.receiving.retain(|(m, _), _| *m != id);
         let dir = image_dir(self, id);
-        let _ = std::fs::remove_dir_all(&dir);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::debug!("deleted image {}", dir.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!("cannot delete image {}: {e}", dir.display()),
+        }
+        let prefix = format!("{id:x}.");
+        if let Ok(entries) = std::fs::read_dir(&self.migrations.images_root) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 }
 
 /// Dumps `pid`'s tree into `dir`, leaving it stopped; returns the image size.
 fn checkpoint(criu: &Criu, pid: i32, dir: &Path, fail: bool) -> Result<u64, String> {
     let _ = std::fs::remove_dir_all(dir);
+    safe_fs::secure_dir(dir, safe_fs::PRIVATE_DIR, None)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let sockets = dvs_checkpoint::process_socket_inodes(pid).map_err(|e| e.to_string())?;
     let inode = match sockets.as_slice() {
         [(_, inode)] => *inode,
@@ -442,7 +506,10 @@ fn checkpoint(criu: &Criu, pid: i32, dir: &Path, fail: bool) -> Result<u64, Stri
     req.leave_stopped = true;
     req.external_unix_inodes = vec![inode];
     let report = criu.dump(&req).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join(SOCKET_FILE), inode.to_string()).map_err(|e| e.to_string())?;
+    // criu runs under the node's umask 077 already; this holds whatever criu does.
+    safe_fs::private_files_in(dir).map_err(|e| format!("cannot chmod the image: {e}"))?;
+    safe_fs::write_private(&dir.join(SOCKET_FILE), inode.to_string().as_bytes())
+        .map_err(|e| e.to_string())?;
     if fail {
         return Err("injected failure (--fail-at checkpoint)".into());
     }

@@ -104,15 +104,30 @@ impl Cluster {
     /// Starts a 3-node cluster with `dvs --dir DIR up --nodes 3` (one DC, `dc0` = id 0,
     /// spanning every node).
     pub fn start() -> Cluster {
+        Self::start_under_umask(None)
+    }
+
+    /// [`Cluster::start`], with `dvs up` (and so the nodes it starts) running under `umask`
+    /// if given.
+    pub fn start_under_umask(umask: Option<libc::mode_t>) -> Cluster {
+        use std::os::unix::process::CommandExt;
         let dir = temp_dir();
         let port = base_port().to_string();
-        let out = Command::new(DVS)
-            .arg("--dir")
+        let mut cmd = Command::new(DVS);
+        cmd.arg("--dir")
             .arg(dir.path())
             .args(["up", "--nodes", "3", "--base-port", &port])
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run dvs up");
+            .stdin(Stdio::null());
+        if let Some(mask) = umask {
+            // SAFETY: umask(2) is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
+        }
+        let out = cmd.output().expect("cannot run dvs up");
         // Load the config before checking, so that a half-started cluster is stopped.
         let cfg = ClusterConfig::load(&dir.path().join("cluster.toml"));
         let cluster = cfg.map(|cfg| Cluster { dir, cfg });
