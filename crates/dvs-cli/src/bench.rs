@@ -580,7 +580,7 @@ fn tls_vs_plaintext(
     let setup = |cfg: &ClusterConfig| -> Result<Side> {
         let dc = cfg.dcs.first().context("the bench cluster has no DC")?.id;
         let server = Server::start(&cfg.nodes[1].ipc_socket(), dc, EP_CMP_SERVER)?;
-        let mut client = Endpoint::bind_at(&cfg.nodes[0].ipc_socket(), dc, EP_CMP_CLIENT)
+        let mut client = Endpoint::bind_at(cfg.nodes[0].ipc_socket(), dc, EP_CMP_CLIENT)
             .context("cannot bind the comparison client")?;
         client
             .wait_for_bind(EP_CMP_SERVER, Timeout::Millis(5000))

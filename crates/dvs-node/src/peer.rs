@@ -201,7 +201,7 @@ async fn accept_handshake(
             Ok((
                 node,
                 Established {
-                    sock: Sock::Tls(tcp, rustls::Connection::Server(conn)),
+                    sock: Sock::Tls(tcp, Box::new(rustls::Connection::Server(conn))),
                     dec,
                     serial: Some(id.serial),
                 },
@@ -311,7 +311,7 @@ async fn dial_handshake(
             answer(read_frame(&mut stream, &mut dec).await)?;
             let (tcp, conn) = stream.into_inner();
             Ok(Established {
-                sock: Sock::Tls(tcp, rustls::Connection::Client(conn)),
+                sock: Sock::Tls(tcp, Box::new(rustls::Connection::Client(conn))),
                 dec,
                 serial: Some(id.serial),
             })

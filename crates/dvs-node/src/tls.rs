@@ -55,7 +55,7 @@ impl LinkSecurity {
             );
             None
         };
-        let config_stamp = config_path.as_ref().and_then(|p| mtime(p));
+        let config_stamp = config_path.as_ref().and_then(mtime);
         Ok(LinkSecurity {
             tls,
             paths,

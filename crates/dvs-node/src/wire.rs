@@ -19,7 +19,7 @@ pub enum Sock {
     /// A peer link in plaintext (`[link] tls = false`).
     Tcp(tokio::net::TcpStream),
     /// A peer link after its TLS handshake: the socket and the session that encrypts it.
-    Tls(tokio::net::TcpStream, rustls::Connection),
+    Tls(tokio::net::TcpStream, Box<rustls::Connection>),
 }
 
 /// Plaintext bytes queued beyond which a link is declared stuck and closed: a peer that stops
@@ -73,7 +73,7 @@ impl Io {
             Sock::Tls(s, mut conn) => {
                 conn.set_buffer_limit(Some(TLS_BUFFER));
                 let tls = Tls {
-                    conn,
+                    conn: *conn,
                     cipher_in: BytesMut::new(),
                     eof: false,
                 };
