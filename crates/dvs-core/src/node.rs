@@ -1605,6 +1605,10 @@ impl NodeCore {
                 );
             }
             Verdict::Refuse(v) => self.peer_violation(from, peer_check::frame_kind(&frame), v),
+            Verdict::AlreadyApplied(id) => self.actions.push_back(Action::Peer {
+                node: from,
+                frame: PeerFrame::MigrDone { id, held: 0 },
+            }),
         }
     }
 

@@ -285,9 +285,21 @@ pub(crate) struct MigrationState {
     coords: HashMap<MigrationId, Coord>,
     arrivals: HashMap<MigrationId, Arrival>,
     next: u64,
+    /// Migrations whose outcome this node applied lately (the directory watch can beat the
+    /// coordinator's broadcast): a late COMMIT/ROLLBACK for one of them is acknowledged, not
+    /// applied twice and not taken for a forgery.
+    applied: std::collections::VecDeque<(MigrationId, DcId, Ep)>,
 }
 
+/// How many applied outcomes [`MigrationState`] remembers.
+const APPLIED_MEMORY: usize = 256;
+
 impl MigrationState {
+    /// Whether this node applied the outcome of migration `id` of `{dc, ep}` lately.
+    pub fn recently_applied(&self, id: MigrationId, dc: DcId, ep: Ep) -> bool {
+        self.applied.contains(&(id, dc, ep))
+    }
+
     /// Whether calls to `{dc, ep}` are held here.
     pub fn holds(&self, dc: DcId, ep: Ep) -> bool {
         !self.holds.is_empty() && self.holds.contains_key(&(dc, ep))
@@ -1062,6 +1074,12 @@ impl NodeCore {
         to: NodeId,
         now: Instant,
     ) -> u32 {
+        if !self.migr.recently_applied(id, dc, ep) {
+            if self.migr.applied.len() >= APPLIED_MEMORY {
+                self.migr.applied.pop_front();
+            }
+            self.migr.applied.push_back((id, dc, ep));
+        }
         let hold = match self.migr.holds.get(&(dc, ep)) {
             Some(h) if h.id.is_none() || h.id == Some(id) => self.migr.holds.remove(&(dc, ep)),
             _ => None,

@@ -190,6 +190,9 @@ pub(super) enum Verdict {
     Accept,
     Ignore(&'static str),
     Refuse(Violation),
+    /// A COMMIT/ROLLBACK whose outcome this node applied already (from the directory):
+    /// acknowledged to its coordinator, not applied again.
+    AlreadyApplied(MigrationId),
 }
 
 use Verdict::{Accept, Ignore, Refuse};
@@ -536,6 +539,15 @@ impl NodeCore {
     ) -> Verdict {
         if minted_by(id) != from {
             return Refuse(Violation::ForeignMigrationId { id });
+        }
+        if self.migr.recently_applied(id, dc, ep)
+            && self.migr.arrival_coordinator(id).is_none()
+            && self
+                .migr
+                .hold_of(dc, ep)
+                .is_none_or(|(hid, _)| hid != Some(id))
+        {
+            return Verdict::AlreadyApplied(id);
         }
         if let Some((c, _)) = self.migr.arrival_coordinator(id) {
             return if c == from && self.migr.arrival_is(id, dc, ep) {
