@@ -29,6 +29,9 @@ struct Sim {
     /// Frames on this link (from, to) wait until nothing else is left to do: a slow link.
     slow_link: Option<(NodeId, NodeId)>,
     slow: VecDeque<PeerFrame>,
+    /// The directory watch tells every other node of a decided record at once, before the
+    /// coordinator's broadcast arrives.
+    fast_watch: bool,
     /// pids killed and resumed by the cores.
     killed: Vec<i32>,
     resumed: Vec<i32>,
@@ -69,6 +72,7 @@ impl Sim {
             restored: Vec::new(),
             slow_link: None,
             slow: VecDeque::new(),
+            fast_watch: false,
             killed: Vec::new(),
             resumed: Vec::new(),
         };
@@ -214,7 +218,15 @@ impl Sim {
                 } else {
                     Err(cur)
                 };
+                let decided = r.is_ok() && record.state != dvs_core::RecordState::Started;
                 self.cores[core].on_migr_record_result(id, r, now);
+                if self.fast_watch && decided {
+                    for n in 0..self.cores.len() {
+                        if n != core {
+                            self.cores[n].on_migr_record(dc, ep, record, now);
+                        }
+                    }
+                }
             }
             Action::DirectorySync { conn } => self.cores[core].on_directory_synced(conn),
             Action::Relocate { dc, ep, node: n } => {
@@ -654,4 +666,23 @@ fn a_call_replayed_by_a_third_node_before_the_destination_commits_is_not_lost() 
         },
     );
     assert!(matches!(sim.take(1, c), Some(LocalResponse::Msg(m)) if m.word(0) == 43));
+}
+
+#[test]
+fn an_outcome_learned_from_the_directory_first_is_acknowledged_when_the_broadcast_comes() {
+    let mut sim = Sim::new();
+    // Every node applies the COMMIT from the directory watch before the coordinator's
+    // broadcast reaches it: the late COMMIT is acknowledged, not applied twice, and no node
+    // takes it for a forged frame (the sim fails on any refused frame).
+    sim.fast_watch = true;
+    let s = sim.bind(0, 1, 1000);
+    let c = sim.bind(1, 2, 2000);
+    sim.migrate(0, 1, 2, None);
+    sim.request(0, s, receive());
+    let r = sim.reports.last().expect("finished").clone();
+    assert!(r.committed, "{r:?}");
+    sim.assert_runs_on(1, 2);
+    sim.request(1, c, sendrec(1, 7));
+    let (_, rc) = *sim.restored.last().expect("restored");
+    assert!(matches!(sim.take(2, rc), Some(LocalResponse::Msg(m)) if m.word(0) == 7));
 }
