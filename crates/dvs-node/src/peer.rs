@@ -20,8 +20,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{error, info, warn};
 
-use crate::wire::{Sock, Wire};
+use crate::wire::{Sock, TlsLink, Wire};
 use crate::State;
+use bytes::{Buf, BytesMut};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bytes asked for per read of an established link (vcopy chunks are 256 KiB frames; they
@@ -197,11 +198,49 @@ async fn accept_handshake(
             write_frame(&mut stream, &PeerFrame::Welcome { node: me })
                 .await
                 .map_err(|e| e.to_string())?;
-            let (tcp, conn) = stream.into_inner();
+            let (mut tcp, conn) = stream.into_inner();
+            let secrets = conn
+                .dangerous_extract_secrets()
+                .map_err(|e| format!("cannot take over the TLS session: {e}"))?;
+            let (sealer, mut opener) =
+                dvs_tls::records::record_layer(secrets).map_err(|e| e.to_string())?;
+            // The dialer speaks first on the record layer (see `dial_handshake`): until then
+            // nothing is sent, so no record of ours can reach the dialer's rustls session.
+            let mut cipher_in = BytesMut::new();
+            // (A dialer that sent more behind its Hello broke the protocol: its bytes are
+            // already in `dec`, and the link fails on them.)
+            while dec.buffered() == 0 {
+                let before = dec.buffered();
+                let used = opener
+                    .open(&mut cipher_in, |d| dec.extend(d))
+                    .map_err(|e| format!("first record: {e}"))?;
+                cipher_in.advance(used);
+                if dec.buffered() > before {
+                    break;
+                }
+                if cipher_in.len() > 2 * HANDSHAKE_MAX_FRAME + 64 {
+                    return Err("first record too large".into());
+                }
+                cipher_in.reserve(4096);
+                let n = tcp
+                    .read_buf(&mut cipher_in)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("connection closed during the handshake".into());
+                }
+            }
             Ok((
                 node,
                 Established {
-                    sock: Sock::Tls(tcp, Box::new(rustls::Connection::Server(conn))),
+                    sock: Sock::Tls(
+                        tcp,
+                        Box::new(TlsLink {
+                            sealer,
+                            opener,
+                            cipher_in,
+                        }),
+                    ),
                     dec,
                     serial: Some(id.serial),
                 },
@@ -309,9 +348,27 @@ async fn dial_handshake(
                 .await
                 .map_err(|e| e.to_string())?;
             answer(read_frame(&mut stream, &mut dec).await)?;
-            let (tcp, conn) = stream.into_inner();
+            let (mut tcp, conn) = stream.into_inner();
+            let secrets = conn
+                .dangerous_extract_secrets()
+                .map_err(|e| format!("cannot take over the TLS session: {e}"))?;
+            let (mut sealer, opener) =
+                dvs_tls::records::record_layer(secrets).map_err(|e| e.to_string())?;
+            // The first record on the record layer, which the accepting side waits for.
+            let ping = dvs_wire::frame::encode_to_vec(&PeerFrame::Ping, &[], false)
+                .expect("a ping encodes");
+            let mut out = Vec::new();
+            sealer.seal(&ping, &mut out).map_err(|e| e.to_string())?;
+            tcp.write_all(&out).await.map_err(|e| e.to_string())?;
             Ok(Established {
-                sock: Sock::Tls(tcp, Box::new(rustls::Connection::Client(conn))),
+                sock: Sock::Tls(
+                    tcp,
+                    Box::new(TlsLink {
+                        sealer,
+                        opener,
+                        cipher_in: BytesMut::new(),
+                    }),
+                ),
                 dec,
                 serial: Some(id.serial),
             })

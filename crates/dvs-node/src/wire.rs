@@ -2,7 +2,7 @@
 //! written together, so that everything one event produced leaves in as few writes as possible.
 
 use std::cell::{Cell, RefCell};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 
 use bytes::{Buf, BytesMut};
@@ -18,35 +18,36 @@ pub enum Sock {
     Unix(tokio::net::UnixStream),
     /// A peer link in plaintext (`[link] tls = false`).
     Tcp(tokio::net::TcpStream),
-    /// A peer link after its TLS handshake: the socket and the session that encrypts it.
-    Tls(tokio::net::TcpStream, Box<rustls::Connection>),
+    /// A peer link after its TLS handshake: the socket and its record layer.
+    Tls(tokio::net::TcpStream, Box<TlsLink>),
+}
+
+/// The record layer of a peer link whose TLS handshake is done.
+pub struct TlsLink {
+    /// Seals what this node sends.
+    pub sealer: dvs_tls::records::Sealer,
+    /// Opens what the peer sends.
+    pub opener: dvs_tls::records::Opener,
+    /// Ciphertext already read from the socket and not yet opened.
+    pub cipher_in: BytesMut,
 }
 
 /// Plaintext bytes queued beyond which a link is declared stuck and closed: a peer that stops
 /// reading must not make this node buffer without bound.
 pub const MAX_PENDING: usize = 256 << 20;
 
-/// Ciphertext encrypted ahead of the socket: the TLS layer takes plaintext in steps of this,
-/// so that big writes reach the socket while the rest is being encrypted.
-const TLS_BUFFER: usize = 1 << 20;
+/// Plaintext sealed per step: big writes reach the socket while the rest is being sealed.
+const SEAL_STEP: usize = 256 * 1024;
 
-/// The TLS session of a peer link and the ciphertext read but not yet decrypted.
+/// The record layer of a peer link and its ciphertext buffers.
 struct Tls {
-    conn: rustls::Connection,
+    sealer: dvs_tls::records::Sealer,
+    opener: dvs_tls::records::Opener,
     cipher_in: BytesMut,
+    cipher_out: Vec<u8>,
+    /// Bytes of `cipher_out` already written.
+    written: usize,
     eof: bool,
-}
-
-/// Writes to a non-blocking socket for rustls.
-struct FdWriter<'a>(&'a Io);
-
-impl Write for FdWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// A socket registered with the reactor directly (not through tokio's stream types), so
@@ -70,11 +71,18 @@ impl Io {
         Ok(match sock {
             Sock::Unix(s) => (Io::Unix(register(s.into_std()?, Interest::READABLE)?), None),
             Sock::Tcp(s) => (tcp(s)?, None),
-            Sock::Tls(s, mut conn) => {
-                conn.set_buffer_limit(Some(TLS_BUFFER));
+            Sock::Tls(s, link) => {
+                let TlsLink {
+                    sealer,
+                    opener,
+                    cipher_in,
+                } = *link;
                 let tls = Tls {
-                    conn: *conn,
-                    cipher_in: BytesMut::new(),
+                    sealer,
+                    opener,
+                    cipher_in,
+                    cipher_out: Vec::new(),
+                    written: 0,
                     eof: false,
                 };
                 (tcp(s)?, Some(tls))
@@ -235,13 +243,13 @@ impl Wire {
         Some(r)
     }
 
-    /// Bytes queued and not yet written (ciphertext the TLS layer holds counts as one).
+    /// Bytes queued and not yet written (plaintext, and ciphertext sealed ahead).
     pub fn pending(&self) -> usize {
-        let tls = self
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.borrow().conn.wants_write());
-        self.out.borrow().len() + usize::from(tls)
+        let sealed = self.tls.as_ref().map_or(0, |t| {
+            let t = t.borrow();
+            t.cipher_out.len() - t.written
+        });
+        self.out.borrow().len() + sealed
     }
 
     /// Whether the link's peer stopped reading long enough for [`MAX_PENDING`] bytes to pile
@@ -278,14 +286,14 @@ impl Wire {
         }
     }
 
-    /// [`Wire::flush`] through TLS: plaintext is encrypted in steps of [`TLS_BUFFER`], each
-    /// written out before the next is taken.
+    /// [`Wire::flush`] through TLS: plaintext is sealed in steps of [`SEAL_STEP`], each
+    /// written out before the next is sealed.
     fn flush_tls(&self, tls: &mut Tls) {
         let mut out = self.out.borrow_mut();
         loop {
-            while tls.conn.wants_write() {
-                match tls.conn.write_tls(&mut FdWriter(&self.sock)) {
-                    Ok(_) => {}
+            while tls.written < tls.cipher_out.len() {
+                match self.sock.try_write(&tls.cipher_out[tls.written..]) {
+                    Ok(n) => tls.written += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         drop(out);
@@ -300,18 +308,20 @@ impl Wire {
                     }
                 }
             }
+            tls.cipher_out.clear();
+            tls.written = 0;
             if out.is_empty() {
                 return;
             }
-            match tls.conn.writer().write(&out) {
-                Ok(n) => out.advance(n),
-                Err(_) => {
-                    out.clear();
-                    drop(out);
-                    self.close();
-                    return;
-                }
+            let n = out.len().min(SEAL_STEP);
+            if let Err(e) = tls.sealer.seal(&out[..n], &mut tls.cipher_out) {
+                tracing::warn!("closing a peer link: {e}");
+                out.clear();
+                drop(out);
+                self.close();
+                return;
             }
+            out.advance(n);
         }
     }
 
@@ -358,7 +368,7 @@ impl Wire {
     }
 
     /// [`Wire::read`] through TLS: reads up to `want` bytes of ciphertext at once, then
-    /// decrypts all of it into `buf`.
+    /// opens every complete record into `buf`.
     async fn read_tls(
         &self,
         tls: &RefCell<Tls>,
@@ -369,17 +379,23 @@ impl Wire {
             if self.closed.get() {
                 return Ok(0);
             }
-            // Plaintext decrypted earlier (during the handshake) comes out first.
-            let (n, eof, reply) = decrypt(&mut tls.borrow_mut(), buf)?;
-            if reply {
-                // A TLS message that needs an answer (e.g. a key update).
-                self.flush();
-            }
+            let n = {
+                let mut t = tls.borrow_mut();
+                let t = &mut *t;
+                let before = buf.len();
+                buf.reserve(t.cipher_in.len());
+                let used = t
+                    .opener
+                    .open(&mut t.cipher_in, |d| buf.extend_from_slice(d))
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                t.cipher_in.advance(used);
+                if buf.len() == before && t.eof {
+                    return Ok(0);
+                }
+                buf.len() - before
+            };
             if n > 0 {
                 return Ok(n);
-            }
-            if eof {
-                return Ok(0);
             }
             let mut cin = std::mem::take(&mut tls.borrow_mut().cipher_in);
             cin.reserve(want.max(1));
@@ -412,35 +428,6 @@ impl Wire {
             self.wake.notify_one();
         }
     }
-}
-
-/// Feeds the buffered ciphertext to the TLS session and appends the plaintext to `buf`:
-/// (plaintext bytes, end of stream, the session has something to send).
-fn decrypt(t: &mut Tls, buf: &mut BytesMut) -> io::Result<(usize, bool, bool)> {
-    let bad = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
-    let mut total = 0;
-    loop {
-        let st = t.conn.process_new_packets().map_err(bad)?;
-        let n = st.plaintext_bytes_to_read();
-        if n > 0 {
-            let start = buf.len();
-            buf.resize(start + n, 0);
-            t.conn.reader().read_exact(&mut buf[start..])?;
-            total += n;
-        }
-        if st.peer_has_closed() {
-            t.eof = true;
-        }
-        if t.cipher_in.is_empty() {
-            break;
-        }
-        let k = t.conn.read_tls(&mut &t.cipher_in[..])?;
-        if k == 0 {
-            break;
-        }
-        t.cipher_in.advance(k);
-    }
-    Ok((total, t.eof && total == 0, t.conn.wants_write()))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 pub mod authority;
 pub mod files;
 pub mod identity;
+pub mod records;
 pub mod verifier;
 
 use std::path::PathBuf;

@@ -162,13 +162,17 @@ impl NodeTls {
             .map_err(|e| TlsError::Config(format!("{}: {e}", key_path.display())))?;
         // Links are long-lived and always fully authenticated: no resumption tickets.
         server.send_tls13_tickets = 0;
-        let client = ClientConfig::builder_with_provider(provider)
+        // The record layer runs on the link's own buffers after the handshake (see
+        // `crate::records`).
+        server.enable_secret_extraction = true;
+        let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PeerVerifier { inner: verifier }))
             .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError::Config(format!("{}: {e}", key_path.display())))?;
+        client.enable_secret_extraction = true;
         Ok(NodeTls {
             server: Arc::new(server),
             client: Arc::new(client),
