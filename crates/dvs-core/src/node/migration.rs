@@ -986,6 +986,9 @@ impl NodeCore {
         };
         c.decided_at = Some(now);
         let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
+        // The source's image is of no use once the outcome is recorded: committed, the
+        // process runs on the destination; rolled back, the stopped process itself resumes.
+        self.actions.push_back(Action::DropImage { id });
         let nodes = self.dc_peers(dc);
         let frame = if commit {
             PeerFrame::MigrCommit { id, dc, ep, to }
