@@ -85,6 +85,15 @@ pub fn run(cmd: TlsCmd, cfg: &ClusterConfig, path: &Path) -> Result<()> {
             let mut new = cfg.clone();
             new.tls.revoked.push(id.serial.clone());
             dvs_tls::files::write_file(path, new.to_toml().as_bytes(), 0o600, true)?;
+            // Where the CA key is at hand, a CRL says the same to nodes that get only files.
+            if dir.join("ca.key").exists() {
+                let crl = dvs_tls::authority::write_crl(dir, &new.tls.revoked)?;
+                println!(
+                    "CRL with {} serial(s) written to {}",
+                    new.tls.revoked.len(),
+                    crl.display()
+                );
+            }
             println!(
                 "revoked the certificate of {} (serial {}) in {}: running nodes drop its links within seconds; issue a new one with `dvs tls issue {}`",
                 n.name,

@@ -97,6 +97,12 @@ pub fn issue_node_cert(
     name: &str,
     valid_for: Duration,
 ) -> Result<IssuedCert, TlsError> {
+    let now = OffsetDateTime::now_utc();
+    issue_between(dir, cluster, id, name, now - BACKDATE, now + valid_for)
+}
+
+/// Loads the CA of `dir` as an issuer.
+fn ca_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, TlsError> {
     let ca_cert_path = dir.join("ca.crt");
     let ca_key_path = dir.join("ca.key");
     let ca_pem = String::from_utf8_lossy(&read(&ca_cert_path)?).into_owned();
@@ -105,11 +111,63 @@ pub fn issue_node_cert(
         path: ca_key_path.clone(),
         message: format!("not a private key: {e}"),
     })?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| TlsError::BadPem {
+    Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| TlsError::BadPem {
         path: ca_cert_path.clone(),
         message: format!("not a CA certificate: {e}"),
-    })?;
+    })
+}
 
+/// Writes `dir/crl.pem`, signed by the CA of `dir`, listing the serials (hex) in `revoked`.
+/// Nodes that find it in their TLS folder refuse those certificates.
+pub fn write_crl(dir: &Path, revoked: &[String]) -> Result<PathBuf, TlsError> {
+    let issuer = ca_issuer(dir)?;
+    let now = OffsetDateTime::now_utc();
+    let mut certs = Vec::new();
+    for r in revoked {
+        let bytes = unhex(r).ok_or_else(|| TlsError::Generate(format!("{r:?} is not hex")))?;
+        certs.push(rcgen::RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&bytes),
+            revocation_time: now,
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now - BACKDATE,
+        next_update: now + NODE_VALIDITY,
+        crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+        issuing_distribution_point: None,
+        revoked_certs: certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&issuer).map_err(gen)?;
+    let path = dir.join("crl.pem");
+    write_file(&path, crl.pem().map_err(gen)?.as_bytes(), 0o644, true)?;
+    Ok(path)
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let s = if s.len() % 2 == 1 {
+        format!("0{s}")
+    } else {
+        s.to_string()
+    };
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// [`issue_node_cert`] with an explicit validity period.
+pub fn issue_between(
+    dir: &Path,
+    cluster: &str,
+    id: u16,
+    name: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<IssuedCert, TlsError> {
+    let issuer = ca_issuer(dir)?;
     let key = KeyPair::generate().map_err(gen)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -128,7 +186,8 @@ pub fn issue_node_cert(
     let serial = random_serial()?;
     let serial_hex = hex(serial.as_ref());
     params.serial_number = Some(serial);
-    validity(&mut params, valid_for);
+    params.not_before = not_before;
+    params.not_after = not_after;
     let cert = params.signed_by(&key, &issuer).map_err(gen)?;
     let out = IssuedCert {
         cert: dir.join(format!("{name}.crt")),

@@ -296,6 +296,42 @@ mod tests {
         );
     }
 
+    /// A certificate that expired, or whose serial the CA's CRL lists, is refused by its peer.
+    #[test]
+    fn expired_and_crl_revoked_certificates_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        init_ca(d.path(), "c", false).unwrap();
+        issue_node_cert(d.path(), "c", 0, "a", NODE_VALIDITY).unwrap();
+        let day = time::Duration::days(1);
+        let now = time::OffsetDateTime::now_utc();
+        crate::authority::issue_between(d.path(), "c", 1, "old", now - day * 30, now - day)
+            .unwrap();
+        let revoked = issue_node_cert(d.path(), "c", 2, "gone", NODE_VALIDITY).unwrap();
+        let a = NodeTls::load(&paths(d.path(), "a"), "c", 0).unwrap();
+        let old = NodeTls::load(&paths(d.path(), "old"), "c", 1).unwrap();
+        let gone = NodeTls::load(&paths(d.path(), "gone"), "c", 2).unwrap();
+        assert!(
+            handshake(&old, &a).is_err(),
+            "an expired client was accepted"
+        );
+        assert!(
+            handshake(&a, &old).is_err(),
+            "an expired server was accepted"
+        );
+        assert!(handshake(&gone, &a).is_ok(), "not revoked yet");
+
+        crate::authority::write_crl(d.path(), std::slice::from_ref(&revoked.serial)).unwrap();
+        let a = NodeTls::load(&paths(d.path(), "a"), "c", 0).unwrap();
+        assert!(
+            handshake(&gone, &a).is_err(),
+            "a CRL-revoked client was accepted"
+        );
+        assert!(
+            handshake(&a, &gone).is_err(),
+            "a CRL-revoked server was accepted"
+        );
+    }
+
     fn handshake(
         client: &NodeTls,
         server: &NodeTls,
