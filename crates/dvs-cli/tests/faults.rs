@@ -403,3 +403,36 @@ fn receive_from_an_endpoint_of_a_killed_node_fails() {
         "receive from an endpoint of a dead node"
     );
 }
+
+#[test]
+fn a_node_without_its_tls_files_says_which_and_how_to_make_them() {
+    let dir = tempfile::Builder::new()
+        .prefix("dvs-it-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let cfg = ClusterConfig::local(dir.path(), 2, 7050);
+    let path = dir.path().join("cluster.toml");
+    std::fs::write(&path, cfg.to_toml()).unwrap();
+    let p = path.to_str().unwrap();
+    let out = dvs(&["--config", p, "node", "--node", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a node without certificates must not start"
+    );
+    assert!(err.contains("ca.crt"), "names the missing file: {err}");
+    assert!(err.contains("dvs tls init"), "says how to make it: {err}");
+
+    // A certificate of another node in this node's place is refused at start too.
+    assert!(dvs(&["--config", p, "tls", "init"]).status.success());
+    assert!(dvs(&["--config", p, "tls", "issue", "all"])
+        .status
+        .success());
+    let tls = dir.path().join("tls");
+    std::fs::copy(tls.join("node1.crt"), tls.join("node0.crt")).unwrap();
+    std::fs::copy(tls.join("node1.key"), tls.join("node0.key")).unwrap();
+    let out = dvs(&["--config", p, "node", "--node", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("names node 1"), "{err}");
+}
