@@ -32,6 +32,9 @@ struct Sim {
     /// The directory watch tells every other node of a decided record at once, before the
     /// coordinator's broadcast arrives.
     fast_watch: bool,
+    /// Checkpoints do not complete until the test completes them (a long dump).
+    slow_dumps: bool,
+    dumps: Vec<(NodeId, dvs_wire::peer::MigrationId)>,
     /// pids killed and resumed by the cores.
     killed: Vec<i32>,
     resumed: Vec<i32>,
@@ -73,6 +76,8 @@ impl Sim {
             slow_link: None,
             slow: VecDeque::new(),
             fast_watch: false,
+            slow_dumps: false,
+            dumps: Vec::new(),
             killed: Vec::new(),
             resumed: Vec::new(),
         };
@@ -232,6 +237,7 @@ impl Sim {
             Action::Relocate { dc, ep, node: n } => {
                 self.dir_eps.insert((dc, ep), n);
             }
+            Action::Checkpoint { id, .. } if self.slow_dumps => self.dumps.push((node, id)),
             Action::Checkpoint { id, fail, .. } => {
                 let r = if fail {
                     Err("injected".into())
@@ -685,4 +691,36 @@ fn an_outcome_learned_from_the_directory_first_is_acknowledged_when_the_broadcas
     sim.request(1, c, sendrec(1, 7));
     let (_, rc) = *sim.restored.last().expect("restored");
     assert!(matches!(sim.take(2, rc), Some(LocalResponse::Msg(m)) if m.word(0) == 7));
+}
+
+#[test]
+fn a_rollback_decided_while_the_dump_runs_resumes_the_process_when_it_ends() {
+    let mut sim = Sim::new();
+    // The destination dies while criu is still dumping the source: the coordinator decides a
+    // rollback at once; when the dump ends (leaving the process stopped) the process must be
+    // resumed, and its image dropped.
+    sim.slow_dumps = true;
+    let s = sim.bind(0, 1, 1000);
+    let c = sim.bind(1, 2, 2000);
+    sim.migrate(0, 1, 2, None);
+    sim.request(0, s, receive());
+    let (node, id) = *sim.dumps.last().expect("a dump started");
+    assert_eq!(node, 0);
+    for n in [0usize, 1] {
+        sim.cores[n].on_link_down(2);
+    }
+    sim.run();
+    let r = sim.reports.last().expect("finished").clone();
+    assert!(!r.committed, "{r:?}");
+    assert!(
+        sim.resumed.is_empty(),
+        "nothing to resume before the dump ends"
+    );
+    let now = sim.now;
+    sim.cores[0].on_checkpoint_done(id, Ok(1000), now);
+    sim.run();
+    assert_eq!(sim.resumed, vec![1000], "the dumped process must run again");
+    sim.assert_runs_on(1, 0);
+    sim.request(1, c, sendrec(1, 5));
+    assert!(matches!(sim.take(0, s), Some(LocalResponse::Msg(m)) if m.word(0) == 5));
 }

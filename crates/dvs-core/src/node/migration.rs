@@ -289,6 +289,10 @@ pub(crate) struct MigrationState {
     /// coordinator's broadcast): a late COMMIT/ROLLBACK for one of them is acknowledged, not
     /// applied twice and not taken for a forgery.
     applied: std::collections::VecDeque<(MigrationId, DcId, Ep)>,
+    /// CRIU dumps under way, by migration: the pid of the process being dumped. The outcome
+    /// may be decided (a rollback, e.g. the destination died) before the dump ends; the dump
+    /// then leaves the process stopped, and it must be resumed when the dump ends.
+    dumping: HashMap<MigrationId, i32>,
 }
 
 /// How many applied outcomes [`MigrationState`] remembers.
@@ -751,7 +755,10 @@ impl NodeCore {
             },
         });
         match backend {
-            Backend::Criu => self.actions.push_back(Action::Checkpoint { id, pid, fail }),
+            Backend::Criu => {
+                self.migr.dumping.insert(id, pid);
+                self.actions.push_back(Action::Checkpoint { id, pid, fail })
+            }
             Backend::Cooperative => {
                 // Interrupt the call it is blocked in; the library answers with the snapshot.
                 self.actions.push_back(Action::Respond {
@@ -796,12 +803,20 @@ impl NodeCore {
         now: Instant,
     ) {
         self.last_now = now;
+        let dumped = self.migr.dumping.remove(&id);
+        let decided = self.migr.coords.get(&id).map(|c| c.commit.is_some());
+        if decided != Some(false) {
+            // Rolled back while the dump ran (a commit needs the dump): the dump left the
+            // process stopped and wrote an image nobody needs.
+            if let Some(pid) = dumped {
+                self.actions.push_back(Action::ResumeTree { pid });
+            }
+            self.actions.push_back(Action::DropImage { id });
+            return;
+        }
         let Some(c) = self.migr.coords.get_mut(&id) else {
             return;
         };
-        if c.commit.is_some() {
-            return;
-        }
         match result {
             Ok(bytes) => {
                 c.checkpointed = true;
