@@ -817,3 +817,113 @@ fn criu_server_moves_20_times_under_load() {
     assert_client_ok(&c, "client of the moving server", &result, iterations);
     assert_runs_on(&c, SERVER, home);
 }
+
+/// The state letter of process `pid` (`T` = stopped), from /proc.
+fn proc_state(pid: u64) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().next().map(str::to_string)
+}
+
+#[test]
+fn criu_destination_killed_during_the_dump_rolls_back_and_the_source_runs_on() {
+    let _turn = serial();
+    let name = "destination killed while the source is dumped";
+    if !criu_available(name) {
+        return;
+    }
+    let c = Cluster::start();
+    // A 200 MiB server: its dump takes long enough to kill the destination in the middle.
+    let server = example_bin("migr-server");
+    let out = c.dvs(&[
+        "run",
+        "--dc",
+        "dc0",
+        "--ep",
+        &SERVER.to_string(),
+        "--node",
+        &node_name(&c, 0),
+        "--",
+        server.to_str().expect("UTF-8 path"),
+        "--ballast-mb",
+        "200",
+    ]);
+    assert!(out.status.success(), "{}", printed(&out));
+    let client = ClientRun::start(&c, 1, CLIENT, SERVER, ITERATIONS, BLOCK);
+    assert!(
+        wait_served(&c, &ep_log(&c, 0, SERVER), 1, &client),
+        "{name}: the client ended too early"
+    );
+    let dir = c.dir().to_path_buf();
+    let to = node_name(&c, 2);
+    let migration = thread::spawn(move || {
+        Command::new(DVS)
+            .arg("--dir")
+            .arg(&dir)
+            .args([
+                "migrate",
+                "dc0/1",
+                "--to",
+                &to,
+                "--backend",
+                "criu",
+                "--json",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run dvs migrate")
+    });
+    // Once the move has started, give the quiesce a moment and kill the destination while
+    // the 200 MiB dump runs.
+    wait_until(
+        "the migration to start",
+        || {
+            let s = c.status();
+            let migrating = s["nodes"].as_array()?.iter().any(|n| {
+                n["status"]["endpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|e| e["ep"] == SERVER && e["migrating"] == Value::Bool(true))
+            });
+            migrating.then_some(())
+        },
+        || diagnose(&c),
+    );
+    thread::sleep(Duration::from_millis(40));
+    c.kill_node(2);
+    let out = migration.join().unwrap();
+    if let Ok(report) = serde_json::from_slice::<Value>(&out.stdout) {
+        assert_eq!(report["committed"], Value::Bool(false), "{name}: {report}");
+    }
+    let result = client.finish(&c);
+    assert_client_ok(&c, name, &result, ITERATIONS);
+    // The source process runs (not left stopped by the dump) and is RUNNING on node0.
+    let status = c.status();
+    let running: Vec<_> = placements(&status, SERVER)
+        .into_iter()
+        .filter(|(node, state, _)| *node == 0 && state == "RUNNING")
+        .collect();
+    assert_eq!(running.len(), 1, "{name}: {running:?}{}", diagnose(&c));
+    let procs = c.dvs(&["ps", "--json"]);
+    let procs: Value = serde_json::from_slice(&procs.stdout).unwrap_or(Value::Null);
+    for n in procs.as_array().into_iter().flatten() {
+        for p in n["procs"].as_array().into_iter().flatten() {
+            if p["ep"] == SERVER {
+                let pid = p["pid"].as_u64().expect("pid");
+                for child in std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|s| s.parse::<u64>().ok())
+                    .chain([pid])
+                {
+                    assert_ne!(
+                        proc_state(child).as_deref(),
+                        Some("T"),
+                        "{name}: process {child} was left stopped"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -619,6 +619,19 @@ impl NodeCore {
         self.actions.push_back(Action::Register { conn, dc, ep });
     }
 
+    /// The local connection of `{dc, ep}`: bound, or binding (its directory write is in flight;
+    /// another node may already have seen it in the directory and sent it a message, which
+    /// waits in its queue).
+    fn local_or_binding(&self, dc: DcId, ep: Ep) -> Option<ConnId> {
+        if let Some(Registration::Local { conn }) = self.table.get(dc, ep) {
+            return Some(conn);
+        }
+        self.conns
+            .iter()
+            .find(|(_, c)| c.blocked == Blocked::Binding && c.bound == Some((dc, ep)))
+            .map(|(id, _)| *id)
+    }
+
     /// Whether `conn` may not bind `{dc, ep}` (logged with the reason): a process launched for
     /// an endpoint may bind only that one; any other needs a uid in the DC's `bind_uids`.
     fn bind_refused(&self, conn: ConnId, dc: DcId, ep: Ep) -> bool {
@@ -695,15 +708,26 @@ impl NodeCore {
             return;
         }
         let (dc, ep) = c.bound.expect("binding connections carry their endpoint");
-        if let Err(e) = result {
-            c.bound = None;
-            return self.respond(conn, err(e));
-        }
-        if let Some(Registration::Local { .. }) = self.table.get(dc, ep) {
+        let refused = match result {
+            Err(e) => Some(e),
             // Two local connections raced for the same endpoint; the directory let the
             // second through because the key names this node.
+            Ok(()) if matches!(self.table.get(dc, ep), Some(Registration::Local { .. })) => {
+                Some(Errno::AlreadyBound)
+            }
+            Ok(()) => None,
+        };
+        if let Some(e) = refused {
+            // Messages that arrived while the bind was in flight were for an endpoint that
+            // did not come to be here.
+            let c = self.conns.get_mut(&conn).expect("checked above");
             c.bound = None;
-            return self.respond(conn, err(Errno::AlreadyBound));
+            let queued: Vec<Incoming> = c.queue.drain(..).collect();
+            c.notifies.clear();
+            for inc in queued {
+                self.fail_incoming(dc, ep, inc, Errno::DstDied);
+            }
+            return self.respond(conn, err(e));
         }
         self.table.set(dc, ep, Registration::Local { conn });
         self.broadcast(dc, PeerFrame::Bound { dc, ep });
@@ -1727,7 +1751,7 @@ impl NodeCore {
                         },
                     );
                 }
-                if let Some(Registration::Local { conn }) = self.table.get(dc, dst) {
+                if let Some(conn) = self.local_or_binding(dc, dst) {
                     self.notify_local(conn, src, value);
                 }
             }
@@ -1859,7 +1883,7 @@ impl NodeCore {
             });
             return;
         }
-        let Some(Registration::Local { conn: q }) = self.table.get(dc, dst) else {
+        let Some(q) = self.local_or_binding(dc, dst) else {
             return fail(self, Errno::DstDied);
         };
         msg.source = src;

@@ -3313,3 +3313,47 @@ mod prop {
         }
     }
 }
+
+/// Another node can see a registration in the directory (and send to it) before the binding
+/// node has heard back from its own directory write: the message waits for the bind instead
+/// of failing with "destination died"; if the bind then fails, it fails.
+#[test]
+fn a_message_for_an_endpoint_whose_bind_is_in_flight_waits_for_it() {
+    let mut s = Sim::new();
+    let client = s.bind(2, DC, 2);
+    s.manual_register = true;
+    let server = s.connect(1);
+    s.call(server, bind(DC, 1));
+    assert_eq!(s.take_others().len(), 1, "the Register action");
+    // Node 2 learned from the directory watch that ep 1 runs on node 1.
+    s.core(2).on_directory_update(DC, 1, Some(1));
+    s.call(client, sendrec(1, 0x71, Timeout::Forever));
+    s.idle(client);
+    s.core(1).on_register_result(server.conn, Ok(()));
+    s.pump();
+    s.expect(
+        server,
+        LocalResponse::Ep {
+            dc: DC,
+            ep: 1,
+            node: 1,
+        },
+    );
+    s.call(server, any());
+    s.expect_msg_from(server, 2, 0x71);
+    s.call(server, reply(2, 0x72));
+    s.expect_msg_from(client, 1, 0x72);
+
+    // A bind that the directory refuses: what waited for it fails.
+    let other = s.connect(1);
+    s.call(other, bind(DC, 3));
+    s.take_others();
+    s.core(2).on_directory_update(DC, 3, Some(1));
+    s.call(client, sendrec(3, 0x73, Timeout::Forever));
+    s.idle(client);
+    s.core(1)
+        .on_register_result(other.conn, Err(Errno::AlreadyBound));
+    s.pump();
+    s.expect_err(other, Errno::AlreadyBound);
+    s.expect_err(client, Errno::DstDied);
+}
