@@ -277,8 +277,9 @@ impl Shared {
                 if w.over_limit() {
                     // The peer stopped reading: a dead link is better than unbounded memory.
                     error!(
-                        "link to node {node}: over {} MiB queued that the peer does not read, closing the link",
-                        wire::MAX_PENDING >> 20
+                        "link to node {node}: over {} MiB queued and the peer read nothing for {:?}, closing the link",
+                        wire::MAX_PENDING >> 20,
+                        wire::STUCK_AFTER
                     );
                     w.close();
                     return;

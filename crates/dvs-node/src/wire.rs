@@ -32,9 +32,12 @@ pub struct TlsLink {
     pub cipher_in: BytesMut,
 }
 
-/// Plaintext bytes queued beyond which a link is declared stuck and closed: a peer that stops
-/// reading must not make this node buffer without bound.
+/// Bytes queued beyond which a link whose peer has stopped reading (no write progress for
+/// [`STUCK_AFTER`]) is closed: such a peer must not make this node buffer without bound. A
+/// peer that reads keeps its link however much is queued (a big migration image is).
 pub const MAX_PENDING: usize = 256 << 20;
+/// How long a link over [`MAX_PENDING`] may make no write progress.
+pub const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Plaintext sealed per step: big writes reach the socket while the rest is being sealed.
 const SEAL_STEP: usize = 256 * 1024;
@@ -181,6 +184,10 @@ pub struct Wire {
     wake: Notify,
     closed: Cell<bool>,
     compress: bool,
+    /// When a write last made progress.
+    last_progress: Cell<std::time::Instant>,
+    /// [`MAX_PENDING`] and [`STUCK_AFTER`] (smaller in tests).
+    stuck: Cell<(usize, std::time::Duration)>,
     /// Frames queued since the connection opened.
     pub frames_out: Cell<u64>,
     /// Bytes queued since the connection opened.
@@ -199,6 +206,8 @@ impl Wire {
             wake: Notify::new(),
             closed: Cell::new(false),
             compress,
+            last_progress: Cell::new(std::time::Instant::now()),
+            stuck: Cell::new((MAX_PENDING, STUCK_AFTER)),
             frames_out: Cell::new(0),
             bytes_out: Cell::new(0),
         })
@@ -252,10 +261,17 @@ impl Wire {
         self.out.borrow().len() + sealed
     }
 
+    /// Changes the limits of [`Wire::over_limit`].
+    #[cfg(test)]
+    fn set_stuck_limit(&self, bytes: usize, after: std::time::Duration) {
+        self.stuck.set((bytes, after));
+    }
+
     /// Whether the link's peer stopped reading long enough for [`MAX_PENDING`] bytes to pile
     /// up; the caller closes such a link.
     pub fn over_limit(&self) -> bool {
-        self.out.borrow().len() > MAX_PENDING
+        let (limit, after) = self.stuck.get();
+        self.pending() > limit && self.last_progress.get().elapsed() > after
     }
 
     /// Writes what it can now; the writer task finishes the rest when the socket drains.
@@ -269,7 +285,10 @@ impl Wire {
         let mut out = self.out.borrow_mut();
         while !out.is_empty() {
             match self.sock.try_write(&out) {
-                Ok(n) => out.advance(n),
+                Ok(n) => {
+                    out.advance(n);
+                    self.last_progress.set(std::time::Instant::now());
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     drop(out);
@@ -293,7 +312,10 @@ impl Wire {
         loop {
             while tls.written < tls.cipher_out.len() {
                 match self.sock.try_write(&tls.cipher_out[tls.written..]) {
-                    Ok(n) => tls.written += n,
+                    Ok(n) => {
+                        tls.written += n;
+                        self.last_progress.set(std::time::Instant::now());
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         drop(out);
@@ -497,6 +519,40 @@ mod tests {
             assert_eq!(&buf[..], b"hello world");
             assert_eq!(wire.read(&mut buf, 1024).await.unwrap(), 0);
             later.await.unwrap();
+        });
+    }
+
+    /// A peer that reads keeps its link however much is queued; one that stops reading with
+    /// more than the limit queued is reported stuck once no write made progress for a while.
+    #[test]
+    fn a_link_is_stuck_only_when_over_the_limit_and_not_read() {
+        run_local(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let a = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (mut b, _) = listener.accept().await.unwrap();
+            let wire = Wire::new(Sock::Tcp(a), false).unwrap();
+            let after = std::time::Duration::from_millis(100);
+            wire.set_stuck_limit(1 << 20, after);
+            let chunk = vec![1u8; 1 << 20];
+            for i in 0..16u32 {
+                wire.queue(&i, &chunk).unwrap();
+            }
+            wire.flush();
+            assert!(
+                wire.pending() > 1 << 20,
+                "the socket buffers must have filled"
+            );
+            assert!(!wire.over_limit(), "progress was just made");
+            tokio::time::sleep(after * 2).await;
+            assert!(wire.over_limit(), "no reader for longer than the limit");
+            // The peer reads again: progress resets the verdict.
+            let mut buf = vec![0u8; 1 << 20];
+            let n = b.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            wire.flush();
+            assert!(!wire.over_limit());
         });
     }
 
