@@ -15,6 +15,7 @@ pub mod table;
 
 pub use node::migration::{
     FailAt, MigrRecord, MigrationReport, MigrationRequest, Phase, RecordState, Require,
+    PARTICIPANT_TIMEOUT,
 };
 pub use node::peer_check::{VcopyChunk, Violation, MAX_INCOMING_VCOPIES_PER_PEER};
 pub use node::{Action, CoreConfig, DcInfo, LocalPeer, NodeCore, VcopyCompletion, VCOPY_MAX};

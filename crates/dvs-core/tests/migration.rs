@@ -724,3 +724,76 @@ fn a_rollback_decided_while_the_dump_runs_resumes_the_process_when_it_ends() {
     sim.request(1, c, sendrec(1, 5));
     assert!(matches!(sim.take(0, s), Some(LocalResponse::Msg(m)) if m.word(0) == 5));
 }
+
+#[test]
+fn participants_wait_for_a_slow_coordinator_that_is_still_reachable() {
+    let mut sim = Sim::new();
+    // A dump that takes longer than the participants' timeout (a big process): the
+    // coordinator is alive and reachable, so nobody records a rollback behind its back.
+    sim.slow_dumps = true;
+    let s = sim.bind(0, 1, 1000);
+    sim.bind(1, 2, 2000);
+    sim.migrate(0, 1, 2, None);
+    sim.request(0, s, receive());
+    let (_, id) = *sim.dumps.last().expect("a dump started");
+    sim.advance(dvs_core::PARTICIPANT_TIMEOUT * 3);
+    assert!(
+        sim.reports.is_empty(),
+        "nobody may decide while the coordinator works: {:?}",
+        sim.reports
+    );
+    let now = sim.now;
+    sim.cores[0].on_checkpoint_done(id, Ok(1000), now);
+    sim.run();
+    let r = sim.reports.last().expect("finished").clone();
+    assert!(r.committed, "{r:?}");
+    sim.assert_runs_on(1, 2);
+}
+
+#[test]
+fn a_rollback_recorded_by_another_node_is_followed_by_the_coordinator_at_once() {
+    let mut sim = Sim::new();
+    sim.slow_dumps = true;
+    let s = sim.bind(0, 1, 1000);
+    let c = sim.bind(1, 2, 2000);
+    sim.migrate(0, 1, 2, None);
+    sim.request(0, s, receive());
+    let (_, id) = *sim.dumps.last().expect("a dump started");
+    // A participant (which lost the coordinator for a while) recorded a rollback.
+    let record = dvs_core::MigrRecord {
+        id,
+        from: 0,
+        to: 2,
+        state: dvs_core::RecordState::RolledBack,
+    };
+    let now = sim.now;
+    for n in 0..3 {
+        sim.cores[n].on_migr_record(0, 1, record, now);
+    }
+    sim.run();
+    let r = sim.reports.last().expect("finished").clone();
+    assert!(!r.committed, "{r:?}");
+    // The dump ends: the process runs again, on its node.
+    sim.cores[0].on_checkpoint_done(id, Ok(1000), now);
+    sim.run();
+    assert_eq!(sim.resumed, vec![1000]);
+    sim.assert_runs_on(1, 0);
+    sim.request(1, c, sendrec(1, 9));
+    assert!(matches!(sim.take(0, s), Some(LocalResponse::Msg(m)) if m.word(0) == 9));
+    // A restore that finishes after the rollback: that copy is killed.
+    sim.cores[2].on_restored(id, Ok((777, 4343)), now);
+    let mut actions = Vec::new();
+    while let Some(a) = sim.cores[2].poll_action() {
+        actions.push(a);
+    }
+    assert!(
+        actions.contains(&Action::KillTree { pid: 4343 }),
+        "{actions:?}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Close { conn: 777, .. })),
+        "{actions:?}"
+    );
+}

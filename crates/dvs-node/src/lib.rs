@@ -297,11 +297,6 @@ impl Shared {
             .or_else(|| self.migrations.restored.get(&pid).map(|r| (r.dc, r.ep)))
     }
 
-    /// Remembers to flush `w` at the end of this round.
-    pub fn mark_dirty(&mut self, w: &Rc<Wire>) {
-        mark(&mut self.dirty, w);
-    }
-
     fn dir(&mut self, op: DirOp) {
         if self.dir_tx.send(op).is_err() {
             error!("directory worker is gone");

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,8 @@ use dvs_core::{MigrationReport, Phase};
 use dvs_wire::peer::{Backend, MigrationId, PeerFrame};
 use dvs_wire::{DcId, Ep, NodeId};
 use tokio::sync::mpsc;
+
+use crate::wire::Wire;
 use tracing::{info, warn};
 
 use crate::ctl::{CtlResponse, MigrationSummary, PhaseTime};
@@ -247,52 +250,21 @@ impl Shared {
     /// Source: streams the image folder to `to` as `MigrImage` frames.
     pub(crate) fn migr_send_image(&mut self, id: MigrationId, to: NodeId) {
         let dir = image_dir(self, id);
-        let result = (|| -> Result<u64, String> {
-            let w = self
-                .peers
-                .get(&to)
-                .cloned()
-                .ok_or_else(|| format!("the link to node {to} is down"))?;
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file())
-                .collect();
-            files.sort();
-            let mut total = 0u64;
-            for f in files {
-                let name = f
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .ok_or("non-UTF-8 image file name")?
-                    .to_string();
-                let data =
-                    std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
-                let mut off = 0usize;
-                loop {
-                    let end = (off + IMAGE_CHUNK).min(data.len());
-                    let frame = PeerFrame::MigrImage {
-                        id,
-                        file: name.clone(),
-                        offset: off as u64,
-                        last: end == data.len(),
-                    };
-                    w.queue(&frame, &data[off..end])
-                        .map_err(|e| e.to_string())?;
-                    if w.pending() >= 4 * IMAGE_CHUNK {
-                        w.flush();
-                    }
-                    off = end;
-                    if off >= data.len() {
-                        break;
-                    }
-                }
-                total += data.len() as u64;
-            }
-            self.mark_dirty(&w);
-            Ok(total)
-        })();
-        self.core.on_image_sent(id, result, Instant::now());
+        let Some(w) = self.peers.get(&to).cloned() else {
+            let e = format!("the link to node {to} is down");
+            return self.core.on_image_sent(id, Err(e), Instant::now());
+        };
+        // Streamed by a task of its own, a chunk at a time: reading and queueing a big image
+        // in one go stopped this event loop for seconds (peers then declared its links dead),
+        // and the link's queue holds at most `IMAGE_AHEAD` of it, so frames behind it
+        // (heartbeats, IPC) wait at most that long.
+        let st = self.state();
+        tokio::task::spawn_local(async move {
+            let result = stream_image(&w, id, &dir).await;
+            let mut s = st.borrow_mut();
+            s.core.on_image_sent(id, result, Instant::now());
+            s.drive();
+        });
     }
 
     /// Destination: stores one image chunk.
@@ -484,6 +456,57 @@ impl Shared {
             }
         }
     }
+}
+
+/// Image bytes queued on a link ahead of what the socket took, at most.
+const IMAGE_AHEAD: usize = 4 * IMAGE_CHUNK;
+
+/// Sends the image files of `dir` as `MigrImage` frames on `w`, reading each chunk off the
+/// event loop and waiting while more than [`IMAGE_AHEAD`] is queued. Returns the bytes sent.
+async fn stream_image(w: &Rc<Wire>, id: MigrationId, dir: &Path) -> Result<u64, String> {
+    use tokio::io::AsyncReadExt;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; IMAGE_CHUNK];
+    for f in files {
+        let name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or("non-UTF-8 image file name")?
+            .to_string();
+        let cannot = |e: std::io::Error| format!("cannot read {}: {e}", f.display());
+        let mut file = tokio::fs::File::open(&f).await.map_err(cannot)?;
+        let len = file.metadata().await.map_err(cannot)?.len();
+        let mut off = 0u64;
+        loop {
+            let want = (len - off).min(IMAGE_CHUNK as u64) as usize;
+            file.read_exact(&mut buf[..want]).await.map_err(cannot)?;
+            let last = off + want as u64 == len;
+            let frame = PeerFrame::MigrImage {
+                id,
+                file: name.clone(),
+                offset: off,
+                last,
+            };
+            if w.is_closed() {
+                return Err("the link to the destination closed during the transfer".into());
+            }
+            w.queue(&frame, &buf[..want]).map_err(|e| e.to_string())?;
+            w.flush();
+            w.wait_pending_below(IMAGE_AHEAD).await;
+            off += want as u64;
+            if last {
+                break;
+            }
+        }
+        total += len;
+    }
+    Ok(total)
 }
 
 /// Dumps `pid`'s tree into `dir`, leaving it stopped; returns the image size.

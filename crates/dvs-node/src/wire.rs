@@ -186,6 +186,8 @@ pub struct Wire {
     compress: bool,
     /// When a write last made progress.
     last_progress: Cell<std::time::Instant>,
+    /// Woken whenever a write made progress (see [`Wire::wait_pending_below`]).
+    progress: Notify,
     /// [`MAX_PENDING`] and [`STUCK_AFTER`] (smaller in tests).
     stuck: Cell<(usize, std::time::Duration)>,
     /// Frames queued since the connection opened.
@@ -207,6 +209,7 @@ impl Wire {
             closed: Cell::new(false),
             compress,
             last_progress: Cell::new(std::time::Instant::now()),
+            progress: Notify::new(),
             stuck: Cell::new((MAX_PENDING, STUCK_AFTER)),
             frames_out: Cell::new(0),
             bytes_out: Cell::new(0),
@@ -261,6 +264,18 @@ impl Wire {
         self.out.borrow().len() + sealed
     }
 
+    /// Waits until at most `limit` bytes are queued (or the connection closed): a bulk sender
+    /// paces itself with this, so that what it queues delays later frames by a bounded amount.
+    pub async fn wait_pending_below(&self, limit: usize) {
+        loop {
+            let progressed = self.progress.notified();
+            if self.closed.get() || self.pending() <= limit {
+                return;
+            }
+            progressed.await;
+        }
+    }
+
     /// Changes the limits of [`Wire::over_limit`].
     #[cfg(test)]
     fn set_stuck_limit(&self, bytes: usize, after: std::time::Duration) {
@@ -288,6 +303,7 @@ impl Wire {
                 Ok(n) => {
                     out.advance(n);
                     self.last_progress.set(std::time::Instant::now());
+                    self.progress.notify_waiters();
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -315,6 +331,7 @@ impl Wire {
                     Ok(n) => {
                         tls.written += n;
                         self.last_progress.set(std::time::Instant::now());
+                        self.progress.notify_waiters();
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -445,6 +462,7 @@ impl Wire {
     /// Closes both directions: the reader sees end of stream, the writer stops.
     pub fn close(&self) {
         if !self.closed.replace(true) {
+            self.progress.notify_waiters();
             let _ =
                 nix::sys::socket::shutdown(self.sock.raw_fd(), nix::sys::socket::Shutdown::Both);
             self.wake.notify_one();

@@ -880,6 +880,14 @@ impl NodeCore {
     ) {
         self.last_now = now;
         let Some(a) = self.migr.arrivals.get_mut(&id) else {
+            // The outcome (a rollback) came while the restore ran: this copy must not live.
+            if let Ok((conn, pid)) = result {
+                self.actions.push_back(Action::KillTree { pid });
+                self.actions.push_back(Action::Close {
+                    conn,
+                    reason: format!("migration {id:x} was rolled back during the restore"),
+                });
+            }
             return;
         };
         let coordinator = a.coordinator;
@@ -1444,7 +1452,21 @@ impl NodeCore {
     /// broadcast applies it from here.
     pub fn on_migr_record(&mut self, dc: DcId, ep: Ep, record: MigrRecord, now: Instant) {
         self.last_now = now;
-        if record.state == RecordState::Started || self.migr.coords.contains_key(&record.id) {
+        if record.state == RecordState::Started {
+            return;
+        }
+        if let Some(c) = self.migr.coords.get_mut(&record.id) {
+            // A participant recorded a rollback while this coordinator was still at work
+            // (it thought the coordinator gone): follow the record at once, so that the
+            // source resumes and no restored copy survives.
+            if c.commit.is_none() {
+                let commit = record.state == RecordState::Committed;
+                c.commit = Some(commit);
+                if !commit {
+                    c.error = Some("rolled back by another node".into());
+                }
+                self.apply_decision(record.id, commit, now);
+            }
             return;
         }
         if self
@@ -1470,6 +1492,12 @@ impl NodeCore {
                 .find(|(_, h)| h.id == Some(id))
                 .map(|(k, h)| (*k, h.route));
             if let Some(((dc, ep), Some((from, to)))) = held {
+                if self.links_up.contains(&from) {
+                    // The coordinator (the source) is reachable: it is still at work (a big
+                    // image takes a while) and decides itself. Losing its link ends this wait.
+                    self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
+                    return;
+                }
                 let record = MigrRecord {
                     id,
                     from,
