@@ -927,3 +927,55 @@ fn criu_destination_killed_during_the_dump_rolls_back_and_the_source_runs_on() {
         }
     }
 }
+
+/// A server with a 1 GiB heap migrates while a client on a third node calls it: the move
+/// commits, no node declares a link dead meanwhile (the node busy with the image keeps its
+/// heartbeats going), and the client gets every answer.
+#[test]
+fn criu_a_1_gib_server_migrates_under_load_without_losing_a_link() {
+    let _turn = serial();
+    let name = "1 GiB server";
+    if !criu_available(name) {
+        return;
+    }
+    let c = Cluster::start();
+    let server = example_bin("migr-server");
+    let out = c.dvs(&[
+        "run",
+        "--dc",
+        "dc0",
+        "--ep",
+        &SERVER.to_string(),
+        "--node",
+        &node_name(&c, 0),
+        "--",
+        server.to_str().expect("UTF-8 path"),
+        "--ballast-mb",
+        "1024",
+    ]);
+    assert!(out.status.success(), "{}", printed(&out));
+    let client = ClientRun::start(&c, 2, CLIENT, SERVER, 3000, BLOCK);
+    assert!(
+        wait_served(&c, &ep_log(&c, 0, SERVER), 1, &client),
+        "{name}: the client ended too early"
+    );
+    let downs: Vec<usize> = (0..3).map(|n| c.log_count(n, "down:")).collect();
+    let report = migrate(&c, SERVER, 1, Backend::Criu, None);
+    let result = client.finish(&c);
+    assert_client_ok(&c, name, &result, 3000);
+    assert_runs_on(&c, SERVER, 1);
+    for n in 0..3 {
+        assert_eq!(
+            c.log_count(n, "down:"),
+            downs[n as usize],
+            "{name}: node {n} lost a link during the move:\n{}",
+            c.log(n)
+        );
+    }
+    println!(
+        "{name}: committed in {:.0} ms (image {:.0} MB), client max stall {:.0} ms",
+        report["migration_ms"].as_f64().unwrap_or(f64::NAN),
+        report["image_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6,
+        result["max_stall_ms"].as_f64().unwrap_or(f64::NAN)
+    );
+}

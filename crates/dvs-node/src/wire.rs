@@ -384,6 +384,11 @@ impl Wire {
     /// Waits until the socket is readable, then appends what one read returns to `buf`,
     /// asking for up to `want` bytes at least (0 = end of stream).
     pub async fn read(&self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+        // A socket that always has data never makes its readiness future wait, and that
+        // future takes no share of tokio's cooperative budget: without this, a bulk transfer
+        // on one link kept every other task of the node from running (heartbeats to the other
+        // nodes stopped for seconds and they declared this node dead).
+        tokio::task::coop::consume_budget().await;
         if let Some(tls) = &self.tls {
             return self.read_tls(tls, buf, want).await;
         }
