@@ -337,6 +337,20 @@ fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
     it.cloned().collect::<Vec<_>>().join(", ")
 }
 
+/// Splits `DC/EP` and resolves the DC.
+pub fn parse_target(cfg: &ClusterConfig, target: &str) -> Result<(u16, i32)> {
+    let (dc, ep) = target
+        .split_once('/')
+        .ok_or_else(|| anyhow!("{target:?}: expected DC/EP, e.g. dc0/1"))?;
+    let dcc = cfg
+        .find_dc(dc)
+        .ok_or_else(|| anyhow!("no DC {dc:?} in the cluster config"))?;
+    let ep: i32 = ep
+        .parse()
+        .map_err(|_| anyhow!("{ep:?} is not an endpoint number"))?;
+    Ok((dcc.id, ep))
+}
+
 /// `dvs register`: records on nodes that `{dc, ep}` runs on `at` (REMOTE), or is a backup kept
 /// on `at` (BACKUP). Without `on`, every other node of the DC.
 pub fn register(
@@ -346,7 +360,7 @@ pub fn register(
     on: &[String],
     backup: bool,
 ) -> Result<()> {
-    let (dc, ep) = crate::migrate::parse_target(cfg, target)?;
+    let (dc, ep) = parse_target(cfg, target)?;
     let dcc = cfg.dc_by_id(dc).expect("resolved");
     let at = cfg
         .find_node(at)

@@ -8,30 +8,17 @@
 //! beside the paper's published ones, shows `dvs status` and always stops the cluster.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use dvs_config::ClusterConfig;
 use dvs_node::ctl::MigrationSummary;
 
-use crate::bench_migration::{
+use crate::harness::{
     bytes_text, criu_on, phase_medians, with_cluster, Harness, Sample, Stats, BALLAST_MB, EP_SERVER,
 };
-
-/// Where the example programs live: next to the dvs binary (cargo puts them there).
-pub fn example_binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let p = exe.parent().context("dvs has no folder")?.join(name);
-    if !p.exists() {
-        bail!(
-            "{} not found next to dvs: build it with `cargo build --release -p dvs-examples`",
-            p.display()
-        );
-    }
-    Ok(p)
-}
 
 /// Options of `dvs demo`.
 #[derive(Debug, Clone)]

@@ -5,6 +5,7 @@ mod bench_migration;
 mod cluster;
 mod cluster_dir;
 mod demo;
+mod harness;
 mod migrate;
 mod status;
 mod tls;

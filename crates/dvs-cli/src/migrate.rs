@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use dvs_config::ClusterConfig;
 use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, MigrationSummary};
 
-use crate::cluster::node_status;
+use crate::cluster::{node_status, parse_target};
 
 /// Options of `dvs migrate`.
 pub struct MigrateOptions<'a> {
@@ -24,20 +24,6 @@ pub struct MigrateOptions<'a> {
     pub quiesce_ms: Option<u64>,
     /// JSON output.
     pub json: bool,
-}
-
-/// Splits `DC/EP` and resolves the DC.
-pub fn parse_target(cfg: &ClusterConfig, target: &str) -> Result<(u16, i32)> {
-    let (dc, ep) = target
-        .split_once('/')
-        .ok_or_else(|| anyhow!("{target:?}: expected DC/EP, e.g. dc0/1"))?;
-    let dcc = cfg
-        .find_dc(dc)
-        .ok_or_else(|| anyhow!("no DC {dc:?} in the cluster config"))?;
-    let ep: i32 = ep
-        .parse()
-        .map_err(|_| anyhow!("{ep:?} is not an endpoint number"))?;
-    Ok((dcc.id, ep))
 }
 
 /// Runs one migration and returns its summary (progress lines go to `progress`).
