@@ -96,6 +96,10 @@ pub enum Action {
         record: MigrRecord,
         require: Require,
     },
+    /// Migration (participant): read the migration record of `{dc, ep}` and call
+    /// [`NodeCore::on_migr_record_read`]: a MIGR_START is believed only while the directory
+    /// records that migration as started.
+    ReadMigrRecord { id: MigrationId, dc: DcId, ep: Ep },
     /// Migration: checkpoint the process `pid` (criu) into a fresh image folder for `id`,
     /// then call [`NodeCore::on_checkpoint_done`]. With `fail`, fail on purpose afterwards.
     Checkpoint {

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
 use dvs_core::{
-    Action, ConnId, CoreConfig, DcInfo, LocalPeer, NodeCore, Registration, VcopyChunk,
-    VcopyCompletion, Violation,
+    Action, ConnId, CoreConfig, DcInfo, LocalPeer, MigrRecord, NodeCore, RecordState, Registration,
+    VcopyChunk, VcopyCompletion, Violation,
 };
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::peer::{Backend, DeliverKind, MigratedEndpoint, PeerFrame};
@@ -30,6 +30,9 @@ struct Net {
     to_attacker: Vec<PeerFrame>,
     in_flight: VecDeque<(NodeId, NodeId, PeerFrame)>,
     next_conn: ConnId,
+    /// Migrations the directory records as started (a node holding a certificate can write
+    /// records too, so a START the attacker made may be recorded).
+    started: Vec<u64>,
 }
 
 impl Net {
@@ -58,6 +61,7 @@ impl Net {
             responses: HashMap::new(),
             others: Vec::new(),
             to_attacker: Vec::new(),
+            started: Vec::new(),
             in_flight: VecDeque::new(),
             next_conn: 1,
         };
@@ -111,6 +115,16 @@ impl Net {
                 self.core(n).on_lookup_result(dc, ep, at, now);
             }
             Action::DirectorySync { conn } => self.core(n).on_directory_synced(conn),
+            Action::ReadMigrRecord { id, dc, ep } => {
+                let now = self.now;
+                let record = self.started.contains(&id).then_some(MigrRecord {
+                    id,
+                    from: (id >> 48) as NodeId,
+                    to: 0,
+                    state: RecordState::Started,
+                });
+                self.core(n).on_migr_record_read(id, dc, ep, record, now);
+            }
             other => self.others.push((n, other)),
         }
     }
@@ -414,6 +428,7 @@ fn forged_migr_commit_does_not_reroute() {
     assert_eq!(net.table(), before);
     // A real migration of ep 5 by node 3: the attacker cannot decide it.
     let id = (HONEST as u64) << 48 | 7;
+    net.started.push(id);
     let now = net.now;
     net.core(VICTIM).on_peer_frame(
         HONEST,
@@ -462,6 +477,7 @@ fn bound_and_unbound_do_not_rewrite_routing() {
 fn forged_prepare_and_restore_launch_nothing() {
     let (mut net, _srv) = setup();
     let id = (ATTACKER as u64) << 48 | 3;
+    net.started.push(id);
     let prepare = |ep| PeerFrame::MigrPrepare {
         id,
         dc: DC,
@@ -754,4 +770,23 @@ proptest! {
     fn a_hostile_peer_cannot_touch_memory_or_stop_local_ipc(steps in proptest::collection::vec(step(), 1..60)) {
         run_hostile(steps);
     }
+}
+
+/// A MIGR_START that the directory does not record (the attacker did not, or could not,
+/// write the record) holds calls only until the node has checked the directory.
+#[test]
+fn an_unrecorded_migr_start_holds_nothing() {
+    let (mut net, _srv) = setup();
+    net.attack(PeerFrame::Bound { dc: DC, ep: 6 });
+    net.attack(PeerFrame::MigrStart {
+        id: (ATTACKER as u64) << 48 | 9,
+        dc: DC,
+        ep: 6,
+        from: ATTACKER,
+        to: HONEST,
+    });
+    assert!(
+        !net.core(VICTIM).migrating(DC, 6),
+        "calls to an endpoint must not be held for a migration nobody recorded"
+    );
 }

@@ -234,6 +234,10 @@ impl Sim {
                 }
             }
             Action::DirectorySync { conn } => self.cores[core].on_directory_synced(conn),
+            Action::ReadMigrRecord { id, dc, ep } => {
+                let r = self.dir_migr.get(&(dc, ep)).copied();
+                self.cores[core].on_migr_record_read(id, dc, ep, r, now);
+            }
             Action::Relocate { dc, ep, node: n } => {
                 self.dir_eps.insert((dc, ep), n);
             }

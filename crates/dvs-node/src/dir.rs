@@ -45,6 +45,12 @@ pub(crate) enum DirOp {
         ep: Ep,
         node: NodeId,
     },
+    /// Read the migration record of `{dc, ep}` for migration `id`.
+    ReadMigr {
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+    },
     /// Answered once every operation queued before it is done (operations run in order).
     Sync {
         conn: ConnId,
@@ -295,6 +301,21 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                 let result = write_record(dir.as_ref(), dc, ep, record, require).await;
                 let mut s = state.borrow_mut();
                 s.core.on_migr_record_result(id, result, Instant::now());
+                s.drive();
+            }
+            DirOp::ReadMigr { id, dc, ep } => {
+                let k = migr_key(dc, ep);
+                let record = match dir.get(&k).await {
+                    Ok(v) => v.and_then(|v| MigrRecord::parse(&v.value)),
+                    Err(e) => {
+                        // Unknown is not "absent": keep holding, the next check asks again.
+                        error!("directory: cannot read {k}: {e}");
+                        continue;
+                    }
+                };
+                let mut s = state.borrow_mut();
+                s.core
+                    .on_migr_record_read(id, dc, ep, record, Instant::now());
                 s.drive();
             }
             DirOp::Sync { conn } => {

@@ -188,6 +188,7 @@ impl Shared {
                 require,
             }),
             Action::Relocate { dc, ep, node } => self.dir(DirOp::Relocate { dc, ep, node }),
+            Action::ReadMigrRecord { id, dc, ep } => self.dir(DirOp::ReadMigr { id, dc, ep }),
             Action::Checkpoint { id, pid, fail } => self.migr_checkpoint(id, pid, fail),
             Action::SaveSnapshot { id, data, fail } => self.migr_save_snapshot(id, &data, fail),
             Action::SendImage { id, to } => self.migr_send_image(id, to),

@@ -1338,6 +1338,9 @@ impl NodeCore {
                 h.id = Some(id);
                 h.route = Some((src, to));
                 self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
+                // The coordinator records the START before it broadcasts it: check.
+                self.actions
+                    .push_back(Action::ReadMigrRecord { id, dc, ep });
                 self.actions.push_back(Action::Peer {
                     node: from,
                     frame: PeerFrame::MigrStartAck { id },
@@ -1448,6 +1451,35 @@ impl NodeCore {
         }
     }
 
+    /// The directory's migration record of `{dc, ep}`, read to check migration `id` (see
+    /// [`Action::ReadMigrRecord`]). A hold for a migration that the directory does not record
+    /// (a forged or stale MIGR_START) is released, and its held calls go where they were going.
+    pub fn on_migr_record_read(
+        &mut self,
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        record: Option<MigrRecord>,
+        now: Instant,
+    ) {
+        self.last_now = now;
+        match record {
+            Some(r) if r.id == id && r.state == RecordState::Started => {}
+            Some(r) if r.id == id => self.on_migr_record(dc, ep, r, now),
+            _ => {
+                let held = self.migr.holds.get(&(dc, ep)).and_then(|h| h.id) == Some(id);
+                if held && !self.migr.arrivals.contains_key(&id) {
+                    tracing::warn!(
+                        "releasing calls held for migration {id:x} of {dc}/{ep}: the directory \
+                         does not record it (a forged or stale MIGR_START)"
+                    );
+                    let from = self.migr.holds[&(dc, ep)].route.map_or(self.node, |r| r.0);
+                    self.apply_outcome(id, dc, ep, false, from, from, now);
+                }
+            }
+        }
+    }
+
     /// The directory shows a migration record (watch): a node that missed the outcome's
     /// broadcast applies it from here.
     pub fn on_migr_record(&mut self, dc: DcId, ep: Ep, record: MigrRecord, now: Instant) {
@@ -1494,8 +1526,11 @@ impl NodeCore {
             if let Some(((dc, ep), Some((from, to)))) = held {
                 if self.links_up.contains(&from) {
                     // The coordinator (the source) is reachable: it is still at work (a big
-                    // image takes a while) and decides itself. Losing its link ends this wait.
+                    // image takes a while) and decides itself, as long as the directory
+                    // still records the migration as started. Losing its link ends this wait.
                     self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
+                    self.actions
+                        .push_back(Action::ReadMigrRecord { id, dc, ep });
                     return;
                 }
                 let record = MigrRecord {
