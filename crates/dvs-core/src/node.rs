@@ -1947,6 +1947,10 @@ impl NodeCore {
             if !self.peer_in_dc(from, dc) {
                 return Err(Errno::NodeNotInDc);
             }
+            if let Err(v) = self.caller_on(from, dc, caller) {
+                tracing::warn!(node = from, op, "vcopy pull refused: {v}");
+                return Err(Errno::Permission);
+            }
             if len > VCOPY_MAX {
                 return Err(Errno::TooBig);
             }

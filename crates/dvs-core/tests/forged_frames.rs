@@ -186,6 +186,14 @@ impl Net {
         self.core(VICTIM).registrations()
     }
 
+    /// The victim dropped what the attacker sent without acting on it or closing the link (a
+    /// message from a source the sender does not hold can be an honest late message).
+    #[track_caller]
+    fn expect_dropped(&mut self) {
+        let others = self.take_others();
+        assert!(others.is_empty(), "expected nothing, got {others:?}");
+    }
+
     /// The victim reported the attacker exactly once since the last call, and nothing else
     /// happened besides.
     #[track_caller]
@@ -246,18 +254,20 @@ fn forged_vcopy_data_is_not_written() {
         net.expect_violation(),
         Violation::NeverIssued { op: 7 }
     ));
-    // For an invented caller "on" the attacker.
+    // For an invented caller "on" the attacker, and for a caller of another node
+    // (third-party form) that runs here: not written, and the caller is told. Not a
+    // violation: a stale registration here can make an honest copy look like these.
     assert_eq!(net.attack_chunk(chunk(7, ATTACKER, 6, 1, 0, 4096)), None);
-    assert_eq!(
-        net.expect_violation(),
-        Violation::UnknownCaller { dc: DC, ep: 6 }
-    );
-    // For a caller of another node (third-party form).
+    net.expect_dropped();
+    assert!(net.to_attacker.iter().any(|f| matches!(
+        f,
+        PeerFrame::VcopyDone {
+            op: 7,
+            result: Err(dvs_wire::Errno::Permission)
+        }
+    )));
     assert_eq!(net.attack_chunk(chunk(8, HONEST, 1, 1, 0, 4096)), None);
-    assert_eq!(
-        net.expect_violation(),
-        Violation::EndpointIsLocal { dc: DC, ep: 1 }
-    );
+    net.expect_dropped();
     // Chunk bounds outside the copy.
     assert_eq!(net.attack_chunk(chunk(9, ATTACKER, 6, 1, 4000, 200)), None);
     assert!(matches!(
@@ -305,12 +315,17 @@ fn forged_vcopy_pull_streams_nothing() {
         dst_addr: 0,
         len: 4096,
     };
-    // An invented caller on the attacker, reading the server's stack back.
+    // An invented caller on the attacker, reading the server's stack back: refused, the
+    // caller's node gets the error, nothing is read.
     net.attack(pull(ATTACKER, 6));
-    assert_eq!(
-        net.expect_violation(),
-        Violation::UnknownCaller { dc: DC, ep: 6 }
-    );
+    net.expect_dropped();
+    assert!(net.to_attacker.iter().any(|f| matches!(
+        f,
+        PeerFrame::VcopyDone {
+            op: 1,
+            result: Err(dvs_wire::Errno::Permission)
+        }
+    )));
     // On behalf of another node's caller.
     net.attack(pull(HONEST, 5));
     assert_eq!(
@@ -319,17 +334,17 @@ fn forged_vcopy_pull_streams_nothing() {
             caller_node: HONEST
         }
     );
-    // Speaking for the honest node's endpoint.
+    // Speaking for the honest node's endpoint: refused the same way.
+    net.to_attacker.clear();
     net.attack(pull(ATTACKER, 5));
-    assert_eq!(
-        net.expect_violation(),
-        Violation::EndpointElsewhere {
-            dc: DC,
-            ep: 5,
-            node: HONEST
+    net.expect_dropped();
+    assert!(net.to_attacker.iter().any(|f| matches!(
+        f,
+        PeerFrame::VcopyDone {
+            op: 1,
+            result: Err(dvs_wire::Errno::Permission)
         }
-    );
-    assert!(net.take_others().is_empty());
+    )));
 }
 
 fn deliver(src: Ep, dst: Ep) -> PeerFrame {
@@ -344,6 +359,9 @@ fn deliver(src: Ep, dst: Ep) -> PeerFrame {
     }
 }
 
+/// A message from a source the sending node does not hold is not served (it is dropped, the
+/// link kept: a message sent before its source unbound can honestly arrive after the
+/// endpoint bound again elsewhere).
 #[test]
 fn deliver_from_an_endpoint_the_sender_does_not_run_is_not_served() {
     let (mut net, srv) = setup();
@@ -351,7 +369,7 @@ fn deliver_from_an_endpoint_the_sender_does_not_run_is_not_served() {
     let before = net.table();
     for src in [2, 5] {
         net.attack(deliver(src, 1));
-        net.expect_violation();
+        net.expect_dropped();
         assert_eq!(net.resp(VICTIM, srv), None, "served a forged message");
         assert_eq!(net.table(), before, "routing changed");
     }
@@ -363,14 +381,14 @@ fn deliver_from_an_endpoint_the_sender_does_not_run_is_not_served() {
         dst: 2,
         result: Ok(Message::new(9)),
     });
-    net.expect_violation();
+    net.expect_dropped();
     net.attack(PeerFrame::Notify {
         dc: DC,
         src: 1,
         dst: 2,
         value: 1,
     });
-    net.expect_violation();
+    net.expect_dropped();
     assert_eq!(net.resp(VICTIM, other), None);
     assert_eq!(net.table(), before);
 }
