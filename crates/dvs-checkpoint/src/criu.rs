@@ -14,7 +14,7 @@ use crate::{
     RestoreReport, RestoreRequest,
 };
 
-/// Oldest CRIU that works here: 3.17 fails on kernels >= 6.13 (vDSO layout), see DESIGN §5.
+/// Oldest CRIU that works here: 3.17 fails on kernels >= 6.13 (vDSO layout), see docs/ARCHITECTURE.md §7.3.
 pub const MIN_CRIU_VERSION: (u32, u32) = (4, 1);
 
 /// Where `scripts/install-criu.sh` puts its private CRIU (overridable by `DVS_CRIU_PREFIX`).

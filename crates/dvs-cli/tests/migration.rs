@@ -1,4 +1,4 @@
-//! The paper's evaluation (DESIGN §6) as integration tests: real node kernels, real CRIU, real
+//! The paper's evaluation (docs/ARCHITECTURE.md §7.4) as integration tests: real node kernels, real CRIU, real
 //! sockets. `migr-server` serves `migr-client`'s sendrec + vcopy requests while the server is
 //! migrated between the nodes of a fresh 3-node cluster:
 //!
@@ -66,7 +66,7 @@ impl Backend {
     }
 }
 
-/// The paper's three placements of a migration (DESIGN §6).
+/// The paper's three placements of a migration (docs/ARCHITECTURE.md §7.4).
 #[derive(Clone, Copy, Debug)]
 enum Scenario {
     /// Server on a remote node → the client's node.

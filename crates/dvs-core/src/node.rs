@@ -1826,7 +1826,7 @@ impl NodeCore {
     }
 
     /// A message from an endpoint we did not know registers it as REMOTE at its node
-    /// (DESIGN §3), so that a migrated client is absorbed without commands.
+    /// (docs/ARCHITECTURE.md §7.1), so that a migrated client is absorbed without commands.
     fn absorb_remote(&mut self, dc: DcId, src: Ep, node: NodeId) {
         match self.table.get(dc, src) {
             Some(Registration::Local { .. }) => {}

@@ -1,4 +1,4 @@
-//! Endpoint registrations of one node, per DC (DESIGN §3).
+//! Endpoint registrations of one node, per DC (docs/ARCHITECTURE.md §7.1).
 
 use std::collections::HashMap;
 

@@ -1,4 +1,4 @@
-//! The paper's evaluation programs (DESIGN §6), shared code.
+//! The paper's evaluation programs (docs/ARCHITECTURE.md §7.4), shared code.
 //!
 //! `migr-client` does `sendrec` to `migr-server` with the address of a fresh buffer; the
 //! server fills a block with a pattern derived from the request's sequence number, copies it

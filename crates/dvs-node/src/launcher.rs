@@ -1,6 +1,6 @@
 //! Launching application processes as endpoints: each in its own PID namespace, as a session
 //! leader, with stdio in a log file and no inherited descriptors, so that CRIU can later
-//! checkpoint it (DESIGN §5).
+//! checkpoint it (docs/ARCHITECTURE.md §7.3).
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;

@@ -1,4 +1,4 @@
-//! Live migration of an endpoint (DESIGN §4): MIGR_START, MIGR_COMMIT and MIGR_ROLLBACK.
+//! Live migration of an endpoint (docs/ARCHITECTURE.md §3(d), §7.2): MIGR_START, MIGR_COMMIT and MIGR_ROLLBACK.
 //!
 //! Two roles live here:
 //! - the **coordinator**, on the node the endpoint runs on: it records the migration in the
