@@ -979,3 +979,66 @@ fn criu_a_1_gib_server_migrates_under_load_without_losing_a_link() {
         result["max_stall_ms"].as_f64().unwrap_or(f64::NAN)
     );
 }
+
+/// While a 256 MiB server migrates away from node0, a second client keeps calling another
+/// server on node0: its calls keep being served during the move (the node busy with the
+/// image still serves IPC), and both clients get every answer. The second client's longest
+/// stall is printed.
+#[test]
+fn criu_a_256_mib_move_does_not_stop_other_traffic_on_the_source() {
+    let _turn = serial();
+    let name = "256 MiB server beside a busy one";
+    if !criu_available(name) {
+        return;
+    }
+    let c = Cluster::start();
+    let server = example_bin("migr-server");
+    let server = server.to_str().expect("UTF-8 path");
+    let node0 = node_name(&c, 0);
+    for (ep, ballast) in [(SERVER, "256"), (3, "0")] {
+        let ep = ep.to_string();
+        let out = c.dvs(&[
+            "run",
+            "--dc",
+            "dc0",
+            "--ep",
+            &ep,
+            "--node",
+            &node0,
+            "--",
+            server,
+            "--ballast-mb",
+            ballast,
+        ]);
+        assert!(out.status.success(), "{}", printed(&out));
+    }
+    let moving = ClientRun::start(&c, 2, CLIENT, SERVER, 2000, BLOCK);
+    let busy = ClientRun::start(&c, 1, 4, 3, 5_000, "1");
+    assert!(
+        wait_served(&c, &ep_log(&c, 0, SERVER), 1, &moving),
+        "{name}: the first client ended too early"
+    );
+    let busy_log = ep_log(&c, 0, 3);
+    assert!(
+        wait_served(&c, &busy_log, 1, &busy),
+        "{name}: the busy client ended too early"
+    );
+    let before = served_lines(&busy_log);
+    let report = migrate(&c, SERVER, 1, Backend::Criu, None);
+    let during = served_lines(&busy_log) - before;
+    let busy_result = busy.finish(&c);
+    let moving_result = moving.finish(&c);
+    assert_client_ok(&c, name, &moving_result, 2000);
+    assert_client_ok(&c, &format!("{name} (busy client)"), &busy_result, 5_000);
+    assert!(
+        during > 0,
+        "{name}: the busy server served nothing during the move ({report})"
+    );
+    println!(
+        "{name}: moved in {:.0} ms; the busy client was served {} x100 requests meanwhile, \
+         its longest stall {:.1} ms",
+        report["migration_ms"].as_f64().unwrap_or(f64::NAN),
+        during,
+        busy_result["max_stall_ms"].as_f64().unwrap_or(f64::NAN)
+    );
+}
