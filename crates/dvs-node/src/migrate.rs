@@ -480,12 +480,31 @@ async fn stream_image(w: &Rc<Wire>, id: MigrationId, dir: &Path) -> Result<u64, 
             .ok_or("non-UTF-8 image file name")?
             .to_string();
         let cannot = |e: std::io::Error| format!("cannot read {}: {e}", f.display());
-        let mut file = tokio::fs::File::open(&f).await.map_err(cannot)?;
-        let len = file.metadata().await.map_err(cannot)?.len();
+        let len = std::fs::metadata(&f).map_err(cannot)?.len();
+        // Small files (most of a small process's image) are read at once: from tmpfs that
+        // is a memory copy, cheaper than a trip through the blocking pool per chunk.
+        let small = if len <= IMAGE_AHEAD as u64 {
+            Some(std::fs::read(&f).map_err(cannot)?)
+        } else {
+            None
+        };
+        let mut file = match small {
+            Some(_) => None,
+            None => Some(tokio::fs::File::open(&f).await.map_err(cannot)?),
+        };
         let mut off = 0u64;
         loop {
             let want = (len - off).min(IMAGE_CHUNK as u64) as usize;
-            file.read_exact(&mut buf[..want]).await.map_err(cannot)?;
+            match (&small, file.as_mut()) {
+                (Some(data), _) => {
+                    let at = off as usize;
+                    buf[..want].copy_from_slice(&data[at..at + want]);
+                }
+                (None, Some(file)) => {
+                    file.read_exact(&mut buf[..want]).await.map_err(cannot)?;
+                }
+                (None, None) => unreachable!("a big file is opened"),
+            };
             let last = off + want as u64 == len;
             let frame = PeerFrame::MigrImage {
                 id,
