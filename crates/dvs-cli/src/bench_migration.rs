@@ -19,7 +19,7 @@ use m3ipc::Ep;
 use serde::Serialize;
 
 use crate::harness::{
-    bytes_text, criu_on, phase_medians, with_cluster, Harness, Sample, Stats, BALLAST_MB, EP_SERVER,
+    bytes_text, criu_on, phase_medians, with_cluster, Harness, Sample, Stats, EP_SERVER,
 };
 
 /// First peer port tried for the bench's own cluster.
@@ -73,6 +73,8 @@ pub struct MigrationOptions {
     pub runs: u32,
     /// Only this backend (`criu` or `cooperative`); default: every available one.
     pub backend: Option<String>,
+    /// MiB of heap the migrating server fills.
+    pub ballast_mb: u32,
     /// Print JSON instead of a table.
     pub json: bool,
 }
@@ -96,6 +98,10 @@ pub struct BackendReport {
     pub transfer_mb_s: Option<f64>,
     /// Median time of each phase, in milliseconds.
     pub phases_ms: Vec<(String, f64)>,
+    /// Longest time any peer link went without receiving a frame during this backend's
+    /// runs, in milliseconds (heartbeats come every 250 ms; more means a node could not keep
+    /// up).
+    pub max_link_silence_ms: f64,
     /// Problems seen (lost, duplicated or corrupt iterations, rollbacks, misplacement).
     pub violations: Vec<String>,
     /// Every migration.
@@ -166,7 +172,13 @@ pub fn migration(opts: &MigrationOptions) -> Result<ExitCode> {
         }
         let mut reports = Vec::new();
         for (i, b) in wanted.iter().enumerate() {
-            reports.push(bench_backend(cfg, b, EP_SERVER + 2 * i as Ep, opts.runs)?);
+            reports.push(bench_backend(
+                cfg,
+                b,
+                EP_SERVER + 2 * i as Ep,
+                opts.runs,
+                opts.ballast_mb,
+            )?);
         }
         Ok((reports, criu_unavailable))
     })?;
@@ -221,12 +233,13 @@ pub fn migration(opts: &MigrationOptions) -> Result<ExitCode> {
     });
     let report = MigrationReport {
         method: format!(
-            "3 node kernels on loopback; migr-server --ballast-mb {BALLAST_MB} migrated \
+            "3 node kernels on loopback; migr-server --ballast-mb {} migrated \
              node0 <-> node1, one migr-client run on node2 per migration ({BENCH_ITERATIONS} \
              iterations of {BENCH_BLOCK} bytes), the migration starting after 100-200 of them; \
              stall = the client's longest sendrec in that run; raw baseline = the same bytes \
              over a fresh TCP loopback connection between two threads (64 KiB writes, median \
-             of 21)"
+             of 21)",
+            opts.ballast_mb
         ),
         criu_unavailable,
         backends,
@@ -245,9 +258,16 @@ pub fn migration(opts: &MigrationOptions) -> Result<ExitCode> {
 
 /// `runs` migrations of a fresh server (endpoint `ep`) with `backend`, node0 <-> node1, each
 /// under one client run on node2.
-fn bench_backend(cfg: &ClusterConfig, backend: &str, ep: Ep, runs: u32) -> Result<BackendReport> {
+fn bench_backend(
+    cfg: &ClusterConfig,
+    backend: &str,
+    ep: Ep,
+    runs: u32,
+    ballast_mb: u32,
+) -> Result<BackendReport> {
     let mut h = Harness::new(cfg, ep, BENCH_ITERATIONS, BENCH_BLOCK)?;
     h.backend = Some(backend.to_string());
+    h.ballast_mb = ballast_mb;
     let ids: Vec<u16> = cfg.nodes.iter().map(|n| n.id).collect();
     let (a, b, c) = (ids[0], ids[1], ids[2]);
     h.start_server(a)?;
@@ -320,7 +340,15 @@ fn bench_backend(cfg: &ClusterConfig, backend: &str, ep: Ep, runs: u32) -> Resul
                 .map(move |v| format!("run {}: {v}", i + 1))
         })
         .collect();
+    // Kept per link since it came up: a maximum over the bench so far.
+    let max_link_silence_ms = cfg
+        .nodes
+        .iter()
+        .filter_map(|n| crate::cluster::node_status(n).ok())
+        .flat_map(|s| s.links.into_iter().map(|l| l.max_silence_ms))
+        .fold(0.0, f64::max);
     Ok(BackendReport {
+        max_link_silence_ms,
         backend: backend.to_string(),
         runs: samples.len(),
         migration_ms,
@@ -380,6 +408,12 @@ fn print_report(r: &MigrationReport) {
             .map(|(p, ms)| format!("{p} {ms:.2}"))
             .collect();
         println!("{} phases (median ms): {}", b.backend, phases.join(", "));
+    }
+    for b in &r.backends {
+        println!(
+            "{}: longest time a peer link went without a frame (heartbeats every 250 ms): {:.0} ms",
+            b.backend, b.max_link_silence_ms
+        );
     }
     println!();
     println!("{:<46} {:<12} {:<32} result", "target", "goal", "measured");

@@ -248,6 +248,8 @@ pub struct Harness<'a> {
     /// Server counter the next client should see first, when known.
     expected_first: Option<u64>,
     runs: u32,
+    /// MiB of heap the server fills (its image size).
+    pub ballast_mb: u32,
 }
 
 /// The outcome of one migration under load.
@@ -298,6 +300,7 @@ impl<'a> Harness<'a> {
             backend: None,
             expected_first: None,
             runs: 0,
+            ballast_mb: BALLAST_MB,
         })
     }
 
@@ -323,7 +326,7 @@ impl<'a> Harness<'a> {
             vec![
                 self.server_bin.clone(),
                 "--ballast-mb".into(),
-                BALLAST_MB.to_string(),
+                self.ballast_mb.to_string(),
             ],
         )?;
         let deadline = Instant::now() + Duration::from_secs(10);

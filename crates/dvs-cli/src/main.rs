@@ -175,6 +175,9 @@ enum BenchWhat {
         /// Measure only this backend. Default: criu (when it works) and cooperative.
         #[arg(long, value_parser = ["criu", "cooperative"])]
         backend: Option<String>,
+        /// MiB of heap the migrating server fills (2 gives the paper's 2.5 MB image).
+        #[arg(long, default_value_t = 2)]
+        ballast_mb: u32,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -337,10 +340,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             BenchWhat::Migration {
                 runs,
                 backend,
+                ballast_mb,
                 json,
             } => bench_migration::migration(&bench_migration::MigrationOptions {
                 runs,
                 backend,
+                ballast_mb,
                 json,
             }),
         },

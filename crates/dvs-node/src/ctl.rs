@@ -157,6 +157,9 @@ pub struct LinkStatus {
     pub frames_out: u64,
     /// Bytes sent on the current link (after compression).
     pub bytes_out: u64,
+    /// Longest time the current link went without receiving anything, in milliseconds.
+    #[serde(default)]
+    pub max_silence_ms: f64,
 }
 
 /// One registration in a node's endpoint table.

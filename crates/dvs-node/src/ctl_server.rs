@@ -416,6 +416,7 @@ fn status(state: &State) -> NodeStatus {
                 up: l.up,
                 since_ms: l.since.elapsed().as_millis() as u64,
                 last_error: l.last_error.clone(),
+                max_silence_ms: l.max_silence.as_secs_f64() * 1e3,
                 frames_out: wire.map(|w| w.frames_out.get()).unwrap_or(0),
                 bytes_out: wire.map(|w| w.bytes_out.get()).unwrap_or(0),
             }

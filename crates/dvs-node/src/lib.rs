@@ -76,6 +76,9 @@ pub(crate) struct LinkInfo {
     pub last_error: Option<String>,
     /// Serial of the certificate the peer presented on the current link (TLS only).
     pub serial: Option<String>,
+    /// Longest time the current link went without receiving anything (heartbeats come
+    /// every `heartbeat_ms`: more means the peer, or this node, was too busy to keep up).
+    pub max_silence: std::time::Duration,
 }
 
 /// Everything the event loop shares between its tasks (single thread, so `Rc<RefCell<_>>`).
@@ -442,6 +445,7 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
                             since: Instant::now(),
                             last_error: None,
                             serial: None,
+                            max_silence: std::time::Duration::ZERO,
                         },
                     )
                 })

@@ -481,6 +481,7 @@ async fn run_link(state: State, peer: NodeId, link: Established) {
             l.since = Instant::now();
             l.last_error = None;
             l.serial = serial;
+            l.max_silence = Duration::ZERO;
         }
         s.core.on_link_up(peer);
         s.drive();
@@ -529,7 +530,13 @@ async fn run_link(state: State, peer: NodeId, link: Established) {
                     "peer closed the connection".to_string()
                 }
             }
-            Ok(_) => last_rx.set(Instant::now()),
+            Ok(_) => {
+                let now = Instant::now();
+                let silence = now - last_rx.replace(now);
+                if let Some(l) = state.borrow_mut().links.get_mut(&peer) {
+                    l.max_silence = l.max_silence.max(silence);
+                }
+            }
             Err(e) => break e.to_string(),
         }
     };
