@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use dvs_config::ClusterConfig;
 use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, MigrationSummary};
+use dvs_wire::peer::{Backend, FailAt};
 
 use crate::cluster::{node_status, parse_target};
 
@@ -33,6 +34,18 @@ pub fn run_migration(
     progress: &mut dyn Write,
 ) -> Result<MigrationSummary> {
     let (dc, ep) = parse_target(cfg, o.target)?;
+    let backend: Option<Backend> = o
+        .backend
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e: String| anyhow!("--backend: {e}"))?;
+    let fail_at: Option<FailAt> = o
+        .fail_at
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e: String| anyhow!("--fail-at: {e}"))?;
     let dcc = cfg.dc_by_id(dc).expect("resolved");
     let to = cfg
         .find_node(o.to)
@@ -68,8 +81,8 @@ pub fn run_migration(
         dc,
         ep,
         to: to.id,
-        backend: o.backend.clone(),
-        fail_at: o.fail_at.clone(),
+        backend,
+        fail_at,
         quiesce_ms: o.quiesce_ms,
     })?;
     let CtlResponse::Accepted { backend, note, .. } = r else {

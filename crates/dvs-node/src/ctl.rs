@@ -6,6 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use dvs_wire::peer::{Backend, FailAt};
 use dvs_wire::{DcId, Ep, NodeId};
 use serde::{Deserialize, Serialize};
 
@@ -33,9 +34,9 @@ pub enum CtlRequest {
         ep: Ep,
         to: NodeId,
         /// `criu`, `cooperative`, or none for criu when it works here, else cooperative.
-        backend: Option<String>,
+        backend: Option<Backend>,
         /// `checkpoint`, `transfer` or `restore`: make that phase fail to show a rollback.
-        fail_at: Option<String>,
+        fail_at: Option<FailAt>,
         /// Longest wait for the process to become quiescent, in milliseconds.
         quiesce_ms: Option<u64>,
     },
@@ -121,7 +122,7 @@ pub struct MigrationSummary {
     /// Destination node.
     pub to: NodeId,
     /// Backend used.
-    pub backend: String,
+    pub backend: Backend,
     /// Committed (else rolled back).
     pub committed: bool,
     /// Why it rolled back.

@@ -293,24 +293,13 @@ async fn migrate(
     dc: DcId,
     ep: Ep,
     to: NodeId,
-    backend: Option<String>,
-    fail_at: Option<String>,
+    backend: Option<Backend>,
+    fail_at: Option<FailAt>,
     quiesce_ms: Option<u64>,
     w: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<()> {
     let prepared = (|| -> Result<(MigrationRequest, Option<String>), String> {
         let mut s = state.borrow_mut();
-        let fail_at = match fail_at.as_deref() {
-            None => None,
-            Some("checkpoint") => Some(FailAt::Checkpoint),
-            Some("transfer") => Some(FailAt::Transfer),
-            Some("restore") => Some(FailAt::Restore),
-            Some(other) => {
-                return Err(format!(
-                    "--fail-at {other:?}: expected checkpoint, transfer or restore"
-                ))
-            }
-        };
         let pid = s
             .core
             .local_pid(dc, ep)
@@ -320,17 +309,14 @@ async fn migrate(
             .cmd_of(dc, ep)
             .or_else(|| s.migrations.cmd_of(dc, ep));
         let mut note = None;
-        let backend = match backend.as_deref() {
-            Some("criu") => {
+        let backend = match backend {
+            Some(Backend::Criu) => {
                 s.migrations
                     .criu()
                     .map_err(|e| format!("the criu backend does not work on this node: {e}"))?;
                 Backend::Criu
             }
-            Some("cooperative") => Backend::Cooperative,
-            Some(other) => {
-                return Err(format!("--backend {other:?}: expected criu or cooperative"))
-            }
+            Some(Backend::Cooperative) => Backend::Cooperative,
             None => match s.migrations.criu() {
                 Ok(_) => Backend::Criu,
                 Err(e) => {

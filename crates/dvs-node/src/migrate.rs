@@ -166,7 +166,7 @@ fn report_summary(r: &MigrationReport) -> MigrationSummary {
         ep: r.ep,
         from: r.from,
         to: r.to,
-        backend: r.backend.to_string(),
+        backend: r.backend,
         committed: r.committed,
         error: r.error.clone(),
         phases: r

@@ -8,7 +8,6 @@ use proptest::prelude::*;
 
 /// Any request, with values over each field's whole range.
 fn request() -> impl Strategy<Value = CtlRequest> {
-    let opt_str = proptest::option::of(".{0,12}");
     prop_oneof![
         Just(CtlRequest::Status),
         Just(CtlRequest::Ps),
@@ -25,8 +24,15 @@ fn request() -> impl Strategy<Value = CtlRequest> {
             any::<u16>(),
             any::<i32>(),
             any::<u16>(),
-            opt_str.clone(),
-            opt_str,
+            proptest::option::of(prop_oneof![
+                Just(dvs_wire::peer::Backend::Criu),
+                Just(dvs_wire::peer::Backend::Cooperative)
+            ]),
+            proptest::option::of(prop_oneof![
+                Just(dvs_wire::peer::FailAt::Checkpoint),
+                Just(dvs_wire::peer::FailAt::Transfer),
+                Just(dvs_wire::peer::FailAt::Restore)
+            ]),
             proptest::option::of(any::<u64>())
         )
             .prop_map(

@@ -12,6 +12,7 @@ pub type MigrationId = u64;
 
 /// How a process's state is moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// CRIU checkpoint/restore: transparent to the program.
     Criu,
@@ -25,6 +26,55 @@ impl std::fmt::Display for Backend {
             Backend::Criu => "criu",
             Backend::Cooperative => "cooperative",
         })
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "criu" => Ok(Backend::Criu),
+            "cooperative" => Ok(Backend::Cooperative),
+            other => Err(format!(
+                "{other:?} is not a backend: expected criu or cooperative"
+            )),
+        }
+    }
+}
+
+/// A phase of a migration that can be made to fail on purpose, to show a rollback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailAt {
+    /// After the checkpoint was taken (the source stays stopped until the rollback).
+    Checkpoint,
+    /// After the image was sent.
+    Transfer,
+    /// After the destination restored the process (the copy is killed).
+    Restore,
+}
+
+impl std::fmt::Display for FailAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailAt::Checkpoint => "checkpoint",
+            FailAt::Transfer => "transfer",
+            FailAt::Restore => "restore",
+        })
+    }
+}
+
+impl std::str::FromStr for FailAt {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "checkpoint" => Ok(FailAt::Checkpoint),
+            "transfer" => Ok(FailAt::Transfer),
+            "restore" => Ok(FailAt::Restore),
+            other => Err(format!(
+                "{other:?} is not a phase that can fail: expected checkpoint, transfer or restore"
+            )),
+        }
     }
 }
 

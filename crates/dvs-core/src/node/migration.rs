@@ -69,16 +69,7 @@ impl fmt::Display for Phase {
     }
 }
 
-/// A phase that can be made to fail on purpose, to show a rollback.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FailAt {
-    /// After the checkpoint was taken (the source stays stopped until the rollback).
-    Checkpoint,
-    /// After the image was sent.
-    Transfer,
-    /// After the destination restored the process (the copy is killed).
-    Restore,
-}
+pub use dvs_wire::peer::FailAt;
 
 /// State of a migration record in the directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
