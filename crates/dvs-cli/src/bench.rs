@@ -152,6 +152,28 @@ pub struct Dvs {
     pub vcopy_remote_mb_s: f64,
 }
 
+impl Target {
+    /// `value` must be at most `factor` times `base` (a latency).
+    fn at_most(name: &str, value: f64, base: f64, factor: f64) -> Target {
+        Target {
+            name: name.into(),
+            ratio: value / base,
+            target: format!("<= {factor}x"),
+            pass: value <= factor * base,
+        }
+    }
+
+    /// `value` must be at least `share` of `base` (a bandwidth).
+    fn at_least(name: &str, value: f64, base: f64, share: f64) -> Target {
+        Target {
+            name: name.into(),
+            ratio: value / base,
+            target: format!(">= {:.0}%", share * 100.0),
+            pass: value >= share * base,
+        }
+    }
+}
+
 /// What TLS costs on a peer link: remote figures of a TLS cluster and a plaintext cluster,
 /// measured in alternating blocks so that both see the same machine noise.
 #[derive(Debug, Clone, Serialize)]
@@ -237,36 +259,36 @@ pub fn ipc(opts: &IpcOptions) -> Result<ExitCode> {
     })?;
 
     let targets = vec![
-        Target {
-            name: "remote sendrec / raw TCP RTT (median)".into(),
-            ratio: dvs.sendrec_remote.median_us / raw.tcp_rtt.median_us,
-            target: "<= 1.5x".into(),
-            pass: dvs.sendrec_remote.median_us <= 1.5 * raw.tcp_rtt.median_us,
-        },
-        Target {
-            name: "local sendrec / raw Unix RTT (median)".into(),
-            ratio: dvs.sendrec_local.median_us / raw.unix_rtt.median_us,
-            target: "<= 2x".into(),
-            pass: dvs.sendrec_local.median_us <= 2.0 * raw.unix_rtt.median_us,
-        },
-        Target {
-            name: "remote vcopy / raw TCP stream bandwidth".into(),
-            ratio: dvs.vcopy_remote_mb_s / raw.tcp_stream_mb_s,
-            target: ">= 50%".into(),
-            pass: dvs.vcopy_remote_mb_s >= 0.5 * raw.tcp_stream_mb_s,
-        },
-        Target {
-            name: "remote sendrec, TLS / plaintext (median)".into(),
-            ratio: tls.sendrec_tls.median_us / tls.sendrec_plain.median_us,
-            target: "<= 1.1x".into(),
-            pass: tls.sendrec_tls.median_us <= 1.1 * tls.sendrec_plain.median_us,
-        },
-        Target {
-            name: "remote vcopy, TLS / plaintext".into(),
-            ratio: tls.vcopy_tls_mb_s / tls.vcopy_plain_mb_s,
-            target: ">= 80%".into(),
-            pass: tls.vcopy_tls_mb_s >= 0.8 * tls.vcopy_plain_mb_s,
-        },
+        Target::at_most(
+            "remote sendrec / raw TCP RTT (median)",
+            dvs.sendrec_remote.median_us,
+            raw.tcp_rtt.median_us,
+            1.5,
+        ),
+        Target::at_most(
+            "local sendrec / raw Unix RTT (median)",
+            dvs.sendrec_local.median_us,
+            raw.unix_rtt.median_us,
+            2.0,
+        ),
+        Target::at_least(
+            "remote vcopy / raw TCP stream bandwidth",
+            dvs.vcopy_remote_mb_s,
+            raw.tcp_stream_mb_s,
+            0.5,
+        ),
+        Target::at_most(
+            "remote sendrec, TLS / plaintext (median)",
+            tls.sendrec_tls.median_us,
+            tls.sendrec_plain.median_us,
+            1.1,
+        ),
+        Target::at_least(
+            "remote vcopy, TLS / plaintext",
+            tls.vcopy_tls_mb_s,
+            tls.vcopy_plain_mb_s,
+            0.8,
+        ),
     ];
     let report = IpcReport {
         setup: Setup {

@@ -309,6 +309,29 @@ fn start_server(c: &Cluster, node: u16, ep: i32) {
     );
 }
 
+/// Launches `migr-server --ballast-mb MB` as endpoint `ep` of dc0 on node `node`.
+fn start_ballast_server(c: &Cluster, node: u16, ep: i32, mb: u32) {
+    let server = example_bin("migr-server");
+    let out = c.dvs(&[
+        "run",
+        "--dc",
+        "dc0",
+        "--ep",
+        &ep.to_string(),
+        "--node",
+        &node_name(c, node),
+        "--",
+        server.to_str().expect("UTF-8 path"),
+        "--ballast-mb",
+        &mb.to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "dvs run migr-server --ballast-mb {mb} failed: {}",
+        printed(&out)
+    );
+}
+
 /// The `migr-client` command line for `iterations` requests of `block` bytes to `server`.
 fn client_cmd(server: i32, iterations: u64, block: &str) -> Vec<String> {
     let client = example_bin("migr-client");
@@ -834,21 +857,7 @@ fn criu_destination_killed_during_the_dump_rolls_back_and_the_source_runs_on() {
     }
     let c = Cluster::start();
     // A 200 MiB server: its dump takes long enough to kill the destination in the middle.
-    let server = example_bin("migr-server");
-    let out = c.dvs(&[
-        "run",
-        "--dc",
-        "dc0",
-        "--ep",
-        &SERVER.to_string(),
-        "--node",
-        &node_name(&c, 0),
-        "--",
-        server.to_str().expect("UTF-8 path"),
-        "--ballast-mb",
-        "200",
-    ]);
-    assert!(out.status.success(), "{}", printed(&out));
+    start_ballast_server(&c, 0, SERVER, 200);
     let client = ClientRun::start(&c, 1, CLIENT, SERVER, ITERATIONS, BLOCK);
     assert!(
         wait_served(&c, &ep_log(&c, 0, SERVER), 1, &client),
@@ -939,21 +948,7 @@ fn criu_a_1_gib_server_migrates_under_load_without_losing_a_link() {
         return;
     }
     let c = Cluster::start();
-    let server = example_bin("migr-server");
-    let out = c.dvs(&[
-        "run",
-        "--dc",
-        "dc0",
-        "--ep",
-        &SERVER.to_string(),
-        "--node",
-        &node_name(&c, 0),
-        "--",
-        server.to_str().expect("UTF-8 path"),
-        "--ballast-mb",
-        "1024",
-    ]);
-    assert!(out.status.success(), "{}", printed(&out));
+    start_ballast_server(&c, 0, SERVER, 1024);
     let client = ClientRun::start(&c, 2, CLIENT, SERVER, 3000, BLOCK);
     assert!(
         wait_served(&c, &ep_log(&c, 0, SERVER), 1, &client),
@@ -992,26 +987,8 @@ fn criu_a_256_mib_move_does_not_stop_other_traffic_on_the_source() {
         return;
     }
     let c = Cluster::start();
-    let server = example_bin("migr-server");
-    let server = server.to_str().expect("UTF-8 path");
-    let node0 = node_name(&c, 0);
-    for (ep, ballast) in [(SERVER, "256"), (3, "0")] {
-        let ep = ep.to_string();
-        let out = c.dvs(&[
-            "run",
-            "--dc",
-            "dc0",
-            "--ep",
-            &ep,
-            "--node",
-            &node0,
-            "--",
-            server,
-            "--ballast-mb",
-            ballast,
-        ]);
-        assert!(out.status.success(), "{}", printed(&out));
-    }
+    start_ballast_server(&c, 0, SERVER, 256);
+    start_ballast_server(&c, 0, 3, 0);
     let moving = ClientRun::start(&c, 2, CLIENT, SERVER, 2000, BLOCK);
     let busy = ClientRun::start(&c, 1, 4, 3, 5_000, "1");
     assert!(

@@ -42,6 +42,17 @@ pub const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// Plaintext sealed per step: big writes reach the socket while the rest is being sealed.
 const SEAL_STEP: usize = 256 * 1024;
 
+/// How far [`Wire::write_some`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Written {
+    /// Everything.
+    All,
+    /// Part: the socket is full, the writer task takes over.
+    Full,
+    /// The socket failed: the connection is over.
+    Failed,
+}
+
 /// The record layer of a peer link and its ciphertext buffers.
 struct Tls {
     sealer: dvs_tls::records::Sealer,
@@ -298,27 +309,35 @@ impl Wire {
             return self.flush_tls(&mut tls.borrow_mut());
         }
         let mut out = self.out.borrow_mut();
-        while !out.is_empty() {
-            match self.sock.try_write(&out) {
+        let mut sent = 0;
+        let r = self.write_some(&out, &mut sent);
+        out.advance(sent);
+        if r == Written::Failed {
+            out.clear();
+            drop(out);
+            self.close();
+        }
+    }
+
+    /// Writes `buf[*done..]` until it is all written or the socket is full, moving `*done`
+    /// on; records the progress, and wakes the writer task when the socket is full.
+    fn write_some(&self, buf: &[u8], done: &mut usize) -> Written {
+        while *done < buf.len() {
+            match self.sock.try_write(&buf[*done..]) {
                 Ok(n) => {
-                    out.advance(n);
+                    *done += n;
                     self.last_progress.set(std::time::Instant::now());
                     self.progress.notify_waiters();
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drop(out);
                     self.wake.notify_one();
-                    return;
+                    return Written::Full;
                 }
-                Err(_) => {
-                    out.clear();
-                    drop(out);
-                    self.close();
-                    return;
-                }
+                Err(_) => return Written::Failed,
             }
         }
+        Written::All
     }
 
     /// [`Wire::flush`] through TLS: plaintext is sealed in steps of [`SEAL_STEP`], each
@@ -326,25 +345,14 @@ impl Wire {
     fn flush_tls(&self, tls: &mut Tls) {
         let mut out = self.out.borrow_mut();
         loop {
-            while tls.written < tls.cipher_out.len() {
-                match self.sock.try_write(&tls.cipher_out[tls.written..]) {
-                    Ok(n) => {
-                        tls.written += n;
-                        self.last_progress.set(std::time::Instant::now());
-                        self.progress.notify_waiters();
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        drop(out);
-                        self.wake.notify_one();
-                        return;
-                    }
-                    Err(_) => {
-                        out.clear();
-                        drop(out);
-                        self.close();
-                        return;
-                    }
+            match self.write_some(&tls.cipher_out, &mut tls.written) {
+                Written::All => {}
+                Written::Full => return,
+                Written::Failed => {
+                    out.clear();
+                    drop(out);
+                    self.close();
+                    return;
                 }
             }
             tls.cipher_out.clear();
