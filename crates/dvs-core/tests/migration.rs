@@ -801,3 +801,35 @@ fn a_rollback_recorded_by_another_node_is_followed_by_the_coordinator_at_once() 
         "{actions:?}"
     );
 }
+
+#[test]
+fn a_reply_held_by_the_source_is_relayed_to_the_migrated_client() {
+    let mut sim = Sim::new();
+    let (s, c) = setup(&mut sim);
+    sim.request(0, s, receive());
+    sim.request(2, c, sendrec(1, 9));
+    assert!(sim.take(0, s).is_some(), "server took the request");
+    // Move the client (node2 -> node1) while it waits; the server replies during the dump, so
+    // the reply is held on node2 and, after the commit, relayed by node2 to node1 with the
+    // server (on node0) as its source.
+    sim.slow_dumps = true;
+    sim.migrate(2, 2, 1, None);
+    let (_, id) = *sim.dumps.last().expect("a dump started");
+    sim.request(
+        0,
+        s,
+        LocalRequest::Reply {
+            dst: 2,
+            msg: msg(77),
+        },
+    );
+    let now = sim.now;
+    sim.cores[2].on_checkpoint_done(id, Ok(1000), now);
+    sim.run();
+    assert!(sim.reports.last().is_some_and(|r| r.committed));
+    let (_, rc) = *sim.restored.last().expect("restored");
+    assert!(
+        matches!(sim.take(1, rc), Some(LocalResponse::Msg(m)) if m.word(0) == 77 && m.source == 1),
+        "the relayed reply must reach the migrated client"
+    );
+}

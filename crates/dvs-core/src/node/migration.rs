@@ -280,6 +280,9 @@ pub(crate) struct MigrationState {
     /// coordinator's broadcast): a late COMMIT/ROLLBACK for one of them is acknowledged, not
     /// applied twice and not taken for a forgery.
     applied: std::collections::VecDeque<(MigrationId, DcId, Ep)>,
+    /// Endpoints that moved here lately, with the node they came from: that node replays
+    /// the replies and notifications it held for them (see `relayed_by`).
+    arrived: std::collections::VecDeque<(DcId, Ep, NodeId)>,
     /// CRIU dumps under way, by migration: the pid of the process being dumped. The outcome
     /// may be decided (a rollback, e.g. the destination died) before the dump ends; the dump
     /// then leaves the process stopped, and it must be resumed when the dump ends.
@@ -290,6 +293,17 @@ pub(crate) struct MigrationState {
 const APPLIED_MEMORY: usize = 256;
 
 impl MigrationState {
+    /// Whether `node` may relay frames for `{dc, ep}` to this node `here`: the endpoint is
+    /// migrating from `node`, or moved here from it lately, and `node` replays what it held
+    /// for it (a reply or notification whose source runs elsewhere).
+    pub fn relayed_by(&self, dc: DcId, ep: Ep, node: NodeId, here: NodeId) -> bool {
+        self.holds
+            .get(&(dc, ep))
+            .and_then(|h| h.route)
+            .is_some_and(|(a, b)| a == node && b == here)
+            || self.arrived.contains(&(dc, ep, node))
+    }
+
     /// Whether this node applied the outcome of migration `id` of `{dc, ep}` lately.
     pub fn recently_applied(&self, id: MigrationId, dc: DcId, ep: Ep) -> bool {
         self.applied.contains(&(id, dc, ep))
@@ -1096,6 +1110,12 @@ impl NodeCore {
                 self.migr.applied.pop_front();
             }
             self.migr.applied.push_back((id, dc, ep));
+            if commit && to == self.node && from != self.node {
+                if self.migr.arrived.len() >= APPLIED_MEMORY {
+                    self.migr.arrived.pop_front();
+                }
+                self.migr.arrived.push_back((dc, ep, from));
+            }
         }
         let hold = match self.migr.holds.get(&(dc, ep)) {
             Some(h) if h.id.is_none() || h.id == Some(id) => self.migr.holds.remove(&(dc, ep)),

@@ -320,11 +320,20 @@ impl NodeCore {
                 if !self.peer_in_dc(from, dc) || self.dc_check(dc, src).is_err() {
                     return Accept;
                 }
+                if let PeerFrame::Notify { dst, .. } = *frame {
+                    if self.migr.relayed_by(dc, dst, from, self.node) {
+                        return Accept;
+                    }
+                }
                 self.message_source(from, dc, src)
             }
-            PeerFrame::Reply { dc, src, .. } => {
+            PeerFrame::Reply { dc, src, dst, .. } => {
                 if !self.peer_in_dc(from, dc) {
                     return Refuse(Violation::NotInDc { dc });
+                }
+                // The node an endpoint moved from replays the replies it held for it.
+                if self.migr.relayed_by(dc, dst, from, self.node) {
+                    return Accept;
                 }
                 self.message_source(from, dc, src)
             }
