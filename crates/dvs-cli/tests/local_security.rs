@@ -112,17 +112,18 @@ fn connect_as(path: &Path, uid: u32, gid: u32, groups: &[u32]) -> Result<Foreign
         let mut code = 255u8;
         libc::read(report[0], &mut code as *mut u8 as *mut libc::c_void, 1);
         libc::close(report[0]);
-        let child = Foreign {
+        // One owner of the child and of `hold`: its drop closes `hold` once and reaps the
+        // child. (Building a second `Foreign` from the first with `..` closed `hold` twice,
+        // and the second close could hit a descriptor another test thread had just opened.)
+        let mut child = Foreign {
             stream: None,
             child: pid,
             hold: hold[1],
         };
         assert_ne!(code, 255, "the child could not drop to uid {uid}");
         if code == 0 {
-            Ok(Foreign {
-                stream: Some(UnixStream::from_raw_fd(fd)),
-                ..child
-            })
+            child.stream = Some(UnixStream::from_raw_fd(fd));
+            Ok(child)
         } else {
             libc::close(fd);
             Err(code as i32)
