@@ -1626,13 +1626,9 @@ impl NodeCore {
                 self.check_quiescence(now);
             }
             Verdict::Ignore(why) => {
-                tracing::debug!(
-                    node = from,
-                    frame = peer_check::frame_kind(&frame),
-                    "dropped: {why}"
-                );
+                tracing::debug!(node = from, frame = frame.kind(), "dropped: {why}");
             }
-            Verdict::Refuse(v) => self.peer_violation(from, peer_check::frame_kind(&frame), v),
+            Verdict::Refuse(v) => self.peer_violation(from, frame.kind(), v),
             Verdict::AlreadyApplied(id) => self.actions.push_back(Action::Peer {
                 node: from,
                 frame: PeerFrame::MigrDone { id, held: 0 },

@@ -236,6 +236,39 @@ pub enum PeerFrame {
     MigrDone { id: MigrationId, held: u32 },
 }
 
+impl PeerFrame {
+    /// The frame's variant name, for logs (never its contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PeerFrame::Hello { .. } => "Hello",
+            PeerFrame::Welcome { .. } => "Welcome",
+            PeerFrame::Refuse { .. } => "Refuse",
+            PeerFrame::Ping => "Ping",
+            PeerFrame::Pong => "Pong",
+            PeerFrame::Deliver { .. } => "Deliver",
+            PeerFrame::Delivered { .. } => "Delivered",
+            PeerFrame::Cancel { .. } => "Cancel",
+            PeerFrame::Reply { .. } => "Reply",
+            PeerFrame::Notify { .. } => "Notify",
+            PeerFrame::VcopyPull { .. } => "VcopyPull",
+            PeerFrame::VcopyData { .. } => "VcopyData",
+            PeerFrame::VcopyDone { .. } => "VcopyDone",
+            PeerFrame::Bound { .. } => "Bound",
+            PeerFrame::Unbound { .. } => "Unbound",
+            PeerFrame::Redirect { .. } => "Redirect",
+            PeerFrame::MigrStart { .. } => "MigrStart",
+            PeerFrame::MigrStartAck { .. } => "MigrStartAck",
+            PeerFrame::MigrPrepare { .. } => "MigrPrepare",
+            PeerFrame::MigrImage { .. } => "MigrImage",
+            PeerFrame::MigrRestore { .. } => "MigrRestore",
+            PeerFrame::MigrRestored { .. } => "MigrRestored",
+            PeerFrame::MigrCommit { .. } => "MigrCommit",
+            PeerFrame::MigrRollback { .. } => "MigrRollback",
+            PeerFrame::MigrDone { .. } => "MigrDone",
+        }
+    }
+}
+
 /// What the destination reports of a restore.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RestoreInfo {

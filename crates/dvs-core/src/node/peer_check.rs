@@ -197,37 +197,6 @@ pub(super) enum Verdict {
 
 use Verdict::{Accept, Ignore, Refuse};
 
-/// The kind of a frame, for logs.
-pub(super) fn frame_kind(frame: &PeerFrame) -> &'static str {
-    match frame {
-        PeerFrame::Hello { .. } => "Hello",
-        PeerFrame::Welcome { .. } => "Welcome",
-        PeerFrame::Refuse { .. } => "Refuse",
-        PeerFrame::Ping => "Ping",
-        PeerFrame::Pong => "Pong",
-        PeerFrame::Deliver { .. } => "Deliver",
-        PeerFrame::Delivered { .. } => "Delivered",
-        PeerFrame::Cancel { .. } => "Cancel",
-        PeerFrame::Reply { .. } => "Reply",
-        PeerFrame::Notify { .. } => "Notify",
-        PeerFrame::VcopyPull { .. } => "VcopyPull",
-        PeerFrame::VcopyData { .. } => "VcopyData",
-        PeerFrame::VcopyDone { .. } => "VcopyDone",
-        PeerFrame::Bound { .. } => "Bound",
-        PeerFrame::Unbound { .. } => "Unbound",
-        PeerFrame::Redirect { .. } => "Redirect",
-        PeerFrame::MigrStart { .. } => "MigrStart",
-        PeerFrame::MigrStartAck { .. } => "MigrStartAck",
-        PeerFrame::MigrPrepare { .. } => "MigrPrepare",
-        PeerFrame::MigrImage { .. } => "MigrImage",
-        PeerFrame::MigrRestore { .. } => "MigrRestore",
-        PeerFrame::MigrRestored { .. } => "MigrRestored",
-        PeerFrame::MigrCommit { .. } => "MigrCommit",
-        PeerFrame::MigrRollback { .. } => "MigrRollback",
-        PeerFrame::MigrDone { .. } => "MigrDone",
-    }
-}
-
 /// The node that minted migration id `id` (its top 16 bits).
 fn minted_by(id: MigrationId) -> NodeId {
     (id >> 48) as NodeId
