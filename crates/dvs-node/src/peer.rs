@@ -121,6 +121,19 @@ async fn write_frame<S: AsyncWrite + Unpin>(stream: &mut S, f: &PeerFrame) -> st
     stream.flush().await
 }
 
+/// Tells a refused peer [`REFUSAL`] and ends the stream (over TLS with close_notify, so
+/// that the peer sees a clean end rather than a truncation).
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = write_frame(
+        stream,
+        &PeerFrame::Refuse {
+            reason: REFUSAL.into(),
+        },
+    )
+    .await;
+    let _ = stream.shutdown().await;
+}
+
 /// A link that finished its handshake: the socket (with its TLS session), the frames read
 /// past the handshake, and the serial of the peer's certificate.
 struct Established {
@@ -163,7 +176,7 @@ async fn accept_handshake(
                 ))
             }
             PeerFrame::Hello { node, .. } => Ok(*node),
-            other => Err(format!("expected Hello, got {}", frame_kind(other))),
+            other => Err(format!("expected Hello, got {}", other.kind())),
         }
     };
     match tls {
@@ -183,15 +196,7 @@ async fn accept_handshake(
             let node = match node {
                 Ok(n) => n,
                 Err(e) => {
-                    let _ = write_frame(
-                        &mut stream,
-                        &PeerFrame::Refuse {
-                            reason: REFUSAL.into(),
-                        },
-                    )
-                    .await;
-                    // close_notify: the peer sees a clean end, not a truncation.
-                    let _ = stream.shutdown().await;
+                    refuse(&mut stream).await;
                     return Err(e);
                 }
             };
@@ -199,23 +204,18 @@ async fn accept_handshake(
                 .await
                 .map_err(|e| e.to_string())?;
             let (mut tcp, conn) = stream.into_inner();
-            let secrets = conn
-                .dangerous_extract_secrets()
-                .map_err(|e| format!("cannot take over the TLS session: {e}"))?;
-            let (sealer, mut opener) =
-                dvs_tls::records::record_layer(secrets).map_err(|e| e.to_string())?;
+            let (sealer, mut opener) = dvs_tls::records::take_over(conn)?;
             // The dialer speaks first on the record layer (see `dial_handshake`): until then
             // nothing is sent, so no record of ours can reach the dialer's rustls session.
-            let mut cipher_in = BytesMut::new();
             // (A dialer that sent more behind its Hello broke the protocol: its bytes are
             // already in `dec`, and the link fails on them.)
+            let mut cipher_in = BytesMut::new();
             while dec.buffered() == 0 {
-                let before = dec.buffered();
                 let used = opener
                     .open(&mut cipher_in, |d| dec.extend(d))
                     .map_err(|e| format!("first record: {e}"))?;
                 cipher_in.advance(used);
-                if dec.buffered() > before {
+                if dec.buffered() > 0 {
                     break;
                 }
                 if cipher_in.len() > 2 * HANDSHAKE_MAX_FRAME + 64 {
@@ -251,13 +251,7 @@ async fn accept_handshake(
             let node = match hello.and_then(|h| check_hello(&h, None)) {
                 Ok(n) => n,
                 Err(e) => {
-                    let _ = write_frame(
-                        &mut tcp,
-                        &PeerFrame::Refuse {
-                            reason: REFUSAL.into(),
-                        },
-                    )
-                    .await;
+                    refuse(&mut tcp).await;
                     return Err(e);
                 }
             };
@@ -321,10 +315,7 @@ async fn dial_handshake(
         Ok(PeerFrame::Refuse { reason }) => Err(format!(
             "node {peer} refused our link: {reason} (its log says why)"
         )),
-        Ok(other) => Err(format!(
-            "unexpected handshake answer {}",
-            frame_kind(&other)
-        )),
+        Ok(other) => Err(format!("unexpected handshake answer {}", other.kind())),
         Err(e) => Err(e),
     };
     match tls {
@@ -349,11 +340,7 @@ async fn dial_handshake(
                 .map_err(|e| e.to_string())?;
             answer(read_frame(&mut stream, &mut dec).await)?;
             let (mut tcp, conn) = stream.into_inner();
-            let secrets = conn
-                .dangerous_extract_secrets()
-                .map_err(|e| format!("cannot take over the TLS session: {e}"))?;
-            let (mut sealer, opener) =
-                dvs_tls::records::record_layer(secrets).map_err(|e| e.to_string())?;
+            let (mut sealer, opener) = dvs_tls::records::take_over(conn)?;
             // The first record on the record layer, which the accepting side waits for.
             let ping = dvs_wire::frame::encode_to_vec(&PeerFrame::Ping, &[], false)
                 .expect("a ping encodes");
@@ -386,15 +373,6 @@ async fn dial_handshake(
             })
         }
     }
-}
-
-/// The variant name of a frame, for logs (never its contents).
-fn frame_kind(f: &PeerFrame) -> String {
-    let dbg = format!("{f:?}");
-    dbg.split([' ', '{', '('])
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 async fn dial_loop(state: State, me: NodeId, peer: NodeId, addr: SocketAddr) {

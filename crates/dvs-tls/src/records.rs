@@ -95,6 +95,16 @@ pub struct Sealer(Direction);
 /// Opens incoming records.
 pub struct Opener(Direction);
 
+/// Takes the traffic secrets over from a rustls session whose handshake is done (and that
+/// has nothing buffered to send): the record layer of the link, `(sealer, opener)`.
+pub fn take_over(conn: impl Into<rustls::Connection>) -> Result<(Sealer, Opener), String> {
+    let secrets = conn
+        .into()
+        .dangerous_extract_secrets()
+        .map_err(|e| format!("cannot take over the TLS session: {e}"))?;
+    record_layer(secrets).map_err(|e| e.to_string())
+}
+
 /// The record layer of a link whose handshake is done: `(sealer, opener)`.
 pub fn record_layer(secrets: ExtractedSecrets) -> Result<(Sealer, Opener), RecordError> {
     let (tx_seq, tx) = secrets.tx;
