@@ -2,9 +2,8 @@
 //! runtime folders, so it must belong to whoever runs the cluster. Default `/tmp/dvs` lives
 //! in a world-writable folder, where another user could have prepared it first.
 
-use std::fs::{DirBuilder, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::fs::DirBuilder;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -72,29 +71,12 @@ pub fn prepare(dir: &Path) -> Result<PathBuf> {
 /// symlink planted at `dir/name` is never written through; an existing symlink is refused.
 pub fn write_file(dir: &Path, name: &str, contents: &str) -> Result<PathBuf> {
     let path = dir.join(name);
-    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-        bail!(
-            "refusing to write {}: it is a symlink (someone else may have planted it; remove it)",
+    dvs_tls::files::write_file(&path, contents.as_bytes(), 0o600, true).with_context(|| {
+        format!(
+            "cannot write {} (a symlink there may have been planted by someone else: remove it)",
             path.display()
-        );
-    }
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let write = || -> std::io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        f.write_all(contents.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
-    }
+        )
+    })?;
     Ok(path)
 }
 

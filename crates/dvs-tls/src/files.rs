@@ -1,4 +1,5 @@
-//! Writing TLS files safely: never through a symlink, keys readable by their owner only.
+//! Writing files safely (keys, certificates, the cluster config): never through a symlink,
+//! through a temporary file and a rename, with the mode asked for (keys 0600).
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -23,18 +24,19 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32, replace: bool) -> Result<
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
+    let written = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
-        .map_err(TlsError::io(&tmp))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .map_err(TlsError::io(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(TlsError::io(path))
+        .and_then(|mut f| f.write_all(data).and_then(|_| f.sync_all()))
+        .map_err(TlsError::io(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(TlsError::io(path)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Creates `dir` (0700) if it does not exist; refuses a symlink.
