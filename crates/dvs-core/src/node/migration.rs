@@ -276,17 +276,25 @@ pub(crate) struct MigrationState {
     coords: HashMap<MigrationId, Coord>,
     arrivals: HashMap<MigrationId, Arrival>,
     next: u64,
-    /// Migrations whose outcome this node applied lately (the directory watch can beat the
-    /// coordinator's broadcast): a late COMMIT/ROLLBACK for one of them is acknowledged, not
-    /// applied twice and not taken for a forgery.
-    applied: std::collections::VecDeque<(MigrationId, DcId, Ep)>,
-    /// Endpoints that moved here lately, with the node they came from: that node replays
-    /// the replies and notifications it held for them (see `relayed_by`).
-    arrived: std::collections::VecDeque<(DcId, Ep, NodeId)>,
+    /// Outcomes this node applied lately. The directory watch can beat the coordinator's
+    /// broadcast: a late COMMIT/ROLLBACK for one of them is acknowledged, not applied twice
+    /// and not taken for a forgery. And the node an endpoint moved here from replays the
+    /// frames it held for it (see `relayed_by`).
+    applied: std::collections::VecDeque<Applied>,
     /// CRIU dumps under way, by migration: the pid of the process being dumped. The outcome
     /// may be decided (a rollback, e.g. the destination died) before the dump ends; the dump
     /// then leaves the process stopped, and it must be resumed when the dump ends.
     dumping: HashMap<MigrationId, i32>,
+}
+
+/// An outcome applied on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Applied {
+    id: MigrationId,
+    dc: DcId,
+    ep: Ep,
+    /// Committed, from node `from` to node `to`.
+    moved: Option<(NodeId, NodeId)>,
 }
 
 /// How many applied outcomes [`MigrationState`] remembers.
@@ -301,12 +309,17 @@ impl MigrationState {
             .get(&(dc, ep))
             .and_then(|h| h.route)
             .is_some_and(|(a, b)| a == node && b == here)
-            || self.arrived.contains(&(dc, ep, node))
+            || self
+                .applied
+                .iter()
+                .any(|a| (a.dc, a.ep, a.moved) == (dc, ep, Some((node, here))))
     }
 
     /// Whether this node applied the outcome of migration `id` of `{dc, ep}` lately.
     pub fn recently_applied(&self, id: MigrationId, dc: DcId, ep: Ep) -> bool {
-        self.applied.contains(&(id, dc, ep))
+        self.applied
+            .iter()
+            .any(|a| (a.id, a.dc, a.ep) == (id, dc, ep))
     }
 
     /// Whether calls to `{dc, ep}` are held here.
@@ -1109,13 +1122,12 @@ impl NodeCore {
             if self.migr.applied.len() >= APPLIED_MEMORY {
                 self.migr.applied.pop_front();
             }
-            self.migr.applied.push_back((id, dc, ep));
-            if commit && to == self.node && from != self.node {
-                if self.migr.arrived.len() >= APPLIED_MEMORY {
-                    self.migr.arrived.pop_front();
-                }
-                self.migr.arrived.push_back((dc, ep, from));
-            }
+            self.migr.applied.push_back(Applied {
+                id,
+                dc,
+                ep,
+                moved: commit.then_some((from, to)),
+            });
         }
         let hold = match self.migr.holds.get(&(dc, ep)) {
             Some(h) if h.id.is_none() || h.id == Some(id) => self.migr.holds.remove(&(dc, ep)),
