@@ -482,28 +482,26 @@ async fn stream_image(w: &Rc<Wire>, id: MigrationId, dir: &Path) -> Result<u64, 
         let cannot = |e: std::io::Error| format!("cannot read {}: {e}", f.display());
         let len = std::fs::metadata(&f).map_err(cannot)?.len();
         // Small files (most of a small process's image) are read at once: from tmpfs that
-        // is a memory copy, cheaper than a trip through the blocking pool per chunk.
-        let small = if len <= IMAGE_AHEAD as u64 {
-            Some(std::fs::read(&f).map_err(cannot)?)
+        // is a memory copy, cheaper than a trip through the blocking pool per chunk. Big
+        // ones are read a chunk at a time.
+        enum Source {
+            Whole(Vec<u8>),
+            Chunks(tokio::fs::File),
+        }
+        let mut source = if len <= IMAGE_AHEAD as u64 {
+            Source::Whole(std::fs::read(&f).map_err(cannot)?)
         } else {
-            None
-        };
-        let mut file = match small {
-            Some(_) => None,
-            None => Some(tokio::fs::File::open(&f).await.map_err(cannot)?),
+            Source::Chunks(tokio::fs::File::open(&f).await.map_err(cannot)?)
         };
         let mut off = 0u64;
         loop {
             let want = (len - off).min(IMAGE_CHUNK as u64) as usize;
-            match (&small, file.as_mut()) {
-                (Some(data), _) => {
-                    let at = off as usize;
-                    buf[..want].copy_from_slice(&data[at..at + want]);
-                }
-                (None, Some(file)) => {
+            let chunk: &[u8] = match &mut source {
+                Source::Whole(data) => &data[off as usize..off as usize + want],
+                Source::Chunks(file) => {
                     file.read_exact(&mut buf[..want]).await.map_err(cannot)?;
+                    &buf[..want]
                 }
-                (None, None) => unreachable!("a big file is opened"),
             };
             let last = off + want as u64 == len;
             let frame = PeerFrame::MigrImage {
@@ -515,7 +513,7 @@ async fn stream_image(w: &Rc<Wire>, id: MigrationId, dir: &Path) -> Result<u64, 
             if w.is_closed() {
                 return Err("the link to the destination closed during the transfer".into());
             }
-            w.queue(&frame, &buf[..want]).map_err(|e| e.to_string())?;
+            w.queue(&frame, chunk).map_err(|e| e.to_string())?;
             w.flush();
             w.wait_pending_below(IMAGE_AHEAD).await;
             off += want as u64;

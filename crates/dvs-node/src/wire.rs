@@ -497,6 +497,16 @@ mod tests {
         tokio::task::LocalSet::new().block_on(&rt, f)
     }
 
+    /// Two connected loopback TCP sockets.
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        (a, b)
+    }
+
     /// A process that does not read its responses for a while: the writes that would block
     /// wait on the temporary write registration and all arrive, in order, once it reads.
     #[test]
@@ -558,11 +568,7 @@ mod tests {
     #[test]
     fn a_link_is_stuck_only_when_over_the_limit_and_not_read() {
         run_local(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let a = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (mut b, _) = listener.accept().await.unwrap();
+            let (a, mut b) = tcp_pair().await;
             let wire = Wire::new(Sock::Tcp(a), false).unwrap();
             let after = std::time::Duration::from_millis(100);
             wire.set_stuck_limit(1 << 20, after);
@@ -591,11 +597,7 @@ mod tests {
     #[test]
     fn tcp_reads_and_blocked_writes() {
         run_local(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let a = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (mut b, _) = listener.accept().await.unwrap();
+            let (a, mut b) = tcp_pair().await;
             let wire = std::rc::Rc::new(Wire::new(Sock::Tcp(a), false).unwrap());
             let writer = wire.clone();
             tokio::task::spawn_local(async move { writer.writer().await });
