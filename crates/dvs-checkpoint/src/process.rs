@@ -134,6 +134,25 @@ pub fn tree_pids(root: i32) -> Vec<i32> {
     out
 }
 
+/// Whether any thread of process `pid` still runs (a state other than zombie or dead).
+///
+/// The group leader's own state is not enough: after SIGKILL the leader can show `Z` while
+/// other threads are still exiting and still hold the process's files (its listening
+/// sockets among them). A zombie whose threads have all exited counts as gone, so that an
+/// init that reaps lazily does not make a caller wait for a process that already ended.
+pub fn process_alive(pid: i32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X")
+        })
+    })
+}
+
 /// The scheduler state letter of `pid` (`R`, `S`, `T` = stopped, `Z` = zombie, ...), from
 /// `/proc/PID/stat`.
 pub fn process_state(pid: i32) -> Result<char, CheckpointError> {

@@ -204,17 +204,7 @@ pub fn start_opts(
 /// reparented to init once `up` exits, and an init that reaps lazily (as in some containers)
 /// would otherwise make `down` wait its full grace period for a process that already exited.
 fn pid_alive(pid: i32) -> bool {
-    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the first field after the command, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_none_or(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    dvs_checkpoint::process_alive(pid)
 }
 
 /// `dvs down`: asks every node to stop, then makes sure it did.

@@ -362,15 +362,10 @@ pub fn kill(pid: i32, sig: i32) {
     }
 }
 
-/// Whether `pid` exists and is not a zombie.
+/// Whether any thread of `pid` still runs (see [`dvs_checkpoint::process_alive`]: a
+/// killed process's files are closed only once all its threads are gone).
 pub fn process_running(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    dvs_checkpoint::process_alive(pid)
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), so that "random" inputs are the same on
