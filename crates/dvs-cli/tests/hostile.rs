@@ -11,6 +11,7 @@ use common::attack::*;
 use common::{errno, pseudo_random, Cluster};
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::peer::PeerFrame;
+use dvs_wire::peer::{Hello, IpcFrame, LinkFrame, Notify, Refuse, Welcome};
 use dvs_wire::{frame, FrameDecoder, MAX_FRAME, PROTOCOL_VERSION};
 use m3ipc::{Errno, NodeId, Timeout};
 
@@ -205,11 +206,11 @@ fn local_socket_protocol_abuse() {
 
 /// A Hello frame.
 fn hello(version: u32, cluster: &str, node: NodeId) -> Vec<u8> {
-    encode(&PeerFrame::Hello {
+    encode(&PeerFrame::Link(LinkFrame::Hello(Hello {
         version,
         cluster: cluster.into(),
         node,
-    })
+    })))
 }
 
 /// A bad handshake and how the node must react.
@@ -242,9 +243,9 @@ fn refuse_each(c: &Cluster, target: NodeId, cases: &[Handshake], connect: impl F
         if *refused {
             assert_eq!(
                 got,
-                vec![PeerFrame::Refuse {
+                vec![PeerFrame::Link(LinkFrame::Refuse(Refuse {
                     reason: "link refused".into()
-                }],
+                }))],
                 "{what}"
             );
         } else {
@@ -308,7 +309,7 @@ fn bad_hellos<'a>(cluster: &str, target: NodeId, claimed: NodeId) -> Vec<Handsha
         },
         Handshake {
             what: "another frame first",
-            bytes: encode(&PeerFrame::Ping),
+            bytes: encode(&PeerFrame::Link(LinkFrame::Ping)),
             half_close: false,
             refused: true,
             log: "expected Hello",
@@ -477,12 +478,17 @@ fn garbage_after_a_handshake_drops_the_link_and_the_cluster_recovers() {
             // there.
             let got = frames::<PeerFrame>(&answer);
             assert!(
-                got.is_empty() || got[0] == PeerFrame::Welcome { node: target },
+                got.is_empty()
+                    || got[0] == PeerFrame::Link(LinkFrame::Welcome(Welcome { node: target })),
                 "{what}: {got:?}"
             );
         } else {
             let welcome = read_until::<PeerFrame>(&mut conn, what, |_| true);
-            assert_eq!(welcome, PeerFrame::Welcome { node: target }, "{what}");
+            assert_eq!(
+                welcome,
+                PeerFrame::Link(LinkFrame::Welcome(Welcome { node: target })),
+                "{what}"
+            );
             send_and_expect_close(conn, after, false, what);
         }
         let line = c.wait_log(target, &reason, logged);
@@ -508,12 +514,12 @@ fn nothing_is_delivered_from_a_refused_peer() {
     let c = Cluster::start();
     let mut victim = c.bind(1, 5);
     let mut bytes = hello(PROTOCOL_VERSION, &c.cfg.cluster_id, 0);
-    bytes.extend(encode(&PeerFrame::Notify {
+    bytes.extend(encode(&PeerFrame::Ipc(IpcFrame::Notify(Notify {
         dc: 0,
         src: 6,
         dst: 5,
         value: 1,
-    }));
+    }))));
     let addr = c.node(1).peer_addr;
     send_and_expect_close(PeerConn::plain(addr), &bytes, false, "plaintext peer");
     let (_keep, forged) = forged_identity(&c, 0);

@@ -20,6 +20,12 @@ use dvs_wire::frame;
 use dvs_wire::peer::{
     Backend, DeliverKind, MigratedCall, MigratedEndpoint, PeerFrame, RestoreInfo,
 };
+use dvs_wire::peer::{
+    Bound, BulkFrame, Cancel, Deliver, Delivered, Hello, ImageChunk, IpcFrame, LinkFrame,
+    MigrCommit, MigrDone, MigrFrame, MigrPrepare, MigrRestore, MigrRestored, MigrRollback,
+    MigrStart, MigrStartAck, Notify, Redirect, Refuse, Reply, Unbound, VcopyData, VcopyDone,
+    VcopyPull, Welcome,
+};
 use dvs_wire::{FrameDecoder, PROTOCOL_VERSION};
 use m3ipc::{DcId, Endpoint, Ep, Errno, Message, NodeId, Source, Timeout};
 use serde_json::Value;
@@ -173,7 +179,7 @@ impl Forger {
                 let len = self
                     .rng
                     .pick(&[1, 64, 4096, 65536, VCOPY_MAX, VCOPY_MAX + 1, u64::MAX]);
-                PeerFrame::VcopyPull {
+                PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
                     op: self.op(),
                     caller_node,
                     dc: self.dc(),
@@ -183,7 +189,7 @@ impl Forger {
                     dst: self.any_ep(),
                     dst_addr: self.addr(),
                     len,
-                }
+                }))
             }
             8 | 9 => {
                 let kind = self.rng.pick(&[DeliverKind::Send, DeliverKind::SendRec]);
@@ -193,7 +199,7 @@ impl Forger {
                     Timeout::Millis(5000),
                     Timeout::Forever,
                 ]);
-                PeerFrame::Deliver {
+                PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
                     op: self.op(),
                     dc: self.dc(),
                     src: self.sender(),
@@ -203,50 +209,50 @@ impl Forger {
                     kind,
                     msg: self.message(),
                     timeout,
-                }
+                }))
             }
-            10 => PeerFrame::Notify {
+            10 => PeerFrame::Ipc(IpcFrame::Notify(Notify {
                 dc: self.dc(),
                 src: self.sender(),
                 dst: self.rng.pick(&[SERVER, SERVER, DECOY, NEVER[1], 5000]),
                 value: self.rng.next(),
-            },
+            })),
             11 => {
                 let result = if self.rng.chance(70) {
                     Ok(self.message())
                 } else {
                     Err(self.errno())
                 };
-                PeerFrame::Reply {
+                PeerFrame::Ipc(IpcFrame::Reply(Reply {
                     dc: self.dc(),
                     src: self.any_ep(),
                     dst: self.rng.pick(&[SERVER, SERVER, DECOY, NEVER[2]]),
                     result,
-                }
+                }))
             }
-            12 => PeerFrame::MigrStart {
+            12 => PeerFrame::Migr(MigrFrame::Start(MigrStart {
                 id: self.migration_id(),
                 dc: self.dc(),
                 ep: self.sender(),
                 from: self.rng.pick(&[IMPOSTOR, IMPOSTOR, TARGET, 2]),
                 to: self.rng.pick(&[TARGET, 2, IMPOSTOR, 7]),
-            },
+            })),
             13 => match self.rng.below(3) {
-                0 => PeerFrame::MigrCommit {
+                0 => PeerFrame::Migr(MigrFrame::Commit(MigrCommit {
                     id: self.migration_id(),
                     dc: self.dc(),
                     ep: self.sender(),
                     to: self.rng.pick(&[TARGET, 2, IMPOSTOR]),
-                },
-                1 => PeerFrame::MigrRollback {
+                })),
+                1 => PeerFrame::Migr(MigrFrame::Rollback(MigrRollback {
                     id: self.migration_id(),
                     dc: self.dc(),
                     ep: self.sender(),
                     from: self.rng.pick(&[IMPOSTOR, TARGET, 2]),
-                },
-                _ => PeerFrame::MigrRestore {
+                })),
+                _ => PeerFrame::Migr(MigrFrame::Restore(MigrRestore {
                     id: self.migration_id(),
-                },
+                })),
             },
             14 => {
                 let call = match self.rng.below(3) {
@@ -262,7 +268,7 @@ impl Forger {
                         },
                     )),
                 };
-                PeerFrame::MigrPrepare {
+                PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare {
                     id: self.migration_id(),
                     dc: self.dc(),
                     ep: self.sender(),
@@ -272,7 +278,7 @@ impl Forger {
                         notifies: vec![(self.any_ep(), self.rng.next())],
                     },
                     fail_restore: self.rng.chance(50),
-                }
+                }))
             }
             15 => {
                 // Image chunks, some named to escape the image folder.
@@ -289,36 +295,36 @@ impl Forger {
                 let n = 1 + self.rng.below(256) as usize;
                 let tail = self.rng.bytes(n);
                 return (
-                    PeerFrame::MigrImage {
+                    PeerFrame::Bulk(BulkFrame::ImageChunk(ImageChunk {
                         id: self.migration_id(),
                         file,
                         offset: self.rng.below(1 << 20),
                         last: self.rng.chance(50),
-                    },
+                    })),
                     tail,
                 );
             }
             16 => match self.rng.below(4) {
-                0 => PeerFrame::MigrStartAck {
+                0 => PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck {
                     id: self.migration_id(),
-                },
-                1 => PeerFrame::MigrDone {
+                })),
+                1 => PeerFrame::Migr(MigrFrame::Done(MigrDone {
                     id: self.migration_id(),
                     held: self.rng.below(10) as u32,
-                },
-                2 => PeerFrame::MigrRestored {
+                })),
+                2 => PeerFrame::Migr(MigrFrame::Restored(MigrRestored {
                     id: self.migration_id(),
                     result: Ok(RestoreInfo {
                         image_bytes: self.rng.below(1 << 30),
                         transfer_ms: 1.0,
                         restore_ms: 2.0,
                     }),
-                },
-                _ => PeerFrame::Redirect {
+                })),
+                _ => PeerFrame::Ipc(IpcFrame::Redirect(Redirect {
                     op: self.op(),
                     dc: self.dc(),
                     dst: self.any_ep(),
-                },
+                })),
             },
             17 => {
                 let ep = match self.rng.below(5) {
@@ -328,33 +334,33 @@ impl Forger {
                     _ => self.rng.pick(&OWN),
                 };
                 if self.rng.chance(60) {
-                    PeerFrame::Bound { dc: self.dc(), ep }
+                    PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: self.dc(), ep }))
                 } else {
-                    PeerFrame::Unbound { dc: self.dc(), ep }
+                    PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc: self.dc(), ep }))
                 }
             }
             18 => match self.rng.below(3) {
-                0 => PeerFrame::Cancel { op: self.op() },
-                1 => PeerFrame::Delivered {
+                0 => PeerFrame::Ipc(IpcFrame::Cancel(Cancel { op: self.op() })),
+                1 => PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                     op: self.op(),
                     result: Err(self.errno()),
-                },
-                _ => PeerFrame::VcopyDone {
+                })),
+                _ => PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
                     op: self.op(),
                     result: Ok(()),
-                },
+                })),
             },
             _ => match self.rng.below(4) {
-                0 => PeerFrame::Hello {
+                0 => PeerFrame::Link(LinkFrame::Hello(Hello {
                     version: PROTOCOL_VERSION,
                     cluster: "x".into(),
                     node: self.rng.pick(&[IMPOSTOR, TARGET, 2]),
-                },
-                1 => PeerFrame::Welcome { node: TARGET },
-                2 => PeerFrame::Refuse {
+                })),
+                1 => PeerFrame::Link(LinkFrame::Welcome(Welcome { node: TARGET })),
+                2 => PeerFrame::Link(LinkFrame::Refuse(Refuse {
                     reason: "no".into(),
-                },
-                _ => PeerFrame::Pong,
+                })),
+                _ => PeerFrame::Link(LinkFrame::Pong),
             },
         };
         (frame, Vec::new())
@@ -386,7 +392,7 @@ impl Forger {
         let dst = self
             .rng
             .pick(&[SERVER, SERVER, SERVER, DECOY, OWN[0], NEVER[3]]);
-        let frame = PeerFrame::VcopyData {
+        let frame = PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData {
             op: self.op(),
             caller_node,
             dc: self.dc(),
@@ -395,7 +401,7 @@ impl Forger {
             dst_addr: self.addr(),
             offset,
             total,
-        };
+        }));
         (frame, tail)
     }
 }
@@ -434,10 +440,10 @@ impl Seen {
             self.leaks.push(format!("{f:?} with {} bytes", tail.len()));
         }
         match f {
-            PeerFrame::Delivered { op, result } => {
+            PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result })) => {
                 self.delivered.insert(*op, *result);
             }
-            PeerFrame::VcopyDone { op, result } => {
+            PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone { op, result })) => {
                 self.vcopy_done.insert(*op, *result);
             }
             _ => {}
@@ -476,13 +482,13 @@ impl FakeLink {
             conn,
             dec: FrameDecoder::new(),
         };
-        let hello = encode(&PeerFrame::Hello {
+        let hello = encode(&PeerFrame::Link(LinkFrame::Hello(Hello {
             version: PROTOCOL_VERSION,
             cluster: c.cfg.cluster_id.clone(),
             node: IMPOSTOR,
-        });
+        })));
         link.conn.write_all(&hello).ok()?;
-        let welcome = |f: &PeerFrame| matches!(f, PeerFrame::Welcome { node } if *node == TARGET);
+        let welcome = |f: &PeerFrame| matches!(f, PeerFrame::Link(LinkFrame::Welcome(Welcome { node })) if *node == TARGET);
         let deadline = Instant::now() + Duration::from_secs(3);
         (link.pump(seen, welcome, deadline) == Pumped::Found).then_some(link)
     }
@@ -525,11 +531,11 @@ impl FakeLink {
     /// (the node refused something, or the real node took the link back).
     fn exchange(&mut self, seen: &mut Seen, bytes: &[u8]) -> bool {
         let mut out = bytes.to_vec();
-        out.extend(encode(&PeerFrame::Ping));
+        out.extend(encode(&PeerFrame::Link(LinkFrame::Ping)));
         if self.conn.write_all(&out).is_err() {
             return false;
         }
-        let pong = |f: &PeerFrame| matches!(f, PeerFrame::Pong);
+        let pong = |f: &PeerFrame| matches!(f, PeerFrame::Link(LinkFrame::Pong));
         self.pump(seen, pong, Instant::now() + Duration::from_secs(2)) == Pumped::Found
     }
 }
@@ -781,8 +787,8 @@ fn forged_peer_cannot_cross_dc_boundaries() {
         FakeLink::open(&c, &stolen, &mut seen)
     });
     let frames = [
-        PeerFrame::Bound { dc: 1, ep: 9 },
-        PeerFrame::Deliver {
+        PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: 1, ep: 9 })),
+        PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
             op: 1,
             dc: 1,
             src: 9,
@@ -790,8 +796,8 @@ fn forged_peer_cannot_cross_dc_boundaries() {
             kind: DeliverKind::Send,
             msg: Message::new(0x66),
             timeout: Timeout::Millis(1000),
-        },
-        PeerFrame::Deliver {
+        })),
+        PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
             op: 2,
             dc: 1,
             src: 9,
@@ -799,15 +805,15 @@ fn forged_peer_cannot_cross_dc_boundaries() {
             kind: DeliverKind::SendRec,
             msg: Message::new(0x67),
             timeout: Timeout::Forever,
-        },
-        PeerFrame::Notify {
+        })),
+        PeerFrame::Ipc(IpcFrame::Notify(Notify {
             dc: 1,
             src: 9,
             dst: guarded,
             value: 0xff,
-        },
+        })),
         // Read the guarded process's memory to node 0 ...
-        PeerFrame::VcopyPull {
+        PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
             op: 3,
             caller_node: IMPOSTOR,
             dc: 1,
@@ -817,9 +823,9 @@ fn forged_peer_cannot_cross_dc_boundaries() {
             dst: 9,
             dst_addr: 0x1000,
             len: 64,
-        },
+        })),
         // ... or from it to node 2's endpoint, or within it.
-        PeerFrame::VcopyPull {
+        PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
             op: 4,
             caller_node: IMPOSTOR,
             dc: 1,
@@ -829,8 +835,8 @@ fn forged_peer_cannot_cross_dc_boundaries() {
             dst: 8,
             dst_addr: 0x1000,
             len: 64,
-        },
-        PeerFrame::VcopyPull {
+        })),
+        PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
             op: 5,
             caller_node: IMPOSTOR,
             dc: 1,
@@ -840,7 +846,7 @@ fn forged_peer_cannot_cross_dc_boundaries() {
             dst: guarded,
             dst_addr: addr + 1024,
             len: 64,
-        },
+        })),
     ];
     for f in &frames {
         assert!(
@@ -851,7 +857,7 @@ fn forged_peer_cannot_cross_dc_boundaries() {
     // A chunk written into the guarded process, claimed for a caller on node 2 (which is in
     // dc1) or on node 0.
     for (op, caller_node, caller) in [(6, 2, 8), (7, IMPOSTOR, 9)] {
-        let chunk = PeerFrame::VcopyData {
+        let chunk = PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData {
             op,
             caller_node,
             dc: 1,
@@ -860,7 +866,7 @@ fn forged_peer_cannot_cross_dc_boundaries() {
             dst_addr: addr,
             offset: 0,
             total: 64,
-        };
+        }));
         let bytes = frame::encode_to_vec(&chunk, &[0xa5; 64], false).unwrap();
         // The node may close the link for it; either way nothing is written.
         if !link.exchange(&mut seen, &bytes) {
@@ -945,15 +951,16 @@ fn forged_migration_start_is_released_once_the_directory_is_checked() {
     let mut link = common::eventually("a link as node 0", || {
         FakeLink::open(&c, &stolen, &mut seen)
     });
-    let start = PeerFrame::MigrStart {
+    let start = PeerFrame::Migr(MigrFrame::Start(MigrStart {
         id: ((IMPOSTOR as u64) << 48) | 5,
         dc: 0,
         ep,
         from: IMPOSTOR,
         to: 2,
-    };
+    }));
     assert!(link.exchange(&mut seen, &encode(&start)));
-    let ack = |f: &PeerFrame| matches!(f, PeerFrame::MigrStartAck { .. });
+    let ack =
+        |f: &PeerFrame| matches!(f, PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { .. })));
     let deadline = Instant::now() + Duration::from_secs(5);
     assert_eq!(link.pump(&mut seen, ack, deadline), Pumped::Found, "no ack");
     drop(link);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::attack::*;
 use common::{eventually, pseudo_random, Cluster, CALL_TIMEOUT};
 use dvs_wire::peer::PeerFrame;
+use dvs_wire::peer::{Hello, LinkFrame, MigrFrame, MigrPrepare, MigrRestore, Welcome};
 use dvs_wire::PROTOCOL_VERSION;
 use m3ipc::{Message, Source};
 
@@ -42,11 +43,11 @@ fn kick(mut conn: PeerConn, bytes: &[u8]) {
 }
 
 fn hello(cluster: &str, node: u16) -> Vec<u8> {
-    encode(&PeerFrame::Hello {
+    encode(&PeerFrame::Link(LinkFrame::Hello(Hello {
         version: PROTOCOL_VERSION,
         cluster: cluster.into(),
         node,
-    })
+    })))
 }
 
 /// Attack: 30 connect-and-close handshakes in a few seconds used to replace the live link each
@@ -215,7 +216,7 @@ fn forged_migration_frames_launch_nothing() {
     let target = 1;
     let addr = c.node(target).peer_addr;
     let id = 0x77;
-    let prepare = PeerFrame::MigrPrepare {
+    let prepare = PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare {
         id,
         dc: 0,
         ep: 5,
@@ -225,10 +226,12 @@ fn forged_migration_frames_launch_nothing() {
             notifies: vec![],
         },
         fail_restore: false,
-    };
+    }));
     let mut bytes = hello(&c.cfg.cluster_id, 0);
     bytes.extend(encode(&prepare));
-    bytes.extend(encode(&PeerFrame::MigrRestore { id }));
+    bytes.extend(encode(&PeerFrame::Migr(MigrFrame::Restore(MigrRestore {
+        id,
+    }))));
     kick(PeerConn::plain(addr), &bytes);
 
     let before = c.log_count(target, "forged frame");
@@ -237,19 +240,23 @@ fn forged_migration_frames_launch_nothing() {
     conn.set_timeout();
     conn.write_all(&hello(&c.cfg.cluster_id, 0)).unwrap();
     read_until::<PeerFrame>(&mut conn, "welcome", |f| {
-        matches!(f, PeerFrame::Welcome { .. })
+        matches!(f, PeerFrame::Link(LinkFrame::Welcome(Welcome { .. })))
     });
     // A migration this node holds nothing for is ignored (it may be a late frame of one that
     // ended); one whose id another node minted is forged, and costs the link.
     let _ = conn.write_all(&encode(&prepare));
-    let _ = conn.write_all(&encode(&PeerFrame::MigrRestore { id }));
+    let _ = conn.write_all(&encode(&PeerFrame::Migr(MigrFrame::Restore(MigrRestore {
+        id,
+    }))));
     let foreign = (2u64 << 48) | 0x78;
     let mut forged = prepare.clone();
-    if let PeerFrame::MigrPrepare { id, .. } = &mut forged {
+    if let PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare { id, .. })) = &mut forged {
         *id = foreign;
     }
     let _ = conn.write_all(&encode(&forged));
-    let _ = conn.write_all(&encode(&PeerFrame::MigrRestore { id: foreign }));
+    let _ = conn.write_all(&encode(&PeerFrame::Migr(MigrFrame::Restore(MigrRestore {
+        id: foreign,
+    }))));
     kick(conn, &[]);
     let line = c.wait_log(target, "forged frame", before);
     assert!(line.contains("MigrPrepare"), "log line {line:?}");

@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::message::NOTIFY_MTYPE;
 use dvs_wire::peer::{Backend, DeliverKind, MigrationId, PeerFrame};
+use dvs_wire::peer::{
+    Bound, BulkFrame, Cancel, Deliver, Delivered, ImageChunk, IpcFrame, MigrCommit, MigrDone,
+    MigrFrame, MigrPrepare, MigrRestore, MigrRestored, MigrRollback, MigrStart, MigrStartAck,
+    Notify, Redirect, Reply, Unbound, VcopyData, VcopyDone, VcopyPull,
+};
 use dvs_wire::{DcId, Ep, Errno, Message, NodeId, Timeout, PROTOCOL_VERSION};
 
 use crate::table::{EndpointTable, Registration};
@@ -734,7 +739,7 @@ impl NodeCore {
             return self.respond(conn, err(e));
         }
         self.table.set(dc, ep, Registration::Local { conn });
-        self.broadcast(dc, PeerFrame::Bound { dc, ep });
+        self.broadcast(dc, PeerFrame::Ipc(IpcFrame::Bound(Bound { dc, ep })));
         self.respond(
             conn,
             LocalResponse::Ep {
@@ -789,7 +794,7 @@ impl NodeCore {
         if self.table.get(dc, ep) == Some(Registration::Local { conn }) {
             self.table.remove(dc, ep);
             self.actions.push_back(Action::Unregister { dc, ep });
-            self.broadcast(dc, PeerFrame::Unbound { dc, ep });
+            self.broadcast(dc, PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc, ep })));
         }
         self.remote_callers
             .retain(|(d, server, _), _| (*d, *server) != (dc, ep));
@@ -807,12 +812,12 @@ impl NodeCore {
                 ReplyTo::Remote(node) => {
                     self.actions.push_back(Action::Peer {
                         node,
-                        frame: PeerFrame::Reply {
+                        frame: PeerFrame::Ipc(IpcFrame::Reply(Reply {
                             dc,
                             src: ep,
                             dst: client,
                             result: Err(why),
-                        },
+                        })),
                     });
                 }
             }
@@ -847,10 +852,10 @@ impl NodeCore {
                 let _ = dc;
                 self.actions.push_back(Action::Peer {
                     node,
-                    frame: PeerFrame::Delivered {
+                    frame: PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                         op,
                         result: Err(why),
-                    },
+                    })),
                 });
             }
         }
@@ -887,7 +892,7 @@ impl NodeCore {
                 }
                 self.actions.push_back(Action::Peer {
                     node,
-                    frame: PeerFrame::Cancel { op },
+                    frame: PeerFrame::Ipc(IpcFrame::Cancel(Cancel { op })),
                 });
             }
             Blocked::Vcopy { op } => {
@@ -1072,7 +1077,7 @@ impl NodeCore {
                 let op = self.new_op();
                 self.actions.push_back(Action::Peer {
                     node,
-                    frame: PeerFrame::Deliver {
+                    frame: PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
                         op,
                         dc,
                         src: me,
@@ -1080,7 +1085,7 @@ impl NodeCore {
                         kind,
                         msg,
                         timeout,
-                    },
+                    })),
                 });
                 self.remote_sends.insert((node, op), conn);
                 self.block(
@@ -1147,7 +1152,7 @@ impl NodeCore {
                 self.remote_incoming.remove(&(node, op));
                 self.actions.push_back(Action::Peer {
                     node,
-                    frame: PeerFrame::Delivered { op, result: Ok(()) },
+                    frame: PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result: Ok(()) })),
                 });
             }
             (DeliverKind::SendRec, origin) => {
@@ -1227,12 +1232,12 @@ impl NodeCore {
             return self.respond(conn, err(Errno::NotWaiting));
         };
         self.remote_callers.remove(&(dc, me, dst));
-        let frame = PeerFrame::Reply {
+        let frame = PeerFrame::Ipc(IpcFrame::Reply(Reply {
             dc,
             src: me,
             dst,
             result: Ok(msg),
-        };
+        }));
         // The client may be migrating: the reply waits for the outcome and follows it.
         if self.migr.holds(dc, dst) {
             self.migr.hold_frame(dc, dst, frame);
@@ -1281,12 +1286,12 @@ impl NodeCore {
             self.migr.hold_frame(
                 dc,
                 dst,
-                PeerFrame::Notify {
+                PeerFrame::Ipc(IpcFrame::Notify(Notify {
                     dc,
                     src: me,
                     dst,
                     value,
-                },
+                })),
             );
             return self.respond(conn, LocalResponse::Done);
         }
@@ -1301,12 +1306,12 @@ impl NodeCore {
                 }
                 self.actions.push_back(Action::Peer {
                     node,
-                    frame: PeerFrame::Notify {
+                    frame: PeerFrame::Ipc(IpcFrame::Notify(Notify {
                         dc,
                         src: me,
                         dst,
                         value,
-                    },
+                    })),
                 });
             }
         }
@@ -1427,7 +1432,7 @@ impl NodeCore {
                 }
                 self.actions.push_back(Action::Peer {
                     node,
-                    frame: PeerFrame::VcopyPull {
+                    frame: PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
                         op,
                         caller_node: self.node,
                         dc,
@@ -1437,7 +1442,7 @@ impl NodeCore {
                         dst: v.dst,
                         dst_addr: v.dst_addr,
                         len: v.len,
-                    },
+                    })),
                 });
                 // The source node streams the data here when the destination is local.
                 if let Registration::Local { .. } = dst_reg {
@@ -1480,7 +1485,7 @@ impl NodeCore {
             VcopyCompletion::Remote { node, op } => {
                 self.actions.push_back(Action::Peer {
                     node,
-                    frame: PeerFrame::VcopyDone { op, result },
+                    frame: PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone { op, result })),
                 });
             }
         }
@@ -1523,7 +1528,7 @@ impl NodeCore {
         for (dc, ep) in mine {
             self.actions.push_back(Action::Peer {
                 node,
-                frame: PeerFrame::Bound { dc, ep },
+                frame: PeerFrame::Ipc(IpcFrame::Bound(Bound { dc, ep })),
             });
         }
     }
@@ -1631,14 +1636,14 @@ impl NodeCore {
             Verdict::Refuse(v) => self.peer_violation(from, frame.kind(), v),
             Verdict::AlreadyApplied(id) => self.actions.push_back(Action::Peer {
                 node: from,
-                frame: PeerFrame::MigrDone { id, held: 0 },
+                frame: PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held: 0 })),
             }),
         }
     }
 
     fn peer_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
         match frame {
-            PeerFrame::Deliver {
+            PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
                 op,
                 dc,
                 src,
@@ -1646,9 +1651,11 @@ impl NodeCore {
                 kind,
                 msg,
                 timeout,
-            } => self.remote_deliver(from, op, dc, src, dst, kind, msg, timeout, now),
-            PeerFrame::Delivered { op, result } => self.remote_delivered(from, op, result),
-            PeerFrame::Cancel { op } => {
+            })) => self.remote_deliver(from, op, dc, src, dst, kind, msg, timeout, now),
+            PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result })) => {
+                self.remote_delivered(from, op, result)
+            }
+            PeerFrame::Ipc(IpcFrame::Cancel(Cancel { op })) => {
                 if let Some((dc, dst)) = self.remote_incoming.remove(&(from, op)) {
                     self.drop_remote_incoming(dc, dst, (from, op));
                 }
@@ -1674,18 +1681,18 @@ impl NodeCore {
                 }
                 self.actions.push_back(Action::Peer {
                     node: from,
-                    frame: PeerFrame::Delivered {
+                    frame: PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                         op,
                         result: Err(Errno::TimedOut),
-                    },
+                    })),
                 });
             }
-            PeerFrame::Reply {
+            PeerFrame::Ipc(IpcFrame::Reply(Reply {
                 dc,
                 src,
                 dst,
                 result,
-            } => {
+            })) => {
                 if self
                     .abandoned
                     .iter()
@@ -1697,12 +1704,12 @@ impl NodeCore {
                     return self.migr.hold_frame(
                         dc,
                         dst,
-                        PeerFrame::Reply {
+                        PeerFrame::Ipc(IpcFrame::Reply(Reply {
                             dc,
                             src,
                             dst,
                             result,
-                        },
+                        })),
                     );
                 }
                 let Some(Registration::Local { conn }) = self.table.get(dc, dst) else {
@@ -1729,12 +1736,12 @@ impl NodeCore {
                     self.respond(conn, reply_response(src, result));
                 }
             }
-            PeerFrame::Notify {
+            PeerFrame::Ipc(IpcFrame::Notify(Notify {
                 dc,
                 src,
                 dst,
                 value,
-            } => {
+            })) => {
                 if !self.peer_in_dc(from, dc) {
                     return;
                 }
@@ -1743,19 +1750,19 @@ impl NodeCore {
                     return self.migr.hold_frame(
                         dc,
                         dst,
-                        PeerFrame::Notify {
+                        PeerFrame::Ipc(IpcFrame::Notify(Notify {
                             dc,
                             src,
                             dst,
                             value,
-                        },
+                        })),
                     );
                 }
                 if let Some(conn) = self.local_or_binding(dc, dst) {
                     self.notify_local(conn, src, value);
                 }
             }
-            PeerFrame::VcopyPull {
+            PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
                 op,
                 caller_node,
                 dc,
@@ -1765,7 +1772,7 @@ impl NodeCore {
                 dst,
                 dst_addr,
                 len,
-            } => self.remote_vcopy_pull(
+            })) => self.remote_vcopy_pull(
                 from,
                 op,
                 caller_node,
@@ -1777,10 +1784,10 @@ impl NodeCore {
                 dst_addr,
                 len,
             ),
-            PeerFrame::VcopyDone { op, result } => {
+            PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone { op, result })) => {
                 self.complete_vcopy(VcopyCompletion::Local { op }, result)
             }
-            PeerFrame::Bound { dc, ep } => {
+            PeerFrame::Ipc(IpcFrame::Bound(Bound { dc, ep })) => {
                 if self.peer_in_dc(from, dc)
                     && !matches!(self.table.get(dc, ep), Some(Registration::Local { .. }))
                 {
@@ -1788,7 +1795,7 @@ impl NodeCore {
                     self.wake_bind_waiters(dc, ep);
                 }
             }
-            PeerFrame::Unbound { dc, ep } => {
+            PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc, ep })) => {
                 if matches!(self.table.get(dc, ep), Some(Registration::Remote { node } | Registration::Backup { node }) if node == from)
                 {
                     self.table.remove(dc, ep);
@@ -1796,22 +1803,20 @@ impl NodeCore {
                 }
             }
             // Handshake and liveness frames are the daemon's business.
-            PeerFrame::Hello { .. }
-            | PeerFrame::Welcome { .. }
-            | PeerFrame::Refuse { .. }
-            | PeerFrame::Ping
-            | PeerFrame::Pong => {}
-            PeerFrame::VcopyData { .. } => {}
-            f @ (PeerFrame::Redirect { .. }
-            | PeerFrame::MigrStart { .. }
-            | PeerFrame::MigrStartAck { .. }
-            | PeerFrame::MigrPrepare { .. }
-            | PeerFrame::MigrImage { .. }
-            | PeerFrame::MigrRestore { .. }
-            | PeerFrame::MigrRestored { .. }
-            | PeerFrame::MigrCommit { .. }
-            | PeerFrame::MigrRollback { .. }
-            | PeerFrame::MigrDone { .. }) => self.on_migration_frame(from, f, now),
+            PeerFrame::Link(_) => {}
+            PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData { .. })) => {}
+            f @ (PeerFrame::Ipc(IpcFrame::Redirect(Redirect { .. }))
+            | PeerFrame::Migr(MigrFrame::Start(MigrStart { .. }))
+            | PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { .. }))
+            | PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare { .. }))
+            | PeerFrame::Bulk(BulkFrame::ImageChunk(ImageChunk { .. }))
+            | PeerFrame::Migr(MigrFrame::Restore(MigrRestore { .. }))
+            | PeerFrame::Migr(MigrFrame::Restored(MigrRestored { .. }))
+            | PeerFrame::Migr(MigrFrame::Commit(MigrCommit { .. }))
+            | PeerFrame::Migr(MigrFrame::Rollback(MigrRollback { .. }))
+            | PeerFrame::Migr(MigrFrame::Done(MigrDone { .. }))) => {
+                self.on_migration_frame(from, f, now)
+            }
         }
     }
 
@@ -1850,7 +1855,7 @@ impl NodeCore {
         let fail = |core: &mut Self, e: Errno| {
             core.actions.push_back(Action::Peer {
                 node: from,
-                frame: PeerFrame::Delivered { op, result: Err(e) },
+                frame: PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result: Err(e) })),
             });
         };
         if !self.peer_in_dc(from, dc) {
@@ -1865,7 +1870,7 @@ impl NodeCore {
             // reached this node yet, and would not hold a redirected call any more: the
             // message waits here for the outcome instead.
             if self.migr.is_destination(dc, dst, self.node) {
-                let frame = PeerFrame::Deliver {
+                let frame = PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
                     op,
                     dc,
                     src,
@@ -1873,13 +1878,13 @@ impl NodeCore {
                     kind,
                     msg,
                     timeout,
-                };
+                }));
                 return self.migr.hold_deliver(dc, dst, from, frame);
             }
             // Not taken: the sender's node holds the call and sends it again after the outcome.
             self.actions.push_back(Action::Peer {
                 node: from,
-                frame: PeerFrame::Redirect { op, dc, dst },
+                frame: PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst })),
             });
             return;
         }
@@ -2051,10 +2056,10 @@ impl NodeCore {
                         if self.drop_remote_incoming(dc, dst, (node, op)) {
                             self.actions.push_back(Action::Peer {
                                 node,
-                                frame: PeerFrame::Delivered {
+                                frame: PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                                     op,
                                     result: Err(Errno::TimedOut),
-                                },
+                                })),
                             });
                         }
                     }

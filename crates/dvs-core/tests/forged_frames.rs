@@ -12,6 +12,11 @@ use dvs_core::{
 };
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::peer::{Backend, DeliverKind, MigratedEndpoint, PeerFrame};
+use dvs_wire::peer::{
+    Bound, Cancel, Deliver, Delivered, IpcFrame, MigrCommit, MigrDone, MigrFrame, MigrPrepare,
+    MigrRestore, MigrRestored, MigrRollback, MigrStart, MigrStartAck, Notify, Redirect, Reply,
+    Unbound, VcopyDone, VcopyPull,
+};
 use dvs_wire::{DcId, Ep, Message, NodeId, Timeout, PROTOCOL_VERSION};
 use proptest::prelude::*;
 
@@ -261,10 +266,10 @@ fn forged_vcopy_data_is_not_written() {
     net.expect_dropped();
     assert!(net.to_attacker.iter().any(|f| matches!(
         f,
-        PeerFrame::VcopyDone {
+        PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
             op: 7,
             result: Err(dvs_wire::Errno::Permission)
-        }
+        }))
     )));
     assert_eq!(net.attack_chunk(chunk(8, HONEST, 1, 1, 0, 4096)), None);
     net.expect_dropped();
@@ -280,7 +285,7 @@ fn forged_vcopy_data_is_not_written() {
 fn chunks_of_an_accepted_stream_must_follow_it() {
     let (mut net, srv) = setup();
     // The attacker's own endpoint 6 copies into the blocked server: a legitimate vcopy.
-    net.attack(PeerFrame::Bound { dc: DC, ep: 6 });
+    net.attack(PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 6 })));
     let pid = net.core(VICTIM).local_pid(DC, 1);
     assert_eq!(net.attack_chunk(chunk(3, ATTACKER, 6, 1, 0, 1024)), pid);
     // A gap, then a different address range: refused.
@@ -304,16 +309,18 @@ fn chunks_of_an_accepted_stream_must_follow_it() {
 #[test]
 fn forged_vcopy_pull_streams_nothing() {
     let (mut net, _srv) = setup();
-    let pull = |caller_node, caller| PeerFrame::VcopyPull {
-        op: 1,
-        caller_node,
-        dc: DC,
-        caller,
-        src: 1,
-        src_addr: 0x7ff0_0000,
-        dst: caller,
-        dst_addr: 0,
-        len: 4096,
+    let pull = |caller_node, caller| {
+        PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
+            op: 1,
+            caller_node,
+            dc: DC,
+            caller,
+            src: 1,
+            src_addr: 0x7ff0_0000,
+            dst: caller,
+            dst_addr: 0,
+            len: 4096,
+        }))
     };
     // An invented caller on the attacker, reading the server's stack back: refused, the
     // caller's node gets the error, nothing is read.
@@ -321,10 +328,10 @@ fn forged_vcopy_pull_streams_nothing() {
     net.expect_dropped();
     assert!(net.to_attacker.iter().any(|f| matches!(
         f,
-        PeerFrame::VcopyDone {
+        PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
             op: 1,
             result: Err(dvs_wire::Errno::Permission)
-        }
+        }))
     )));
     // On behalf of another node's caller.
     net.attack(pull(HONEST, 5));
@@ -340,15 +347,15 @@ fn forged_vcopy_pull_streams_nothing() {
     net.expect_dropped();
     assert!(net.to_attacker.iter().any(|f| matches!(
         f,
-        PeerFrame::VcopyDone {
+        PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
             op: 1,
             result: Err(dvs_wire::Errno::Permission)
-        }
+        }))
     )));
 }
 
 fn deliver(src: Ep, dst: Ep) -> PeerFrame {
-    PeerFrame::Deliver {
+    PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
         op: 1,
         dc: DC,
         src,
@@ -356,7 +363,7 @@ fn deliver(src: Ep, dst: Ep) -> PeerFrame {
         kind: DeliverKind::SendRec,
         msg: Message::new(1),
         timeout: Timeout::Forever,
-    }
+    }))
 }
 
 /// A message from a source the sending node does not hold is not served (it is dropped, the
@@ -375,19 +382,19 @@ fn deliver_from_an_endpoint_the_sender_does_not_run_is_not_served() {
     }
     // A forged reply to a waiting local client, and a forged notification.
     net.call(VICTIM, other, send_rec(5));
-    net.attack(PeerFrame::Reply {
+    net.attack(PeerFrame::Ipc(IpcFrame::Reply(Reply {
         dc: DC,
         src: 5,
         dst: 2,
         result: Ok(Message::new(9)),
-    });
+    })));
     net.expect_dropped();
-    net.attack(PeerFrame::Notify {
+    net.attack(PeerFrame::Ipc(IpcFrame::Notify(Notify {
         dc: DC,
         src: 1,
         dst: 2,
         value: 1,
-    });
+    })));
     net.expect_dropped();
     assert_eq!(net.resp(VICTIM, other), None);
     assert_eq!(net.table(), before);
@@ -405,12 +412,14 @@ fn send_rec(dst: Ep) -> LocalRequest {
 fn forged_migr_start_holds_nothing() {
     let (mut net, _srv) = setup();
     let client = net.bind(VICTIM, 2);
-    let start = |ep, from| PeerFrame::MigrStart {
-        id: (ATTACKER as u64) << 48 | 1,
-        dc: DC,
-        ep,
-        from,
-        to: ATTACKER,
+    let start = |ep, from| {
+        PeerFrame::Migr(MigrFrame::Start(MigrStart {
+            id: (ATTACKER as u64) << 48 | 1,
+            dc: DC,
+            ep,
+            from,
+            to: ATTACKER,
+        }))
     };
     // An endpoint of the honest node, in the attacker's name or in the honest node's.
     net.attack(start(5, ATTACKER));
@@ -428,19 +437,19 @@ fn forged_migr_start_holds_nothing() {
     assert!(net
         .in_flight
         .iter()
-        .all(|(_, _, f)| !matches!(f, PeerFrame::Redirect { .. })));
+        .all(|(_, _, f)| !matches!(f, PeerFrame::Ipc(IpcFrame::Redirect(Redirect { .. })))));
 }
 
 #[test]
 fn forged_migr_commit_does_not_reroute() {
     let (mut net, _srv) = setup();
     let before = net.table();
-    net.attack(PeerFrame::MigrCommit {
+    net.attack(PeerFrame::Migr(MigrFrame::Commit(MigrCommit {
         id: (ATTACKER as u64) << 48 | 1,
         dc: DC,
         ep: 5,
         to: ATTACKER,
-    });
+    })));
     // Nothing held: left to the directory, quietly (a late link may miss START honestly).
     assert!(net.take_others().is_empty());
     assert_eq!(net.table(), before);
@@ -450,22 +459,22 @@ fn forged_migr_commit_does_not_reroute() {
     let now = net.now;
     net.core(VICTIM).on_peer_frame(
         HONEST,
-        PeerFrame::MigrStart {
+        PeerFrame::Migr(MigrFrame::Start(MigrStart {
             id,
             dc: DC,
             ep: 5,
             from: HONEST,
             to: VICTIM,
-        },
+        })),
         now,
     );
     net.pump();
-    net.attack(PeerFrame::MigrCommit {
+    net.attack(PeerFrame::Migr(MigrFrame::Commit(MigrCommit {
         id,
         dc: DC,
         ep: 5,
         to: ATTACKER,
-    });
+    })));
     assert!(matches!(
         net.expect_violation(),
         Violation::ForeignMigrationId { .. }
@@ -478,15 +487,15 @@ fn forged_migr_commit_does_not_reroute() {
 fn bound_and_unbound_do_not_rewrite_routing() {
     let (mut net, _srv) = setup();
     let before = net.table();
-    net.attack(PeerFrame::Bound { dc: DC, ep: 1 });
+    net.attack(PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 1 })));
     assert_eq!(
         net.expect_violation(),
         Violation::EndpointIsLocal { dc: DC, ep: 1 }
     );
     // Another live node's endpoint: the directory decides, quietly.
-    net.attack(PeerFrame::Bound { dc: DC, ep: 5 });
-    net.attack(PeerFrame::Unbound { dc: DC, ep: 5 });
-    net.attack(PeerFrame::Unbound { dc: DC, ep: 1 });
+    net.attack(PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 5 })));
+    net.attack(PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc: DC, ep: 5 })));
+    net.attack(PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc: DC, ep: 1 })));
     assert!(net.take_others().is_empty());
     assert_eq!(net.table(), before);
 }
@@ -496,37 +505,39 @@ fn forged_prepare_and_restore_launch_nothing() {
     let (mut net, _srv) = setup();
     let id = (ATTACKER as u64) << 48 | 3;
     net.started.push(id);
-    let prepare = |ep| PeerFrame::MigrPrepare {
-        id,
-        dc: DC,
-        ep,
-        backend: Backend::Cooperative,
-        state: MigratedEndpoint {
-            call: None,
-            notifies: vec![],
-        },
-        fail_restore: false,
+    let prepare = |ep| {
+        PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare {
+            id,
+            dc: DC,
+            ep,
+            backend: Backend::Cooperative,
+            state: MigratedEndpoint {
+                call: None,
+                notifies: vec![],
+            },
+            fail_restore: false,
+        }))
     };
     // Without a START naming this node as destination.
     net.attack(prepare(6));
-    net.attack(PeerFrame::MigrRestore { id });
+    net.attack(PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id })));
     // A START by the attacker for its own endpoint, naming node 3 as destination.
-    net.attack(PeerFrame::Bound { dc: DC, ep: 6 });
-    net.attack(PeerFrame::MigrStart {
+    net.attack(PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 6 })));
+    net.attack(PeerFrame::Migr(MigrFrame::Start(MigrStart {
         id,
         dc: DC,
         ep: 6,
         from: ATTACKER,
         to: HONEST,
-    });
+    })));
     net.attack(prepare(6));
     assert_eq!(net.expect_violation(), Violation::NotDestination { id });
-    net.attack(PeerFrame::MigrRestore { id });
+    net.attack(PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id })));
     assert!(net.take_others().is_empty(), "no restore, no checkpoint");
-    assert!(net
-        .to_attacker
-        .iter()
-        .any(|f| matches!(f, PeerFrame::MigrRestored { result: Err(_), .. })));
+    assert!(net.to_attacker.iter().any(|f| matches!(
+        f,
+        PeerFrame::Migr(MigrFrame::Restored(MigrRestored { result: Err(_), .. }))
+    )));
 }
 
 // ----- a hostile peer, at random ------------------------------------------------------------
@@ -545,34 +556,41 @@ fn hostile_frame() -> impl Strategy<Value = PeerFrame> {
             ep.clone(),
             any::<bool>()
         )
-            .prop_map(|(op, dc, src, dst, rec)| PeerFrame::Deliver {
-                op,
+            .prop_map(|(op, dc, src, dst, rec)| PeerFrame::Ipc(IpcFrame::Deliver(
+                Deliver {
+                    op,
+                    dc,
+                    src,
+                    dst,
+                    kind: if rec {
+                        DeliverKind::SendRec
+                    } else {
+                        DeliverKind::Send
+                    },
+                    msg: Message::new(3),
+                    timeout: Timeout::Forever,
+                }
+            ))),
+        op.clone()
+            .prop_map(|op| PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result: Ok(()) }))),
+        op.clone()
+            .prop_map(|op| PeerFrame::Ipc(IpcFrame::Cancel(Cancel { op }))),
+        (dc.clone(), ep.clone(), ep.clone()).prop_map(|(dc, src, dst)| PeerFrame::Ipc(
+            IpcFrame::Reply(Reply {
                 dc,
                 src,
                 dst,
-                kind: if rec {
-                    DeliverKind::SendRec
-                } else {
-                    DeliverKind::Send
-                },
-                msg: Message::new(3),
-                timeout: Timeout::Forever,
-            }),
-        op.clone()
-            .prop_map(|op| PeerFrame::Delivered { op, result: Ok(()) }),
-        op.clone().prop_map(|op| PeerFrame::Cancel { op }),
-        (dc.clone(), ep.clone(), ep.clone()).prop_map(|(dc, src, dst)| PeerFrame::Reply {
-            dc,
-            src,
-            dst,
-            result: Ok(Message::new(8)),
-        }),
-        (dc.clone(), ep.clone(), ep.clone()).prop_map(|(dc, src, dst)| PeerFrame::Notify {
-            dc,
-            src,
-            dst,
-            value: 1,
-        }),
+                result: Ok(Message::new(8)),
+            })
+        )),
+        (dc.clone(), ep.clone(), ep.clone()).prop_map(|(dc, src, dst)| PeerFrame::Ipc(
+            IpcFrame::Notify(Notify {
+                dc,
+                src,
+                dst,
+                value: 1,
+            })
+        )),
         (
             op.clone(),
             node.clone(),
@@ -582,7 +600,7 @@ fn hostile_frame() -> impl Strategy<Value = PeerFrame> {
             1..5000u64
         )
             .prop_map(|(op, caller_node, caller, src, dst, len)| {
-                PeerFrame::VcopyPull {
+                PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
                     op,
                     caller_node,
                     dc: DC,
@@ -592,25 +610,32 @@ fn hostile_frame() -> impl Strategy<Value = PeerFrame> {
                     dst,
                     dst_addr: 0x2000,
                     len,
-                }
+                }))
             }),
         op.clone()
-            .prop_map(|op| PeerFrame::VcopyDone { op, result: Ok(()) }),
-        (dc.clone(), ep.clone()).prop_map(|(dc, ep)| PeerFrame::Bound { dc, ep }),
-        (dc.clone(), ep.clone()).prop_map(|(dc, ep)| PeerFrame::Unbound { dc, ep }),
-        (op, ep.clone()).prop_map(|(op, dst)| PeerFrame::Redirect { op, dc: DC, dst }),
+            .prop_map(|op| PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone { op, result: Ok(()) }))),
+        (dc.clone(), ep.clone())
+            .prop_map(|(dc, ep)| PeerFrame::Ipc(IpcFrame::Bound(Bound { dc, ep }))),
+        (dc.clone(), ep.clone())
+            .prop_map(|(dc, ep)| PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc, ep }))),
+        (op, ep.clone()).prop_map(|(op, dst)| PeerFrame::Ipc(IpcFrame::Redirect(Redirect {
+            op,
+            dc: DC,
+            dst
+        }))),
         (id.clone(), ep.clone(), node.clone(), node.clone()).prop_map(|(id, ep, from, to)| {
-            PeerFrame::MigrStart {
+            PeerFrame::Migr(MigrFrame::Start(MigrStart {
                 id,
                 dc: DC,
                 ep,
                 from,
                 to,
-            }
+            }))
         }),
-        id.clone().prop_map(|id| PeerFrame::MigrStartAck { id }),
+        id.clone()
+            .prop_map(|id| PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { id }))),
         (id.clone(), ep.clone(), any::<bool>()).prop_map(|(id, ep, coop)| {
-            PeerFrame::MigrPrepare {
+            PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare {
                 id,
                 dc: DC,
                 ep,
@@ -624,26 +649,27 @@ fn hostile_frame() -> impl Strategy<Value = PeerFrame> {
                     notifies: vec![],
                 },
                 fail_restore: false,
-            }
+            }))
         }),
-        id.clone().prop_map(|id| PeerFrame::MigrRestore { id }),
-        id.clone().prop_map(|id| PeerFrame::MigrRestored {
-            id,
-            result: Err("x".into())
-        }),
-        (id.clone(), ep.clone(), node.clone()).prop_map(|(id, ep, to)| PeerFrame::MigrCommit {
-            id,
-            dc: DC,
-            ep,
-            to
-        }),
-        (id.clone(), ep.clone(), node).prop_map(|(id, ep, from)| PeerFrame::MigrRollback {
-            id,
-            dc: DC,
-            ep,
-            from
-        }),
-        id.prop_map(|id| PeerFrame::MigrDone { id, held: 3 }),
+        id.clone()
+            .prop_map(|id| PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id }))),
+        id.clone()
+            .prop_map(|id| PeerFrame::Migr(MigrFrame::Restored(MigrRestored {
+                id,
+                result: Err("x".into())
+            }))),
+        (id.clone(), ep.clone(), node.clone()).prop_map(|(id, ep, to)| PeerFrame::Migr(
+            MigrFrame::Commit(MigrCommit { id, dc: DC, ep, to })
+        )),
+        (id.clone(), ep.clone(), node).prop_map(|(id, ep, from)| PeerFrame::Migr(
+            MigrFrame::Rollback(MigrRollback {
+                id,
+                dc: DC,
+                ep,
+                from
+            })
+        )),
+        id.prop_map(|id| PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held: 3 }))),
     ]
 }
 
@@ -795,14 +821,14 @@ proptest! {
 #[test]
 fn an_unrecorded_migr_start_holds_nothing() {
     let (mut net, _srv) = setup();
-    net.attack(PeerFrame::Bound { dc: DC, ep: 6 });
-    net.attack(PeerFrame::MigrStart {
+    net.attack(PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 6 })));
+    net.attack(PeerFrame::Migr(MigrFrame::Start(MigrStart {
         id: (ATTACKER as u64) << 48 | 9,
         dc: DC,
         ep: 6,
         from: ATTACKER,
         to: HONEST,
-    });
+    })));
     assert!(
         !net.core(VICTIM).migrating(DC, 6),
         "calls to an endpoint must not be held for a migration nobody recorded"

@@ -14,6 +14,10 @@ use dvs_core::{
 };
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::message::NOTIFY_MTYPE;
+use dvs_wire::peer::{
+    Bound, BulkFrame, Cancel, Deliver, Delivered, IpcFrame, MigrFrame, MigrStart, Notify, Reply,
+    Unbound, VcopyData, VcopyDone, VcopyPull,
+};
 use dvs_wire::peer::{DeliverKind, PeerFrame};
 use dvs_wire::{DcId, Ep, Errno, Message, NodeId, Timeout, PROTOCOL_VERSION};
 
@@ -198,7 +202,7 @@ impl Sim {
                 dst_addr,
                 ..
             } if self.auto_vcopy => {
-                let frame = PeerFrame::VcopyData {
+                let frame = PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData {
                     op,
                     caller_node,
                     dc,
@@ -207,7 +211,7 @@ impl Sim {
                     dst_addr,
                     offset: 0,
                     total: len,
-                };
+                }));
                 self.send_frame(n, to, frame);
             }
             other => self.others.push((n, other)),
@@ -230,7 +234,7 @@ impl Sim {
         let core = self.core(to);
         match frame {
             // The daemon's part: write the chunk (always one chunk here) into the process.
-            PeerFrame::VcopyData { offset, total, .. } => {
+            PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData { offset, total, .. })) => {
                 let c = VcopyChunk::from_frame(&frame, total - offset).expect("a chunk");
                 if core.on_vcopy_chunk(from, &c).is_some() {
                     core.on_vcopy_chunk_written(from, &c, Ok(()));
@@ -523,8 +527,16 @@ fn bind_registers_locally_in_the_directory_and_at_peers() {
     assert_eq!(
         bound,
         vec![
-            (1, 2, PeerFrame::Bound { dc: DC, ep: 3 }),
-            (1, 3, PeerFrame::Bound { dc: DC, ep: 3 })
+            (
+                1,
+                2,
+                PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 3 }))
+            ),
+            (
+                1,
+                3,
+                PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 3 }))
+            )
         ]
     );
     for n in [2, 3] {
@@ -548,7 +560,11 @@ fn bind_registers_locally_in_the_directory_and_at_peers() {
     s.bind(2, DC2, 3);
     assert_eq!(
         s.take_frames(),
-        vec![(2, 1, PeerFrame::Bound { dc: DC2, ep: 3 })]
+        vec![(
+            2,
+            1,
+            PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC2, ep: 3 }))
+        )]
     );
     assert_eq!(
         s.core(3).registrations(),
@@ -757,8 +773,16 @@ fn unbind_releases_the_endpoint() {
     assert_eq!(
         s.take_frames(),
         vec![
-            (1, 2, PeerFrame::Unbound { dc: DC, ep: 3 }),
-            (1, 3, PeerFrame::Unbound { dc: DC, ep: 3 })
+            (
+                1,
+                2,
+                PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc: DC, ep: 3 }))
+            ),
+            (
+                1,
+                3,
+                PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc: DC, ep: 3 }))
+            )
         ]
     );
     assert!(!s.dir.contains_key(&(DC, 3)));
@@ -1216,12 +1240,12 @@ fn remote_notify() {
         vec![(
             1,
             2,
-            PeerFrame::Notify {
+            PeerFrame::Ipc(IpcFrame::Notify(Notify {
                 dc: DC,
                 src: 1,
                 dst: 2,
                 value: 3
-            }
+            }))
         )]
     );
     s.call(a, notify(2, 4));
@@ -1417,7 +1441,7 @@ fn remote_send_completes_only_when_taken() {
     let [(
         1,
         2,
-        PeerFrame::Deliver {
+        PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
             op,
             dc: DC,
             src: 1,
@@ -1425,7 +1449,7 @@ fn remote_send_completes_only_when_taken() {
             kind: DeliverKind::Send,
             msg: m,
             timeout: FOREVER,
-        },
+        })),
     )] = frames[..]
     else {
         panic!("{frames:?}")
@@ -1435,18 +1459,26 @@ fn remote_send_completes_only_when_taken() {
     s.expect_msg_from(b, 1, 7);
     assert_eq!(
         s.take_frames(),
-        vec![(2, 1, PeerFrame::Delivered { op, result: Ok(()) })]
+        vec![(
+            2,
+            1,
+            PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result: Ok(()) }))
+        )]
     );
     s.expect_done(a);
     // A Delivered for an unknown or stale op changes nothing.
-    s.inject(2, 1, PeerFrame::Delivered { op, result: Ok(()) });
+    s.inject(
+        2,
+        1,
+        PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result: Ok(()) })),
+    );
     s.inject(
         3,
         1,
-        PeerFrame::Delivered {
+        PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
             op: 999,
             result: Err(Errno::DstDied),
-        },
+        })),
     );
     s.idle(a);
 }
@@ -1492,7 +1524,10 @@ fn remote_send_timeouts() {
     s.expect_err(a, Errno::TimedOut);
     let frames = s.take_frames();
     assert!(
-        matches!(&frames[..], [(1, 2, PeerFrame::Cancel { .. })]),
+        matches!(
+            &frames[..],
+            [(1, 2, PeerFrame::Ipc(IpcFrame::Cancel(Cancel { .. })))]
+        ),
         "{frames:?}"
     );
     // The Deliver and the Cancel reach node 2 in that order: nothing is left queued.
@@ -1511,10 +1546,10 @@ fn cancel_drops_a_queued_remote_message() {
     s.take_frames();
     s.call(a, send(2, 1, FOREVER));
     let frames = s.take_frames();
-    let [(1, 2, PeerFrame::Deliver { op, .. })] = frames[..] else {
+    let [(1, 2, PeerFrame::Ipc(IpcFrame::Deliver(Deliver { op, .. })))] = frames[..] else {
         panic!("{frames:?}")
     };
-    s.inject(1, 2, PeerFrame::Cancel { op });
+    s.inject(1, 2, PeerFrame::Ipc(IpcFrame::Cancel(Cancel { op })));
     s.call(b, recv(Source::Any, NOWAIT));
     s.expect_err(b, Errno::TimedOut);
     // Every Cancel is acknowledged (here the sender had not given up: it learns the outcome).
@@ -1523,10 +1558,10 @@ fn cancel_drops_a_queued_remote_message() {
         vec![(
             2,
             1,
-            PeerFrame::Delivered {
+            PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                 op,
                 result: Err(Errno::TimedOut)
-            }
+            }))
         )]
     );
     s.expect_err(a, Errno::TimedOut);
@@ -1536,10 +1571,10 @@ fn cancel_drops_a_queued_remote_message() {
     let a = s.bind(1, DC, 1);
     s.call(a, send(2, 2, FOREVER));
     let frames = s.take_frames();
-    let [.., (1, 2, PeerFrame::Deliver { op, .. })] = frames[..] else {
+    let [.., (1, 2, PeerFrame::Ipc(IpcFrame::Deliver(Deliver { op, .. })))] = frames[..] else {
         panic!("{frames:?}")
     };
-    s.inject(3, 2, PeerFrame::Cancel { op });
+    s.inject(3, 2, PeerFrame::Ipc(IpcFrame::Cancel(Cancel { op })));
     s.call(b, any());
     s.expect_msg_from(b, 1, 2);
     s.expect_done(a);
@@ -1551,7 +1586,7 @@ fn cancel_drops_a_queued_remote_message() {
     assert!(
         frames
             .iter()
-            .any(|f| matches!(f, (1, 2, PeerFrame::Cancel { .. }))),
+            .any(|f| matches!(f, (1, 2, PeerFrame::Ipc(IpcFrame::Cancel(Cancel { .. }))))),
         "{frames:?}"
     );
     s.call(b, recv(Source::Any, NOWAIT));
@@ -1580,20 +1615,20 @@ fn remote_sendrec_across_three_nodes() {
                 (
                     1,
                     2,
-                    PeerFrame::Deliver {
+                    PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
                         kind: DeliverKind::SendRec,
                         ..
-                    }
+                    }))
                 ),
                 (
                     2,
                     1,
-                    PeerFrame::Reply {
+                    PeerFrame::Ipc(IpcFrame::Reply(Reply {
                         dc: DC,
                         src: 2,
                         dst: 1,
                         result: Ok(_)
-                    }
+                    }))
                 ),
             ]
         ),
@@ -1618,7 +1653,7 @@ fn remote_sendrec_across_three_nodes() {
     let replies: Vec<_> = s
         .take_frames()
         .into_iter()
-        .filter(|f| matches!(f.2, PeerFrame::Reply { .. }))
+        .filter(|f| matches!(f.2, PeerFrame::Ipc(IpcFrame::Reply(Reply { .. }))))
         .map(|f| (f.0, f.1))
         .collect();
     assert_eq!(replies, vec![(2, 1), (2, 3)]);
@@ -1629,12 +1664,12 @@ fn remote_sendrec_across_three_nodes() {
     s.inject(
         2,
         1,
-        PeerFrame::Reply {
+        PeerFrame::Ipc(IpcFrame::Reply(Reply {
             dc: DC,
             src: 2,
             dst: 1,
             result: Ok(msg(5)),
-        },
+        })),
     );
     s.idle(c1);
     // Remote sendrec with a Millis timeout the server does not meet.
@@ -1697,7 +1732,7 @@ fn remote_deliver_errors() {
     s.inject(
         3,
         1,
-        PeerFrame::Deliver {
+        PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
             op: 70,
             dc: DC2,
             src: 1,
@@ -1705,12 +1740,12 @@ fn remote_deliver_errors() {
             kind: DeliverKind::Send,
             msg: msg(1),
             timeout: FOREVER,
-        },
+        })),
     );
     s.inject(
         3,
         1,
-        PeerFrame::Deliver {
+        PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
             op: 71,
             dc: DC,
             src: 1,
@@ -1718,12 +1753,12 @@ fn remote_deliver_errors() {
             kind: DeliverKind::Send,
             msg: msg(1),
             timeout: FOREVER,
-        },
+        })),
     );
     s.inject(
         3,
         1,
-        PeerFrame::Deliver {
+        PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
             op: 72,
             dc: DC,
             src: 1,
@@ -1731,12 +1766,12 @@ fn remote_deliver_errors() {
             kind: DeliverKind::Send,
             msg: msg(1),
             timeout: FOREVER,
-        },
+        })),
     );
     s.inject(
         3,
         1,
-        PeerFrame::Deliver {
+        PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
             op: 73,
             dc: NO_DC,
             src: 1,
@@ -1744,12 +1779,12 @@ fn remote_deliver_errors() {
             kind: DeliverKind::Send,
             msg: msg(1),
             timeout: FOREVER,
-        },
+        })),
     );
     s.inject(
         3,
         1,
-        PeerFrame::Deliver {
+        PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
             op: 74,
             dc: DC,
             src: 1,
@@ -1757,7 +1792,7 @@ fn remote_deliver_errors() {
             kind: DeliverKind::Send,
             msg: msg(1),
             timeout: NOWAIT,
-        },
+        })),
     );
     let verdicts = s.take_frames();
     assert_eq!(
@@ -1766,42 +1801,42 @@ fn remote_deliver_errors() {
             (
                 1,
                 3,
-                PeerFrame::Delivered {
+                PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                     op: 70,
                     result: Err(Errno::NodeNotInDc)
-                }
+                }))
             ),
             (
                 1,
                 3,
-                PeerFrame::Delivered {
+                PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                     op: 71,
                     result: Err(Errno::DstDied)
-                }
+                }))
             ),
             (
                 1,
                 3,
-                PeerFrame::Delivered {
+                PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                     op: 72,
                     result: Err(Errno::BadEndpoint)
-                }
+                }))
             ),
             (
                 1,
                 3,
-                PeerFrame::Delivered {
+                PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                     op: 73,
                     result: Err(Errno::NodeNotInDc)
-                }
+                }))
             ),
             (
                 1,
                 3,
-                PeerFrame::Delivered {
+                PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                     op: 74,
                     result: Err(Errno::TimedOut)
-                }
+                }))
             ),
         ]
     );
@@ -1817,7 +1852,7 @@ fn unknown_remote_sender_is_registered_at_its_node() {
     s.inject(
         3,
         1,
-        PeerFrame::Deliver {
+        PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
             op: 5,
             dc: DC,
             src: 9,
@@ -1825,7 +1860,7 @@ fn unknown_remote_sender_is_registered_at_its_node() {
             kind: DeliverKind::Send,
             msg: msg(1),
             timeout: FOREVER,
-        },
+        })),
     );
     assert!(s
         .core(1)
@@ -1838,10 +1873,10 @@ fn unknown_remote_sender_is_registered_at_its_node() {
         Some(&(
             1,
             3,
-            PeerFrame::Delivered {
+            PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                 op: 5,
                 result: Ok(())
-            }
+            }))
         ))
     );
     // It can be answered without asking the directory.
@@ -1853,14 +1888,18 @@ fn unknown_remote_sender_is_registered_at_its_node() {
         matches!(
             &frames[..],
             [
-                (1, 3, PeerFrame::Deliver { dst: 9, .. }),
+                (
+                    1,
+                    3,
+                    PeerFrame::Ipc(IpcFrame::Deliver(Deliver { dst: 9, .. }))
+                ),
                 (
                     3,
                     1,
-                    PeerFrame::Delivered {
+                    PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                         result: Err(Errno::DstDied),
                         ..
-                    }
+                    }))
                 )
             ]
         ),
@@ -1871,33 +1910,33 @@ fn unknown_remote_sender_is_registered_at_its_node() {
     s.inject(
         3,
         1,
-        PeerFrame::MigrStart {
+        PeerFrame::Migr(MigrFrame::Start(MigrStart {
             id: (3 << 48) | 1,
             dc: DC,
             ep: 9,
             from: 3,
             to: 2,
-        },
+        })),
     );
     s.inject(
         2,
         1,
-        PeerFrame::Notify {
+        PeerFrame::Ipc(IpcFrame::Notify(Notify {
             dc: DC,
             src: 10,
             dst: 2,
             value: 1,
-        },
+        })),
     );
     s.inject(
         2,
         1,
-        PeerFrame::Notify {
+        PeerFrame::Ipc(IpcFrame::Notify(Notify {
             dc: DC,
             src: 9,
             dst: 2,
             value: 1,
-        },
+        })),
     );
     let regs = s.core(1).registrations();
     assert!(
@@ -1912,12 +1951,12 @@ fn unknown_remote_sender_is_registered_at_its_node() {
     s.inject(
         2,
         1,
-        PeerFrame::Notify {
+        PeerFrame::Ipc(IpcFrame::Notify(Notify {
             dc: DC,
             src: 2,
             dst: 2,
             value: 1,
-        },
+        })),
     );
     assert!(s
         .core(1)
@@ -1927,12 +1966,12 @@ fn unknown_remote_sender_is_registered_at_its_node() {
     s.inject(
         3,
         1,
-        PeerFrame::Notify {
+        PeerFrame::Ipc(IpcFrame::Notify(Notify {
             dc: DC2,
             src: 11,
             dst: 2,
             value: 1,
-        },
+        })),
     );
     assert!(s.core(1).registrations().iter().all(|(_, ep, _)| *ep != 11));
 }
@@ -1989,10 +2028,26 @@ fn link_down_fails_remote_callers_and_new_sends() {
     assert_eq!(
         bound,
         vec![
-            (1, 2, PeerFrame::Bound { dc: DC, ep: 1 }),
-            (1, 2, PeerFrame::Bound { dc: DC, ep: 3 }),
-            (2, 1, PeerFrame::Bound { dc: DC, ep: 2 }),
-            (2, 1, PeerFrame::Bound { dc: DC, ep: 4 }),
+            (
+                1,
+                2,
+                PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 1 }))
+            ),
+            (
+                1,
+                2,
+                PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 3 }))
+            ),
+            (
+                2,
+                1,
+                PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 2 }))
+            ),
+            (
+                2,
+                1,
+                PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 4 }))
+            ),
         ]
     );
     s.call(b, any());
@@ -2067,8 +2122,16 @@ fn local_process_death_fails_everyone_waiting_on_it() {
     assert_eq!(
         s.take_frames(),
         vec![
-            (1, 2, PeerFrame::Unbound { dc: DC, ep: 2 }),
-            (1, 3, PeerFrame::Unbound { dc: DC, ep: 2 })
+            (
+                1,
+                2,
+                PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc: DC, ep: 2 }))
+            ),
+            (
+                1,
+                3,
+                PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc: DC, ep: 2 }))
+            )
         ]
     );
     assert!(!s.dir.contains_key(&(DC, 2)));
@@ -2113,12 +2176,12 @@ fn remote_process_death_fails_everyone_waiting_on_it() {
         frames.contains(&(
             2,
             3,
-            PeerFrame::Reply {
+            PeerFrame::Ipc(IpcFrame::Reply(Reply {
                 dc: DC,
                 src: 2,
                 dst: 3,
                 result: Err(Errno::DstDied)
-            }
+            }))
         )),
         "{frames:?}"
     );
@@ -2128,10 +2191,10 @@ fn remote_process_death_fails_everyone_waiting_on_it() {
             (
                 2,
                 1,
-                PeerFrame::Delivered {
+                PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                     result: Err(Errno::DstDied),
                     ..
-                }
+                }))
             )
         )),
         "{frames:?}"
@@ -2296,13 +2359,25 @@ fn wait_for_bind_woken_by_a_peer_or_a_local_bind_or_the_directory() {
     s.call(w, wait_bind(9, Timeout::Millis(10)));
     s.take_others();
     s.lookup_result(1, DC, 9, None);
-    s.inject(3, 1, PeerFrame::Bound { dc: DC2, ep: 9 });
-    s.inject(3, 1, PeerFrame::Bound { dc: DC, ep: 10 });
+    s.inject(
+        3,
+        1,
+        PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC2, ep: 9 })),
+    );
+    s.inject(
+        3,
+        1,
+        PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 10 })),
+    );
     s.idle(w);
     s.advance(10);
     s.expect_err(w, Errno::TimedOut);
     // An Unbound from a node that does not run it is ignored.
-    s.inject(2, 1, PeerFrame::Unbound { dc: DC, ep: 10 });
+    s.inject(
+        2,
+        1,
+        PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc: DC, ep: 10 })),
+    );
     assert!(s
         .core(1)
         .registrations()
@@ -2415,7 +2490,7 @@ fn vcopy_pulling_from_a_remote_source() {
     let [(
         1,
         2,
-        PeerFrame::VcopyPull {
+        PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
             op,
             caller_node: 1,
             dc: DC,
@@ -2425,7 +2500,7 @@ fn vcopy_pulling_from_a_remote_source() {
             dst: 1,
             dst_addr: DST_ADDR,
             len: 100_000,
-        },
+        })),
     )] = frames[..]
     else {
         panic!("{frames:?}")
@@ -2463,7 +2538,7 @@ fn vcopy_pulling_from_a_remote_source() {
     // Reading the source fails at node 2.
     s.call(srv, vcopy(2, 1, 10, FOREVER));
     let frames = s.take_frames();
-    let [(1, 2, PeerFrame::VcopyPull { op, .. })] = frames[..] else {
+    let [(1, 2, PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull { op, .. })))] = frames[..] else {
         panic!("{frames:?}")
     };
     s.take_others();
@@ -2482,14 +2557,14 @@ fn vcopy_pulling_from_a_remote_source() {
         matches!(
             &frames[..],
             [
-                (1, 2, PeerFrame::VcopyPull { .. }),
+                (1, 2, PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull { .. }))),
                 (
                     2,
                     1,
-                    PeerFrame::VcopyDone {
+                    PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
                         result: Err(Errno::Busy),
                         ..
-                    }
+                    }))
                 )
             ]
         ),
@@ -2503,23 +2578,25 @@ fn vcopy_pull_checks_at_the_source_node() {
     let (_srv, c) = server_with_client(&mut s, 2);
     // The caller runs on node 3 (node 2 refuses pulls for callers it does not know there).
     let _caller = s.bind(3, DC, 9);
-    let pull = |op, caller, dst, len| PeerFrame::VcopyPull {
-        op,
-        caller_node: 3,
-        dc: DC,
-        caller,
-        src: 2,
-        src_addr: 0,
-        dst,
-        dst_addr: 0,
-        len,
+    let pull = |op, caller, dst, len| {
+        PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
+            op,
+            caller_node: 3,
+            dc: DC,
+            caller,
+            src: 2,
+            src_addr: 0,
+            dst,
+            dst_addr: 0,
+            len,
+        }))
     };
     s.inject(3, 2, pull(1, 9, 9, VCOPY_MAX + 1));
     s.inject(3, 2, pull(2, 9, 8, 10));
     s.inject(
         3,
         2,
-        PeerFrame::VcopyPull {
+        PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
             op: 3,
             caller_node: 3,
             dc: DC,
@@ -2529,7 +2606,7 @@ fn vcopy_pull_checks_at_the_source_node() {
             dst: 9,
             dst_addr: 0,
             len: 10,
-        },
+        })),
     );
     let verdicts: Vec<_> = s.take_frames().into_iter().filter(|f| f.0 == 2).collect();
     assert_eq!(
@@ -2538,26 +2615,26 @@ fn vcopy_pull_checks_at_the_source_node() {
             (
                 2,
                 3,
-                PeerFrame::VcopyDone {
+                PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
                     op: 1,
                     result: Err(Errno::TooBig)
-                }
+                }))
             ),
             (
                 2,
                 3,
-                PeerFrame::VcopyDone {
+                PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
                     op: 2,
                     result: Err(Errno::NoSuchEndpoint)
-                }
+                }))
             ),
             (
                 2,
                 3,
-                PeerFrame::VcopyDone {
+                PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
                     op: 3,
                     result: Err(Errno::SrcDied)
-                }
+                }))
             ),
         ]
     );
@@ -2600,17 +2677,17 @@ fn vcopy_pull_checks_at_the_source_node() {
         Some(&(
             2,
             3,
-            PeerFrame::VcopyDone {
+            PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
                 op: 5,
                 result: Ok(())
-            }
+            }))
         ))
     );
     // A node outside the DC.
     s.inject(
         3,
         2,
-        PeerFrame::VcopyPull {
+        PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
             op: 6,
             caller_node: 3,
             dc: DC2,
@@ -2620,17 +2697,17 @@ fn vcopy_pull_checks_at_the_source_node() {
             dst: 9,
             dst_addr: 0,
             len: 10,
-        },
+        })),
     );
     assert_eq!(
         s.take_frames().last(),
         Some(&(
             2,
             3,
-            PeerFrame::VcopyDone {
+            PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
                 op: 6,
                 result: Err(Errno::NodeNotInDc)
-            }
+            }))
         ))
     );
 }
@@ -2730,10 +2807,10 @@ fn vcopy_chunk_validation_reports_once() {
         vec![(
             1,
             3,
-            PeerFrame::VcopyDone {
+            PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
                 op,
                 result: Err(Errno::Busy)
-            }
+            }))
         )]
     );
     s.expect_err(k, Errno::Busy);
@@ -2765,26 +2842,26 @@ fn vcopy_chunk_validation_reports_once() {
             (
                 1,
                 3,
-                PeerFrame::VcopyDone {
+                PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
                     op: 50,
                     result: Err(Errno::DstDied)
-                }
+                }))
             ),
             (
                 1,
                 3,
-                PeerFrame::VcopyDone {
+                PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
                     op: 51,
                     result: Err(Errno::NodeNotInDc)
-                }
+                }))
             ),
             (
                 1,
                 3,
-                PeerFrame::VcopyDone {
+                PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
                     op: 52,
                     result: Err(Errno::NoSuchDc)
-                }
+                }))
             ),
         ]
     );

@@ -30,6 +30,7 @@ use dvs_config::{ClusterConfig, Compression, NodeConfig};
 use dvs_core::{Action, ConnId, CoreConfig, DcInfo, NodeCore, VcopyChunk};
 use dvs_directory::{Directory, EmbeddedDirectory};
 use dvs_wire::peer::PeerFrame;
+use dvs_wire::peer::{BulkFrame, VcopyData};
 use dvs_wire::{Errno, NodeId};
 use tokio::sync::{mpsc, Notify};
 use tracing::{error, info, warn};
@@ -228,7 +229,7 @@ impl Shared {
                 let mut off = 0u64;
                 while off < len {
                     let n = ((len - off) as usize).min(vcopy::CHUNK);
-                    let f = PeerFrame::VcopyData {
+                    let f = PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData {
                         op,
                         caller_node,
                         dc,
@@ -237,7 +238,7 @@ impl Shared {
                         dst_addr,
                         offset: off,
                         total: len,
-                    };
+                    }));
                     let at = src_addr + off;
                     // Read the process's memory straight into the link's buffer when the link
                     // does not compress; through the bounce buffer otherwise.

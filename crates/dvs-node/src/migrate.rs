@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use dvs_checkpoint::{Criu, DumpRequest, RestoreRequest};
 use dvs_core::{MigrationReport, Phase};
 use dvs_wire::peer::{Backend, MigrationId, PeerFrame};
+use dvs_wire::peer::{BulkFrame, ImageChunk};
 use dvs_wire::{DcId, Ep, NodeId};
 use tokio::sync::mpsc;
 
@@ -269,12 +270,12 @@ impl Shared {
 
     /// Destination: stores one image chunk.
     pub(crate) fn migr_image_chunk(&mut self, from: NodeId, frame: PeerFrame, data: &[u8]) {
-        let PeerFrame::MigrImage {
+        let PeerFrame::Bulk(BulkFrame::ImageChunk(ImageChunk {
             id,
             file,
             offset,
             last,
-        } = frame
+        })) = frame
         else {
             return;
         };
@@ -504,12 +505,12 @@ async fn stream_image(w: &Rc<Wire>, id: MigrationId, dir: &Path) -> Result<u64, 
                 }
             };
             let last = off + want as u64 == len;
-            let frame = PeerFrame::MigrImage {
+            let frame = PeerFrame::Bulk(BulkFrame::ImageChunk(ImageChunk {
                 id,
                 file: name.clone(),
                 offset: off,
                 last,
-            };
+            }));
             if w.is_closed() {
                 return Err("the link to the destination closed during the transfer".into());
             }

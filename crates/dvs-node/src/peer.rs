@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use dvs_wire::frame::HANDSHAKE_MAX_FRAME;
 use dvs_wire::peer::PeerFrame;
+use dvs_wire::peer::{BulkFrame, Hello, ImageChunk, LinkFrame, Refuse, VcopyData, Welcome};
 use dvs_wire::{FrameDecoder, NodeId, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -126,9 +127,9 @@ async fn write_frame<S: AsyncWrite + Unpin>(stream: &mut S, f: &PeerFrame) -> st
 async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S) {
     let _ = write_frame(
         stream,
-        &PeerFrame::Refuse {
+        &PeerFrame::Link(LinkFrame::Refuse(Refuse {
             reason: REFUSAL.into(),
-        },
+        })),
     )
     .await;
     let _ = stream.shutdown().await;
@@ -158,24 +159,32 @@ async fn accept_handshake(
     let mut dec = FrameDecoder::with_limit(HANDSHAKE_MAX_FRAME);
     let check_hello = |hello: &PeerFrame, cert_node: Option<NodeId>| -> Result<NodeId, String> {
         match hello {
-            PeerFrame::Hello { version, .. } if *version != PROTOCOL_VERSION => Err(format!(
-                "protocol version mismatch (ours {PROTOCOL_VERSION}, theirs {version})"
-            )),
-            PeerFrame::Hello { cluster: c, .. } if *c != cluster => {
+            PeerFrame::Link(LinkFrame::Hello(Hello { version, .. }))
+                if *version != PROTOCOL_VERSION =>
+            {
+                Err(format!(
+                    "protocol version mismatch (ours {PROTOCOL_VERSION}, theirs {version})"
+                ))
+            }
+            PeerFrame::Link(LinkFrame::Hello(Hello { cluster: c, .. })) if *c != cluster => {
                 Err(format!("its Hello names another cluster ({c:?})"))
             }
-            PeerFrame::Hello { node, .. } if cert_node.is_some_and(|n| n != *node) => Err(format!(
-                "it claims node id {node} but its certificate names node {}",
-                cert_node.unwrap_or_default()
-            )),
-            PeerFrame::Hello { node, .. }
+            PeerFrame::Link(LinkFrame::Hello(Hello { node, .. }))
+                if cert_node.is_some_and(|n| n != *node) =>
+            {
+                Err(format!(
+                    "it claims node id {node} but its certificate names node {}",
+                    cert_node.unwrap_or_default()
+                ))
+            }
+            PeerFrame::Link(LinkFrame::Hello(Hello { node, .. }))
                 if *node == me || state.borrow().cfg.node_by_id(*node).is_none() =>
             {
                 Err(format!(
                     "node id {node} is not a peer in our cluster config"
                 ))
             }
-            PeerFrame::Hello { node, .. } => Ok(*node),
+            PeerFrame::Link(LinkFrame::Hello(Hello { node, .. })) => Ok(*node),
             other => Err(format!("expected Hello, got {}", other.kind())),
         }
     };
@@ -200,9 +209,12 @@ async fn accept_handshake(
                     return Err(e);
                 }
             };
-            write_frame(&mut stream, &PeerFrame::Welcome { node: me })
-                .await
-                .map_err(|e| e.to_string())?;
+            write_frame(
+                &mut stream,
+                &PeerFrame::Link(LinkFrame::Welcome(Welcome { node: me })),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             let (mut tcp, conn) = stream.into_inner();
             let (sealer, mut opener) = dvs_tls::records::take_over(conn)?;
             // The dialer speaks first on the record layer (see `dial_handshake`): until then
@@ -255,9 +267,12 @@ async fn accept_handshake(
                     return Err(e);
                 }
             };
-            write_frame(&mut tcp, &PeerFrame::Welcome { node: me })
-                .await
-                .map_err(|e| e.to_string())?;
+            write_frame(
+                &mut tcp,
+                &PeerFrame::Link(LinkFrame::Welcome(Welcome { node: me })),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             Ok((
                 node,
                 Established {
@@ -301,18 +316,18 @@ async fn dial_handshake(
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let hello = PeerFrame::Hello {
+    let hello = PeerFrame::Link(LinkFrame::Hello(Hello {
         version: PROTOCOL_VERSION,
         cluster: cluster.clone(),
         node: me,
-    };
+    }));
     let mut dec = FrameDecoder::with_limit(HANDSHAKE_MAX_FRAME);
     let answer = |f: Result<PeerFrame, String>| match f {
-        Ok(PeerFrame::Welcome { node }) if node == peer => Ok(()),
-        Ok(PeerFrame::Welcome { node }) => Err(format!(
+        Ok(PeerFrame::Link(LinkFrame::Welcome(Welcome { node }))) if node == peer => Ok(()),
+        Ok(PeerFrame::Link(LinkFrame::Welcome(Welcome { node }))) => Err(format!(
             "{addr} is node {node}, not node {peer} as configured"
         )),
-        Ok(PeerFrame::Refuse { reason }) => Err(format!(
+        Ok(PeerFrame::Link(LinkFrame::Refuse(Refuse { reason }))) => Err(format!(
             "node {peer} refused our link: {reason} (its log says why)"
         )),
         Ok(other) => Err(format!("unexpected handshake answer {}", other.kind())),
@@ -342,8 +357,9 @@ async fn dial_handshake(
             let (mut tcp, conn) = stream.into_inner();
             let (mut sealer, opener) = dvs_tls::records::take_over(conn)?;
             // The first record on the record layer, which the accepting side waits for.
-            let ping = dvs_wire::frame::encode_to_vec(&PeerFrame::Ping, &[], false)
-                .expect("a ping encodes");
+            let ping =
+                dvs_wire::frame::encode_to_vec(&PeerFrame::Link(LinkFrame::Ping), &[], false)
+                    .expect("a ping encodes");
             let mut out = Vec::new();
             sealer.seal(&ping, &mut out).map_err(|e| e.to_string())?;
             tcp.write_all(&out).await.map_err(|e| e.to_string())?;
@@ -485,10 +501,16 @@ async fn run_link(state: State, peer: NodeId, link: Established) {
             loop {
                 match dec.next_frame::<PeerFrame>() {
                     Ok(Some((frame, tail))) => match frame {
-                        PeerFrame::Ping => s.send_peer(peer, &PeerFrame::Pong, &[]),
-                        PeerFrame::Pong => {}
-                        f @ PeerFrame::VcopyData { .. } => s.vcopy_chunk(peer, f, &tail),
-                        f @ PeerFrame::MigrImage { .. } => s.migr_image_chunk(peer, f, &tail),
+                        PeerFrame::Link(LinkFrame::Ping) => {
+                            s.send_peer(peer, &PeerFrame::Link(LinkFrame::Pong), &[])
+                        }
+                        PeerFrame::Link(LinkFrame::Pong) => {}
+                        f @ PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData { .. })) => {
+                            s.vcopy_chunk(peer, f, &tail)
+                        }
+                        f @ PeerFrame::Bulk(BulkFrame::ImageChunk(ImageChunk { .. })) => {
+                            s.migr_image_chunk(peer, f, &tail)
+                        }
                         f => s.core.on_peer_frame(peer, f, now),
                     },
                     Ok(None) => break,
@@ -556,7 +578,7 @@ async fn heartbeat_task(
         }
         let mut s = state.borrow_mut();
         if s.peers.get(&peer).is_some_and(|w| Rc::ptr_eq(w, &wire)) {
-            s.send_peer(peer, &PeerFrame::Ping, &[]);
+            s.send_peer(peer, &PeerFrame::Link(LinkFrame::Ping), &[]);
             s.drive();
         }
     }

@@ -236,6 +236,7 @@ mod tests {
     use crate::local::{LocalRequest, LocalResponse, Source};
     use crate::message::{Message, Timeout};
     use crate::peer::PeerFrame;
+    use crate::peer::{BulkFrame, LinkFrame, VcopyData};
 
     #[test]
     fn message_is_64_bytes_on_the_wire() {
@@ -249,7 +250,7 @@ mod tests {
 
     #[test]
     fn round_trip_with_tail_and_compression() {
-        let frame = PeerFrame::VcopyData {
+        let frame = PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData {
             op: 1,
             caller_node: 2,
             dc: 3,
@@ -258,13 +259,13 @@ mod tests {
             dst_addr: 6,
             offset: 7,
             total: 8,
-        };
+        }));
         let tail = vec![0xabu8; 100_000];
         let mut out = BytesMut::new();
         encode(&mut out, &frame, &tail, true).unwrap();
         assert!(out.len() < 10_000, "compressible tail must be compressed");
         assert_eq!(out[4], FLAG_LZ4);
-        encode(&mut out, &PeerFrame::Ping, &[], true).unwrap();
+        encode(&mut out, &PeerFrame::Link(LinkFrame::Ping), &[], true).unwrap();
         let mut dec = FrameDecoder::new();
         // Feed byte by byte: frames come out only when whole.
         let mut got = Vec::new();
@@ -277,13 +278,13 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].0, frame);
         assert_eq!(&got[0].1[..], &tail[..]);
-        assert_eq!(got[1].0, PeerFrame::Ping);
+        assert_eq!(got[1].0, PeerFrame::Link(LinkFrame::Ping));
         assert!(got[1].1.is_empty());
     }
 
     #[test]
     fn filled_frames_decode_like_copied_ones_and_failed_fills_leave_nothing() {
-        let frame = PeerFrame::VcopyData {
+        let frame = PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData {
             op: 9,
             caller_node: 1,
             dc: 0,
@@ -292,7 +293,7 @@ mod tests {
             dst_addr: 4,
             offset: 5,
             total: 6,
-        };
+        }));
         let tail: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
         let mut out = BytesMut::new();
         encode_filled(
@@ -328,7 +329,7 @@ mod tests {
                 x as u8
             })
             .collect();
-        let out = encode_to_vec(&PeerFrame::Pong, &tail, true).unwrap();
+        let out = encode_to_vec(&PeerFrame::Link(LinkFrame::Pong), &tail, true).unwrap();
         assert_eq!(out[4], 0);
     }
 

@@ -13,6 +13,12 @@ use dvs_wire::message::{Errno, Message, Timeout, MSG_PAYLOAD};
 use dvs_wire::peer::{
     Backend, DeliverKind, MigratedCall, MigratedEndpoint, PeerFrame, RestoreInfo,
 };
+use dvs_wire::peer::{
+    Bound, BulkFrame, Cancel, Deliver, Delivered, Hello, ImageChunk, IpcFrame, LinkFrame,
+    MigrCommit, MigrDone, MigrFrame, MigrPrepare, MigrRestore, MigrRestored, MigrRollback,
+    MigrStart, MigrStartAck, Notify, Redirect, Refuse, Reply, Unbound, VcopyData, VcopyDone,
+    VcopyPull, Welcome,
+};
 use dvs_wire::{FrameDecoder, MAX_FRAME};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -137,16 +143,16 @@ fn peer_frame() -> impl Strategy<Value = PeerFrame> {
 fn ipc_peer_frame() -> impl Strategy<Value = PeerFrame> {
     prop_oneof![
         (any::<u32>(), ".{0,40}", any::<u16>()).prop_map(|(version, cluster, node)| {
-            PeerFrame::Hello {
+            PeerFrame::Link(LinkFrame::Hello(Hello {
                 version,
                 cluster,
                 node,
-            }
+            }))
         }),
-        any::<u16>().prop_map(|node| PeerFrame::Welcome { node }),
-        ".{0,80}".prop_map(|reason| PeerFrame::Refuse { reason }),
-        Just(PeerFrame::Ping),
-        Just(PeerFrame::Pong),
+        any::<u16>().prop_map(|node| PeerFrame::Link(LinkFrame::Welcome(Welcome { node }))),
+        ".{0,80}".prop_map(|reason| PeerFrame::Link(LinkFrame::Refuse(Refuse { reason }))),
+        Just(PeerFrame::Link(LinkFrame::Ping)),
+        Just(PeerFrame::Link(LinkFrame::Pong)),
         (
             any::<u64>(),
             any::<u16>(),
@@ -156,8 +162,8 @@ fn ipc_peer_frame() -> impl Strategy<Value = PeerFrame> {
             message(),
             timeout()
         )
-            .prop_map(
-                |(op, dc, src, dst, kind, msg, timeout)| PeerFrame::Deliver {
+            .prop_map(|(op, dc, src, dst, kind, msg, timeout)| PeerFrame::Ipc(
+                IpcFrame::Deliver(Deliver {
                     op,
                     dc,
                     src,
@@ -165,25 +171,26 @@ fn ipc_peer_frame() -> impl Strategy<Value = PeerFrame> {
                     kind,
                     msg,
                     timeout,
-                }
-            ),
-        (any::<u64>(), unit_result()).prop_map(|(op, result)| PeerFrame::Delivered { op, result }),
-        any::<u64>().prop_map(|op| PeerFrame::Cancel { op }),
+                })
+            )),
+        (any::<u64>(), unit_result())
+            .prop_map(|(op, result)| PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result }))),
+        any::<u64>().prop_map(|op| PeerFrame::Ipc(IpcFrame::Cancel(Cancel { op }))),
         (any::<u16>(), any::<i32>(), any::<i32>(), msg_result()).prop_map(
-            |(dc, src, dst, result)| PeerFrame::Reply {
+            |(dc, src, dst, result)| PeerFrame::Ipc(IpcFrame::Reply(Reply {
                 dc,
                 src,
                 dst,
                 result
-            }
+            }))
         ),
         (any::<u16>(), any::<i32>(), any::<i32>(), any::<u64>()).prop_map(
-            |(dc, src, dst, value)| PeerFrame::Notify {
+            |(dc, src, dst, value)| PeerFrame::Ipc(IpcFrame::Notify(Notify {
                 dc,
                 src,
                 dst,
                 value
-            }
+            }))
         ),
         (
             (any::<u64>(), any::<u16>(), any::<u16>(), any::<i32>()),
@@ -197,7 +204,7 @@ fn ipc_peer_frame() -> impl Strategy<Value = PeerFrame> {
         )
             .prop_map(
                 |((op, caller_node, dc, caller), (src, src_addr, dst, dst_addr, len))| {
-                    PeerFrame::VcopyPull {
+                    PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
                         op,
                         caller_node,
                         dc,
@@ -207,7 +214,7 @@ fn ipc_peer_frame() -> impl Strategy<Value = PeerFrame> {
                         dst,
                         dst_addr,
                         len,
-                    }
+                    }))
                 }
             ),
         (
@@ -216,7 +223,7 @@ fn ipc_peer_frame() -> impl Strategy<Value = PeerFrame> {
         )
             .prop_map(
                 |((op, caller_node, dc, caller), (dst, dst_addr, offset, total))| {
-                    PeerFrame::VcopyData {
+                    PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData {
                         op,
                         caller_node,
                         dc,
@@ -225,12 +232,15 @@ fn ipc_peer_frame() -> impl Strategy<Value = PeerFrame> {
                         dst_addr,
                         offset,
                         total,
-                    }
+                    }))
                 }
             ),
-        (any::<u64>(), unit_result()).prop_map(|(op, result)| PeerFrame::VcopyDone { op, result }),
-        (any::<u16>(), any::<i32>()).prop_map(|(dc, ep)| PeerFrame::Bound { dc, ep }),
-        (any::<u16>(), any::<i32>()).prop_map(|(dc, ep)| PeerFrame::Unbound { dc, ep }),
+        (any::<u64>(), unit_result())
+            .prop_map(|(op, result)| PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone { op, result }))),
+        (any::<u16>(), any::<i32>())
+            .prop_map(|(dc, ep)| PeerFrame::Ipc(IpcFrame::Bound(Bound { dc, ep }))),
+        (any::<u16>(), any::<i32>())
+            .prop_map(|(dc, ep)| PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc, ep }))),
     ]
 }
 
@@ -268,11 +278,8 @@ fn restore_result() -> impl Strategy<Value = Result<RestoreInfo, String>> {
 /// The migration frames.
 fn migration_peer_frame() -> impl Strategy<Value = PeerFrame> {
     prop_oneof![
-        (any::<u64>(), any::<u16>(), any::<i32>()).prop_map(|(op, dc, dst)| PeerFrame::Redirect {
-            op,
-            dc,
-            dst
-        }),
+        (any::<u64>(), any::<u16>(), any::<i32>())
+            .prop_map(|(op, dc, dst)| PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst }))),
         (
             any::<u64>(),
             any::<u16>(),
@@ -280,45 +287,51 @@ fn migration_peer_frame() -> impl Strategy<Value = PeerFrame> {
             any::<u16>(),
             any::<u16>()
         )
-            .prop_map(|(id, dc, ep, from, to)| PeerFrame::MigrStart {
-                id,
-                dc,
-                ep,
-                from,
-                to
-            }),
-        any::<u64>().prop_map(|id| PeerFrame::MigrStartAck { id }),
+            .prop_map(|(id, dc, ep, from, to)| PeerFrame::Migr(MigrFrame::Start(
+                MigrStart {
+                    id,
+                    dc,
+                    ep,
+                    from,
+                    to
+                }
+            ))),
+        any::<u64>().prop_map(|id| PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { id }))),
         (
             (any::<u64>(), any::<u16>(), any::<i32>(), backend()),
             migrated_endpoint(),
             any::<bool>(),
         )
             .prop_map(|((id, dc, ep, backend), state, fail_restore)| {
-                PeerFrame::MigrPrepare {
+                PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare {
                     id,
                     dc,
                     ep,
                     backend,
                     state,
                     fail_restore,
-                }
+                }))
             }),
         (any::<u64>(), ".{0,30}", any::<u64>(), any::<bool>()).prop_map(
-            |(id, file, offset, last)| PeerFrame::MigrImage {
+            |(id, file, offset, last)| PeerFrame::Bulk(BulkFrame::ImageChunk(ImageChunk {
                 id,
                 file,
                 offset,
                 last
-            }
+            }))
         ),
-        any::<u64>().prop_map(|id| PeerFrame::MigrRestore { id }),
-        (any::<u64>(), restore_result())
-            .prop_map(|(id, result)| PeerFrame::MigrRestored { id, result }),
-        (any::<u64>(), any::<u16>(), any::<i32>(), any::<u16>())
-            .prop_map(|(id, dc, ep, to)| PeerFrame::MigrCommit { id, dc, ep, to }),
-        (any::<u64>(), any::<u16>(), any::<i32>(), any::<u16>())
-            .prop_map(|(id, dc, ep, from)| PeerFrame::MigrRollback { id, dc, ep, from }),
-        (any::<u64>(), any::<u32>()).prop_map(|(id, held)| PeerFrame::MigrDone { id, held }),
+        any::<u64>().prop_map(|id| PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id }))),
+        (any::<u64>(), restore_result()).prop_map(|(id, result)| PeerFrame::Migr(
+            MigrFrame::Restored(MigrRestored { id, result })
+        )),
+        (any::<u64>(), any::<u16>(), any::<i32>(), any::<u16>()).prop_map(|(id, dc, ep, to)| {
+            PeerFrame::Migr(MigrFrame::Commit(MigrCommit { id, dc, ep, to }))
+        }),
+        (any::<u64>(), any::<u16>(), any::<i32>(), any::<u16>()).prop_map(|(id, dc, ep, from)| {
+            PeerFrame::Migr(MigrFrame::Rollback(MigrRollback { id, dc, ep, from }))
+        }),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(id, held)| PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held }))),
     ]
 }
 
@@ -326,31 +339,31 @@ fn migration_peer_frame() -> impl Strategy<Value = PeerFrame> {
 /// the strategies above generate it too.
 fn peer_variant(f: &PeerFrame) -> usize {
     match f {
-        PeerFrame::Hello { .. } => 0,
-        PeerFrame::Welcome { .. } => 1,
-        PeerFrame::Refuse { .. } => 2,
-        PeerFrame::Ping => 3,
-        PeerFrame::Pong => 4,
-        PeerFrame::Deliver { .. } => 5,
-        PeerFrame::Delivered { .. } => 6,
-        PeerFrame::Cancel { .. } => 7,
-        PeerFrame::Reply { .. } => 8,
-        PeerFrame::Notify { .. } => 9,
-        PeerFrame::VcopyPull { .. } => 10,
-        PeerFrame::VcopyData { .. } => 11,
-        PeerFrame::VcopyDone { .. } => 12,
-        PeerFrame::Bound { .. } => 13,
-        PeerFrame::Unbound { .. } => 14,
-        PeerFrame::Redirect { .. } => 15,
-        PeerFrame::MigrStart { .. } => 16,
-        PeerFrame::MigrStartAck { .. } => 17,
-        PeerFrame::MigrPrepare { .. } => 18,
-        PeerFrame::MigrImage { .. } => 19,
-        PeerFrame::MigrRestore { .. } => 20,
-        PeerFrame::MigrRestored { .. } => 21,
-        PeerFrame::MigrCommit { .. } => 22,
-        PeerFrame::MigrRollback { .. } => 23,
-        PeerFrame::MigrDone { .. } => 24,
+        PeerFrame::Link(LinkFrame::Hello(Hello { .. })) => 0,
+        PeerFrame::Link(LinkFrame::Welcome(Welcome { .. })) => 1,
+        PeerFrame::Link(LinkFrame::Refuse(Refuse { .. })) => 2,
+        PeerFrame::Link(LinkFrame::Ping) => 3,
+        PeerFrame::Link(LinkFrame::Pong) => 4,
+        PeerFrame::Ipc(IpcFrame::Deliver(Deliver { .. })) => 5,
+        PeerFrame::Ipc(IpcFrame::Delivered(Delivered { .. })) => 6,
+        PeerFrame::Ipc(IpcFrame::Cancel(Cancel { .. })) => 7,
+        PeerFrame::Ipc(IpcFrame::Reply(Reply { .. })) => 8,
+        PeerFrame::Ipc(IpcFrame::Notify(Notify { .. })) => 9,
+        PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull { .. })) => 10,
+        PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData { .. })) => 11,
+        PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone { .. })) => 12,
+        PeerFrame::Ipc(IpcFrame::Bound(Bound { .. })) => 13,
+        PeerFrame::Ipc(IpcFrame::Unbound(Unbound { .. })) => 14,
+        PeerFrame::Ipc(IpcFrame::Redirect(Redirect { .. })) => 15,
+        PeerFrame::Migr(MigrFrame::Start(MigrStart { .. })) => 16,
+        PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { .. })) => 17,
+        PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare { .. })) => 18,
+        PeerFrame::Bulk(BulkFrame::ImageChunk(ImageChunk { .. })) => 19,
+        PeerFrame::Migr(MigrFrame::Restore(MigrRestore { .. })) => 20,
+        PeerFrame::Migr(MigrFrame::Restored(MigrRestored { .. })) => 21,
+        PeerFrame::Migr(MigrFrame::Commit(MigrCommit { .. })) => 22,
+        PeerFrame::Migr(MigrFrame::Rollback(MigrRollback { .. })) => 23,
+        PeerFrame::Migr(MigrFrame::Done(MigrDone { .. })) => 24,
     }
 }
 const PEER_VARIANTS: usize = 25;

@@ -23,6 +23,10 @@ use dvs_wire::local::{LocalRequest, LocalResponse};
 use dvs_wire::peer::{
     Backend, DeliverKind, MigratedCall, MigratedEndpoint, MigrationId, PeerFrame, RestoreInfo,
 };
+use dvs_wire::peer::{
+    Deliver, IpcFrame, MigrCommit, MigrDone, MigrFrame, MigrPrepare, MigrRestore, MigrRestored,
+    MigrRollback, MigrStart, MigrStartAck, Notify, Redirect, Reply,
+};
 use dvs_wire::{DcId, Ep, Errno, Message, NodeId, Timeout, PROTOCOL_VERSION};
 
 use super::{err, reply_response, Action, Blocked, NodeCore, TimerKey};
@@ -400,7 +404,7 @@ impl MigrationState {
     pub fn unhold_deliver(&mut self, from: NodeId, op: crate::OpId) {
         for h in self.holds.values_mut() {
             h.delivers.retain(|(n, f)| {
-                !(*n == from && matches!(f, PeerFrame::Deliver { op: o, .. } if *o == op))
+                !(*n == from && matches!(f, PeerFrame::Ipc(IpcFrame::Deliver(Deliver { op: o, .. })) if *o == op))
             });
         }
     }
@@ -560,13 +564,13 @@ impl NodeCore {
                 for n in &nodes {
                     self.actions.push_back(Action::Peer {
                         node: *n,
-                        frame: PeerFrame::MigrStart {
+                        frame: PeerFrame::Migr(MigrFrame::Start(MigrStart {
                             id,
                             dc,
                             ep,
                             from: self.node,
                             to,
-                        },
+                        })),
                     });
                 }
                 let c = self.migr.coords.get_mut(&id).expect("present");
@@ -755,7 +759,7 @@ impl NodeCore {
                     self.remote_incoming.remove(&(node, op));
                     self.actions.push_back(Action::Peer {
                         node,
-                        frame: PeerFrame::Redirect { op, dc, dst: ep },
+                        frame: PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst: ep })),
                     });
                 }
             }
@@ -763,14 +767,14 @@ impl NodeCore {
         self.enter_phase(id, Phase::Checkpoint, now);
         self.actions.push_back(Action::Peer {
             node: to,
-            frame: PeerFrame::MigrPrepare {
+            frame: PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare {
                 id,
                 dc,
                 ep,
                 backend,
                 state,
                 fail_restore: self.migr.coords[&id].req.fail_at == Some(FailAt::Restore),
-            },
+            })),
         });
         match backend {
             Backend::Criu => {
@@ -872,7 +876,7 @@ impl NodeCore {
                 self.enter_phase(id, Phase::Restore, now);
                 self.actions.push_back(Action::Peer {
                     node: to,
-                    frame: PeerFrame::MigrRestore { id },
+                    frame: PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id })),
                 });
             }
             Err(e) => self.decide(id, false, Some(format!("transfer failed: {e}")), now),
@@ -925,7 +929,7 @@ impl NodeCore {
         };
         self.actions.push_back(Action::Peer {
             node: coordinator,
-            frame: PeerFrame::MigrRestored { id, result },
+            frame: PeerFrame::Migr(MigrFrame::Restored(MigrRestored { id, result })),
         });
     }
 
@@ -971,10 +975,10 @@ impl NodeCore {
             a.pid = pid;
             self.actions.push_back(Action::Peer {
                 node: coordinator,
-                frame: PeerFrame::MigrRestored {
+                frame: PeerFrame::Migr(MigrFrame::Restored(MigrRestored {
                     id,
                     result: Err("injected failure (--fail-at restore)".into()),
-                },
+                })),
             });
             return;
         }
@@ -1032,9 +1036,9 @@ impl NodeCore {
         self.actions.push_back(Action::DropImage { id });
         let nodes = self.dc_peers(dc);
         let frame = if commit {
-            PeerFrame::MigrCommit { id, dc, ep, to }
+            PeerFrame::Migr(MigrFrame::Commit(MigrCommit { id, dc, ep, to }))
         } else {
-            PeerFrame::MigrRollback { id, dc, ep, from }
+            PeerFrame::Migr(MigrFrame::Rollback(MigrRollback { id, dc, ep, from }))
         };
         for n in &nodes {
             self.actions.push_back(Action::Peer {
@@ -1240,7 +1244,7 @@ impl NodeCore {
         let target = if commit { to } else { from };
         let held = (hold.calls.len() + hold.frames.len() + hold.delivers.len()) as u32;
         for (origin, frame) in hold.delivers {
-            let PeerFrame::Deliver {
+            let PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
                 op,
                 dc,
                 src,
@@ -1248,7 +1252,7 @@ impl NodeCore {
                 kind,
                 msg,
                 timeout,
-            } = frame
+            })) = frame
             else {
                 continue;
             };
@@ -1258,7 +1262,7 @@ impl NodeCore {
                 // Its sender's node holds the call (or, past the outcome, sends it again).
                 self.actions.push_back(Action::Peer {
                     node: origin,
-                    frame: PeerFrame::Redirect { op, dc, dst },
+                    frame: PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst })),
                 });
             }
         }
@@ -1286,22 +1290,22 @@ impl NodeCore {
     /// A held reply or notification whose endpoint ended up on this node.
     fn apply_held_frame(&mut self, frame: PeerFrame) {
         match frame {
-            PeerFrame::Notify {
+            PeerFrame::Ipc(IpcFrame::Notify(Notify {
                 dc,
                 src,
                 dst,
                 value,
-            } => {
+            })) => {
                 if let Some(Registration::Local { conn }) = self.table.get(dc, dst) {
                     self.notify_local(conn, src, value);
                 }
             }
-            PeerFrame::Reply {
+            PeerFrame::Ipc(IpcFrame::Reply(Reply {
                 dc,
                 src,
                 dst,
                 result,
-            } => {
+            })) => {
                 let Some(Registration::Local { conn }) = self.table.get(dc, dst) else {
                     return;
                 };
@@ -1317,7 +1321,7 @@ impl NodeCore {
     /// Migration frames from a peer.
     pub(super) fn on_migration_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
         match frame {
-            PeerFrame::Redirect { op, dc, dst } => {
+            PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst })) => {
                 let Some(conn) = self.remote_sends.remove(&(from, op)) else {
                     return;
                 };
@@ -1350,13 +1354,13 @@ impl NodeCore {
                     },
                 );
             }
-            PeerFrame::MigrStart {
+            PeerFrame::Migr(MigrFrame::Start(MigrStart {
                 id,
                 dc,
                 ep,
                 from: src,
                 to,
-            } => {
+            })) => {
                 let h = self.migr.holds.entry((dc, ep)).or_default();
                 h.id = Some(id);
                 h.route = Some((src, to));
@@ -1366,10 +1370,10 @@ impl NodeCore {
                     .push_back(Action::ReadMigrRecord { id, dc, ep });
                 self.actions.push_back(Action::Peer {
                     node: from,
-                    frame: PeerFrame::MigrStartAck { id },
+                    frame: PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { id })),
                 });
             }
-            PeerFrame::MigrStartAck { id } => {
+            PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { id })) => {
                 let Some(c) = self.migr.coords.get_mut(&id) else {
                     return;
                 };
@@ -1381,14 +1385,14 @@ impl NodeCore {
                     self.enter_quiesce(id, now);
                 }
             }
-            PeerFrame::MigrPrepare {
+            PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare {
                 id,
                 dc,
                 ep,
                 backend,
                 state,
                 fail_restore,
-            } => {
+            })) => {
                 self.migr.arrivals.insert(
                     id,
                     Arrival {
@@ -1407,14 +1411,14 @@ impl NodeCore {
                     },
                 );
             }
-            PeerFrame::MigrRestore { id } => {
+            PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id })) => {
                 let Some(a) = self.migr.arrivals.get_mut(&id) else {
                     self.actions.push_back(Action::Peer {
                         node: from,
-                        frame: PeerFrame::MigrRestored {
+                        frame: PeerFrame::Migr(MigrFrame::Restored(MigrRestored {
                             id,
                             result: Err("destination has no state for this migration".into()),
-                        },
+                        })),
                     });
                     return;
                 };
@@ -1428,7 +1432,7 @@ impl NodeCore {
                     fail,
                 });
             }
-            PeerFrame::MigrRestored { id, result } => {
+            PeerFrame::Migr(MigrFrame::Restored(MigrRestored { id, result })) => {
                 let Some(c) = self.migr.coords.get_mut(&id) else {
                     return;
                 };
@@ -1443,26 +1447,26 @@ impl NodeCore {
                     Err(e) => self.decide(id, false, Some(format!("restore failed: {e}")), now),
                 }
             }
-            PeerFrame::MigrCommit { id, dc, ep, to } => {
+            PeerFrame::Migr(MigrFrame::Commit(MigrCommit { id, dc, ep, to })) => {
                 let held = self.apply_outcome(id, dc, ep, true, from, to, now);
                 self.actions.push_back(Action::Peer {
                     node: from,
-                    frame: PeerFrame::MigrDone { id, held },
+                    frame: PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held })),
                 });
             }
-            PeerFrame::MigrRollback {
+            PeerFrame::Migr(MigrFrame::Rollback(MigrRollback {
                 id,
                 dc,
                 ep,
                 from: src,
-            } => {
+            })) => {
                 let held = self.apply_outcome(id, dc, ep, false, src, src, now);
                 self.actions.push_back(Action::Peer {
                     node: from,
-                    frame: PeerFrame::MigrDone { id, held },
+                    frame: PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held })),
                 });
             }
-            PeerFrame::MigrDone { id, held } => {
+            PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held })) => {
                 if let Some(c) = self.migr.coords.get_mut(&id) {
                     if c.acks.remove(&from) {
                         c.held += held;

@@ -18,6 +18,11 @@
 
 use std::fmt;
 
+use dvs_wire::peer::{
+    Bound, BulkFrame, Cancel, Deliver, Delivered, ImageChunk, IpcFrame, MigrCommit, MigrDone,
+    MigrFrame, MigrPrepare, MigrRestore, MigrRestored, MigrRollback, MigrStart, MigrStartAck,
+    Notify, Redirect, Reply, Unbound, VcopyData, VcopyDone, VcopyPull,
+};
 use dvs_wire::peer::{MigrationId, PeerFrame};
 use dvs_wire::{DcId, Ep, Errno, NodeId};
 use tracing::{debug, warn};
@@ -132,7 +137,7 @@ impl VcopyChunk {
     /// The chunk of a `VcopyData` frame carrying `len` bytes; `None` for other frames.
     pub fn from_frame(frame: &PeerFrame, len: u64) -> Option<Self> {
         match *frame {
-            PeerFrame::VcopyData {
+            PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData {
                 op,
                 caller_node,
                 dc,
@@ -141,7 +146,7 @@ impl VcopyChunk {
                 dst_addr,
                 offset,
                 total,
-            } => Some(VcopyChunk {
+            })) => Some(VcopyChunk {
                 op,
                 caller_node,
                 dc,
@@ -285,18 +290,19 @@ impl NodeCore {
     pub(super) fn check_peer_frame(&self, from: NodeId, frame: &PeerFrame) -> Verdict {
         match *frame {
             // A node outside the DC gets the error it always got from the handler.
-            PeerFrame::Deliver { dc, src, .. } | PeerFrame::Notify { dc, src, .. } => {
+            PeerFrame::Ipc(IpcFrame::Deliver(Deliver { dc, src, .. }))
+            | PeerFrame::Ipc(IpcFrame::Notify(Notify { dc, src, .. })) => {
                 if !self.peer_in_dc(from, dc) || self.dc_check(dc, src).is_err() {
                     return Accept;
                 }
-                if let PeerFrame::Notify { dst, .. } = *frame {
+                if let PeerFrame::Ipc(IpcFrame::Notify(Notify { dst, .. })) = *frame {
                     if self.migr.relayed_by(dc, dst, from, self.node) {
                         return Accept;
                     }
                 }
                 self.message_source(from, dc, src)
             }
-            PeerFrame::Reply { dc, src, dst, .. } => {
+            PeerFrame::Ipc(IpcFrame::Reply(Reply { dc, src, dst, .. })) => {
                 if !self.peer_in_dc(from, dc) {
                     return Refuse(Violation::NotInDc { dc });
                 }
@@ -306,19 +312,19 @@ impl NodeCore {
                 }
                 self.message_source(from, dc, src)
             }
-            PeerFrame::Delivered { op, .. } => {
+            PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, .. })) => {
                 let known = self.remote_sends.contains_key(&(from, op))
                     || self.abandoned.contains_key(&(from, op));
                 self.own_op(known, "Delivered for a call that ended here")
             }
             // Keyed by the sender's own operations: it can only cancel its own messages.
-            PeerFrame::Cancel { .. } => Accept,
-            PeerFrame::VcopyPull {
+            PeerFrame::Ipc(IpcFrame::Cancel(Cancel { .. })) => Accept,
+            PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
                 caller_node,
                 dc,
                 caller,
                 ..
-            } => {
+            })) => {
                 if caller_node != from {
                     return Refuse(Violation::NotCallerNode { caller_node });
                 }
@@ -327,14 +333,14 @@ impl NodeCore {
                 let _ = (dc, caller);
                 Accept
             }
-            PeerFrame::VcopyDone { op, .. } => match self.ops.get(&op) {
+            PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone { op, .. })) => match self.ops.get(&op) {
                 Some(Op::Vcopy { nodes, .. }) if nodes.contains(&Some(from)) => Accept,
                 // The source node may know the destination at another node than this one did
                 // (a stale registration); its verdict is not this node's to take.
                 Some(_) => Ignore("VcopyDone from a node the vcopy does not involve"),
                 None => self.own_op(false, "VcopyDone for a vcopy that ended here"),
             },
-            PeerFrame::Bound { dc, ep } => {
+            PeerFrame::Ipc(IpcFrame::Bound(Bound { dc, ep })) => {
                 if !self.peer_in_dc(from, dc) {
                     return Ignore("Bound in a DC the sender is not part of");
                 }
@@ -358,39 +364,41 @@ impl NodeCore {
             }
             // Only removes an entry naming the sender; an endpoint unbound there and bound
             // here since is an honest race.
-            PeerFrame::Unbound { .. } => Accept,
-            PeerFrame::Redirect { op, dc, dst } => match self.remote_sends.get(&(from, op)) {
-                Some(conn) => {
-                    let c = self.conns.get(conn);
-                    let same = c.is_some_and(|c| {
+            PeerFrame::Ipc(IpcFrame::Unbound(Unbound { .. })) => Accept,
+            PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst })) => {
+                match self.remote_sends.get(&(from, op)) {
+                    Some(conn) => {
+                        let c = self.conns.get(conn);
+                        let same = c.is_some_and(|c| {
                         c.bound.map(|b| b.0) == Some(dc)
                             && matches!(c.blocked, super::Blocked::SendingRemote { dst: d, op: o, node, .. }
                                 if d == dst && o == op && node == from)
                     });
-                    if same {
-                        Accept
-                    } else {
-                        Refuse(Violation::RedirectMismatch { op })
+                        if same {
+                            Accept
+                        } else {
+                            Refuse(Violation::RedirectMismatch { op })
+                        }
                     }
+                    None => self.own_op(false, "Redirect for a call that ended here"),
                 }
-                None => self.own_op(false, "Redirect for a call that ended here"),
-            },
-            PeerFrame::MigrStart { .. }
-            | PeerFrame::MigrStartAck { .. }
-            | PeerFrame::MigrPrepare { .. }
-            | PeerFrame::MigrRestore { .. }
-            | PeerFrame::MigrRestored { .. }
-            | PeerFrame::MigrCommit { .. }
-            | PeerFrame::MigrRollback { .. }
-            | PeerFrame::MigrDone { .. } => self.check_migration_frame(from, frame),
+            }
+            PeerFrame::Migr(MigrFrame::Start(MigrStart { .. }))
+            | PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { .. }))
+            | PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare { .. }))
+            | PeerFrame::Migr(MigrFrame::Restore(MigrRestore { .. }))
+            | PeerFrame::Migr(MigrFrame::Restored(MigrRestored { .. }))
+            | PeerFrame::Migr(MigrFrame::Commit(MigrCommit { .. }))
+            | PeerFrame::Migr(MigrFrame::Rollback(MigrRollback { .. }))
+            | PeerFrame::Migr(MigrFrame::Done(MigrDone { .. })) => {
+                self.check_migration_frame(from, frame)
+            }
             // Image chunks are stored by the daemon, which checks them against the arrival.
-            PeerFrame::MigrImage { .. } => Accept,
-            PeerFrame::VcopyData { .. } => Ignore("VcopyData outside on_vcopy_chunk"),
-            PeerFrame::Hello { .. }
-            | PeerFrame::Welcome { .. }
-            | PeerFrame::Refuse { .. }
-            | PeerFrame::Ping
-            | PeerFrame::Pong => Accept,
+            PeerFrame::Bulk(BulkFrame::ImageChunk(ImageChunk { .. })) => Accept,
+            PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData { .. })) => {
+                Ignore("VcopyData outside on_vcopy_chunk")
+            }
+            PeerFrame::Link(_) => Accept,
         }
     }
 
@@ -398,13 +406,13 @@ impl NodeCore {
         let here = self.node;
         match *frame {
             // From the node running the endpoint, which coordinates (and minted the id).
-            PeerFrame::MigrStart {
+            PeerFrame::Migr(MigrFrame::Start(MigrStart {
                 id,
                 dc,
                 ep,
                 from: src,
                 to,
-            } => {
+            })) => {
                 if src != from {
                     return Refuse(Violation::NotCoordinator { id });
                 }
@@ -442,7 +450,7 @@ impl NodeCore {
                     _ => Accept,
                 }
             }
-            PeerFrame::MigrStartAck { id } => {
+            PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { id })) => {
                 if minted_by(id) != here {
                     return Refuse(Violation::ForeignMigrationId { id });
                 }
@@ -452,7 +460,7 @@ impl NodeCore {
                 }
             }
             // Only the coordinator, to the destination its START named.
-            PeerFrame::MigrPrepare { id, dc, ep, .. } => {
+            PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare { id, dc, ep, .. })) => {
                 if minted_by(id) != from {
                     return Refuse(Violation::ForeignMigrationId { id });
                 }
@@ -471,7 +479,7 @@ impl NodeCore {
                     _ => Ignore("MigrPrepare for a migration not held here"),
                 }
             }
-            PeerFrame::MigrRestore { id } => {
+            PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id })) => {
                 if minted_by(id) != from {
                     return Refuse(Violation::ForeignMigrationId { id });
                 }
@@ -482,7 +490,7 @@ impl NodeCore {
                     _ => Accept,
                 }
             }
-            PeerFrame::MigrRestored { id, .. } => {
+            PeerFrame::Migr(MigrFrame::Restored(MigrRestored { id, .. })) => {
                 if minted_by(id) != here {
                     return Refuse(Violation::ForeignMigrationId { id });
                 }
@@ -492,21 +500,21 @@ impl NodeCore {
                     None => Ignore("MigrRestored for a migration that ended"),
                 }
             }
-            PeerFrame::MigrCommit { id, dc, ep, to } => {
+            PeerFrame::Migr(MigrFrame::Commit(MigrCommit { id, dc, ep, to })) => {
                 self.check_outcome(from, id, dc, ep, |(src, dst)| src == from && dst == to)
             }
-            PeerFrame::MigrRollback {
+            PeerFrame::Migr(MigrFrame::Rollback(MigrRollback {
                 id,
                 dc,
                 ep,
                 from: src,
-            } => {
+            })) => {
                 if src != from {
                     return Refuse(Violation::NotCoordinator { id });
                 }
                 self.check_outcome(from, id, dc, ep, |(s, _)| s == from)
             }
-            PeerFrame::MigrDone { id, .. } => {
+            PeerFrame::Migr(MigrFrame::Done(MigrDone { id, .. })) => {
                 if minted_by(id) != here {
                     return Refuse(Violation::ForeignMigrationId { id });
                 }
