@@ -1,8 +1,8 @@
 //! The sans-IO core of a dvs node kernel.
 //!
 //! No sockets, threads or clocks live here: the daemon feeds events (a request from a local
-//! process, a frame from a peer, a directory answer, the current time) into a [`NodeCore`] and
-//! carries out the [`Action`]s it returns. That makes the IPC semantics testable without
+//! process, a frame from a peer, a directory answer), each with the current time, into
+//! [`NodeCore::handle`] as an [`Input`], and carries out the [`Action`]s it polls. That makes the IPC semantics testable without
 //! processes and simulable deterministically.
 //!
 //! - [`table`]: per-DC endpoint registrations (RUNNING here, REMOTE, BACKUP).
@@ -18,7 +18,11 @@ pub use node::migration::{
     PARTICIPANT_TIMEOUT,
 };
 pub use node::peer_check::{VcopyChunk, Violation, MAX_INCOMING_VCOPIES_PER_PEER};
-pub use node::{Action, CoreConfig, DcInfo, LocalPeer, NodeCore, VcopyCompletion, VCOPY_MAX};
+pub use node::{
+    Action, CoreConfig, DcInfo, DirRequest, DirectoryInput, Input, LocalAction, LocalPeer,
+    MemoryAction, MigrationInput, NodeCore, PeerAction, ProcessAction, Report, Ticket,
+    VcopyCompletion, VCOPY_MAX,
+};
 pub use table::{Registration, RegistrationKind};
 
 /// Identifies one local connection (one process's endpoint) inside a node.

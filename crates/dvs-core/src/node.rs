@@ -2,28 +2,35 @@
 //!
 //! Inputs are method calls (`on_*`, [`NodeCore::handle_timeout`]) carrying the current time;
 //! outputs are [`Action`]s taken with [`NodeCore::poll_action`]. Every local request gets
-//! exactly one [`Action::Respond`], possibly much later (blocking calls).
+//! exactly one [`LocalAction::Respond`], possibly much later (blocking calls).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::message::NOTIFY_MTYPE;
-use dvs_wire::peer::{Backend, DeliverKind, MigrationId, PeerFrame};
 use dvs_wire::peer::{
     Bound, BulkFrame, Cancel, Deliver, Delivered, ImageChunk, IpcFrame, MigrCommit, MigrDone,
     MigrFrame, MigrPrepare, MigrRestore, MigrRestored, MigrRollback, MigrStart, MigrStartAck,
     Notify, Redirect, Reply, Unbound, VcopyData, VcopyDone, VcopyPull,
 };
+use dvs_wire::peer::{DeliverKind, MigrationId, PeerFrame};
 use dvs_wire::{DcId, Ep, Errno, Message, NodeId, Timeout, PROTOCOL_VERSION};
 
 use crate::table::{EndpointTable, Registration};
 use crate::{ConnId, OpId};
 
+pub mod action;
+pub mod input;
 pub mod migration;
 pub mod peer_check;
-use migration::{MigrRecord, MigrationReport, MigrationState, Phase, Require};
-use peer_check::{IncomingKey, IncomingVcopy, Verdict, Violation};
+pub use action::{
+    Action, DirRequest, LocalAction, MemoryAction, PeerAction, ProcessAction, Report,
+    VcopyCompletion,
+};
+pub use input::{DirectoryInput, Input, MigrationInput, Ticket};
+use migration::MigrationState;
+use peer_check::{IncomingKey, IncomingVcopy, Verdict};
 
 /// Largest `vcopy` in one call.
 pub const VCOPY_MAX: u64 = 16 << 20;
@@ -77,124 +84,9 @@ pub struct CoreConfig {
     pub node: NodeId,
     /// Every DC of the cluster.
     pub dcs: Vec<DcInfo>,
-}
-
-/// Where the result of a vcopy goes when the copy is done.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VcopyCompletion {
-    /// The caller is local: answer its connection.
-    Local { op: OpId },
-    /// The caller is on another node: send it `VcopyDone`.
-    Remote { node: NodeId, op: OpId },
-}
-
-/// Something the daemon must do for the core.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Action {
-    /// Migration: write the migration record of `{dc, ep}` if the current one satisfies
-    /// `require`, then call [`NodeCore::on_migr_record_result`]. This compare-and-set is the
-    /// single place where a migration's outcome is decided.
-    MigrRecord {
-        id: MigrationId,
-        dc: DcId,
-        ep: Ep,
-        record: MigrRecord,
-        require: Require,
-    },
-    /// Migration (participant): read the migration record of `{dc, ep}` and call
-    /// [`NodeCore::on_migr_record_read`]: a MIGR_START is believed only while the directory
-    /// records that migration as started.
-    ReadMigrRecord { id: MigrationId, dc: DcId, ep: Ep },
-    /// Migration: checkpoint the process `pid` (criu) into a fresh image folder for `id`,
-    /// then call [`NodeCore::on_checkpoint_done`]. With `fail`, fail on purpose afterwards.
-    Checkpoint {
-        id: MigrationId,
-        pid: i32,
-        fail: bool,
-    },
-    /// Migration: store a cooperative snapshot as the image of `id`, then call
-    /// [`NodeCore::on_checkpoint_done`].
-    SaveSnapshot {
-        id: MigrationId,
-        data: Vec<u8>,
-        fail: bool,
-    },
-    /// Migration: stream the image folder of `id` to `to` as `MigrImage` frames, then call
-    /// [`NodeCore::on_image_sent`].
-    SendImage { id: MigrationId, to: NodeId },
-    /// Migration (destination): restore `id` from its received image, then call
-    /// [`NodeCore::on_restored`] (criu) or wait for the program's `BindRestored` (cooperative).
-    Restore {
-        id: MigrationId,
-        dc: DcId,
-        ep: Ep,
-        backend: Backend,
-        fail: bool,
-    },
-    /// Migration: SIGKILL the process tree rooted at `pid` (a stopped or failed copy).
-    KillTree { pid: i32 },
-    /// Migration committed: the local process `pid` now runs on node `to` (for `dvs ps`).
-    MigratedAway { pid: i32, to: NodeId },
-    /// Migration rolled back: let the stopped source process tree run again.
-    ResumeTree { pid: i32 },
-    /// Migration committed: the directory must say `{dc, ep}` runs on `node`.
-    Relocate { dc: DcId, ep: Ep, node: NodeId },
-    /// Migration progress, for whoever asked for it.
-    MigrProgress { id: MigrationId, phase: Phase },
-    /// Migration finished (committed or rolled back); the report for whoever asked.
-    MigrFinished {
-        id: MigrationId,
-        report: MigrationReport,
-    },
-    /// Migration: forget the image folder of `id`.
-    DropImage { id: MigrationId },
-    /// Send a response on a local connection.
-    Respond { conn: ConnId, resp: LocalResponse },
-    /// Close a local connection that broke the protocol.
-    Close { conn: ConnId, reason: String },
-    /// Send a frame on the link to `node`.
-    Peer { node: NodeId, frame: PeerFrame },
-    /// `node` sent a frame no honest peer sends (of kind `frame`): it was dropped, and so is
-    /// everything else from `node` until its link comes up again. Close the link.
-    PeerViolation {
-        node: NodeId,
-        frame: &'static str,
-        reason: Violation,
-    },
-    /// Record in the directory that `{dc, ep}` is bound on this node (must be absent), then
-    /// call [`NodeCore::on_register_result`].
-    Register { conn: ConnId, dc: DcId, ep: Ep },
-    /// Remove `{dc, ep}` on this node from the directory.
-    Unregister { dc: DcId, ep: Ep },
-    /// Once every directory action before this one has landed, call
-    /// [`NodeCore::on_directory_synced`] (an `unbind` answers only then, so that the endpoint
-    /// can be bound elsewhere as soon as it returns).
-    DirectorySync { conn: ConnId },
-    /// Ask the directory where `{dc, ep}` runs, then call [`NodeCore::on_lookup_result`].
-    Lookup { dc: DcId, ep: Ep },
-    /// Copy between two local processes, then call [`NodeCore::on_vcopy_local_done`].
-    VcopyLocal {
-        src_pid: i32,
-        src_addr: u64,
-        dst_pid: i32,
-        dst_addr: u64,
-        len: u64,
-        done: VcopyCompletion,
-    },
-    /// Read `len` bytes at `src_addr` of local process `pid` and stream them as `VcopyData`
-    /// frames to `to`. On a read error, call [`NodeCore::on_vcopy_stream_failed`].
-    VcopyStream {
-        pid: i32,
-        src_addr: u64,
-        len: u64,
-        to: NodeId,
-        op: OpId,
-        caller_node: NodeId,
-        dc: DcId,
-        caller: Ep,
-        dst: Ep,
-        dst_addr: u64,
-    },
+    /// Where this node's migration ids start (low 48 bits; the node id fills the top 16), so
+    /// that a restarted node does not reuse the ids of its previous run.
+    pub migration_seed: u64,
 }
 
 /// Where a queued message came from.
@@ -328,7 +220,7 @@ pub struct NodeCore {
     actions: VecDeque<Action>,
     migr: MigrationState,
     /// Time of the latest event, for the few inputs that carry none (link down, snapshot).
-    last_now: Instant,
+    last_now: Option<Instant>,
 }
 
 fn err(e: Errno) -> LocalResponse {
@@ -338,7 +230,7 @@ fn err(e: Errno) -> LocalResponse {
 impl NodeCore {
     /// A core for node `cfg.node` with no connections and no registrations.
     pub fn new(cfg: CoreConfig) -> Self {
-        NodeCore {
+        let mut core = NodeCore {
             node: cfg.node,
             dcs: cfg.dcs.into_iter().map(|d| (d.id, d)).collect(),
             table: EndpointTable::default(),
@@ -359,8 +251,108 @@ impl NodeCore {
             timer_seq: 0,
             actions: VecDeque::new(),
             migr: MigrationState::default(),
-            last_now: Instant::now(),
+            last_now: None,
+        };
+        core.set_migration_seed(cfg.migration_seed);
+        core
+    }
+
+    /// Handles one event at time `now`; the actions it causes are taken with
+    /// [`NodeCore::poll_action`]. This is the only way to change the core's state.
+    pub fn handle(&mut self, now: Instant, input: Input) {
+        self.last_now = Some(now);
+        match input {
+            Input::LocalConnect { conn, peer } => self.on_local_connect(conn, peer),
+            Input::LocalDisconnect { conn } => self.on_local_disconnect(conn),
+            Input::LocalRequest { conn, req } => self.on_local_request(conn, req, now),
+            Input::LinkUp { node } => self.on_link_up(node),
+            Input::LinkDown { node } => self.on_link_down(node),
+            Input::PeerFrame { from, frame } => self.on_peer_frame(from, frame, now),
+            Input::VcopyChunk { from, chunk, data } => {
+                if let Some(pid) = self.on_vcopy_chunk(from, &chunk) {
+                    self.actions
+                        .push_back(Action::Memory(MemoryAction::WriteChunk {
+                            pid,
+                            from,
+                            chunk,
+                            data,
+                        }));
+                }
+            }
+            Input::VcopyChunkWritten {
+                from,
+                chunk,
+                result,
+            } => self.on_vcopy_chunk_written(from, &chunk, result),
+            Input::VcopyLocalDone { done, result } => self.on_vcopy_local_done(done, result),
+            Input::VcopyStreamFailed {
+                caller_node,
+                op,
+                error,
+            } => self.on_vcopy_stream_failed(caller_node, op, error),
+            Input::Directory(d) => self.handle_directory(now, d),
+            Input::Migration(m) => self.handle_migration(now, m),
+            Input::Timeout => self.handle_timeout(now),
         }
+    }
+
+    fn handle_directory(&mut self, now: Instant, input: DirectoryInput) {
+        match input {
+            DirectoryInput::Registered { conn, result } => self.on_register_result(conn, result),
+            DirectoryInput::Synced { conn } => self.on_directory_synced(conn),
+            DirectoryInput::Located { dc, ep, node } => self.on_lookup_result(dc, ep, node, now),
+            DirectoryInput::Changed { dc, ep, node } => self.on_directory_update(dc, ep, node),
+            DirectoryInput::RegisterRemote {
+                ticket,
+                dc,
+                ep,
+                node,
+                backup,
+            } => {
+                let result = self.register_remote(dc, ep, node, backup);
+                self.actions
+                    .push_back(Action::Report(Report::Registered { ticket, result }));
+            }
+            DirectoryInput::MigrRecordWritten { id, result } => {
+                self.on_migr_record_result(id, result, now)
+            }
+            DirectoryInput::MigrRecordRead { id, dc, ep, record } => {
+                self.on_migr_record_read(id, dc, ep, record, now)
+            }
+            DirectoryInput::MigrRecordChanged { dc, ep, record } => {
+                self.on_migr_record(dc, ep, record, now)
+            }
+        }
+    }
+
+    fn handle_migration(&mut self, now: Instant, input: MigrationInput) {
+        match input {
+            MigrationInput::Start { ticket, req } => {
+                let before = self.actions.len();
+                let result = self.start_migration(req, now);
+                // The acceptance goes before the progress the start queued.
+                self.actions.insert(
+                    before,
+                    Action::Report(Report::MigrationAccepted { ticket, result }),
+                );
+            }
+            MigrationInput::CheckpointDone { id, result } => {
+                self.on_checkpoint_done(id, result, now)
+            }
+            MigrationInput::ImageSent { id, result } => self.on_image_sent(id, result, now),
+            MigrationInput::ImageChunk { id, bytes } => self.on_image_chunk(id, bytes, now),
+            MigrationInput::Restored { id, result } => self.on_restored(id, result, now),
+        }
+    }
+
+    /// The time of the event being handled.
+    fn now(&self) -> Instant {
+        self.last_now.expect("set by handle before anything runs")
+    }
+
+    /// The time of the latest event handled, if any.
+    pub fn last_event_time(&self) -> Option<Instant> {
+        self.last_now
     }
 
     /// This node's id.
@@ -405,7 +397,7 @@ impl NodeCore {
 
     /// A process connected; `peer` says who it is (pid as seen by the node kernel, uid, and
     /// the endpoint it was launched for).
-    pub fn on_local_connect(&mut self, conn: ConnId, peer: LocalPeer) {
+    fn on_local_connect(&mut self, conn: ConnId, peer: LocalPeer) {
         self.conns.insert(
             conn,
             Conn {
@@ -425,15 +417,14 @@ impl NodeCore {
     }
 
     /// A process disconnected (exited, died, or its connection was closed).
-    pub fn on_local_disconnect(&mut self, conn: ConnId) {
+    fn on_local_disconnect(&mut self, conn: ConnId) {
         self.abandon_call(conn);
         self.release_endpoint(conn, Errno::DstDied);
         self.conns.remove(&conn);
     }
 
     /// A request from a local process.
-    pub fn on_local_request(&mut self, conn: ConnId, req: LocalRequest, now: Instant) {
-        self.last_now = now;
+    fn on_local_request(&mut self, conn: ConnId, req: LocalRequest, now: Instant) {
         self.local_request(conn, req, now);
         self.check_quiescence(now);
     }
@@ -473,10 +464,10 @@ impl NodeCore {
             _ => {}
         }
         if c.blocked != Blocked::No {
-            self.actions.push_back(Action::Close {
+            self.actions.push_back(Action::Local(LocalAction::Close {
                 conn,
                 reason: "request while a previous call is still in progress".into(),
-            });
+            }));
             return;
         }
         self.run_request(conn, req, now);
@@ -491,7 +482,8 @@ impl NodeCore {
                 }
                 self.release_endpoint(conn, Errno::DstDied);
                 self.reblock(conn, Blocked::Unbinding);
-                self.actions.push_back(Action::DirectorySync { conn });
+                self.actions
+                    .push_back(Action::Directory(DirRequest::Sync { conn }));
             }
             LocalRequest::GetEp => match self.bound(conn) {
                 Some((dc, ep)) => self.respond(
@@ -554,7 +546,8 @@ impl NodeCore {
             c.deadline = None;
             c.gen += 1;
         }
-        self.actions.push_back(Action::Respond { conn, resp });
+        self.actions
+            .push_back(Action::Local(LocalAction::Respond { conn, resp }));
     }
 
     /// Blocks `conn` in `state` until `timeout` (from `now`).
@@ -625,7 +618,8 @@ impl NodeCore {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.bound = Some((dc, ep));
         }
-        self.actions.push_back(Action::Register { conn, dc, ep });
+        self.actions
+            .push_back(Action::Directory(DirRequest::Register { conn, dc, ep }));
     }
 
     /// The local connection of `{dc, ep}`: bound, or binding (its directory write is in flight;
@@ -673,7 +667,7 @@ impl NodeCore {
 
     /// Registers `{dc, ep}` here as running on `node` (the DVK's `rmtbind`), or as the backup
     /// of a replicated primary kept on `node` (`bkupbind`). Refused for an endpoint bound here.
-    pub fn register_remote(
+    fn register_remote(
         &mut self,
         dc: DcId,
         ep: Ep,
@@ -697,8 +691,8 @@ impl NodeCore {
         Ok(())
     }
 
-    /// Every directory action up to [`Action::DirectorySync`] has landed.
-    pub fn on_directory_synced(&mut self, conn: ConnId) {
+    /// Every directory action up to [`DirRequest::Sync`] has landed.
+    fn on_directory_synced(&mut self, conn: ConnId) {
         if self
             .conns
             .get(&conn)
@@ -708,8 +702,8 @@ impl NodeCore {
         }
     }
 
-    /// The directory's answer to [`Action::Register`]: `Err` names why (e.g. bound elsewhere).
-    pub fn on_register_result(&mut self, conn: ConnId, result: Result<(), Errno>) {
+    /// The directory's answer to [`DirRequest::Register`]: `Err` names why (e.g. bound elsewhere).
+    fn on_register_result(&mut self, conn: ConnId, result: Result<(), Errno>) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -757,10 +751,10 @@ impl NodeCore {
         };
         for n in info.nodes.iter().copied().filter(|n| *n != self.node) {
             if self.links_up.contains(&n) {
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node: n,
                     frame: frame.clone(),
-                });
+                }));
             }
         }
     }
@@ -788,12 +782,14 @@ impl NodeCore {
         c.notifies.clear();
         if was_binding {
             // The directory may still record it; remove it when the CAS lands.
-            self.actions.push_back(Action::Unregister { dc, ep });
+            self.actions
+                .push_back(Action::Directory(DirRequest::Unregister { dc, ep }));
             return;
         }
         if self.table.get(dc, ep) == Some(Registration::Local { conn }) {
             self.table.remove(dc, ep);
-            self.actions.push_back(Action::Unregister { dc, ep });
+            self.actions
+                .push_back(Action::Directory(DirRequest::Unregister { dc, ep }));
             self.broadcast(dc, PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc, ep })));
         }
         self.remote_callers
@@ -810,7 +806,7 @@ impl NodeCore {
                     }
                 }
                 ReplyTo::Remote(node) => {
-                    self.actions.push_back(Action::Peer {
+                    self.actions.push_back(Action::Peer(PeerAction::Send {
                         node,
                         frame: PeerFrame::Ipc(IpcFrame::Reply(Reply {
                             dc,
@@ -818,7 +814,7 @@ impl NodeCore {
                             dst: client,
                             result: Err(why),
                         })),
-                    });
+                    }));
                 }
             }
         }
@@ -850,13 +846,13 @@ impl NodeCore {
             Origin::Remote { node, op } => {
                 self.remote_incoming.remove(&(node, op));
                 let _ = dc;
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node,
                     frame: PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                         op,
                         result: Err(why),
                     })),
-                });
+                }));
             }
         }
     }
@@ -890,10 +886,10 @@ impl NodeCore {
                 if let (DeliverKind::SendRec, Some((dc, me))) = (kind, c.bound) {
                     self.abandoned.insert((node, op), (dc, me, dst));
                 }
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node,
                     frame: PeerFrame::Ipc(IpcFrame::Cancel(Cancel { op })),
-                });
+                }));
             }
             Blocked::Vcopy { op } => {
                 self.ops.remove(&op);
@@ -936,7 +932,8 @@ impl NodeCore {
         }
         let waiters = self.lookups.entry((dc, ep)).or_default();
         if waiters.is_empty() {
-            self.actions.push_back(Action::Lookup { dc, ep });
+            self.actions
+                .push_back(Action::Directory(DirRequest::Lookup { dc, ep }));
         }
         waiters.push(conn);
         self.reblock(
@@ -949,8 +946,8 @@ impl NodeCore {
         None
     }
 
-    /// The directory's answer to [`Action::Lookup`]: the node running `{dc, ep}`, if any.
-    pub fn on_lookup_result(&mut self, dc: DcId, ep: Ep, node: Option<NodeId>, now: Instant) {
+    /// The directory's answer to [`DirRequest::Lookup`]: the node running `{dc, ep}`, if any.
+    fn on_lookup_result(&mut self, dc: DcId, ep: Ep, node: Option<NodeId>, now: Instant) {
         if let Some(n) = node {
             if n != self.node && self.table.get(dc, ep).is_none() {
                 self.table.set(dc, ep, Registration::Remote { node: n });
@@ -982,7 +979,7 @@ impl NodeCore {
     }
 
     /// The directory says `{dc, ep}` now runs on `node` (`None`: nowhere).
-    pub fn on_directory_update(&mut self, dc: DcId, ep: Ep, node: Option<NodeId>) {
+    fn on_directory_update(&mut self, dc: DcId, ep: Ep, node: Option<NodeId>) {
         match (node, self.table.get(dc, ep)) {
             (_, Some(Registration::Local { .. })) => {}
             (Some(n), _) if n != self.node => {
@@ -1075,7 +1072,7 @@ impl NodeCore {
                     return self.respond(conn, err(Errno::NodeUnreachable));
                 }
                 let op = self.new_op();
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node,
                     frame: PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
                         op,
@@ -1086,7 +1083,7 @@ impl NodeCore {
                         msg,
                         timeout,
                     })),
-                });
+                }));
                 self.remote_sends.insert((node, op), conn);
                 self.block(
                     conn,
@@ -1150,10 +1147,10 @@ impl NodeCore {
             (DeliverKind::Send, Origin::Local(s)) => self.respond(s, LocalResponse::Done),
             (DeliverKind::Send, Origin::Remote { node, op }) => {
                 self.remote_incoming.remove(&(node, op));
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node,
                     frame: PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result: Ok(()) })),
-                });
+                }));
             }
             (DeliverKind::SendRec, origin) => {
                 let to = match origin {
@@ -1263,7 +1260,8 @@ impl NodeCore {
                 if !self.links_up.contains(&node) {
                     return self.respond(conn, err(Errno::NodeUnreachable));
                 }
-                self.actions.push_back(Action::Peer { node, frame });
+                self.actions
+                    .push_back(Action::Peer(PeerAction::Send { node, frame }));
             }
         }
         self.respond(conn, LocalResponse::Done);
@@ -1304,7 +1302,7 @@ impl NodeCore {
                 if !self.links_up.contains(&node) {
                     return self.respond(conn, err(Errno::NodeUnreachable));
                 }
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node,
                     frame: PeerFrame::Ipc(IpcFrame::Notify(Notify {
                         dc,
@@ -1312,7 +1310,7 @@ impl NodeCore {
                         dst,
                         value,
                     })),
-                });
+                }));
             }
         }
         self.respond(conn, LocalResponse::Done);
@@ -1349,7 +1347,8 @@ impl NodeCore {
         // `Bound` wakes us otherwise.
         if let std::collections::hash_map::Entry::Vacant(e) = self.lookups.entry((dc, ep)) {
             e.insert(Vec::new());
-            self.actions.push_back(Action::Lookup { dc, ep });
+            self.actions
+                .push_back(Action::Directory(DirRequest::Lookup { dc, ep }));
         }
         self.bind_waiters.entry((dc, ep)).or_default().push(conn);
         self.block(
@@ -1398,20 +1397,21 @@ impl NodeCore {
                             Ok(p) => p,
                             Err(e) => return self.respond(conn, err(e)),
                         };
-                        self.actions.push_back(Action::VcopyLocal {
-                            src_pid,
-                            src_addr: v.src_addr,
-                            dst_pid,
-                            dst_addr: v.dst_addr,
-                            len: v.len,
-                            done: VcopyCompletion::Local { op },
-                        });
+                        self.actions
+                            .push_back(Action::Memory(MemoryAction::CopyLocal {
+                                src_pid,
+                                src_addr: v.src_addr,
+                                dst_pid,
+                                dst_addr: v.dst_addr,
+                                len: v.len,
+                                done: VcopyCompletion::Local { op },
+                            }));
                     }
                     Registration::Remote { node } | Registration::Backup { node } => {
                         if !self.links_up.contains(&node) {
                             return self.respond(conn, err(Errno::NodeUnreachable));
                         }
-                        self.actions.push_back(Action::VcopyStream {
+                        self.actions.push_back(Action::Memory(MemoryAction::Stream {
                             pid: src_pid,
                             src_addr: v.src_addr,
                             len: v.len,
@@ -1422,7 +1422,7 @@ impl NodeCore {
                             caller: me,
                             dst: v.dst,
                             dst_addr: v.dst_addr,
-                        });
+                        }));
                     }
                 }
             }
@@ -1430,7 +1430,7 @@ impl NodeCore {
                 if !self.links_up.contains(&node) {
                     return self.respond(conn, err(Errno::NodeUnreachable));
                 }
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node,
                     frame: PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
                         op,
@@ -1443,7 +1443,7 @@ impl NodeCore {
                         dst_addr: v.dst_addr,
                         len: v.len,
                     })),
-                });
+                }));
                 // The source node streams the data here when the destination is local.
                 if let Registration::Local { .. } = dst_reg {
                     self.expect_vcopy_data(node, op, dc, me, v.dst, v.dst_addr, v.len);
@@ -1466,7 +1466,7 @@ impl NodeCore {
     }
 
     /// A local vcopy finished.
-    pub fn on_vcopy_local_done(&mut self, done: VcopyCompletion, result: Result<(), Errno>) {
+    fn on_vcopy_local_done(&mut self, done: VcopyCompletion, result: Result<(), Errno>) {
         self.complete_vcopy(done, result);
     }
 
@@ -1483,10 +1483,10 @@ impl NodeCore {
                 }
             }
             VcopyCompletion::Remote { node, op } => {
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node,
                     frame: PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone { op, result })),
-                });
+                }));
             }
         }
     }
@@ -1503,7 +1503,7 @@ impl NodeCore {
     }
 
     /// Reading the source of a vcopy stream failed; tell the caller.
-    pub fn on_vcopy_stream_failed(&mut self, caller_node: NodeId, op: OpId, e: Errno) {
+    fn on_vcopy_stream_failed(&mut self, caller_node: NodeId, op: OpId, e: Errno) {
         let done = self.completion(caller_node, op);
         self.complete_vcopy(done, Err(e));
     }
@@ -1511,7 +1511,7 @@ impl NodeCore {
     // ----- peers -------------------------------------------------------------------------
 
     /// The link to `node` came up.
-    pub fn on_link_up(&mut self, node: NodeId) {
+    fn on_link_up(&mut self, node: NodeId) {
         self.links_up.insert(node);
         self.condemned.remove(&node);
         // Tell the peer what runs here, in case it missed it while the link was down.
@@ -1526,15 +1526,15 @@ impl NodeCore {
             .map(|(dc, ep, _)| (dc, ep))
             .collect();
         for (dc, ep) in mine {
-            self.actions.push_back(Action::Peer {
+            self.actions.push_back(Action::Peer(PeerAction::Send {
                 node,
                 frame: PeerFrame::Ipc(IpcFrame::Bound(Bound { dc, ep })),
-            });
+            }));
         }
     }
 
     /// The link to `node` went down: every call depending on it fails.
-    pub fn on_link_down(&mut self, node: NodeId) {
+    fn on_link_down(&mut self, node: NodeId) {
         self.condemned.remove(&node);
         self.forget_incoming_vcopies(node);
         if !self.links_up.remove(&node) {
@@ -1620,8 +1620,7 @@ impl NodeCore {
 
     /// A frame from the peer `from` (after the handshake).
     /// Frames that fail the checks of [`peer_check`] have no effect.
-    pub fn on_peer_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
-        self.last_now = now;
+    fn on_peer_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
         if self.is_condemned(from) {
             return;
         }
@@ -1634,10 +1633,10 @@ impl NodeCore {
                 tracing::debug!(node = from, frame = frame.kind(), "dropped: {why}");
             }
             Verdict::Refuse(v) => self.peer_violation(from, frame.kind(), v),
-            Verdict::AlreadyApplied(id) => self.actions.push_back(Action::Peer {
+            Verdict::AlreadyApplied(id) => self.actions.push_back(Action::Peer(PeerAction::Send {
                 node: from,
                 frame: PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held: 0 })),
-            }),
+            })),
         }
     }
 
@@ -1679,13 +1678,13 @@ impl NodeCore {
                         }
                     }
                 }
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node: from,
                     frame: PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                         op,
                         result: Err(Errno::TimedOut),
                     })),
-                });
+                }));
             }
             PeerFrame::Ipc(IpcFrame::Reply(Reply {
                 dc,
@@ -1853,10 +1852,10 @@ impl NodeCore {
         now: Instant,
     ) {
         let fail = |core: &mut Self, e: Errno| {
-            core.actions.push_back(Action::Peer {
+            core.actions.push_back(Action::Peer(PeerAction::Send {
                 node: from,
                 frame: PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result: Err(e) })),
-            });
+            }));
         };
         if !self.peer_in_dc(from, dc) {
             return fail(self, Errno::NodeNotInDc);
@@ -1882,10 +1881,10 @@ impl NodeCore {
                 return self.migr.hold_deliver(dc, dst, from, frame);
             }
             // Not taken: the sender's node holds the call and sends it again after the outcome.
-            self.actions.push_back(Action::Peer {
+            self.actions.push_back(Action::Peer(PeerAction::Send {
                 node: from,
                 frame: PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst })),
-            });
+            }));
             return;
         }
         let Some(q) = self.local_or_binding(dc, dst) else {
@@ -1971,20 +1970,21 @@ impl NodeCore {
                     if !is_blocked_in_ipc(&d.blocked) {
                         return Err(Errno::Busy);
                     }
-                    self.actions.push_back(Action::VcopyLocal {
-                        src_pid,
-                        src_addr,
-                        dst_pid: d.pid,
-                        dst_addr,
-                        len,
-                        done,
-                    });
+                    self.actions
+                        .push_back(Action::Memory(MemoryAction::CopyLocal {
+                            src_pid,
+                            src_addr,
+                            dst_pid: d.pid,
+                            dst_addr,
+                            len,
+                            done,
+                        }));
                 }
                 Some(Registration::Remote { node } | Registration::Backup { node }) => {
                     if !self.links_up.contains(&node) {
                         return Err(Errno::NodeUnreachable);
                     }
-                    self.actions.push_back(Action::VcopyStream {
+                    self.actions.push_back(Action::Memory(MemoryAction::Stream {
                         pid: src_pid,
                         src_addr,
                         len,
@@ -1995,12 +1995,12 @@ impl NodeCore {
                         caller,
                         dst,
                         dst_addr,
-                    });
+                    }));
                 }
                 None => {
                     // The caller knows the destination; trust its node if it is the caller's.
                     if caller == dst && self.links_up.contains(&caller_node) {
-                        self.actions.push_back(Action::VcopyStream {
+                        self.actions.push_back(Action::Memory(MemoryAction::Stream {
                             pid: src_pid,
                             src_addr,
                             len,
@@ -2011,7 +2011,7 @@ impl NodeCore {
                             caller,
                             dst,
                             dst_addr,
-                        });
+                        }));
                     } else {
                         return Err(Errno::NoSuchEndpoint);
                     }
@@ -2027,8 +2027,7 @@ impl NodeCore {
     // ----- timers ------------------------------------------------------------------------
 
     /// Fires every timer due at `now`.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        self.last_now = now;
+    fn handle_timeout(&mut self, now: Instant) {
         while let Some(&(at, seq, key)) = self.timers.first() {
             if at > now {
                 break;
@@ -2054,13 +2053,13 @@ impl NodeCore {
                 TimerKey::Incoming { node, op } => {
                     if let Some((dc, dst)) = self.remote_incoming.remove(&(node, op)) {
                         if self.drop_remote_incoming(dc, dst, (node, op)) {
-                            self.actions.push_back(Action::Peer {
+                            self.actions.push_back(Action::Peer(PeerAction::Send {
                                 node,
                                 frame: PeerFrame::Ipc(IpcFrame::Delivered(Delivered {
                                     op,
                                     result: Err(Errno::TimedOut),
                                 })),
-                            });
+                            }));
                         }
                     }
                 }

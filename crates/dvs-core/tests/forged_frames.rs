@@ -3,6 +3,9 @@
 //! [`Net`] runs node 1 (the victim) and node 3 (an honest node) as real cores; node 2 is the
 //! attacker: its frames are handed to node 1 by the tests, what node 1 sends it is recorded.
 
+mod support;
+use support::Drive;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
@@ -10,6 +13,7 @@ use dvs_core::{
     Action, ConnId, CoreConfig, DcInfo, LocalPeer, MigrRecord, NodeCore, RecordState, Registration,
     VcopyChunk, VcopyCompletion, Violation,
 };
+use dvs_core::{DirRequest, LocalAction, MemoryAction, PeerAction, Report};
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::peer::{Backend, DeliverKind, MigratedEndpoint, PeerFrame};
 use dvs_wire::peer::{
@@ -56,6 +60,7 @@ impl Net {
                 NodeCore::new(CoreConfig {
                     node: n,
                     dcs: dcs.clone(),
+                    migration_seed: 0,
                 }),
             );
         }
@@ -106,21 +111,25 @@ impl Net {
     fn handle(&mut self, n: NodeId, a: Action) {
         let now = self.now;
         match a {
-            Action::Respond { conn, resp } => {
+            Action::Local(LocalAction::Respond { conn, resp }) => {
                 self.responses.entry((n, conn)).or_default().push_back(resp)
             }
-            Action::Peer { node, frame } if node == ATTACKER => self.to_attacker.push(frame),
-            Action::Peer { node, frame } => self.in_flight.push_back((n, node, frame)),
-            Action::Register { conn, dc, ep } => {
+            Action::Peer(PeerAction::Send { node, frame }) if node == ATTACKER => {
+                self.to_attacker.push(frame)
+            }
+            Action::Peer(PeerAction::Send { node, frame }) => {
+                self.in_flight.push_back((n, node, frame))
+            }
+            Action::Directory(DirRequest::Register { conn, dc, ep }) => {
                 self.dir.insert((dc, ep), n);
                 self.core(n).on_register_result(conn, Ok(()));
             }
-            Action::Lookup { dc, ep } => {
+            Action::Directory(DirRequest::Lookup { dc, ep }) => {
                 let at = self.dir.get(&(dc, ep)).copied();
                 self.core(n).on_lookup_result(dc, ep, at, now);
             }
-            Action::DirectorySync { conn } => self.core(n).on_directory_synced(conn),
-            Action::ReadMigrRecord { id, dc, ep } => {
+            Action::Directory(DirRequest::Sync { conn }) => self.core(n).on_directory_synced(conn),
+            Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }) => {
                 let now = self.now;
                 let record = self.started.contains(&id).then_some(MigrRecord {
                     id,
@@ -174,7 +183,10 @@ impl Net {
 
     /// The attacker sends a vcopy chunk; whether the victim would write it.
     fn attack_chunk(&mut self, c: VcopyChunk) -> Option<i32> {
-        let pid = self.core(VICTIM).on_vcopy_chunk(ATTACKER, &c);
+        let (pid, rest) = support::vcopy_chunk(self.core(VICTIM), ATTACKER, &c);
+        for a in rest {
+            self.handle(VICTIM, a);
+        }
         if pid.is_some() {
             self.core(VICTIM)
                 .on_vcopy_chunk_written(ATTACKER, &c, Ok(()));
@@ -205,7 +217,9 @@ impl Net {
     fn expect_violation(&mut self) -> Violation {
         let others = self.take_others();
         match &others[..] {
-            [(VICTIM, Action::PeerViolation { node, reason, .. })] if *node == ATTACKER => {
+            [(VICTIM, Action::Peer(PeerAction::Condemn { node, reason, .. }))]
+                if *node == ATTACKER =>
+            {
                 let r = reason.clone();
                 // The daemon closes the link; the victim sees it go down and come back.
                 self.core(VICTIM).on_link_down(ATTACKER);
@@ -735,24 +749,25 @@ fn run_hostile(steps: Vec<Step>) {
         for (n, a) in net.take_others() {
             assert_eq!(n, VICTIM);
             match a {
-                Action::PeerViolation { node, .. } => {
+                Action::Peer(PeerAction::Condemn { node, .. }) => {
                     assert_eq!(node, ATTACKER);
                     net.core(VICTIM).on_link_down(ATTACKER);
                     net.core(VICTIM).on_link_up(ATTACKER);
                     net.pump();
                 }
-                Action::VcopyLocal {
+                Action::Memory(MemoryAction::CopyLocal {
                     done: VcopyCompletion::Remote { node: ATTACKER, .. },
                     ..
-                } => {}
-                Action::VcopyStream {
+                }) => {}
+                Action::Memory(MemoryAction::Stream {
                     to: ATTACKER,
                     caller_node: ATTACKER,
                     caller,
                     ..
-                } => assert!(attackers(&mut net, caller)),
+                }) => assert!(attackers(&mut net, caller)),
                 // Participant: a forged hold times out into a rollback attempt in the directory.
-                Action::MigrRecord { .. } | Action::MigrProgress { .. } => {}
+                Action::Directory(DirRequest::WriteMigrRecord { .. })
+                | Action::Report(Report::MigrProgress { .. }) => {}
                 other => panic!("node {n}: {other:?}"),
             }
         }

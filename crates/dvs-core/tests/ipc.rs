@@ -1,9 +1,12 @@
 //! Unit tests of the node kernel core ([`NodeCore`]) through its public API, without sockets.
 //!
 //! [`Sim`] is a deterministic simulation of a 3-node cluster: it plays the daemon around each
-//! core (local connections, the directory, peer links) and routes `Action::Peer` frames to the
+//! core (local connections, the directory, peer links) and routes `PeerAction::Send` frames to the
 //! other cores in FIFO order, so every IPC path, local or remote, runs as in production but in
 //! one thread and with a simulated clock.
+
+mod support;
+use support::Drive;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -12,6 +15,7 @@ use dvs_core::{
     Action, ConnId, CoreConfig, DcInfo, LocalPeer, NodeCore, Registration, RegistrationKind,
     VcopyChunk, VcopyCompletion, VCOPY_MAX,
 };
+use dvs_core::{DirRequest, LocalAction, MemoryAction, PeerAction};
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::message::NOTIFY_MTYPE;
 use dvs_wire::peer::{
@@ -52,6 +56,7 @@ fn config(node: NodeId) -> CoreConfig {
                 bind_uids: BTreeSet::from([0, 1000]),
             },
         ],
+        migration_seed: 0,
     }
 }
 
@@ -74,9 +79,9 @@ struct Sim {
     in_flight: VecDeque<(NodeId, NodeId, PeerFrame)>,
     /// Deliver frames as soon as they are sent (else only by [`Sim::deliver_one`]).
     auto_route: bool,
-    /// Leave `Action::Register` to the test (in `others`) instead of answering from `dir`.
+    /// Leave `DirRequest::Register` to the test (in `others`) instead of answering from `dir`.
     manual_register: bool,
-    /// Leave `Action::Lookup` to the test (in `others`) instead of answering from `dir`.
+    /// Leave `DirRequest::Lookup` to the test (in `others`) instead of answering from `dir`.
     manual_lookup: bool,
     /// Carry out `VcopyLocal` (success) and `VcopyStream` (one `VcopyData` frame) itself.
     auto_vcopy: bool,
@@ -158,13 +163,13 @@ impl Sim {
     fn handle_action(&mut self, n: NodeId, a: Action) {
         let now = self.now;
         match a {
-            Action::Respond { conn, resp } => self
+            Action::Local(LocalAction::Respond { conn, resp }) => self
                 .responses
                 .entry(P { node: n, conn })
                 .or_default()
                 .push_back(resp),
-            Action::Peer { node, frame } => self.send_frame(n, node, frame),
-            Action::Register { conn, dc, ep } if !self.manual_register => {
+            Action::Peer(PeerAction::Send { node, frame }) => self.send_frame(n, node, frame),
+            Action::Directory(DirRequest::Register { conn, dc, ep }) if !self.manual_register => {
                 // The directory refuses a key held by another node; a key naming this node
                 // passes (the core itself catches two local connections racing).
                 let result = match self.dir.get(&(dc, ep)) {
@@ -176,22 +181,23 @@ impl Sim {
                 };
                 self.core(n).on_register_result(conn, result);
             }
-            Action::Lookup { dc, ep } if !self.manual_lookup => {
+            Action::Directory(DirRequest::Lookup { dc, ep }) if !self.manual_lookup => {
                 let at = self.dir.get(&(dc, ep)).copied();
                 self.core(n).on_lookup_result(dc, ep, at, now);
             }
-            Action::Unregister { dc, ep } => {
+            Action::Directory(DirRequest::Unregister { dc, ep }) => {
                 if self.dir.get(&(dc, ep)) == Some(&n) {
                     self.dir.remove(&(dc, ep));
                 }
-                self.others.push((n, Action::Unregister { dc, ep }));
+                self.others
+                    .push((n, Action::Directory(DirRequest::Unregister { dc, ep })));
             }
             // The directory here is synchronous: everything before has landed.
-            Action::DirectorySync { conn } => self.core(n).on_directory_synced(conn),
-            Action::VcopyLocal { done, .. } if self.auto_vcopy => {
+            Action::Directory(DirRequest::Sync { conn }) => self.core(n).on_directory_synced(conn),
+            Action::Memory(MemoryAction::CopyLocal { done, .. }) if self.auto_vcopy => {
                 self.core(n).on_vcopy_local_done(done, Ok(()))
             }
-            Action::VcopyStream {
+            Action::Memory(MemoryAction::Stream {
                 len,
                 to,
                 op,
@@ -201,7 +207,7 @@ impl Sim {
                 dst,
                 dst_addr,
                 ..
-            } if self.auto_vcopy => {
+            }) if self.auto_vcopy => {
                 let frame = PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData {
                     op,
                     caller_node,
@@ -231,18 +237,27 @@ impl Sim {
             return false;
         };
         let now = self.now;
-        let core = self.core(to);
         match frame {
             // The daemon's part: write the chunk (always one chunk here) into the process.
             PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData { offset, total, .. })) => {
                 let c = VcopyChunk::from_frame(&frame, total - offset).expect("a chunk");
-                if core.on_vcopy_chunk(from, &c).is_some() {
-                    core.on_vcopy_chunk_written(from, &c, Ok(()));
+                if self.vcopy_chunk(to, from, &c).is_some() {
+                    self.core(to).on_vcopy_chunk_written(from, &c, Ok(()));
                 }
             }
-            frame => core.on_peer_frame(from, frame, now),
+            frame => self.core(to).on_peer_frame(from, frame, now),
         }
         true
+    }
+
+    /// Node `node` gets vcopy chunk `c` from `from`: the pid it would write the data into
+    /// (other actions it takes meanwhile are carried out as usual).
+    fn vcopy_chunk(&mut self, node: NodeId, from: NodeId, c: &VcopyChunk) -> Option<i32> {
+        let (pid, rest) = support::vcopy_chunk(self.core(node), from, c);
+        for a in rest {
+            self.handle_action(node, a);
+        }
+        pid
     }
 
     /// Delivers every frame in flight (and what follows from them).
@@ -622,11 +637,11 @@ fn bind_already_bound_locally_and_conn_already_bound() {
         regs,
         vec![(
             1,
-            Action::Register {
+            Action::Directory(DirRequest::Register {
                 conn: a.conn,
                 dc: DC,
                 ep: 1
-            }
+            })
         )]
     );
     s.core(1).on_register_result(a.conn, Ok(()));
@@ -674,11 +689,11 @@ fn bind_refused_by_the_directory() {
         s.take_others(),
         vec![(
             2,
-            Action::Register {
+            Action::Directory(DirRequest::Register {
                 conn: c.conn,
                 dc: DC,
                 ep: 2
-            }
+            })
         )]
     );
     s.core(2).on_register_result(c.conn, Err(Errno::Permission));
@@ -742,11 +757,16 @@ fn disconnect_while_binding_unregisters_and_ignores_the_late_answer() {
     s.call(a, LocalRequest::GetEp);
     let others = s.take_others();
     assert_eq!(others.len(), 2);
-    assert!(matches!(others[1], (1, Action::Close { conn, .. }) if conn == a.conn));
+    assert!(
+        matches!(others[1], (1, Action::Local(LocalAction::Close { conn, .. })) if conn == a.conn)
+    );
     s.disconnect(a);
     assert_eq!(
         s.take_others(),
-        vec![(1, Action::Unregister { dc: DC, ep: 4 })]
+        vec![(
+            1,
+            Action::Directory(DirRequest::Unregister { dc: DC, ep: 4 })
+        )]
     );
     s.core(1).on_register_result(a.conn, Ok(()));
     s.pump();
@@ -768,7 +788,10 @@ fn unbind_releases_the_endpoint() {
     s.expect_err(b, Errno::DstDied);
     assert_eq!(
         s.take_others(),
-        vec![(1, Action::Unregister { dc: DC, ep: 3 })]
+        vec![(
+            1,
+            Action::Directory(DirRequest::Unregister { dc: DC, ep: 3 })
+        )]
     );
     assert_eq!(
         s.take_frames(),
@@ -1070,7 +1093,7 @@ fn request_while_blocked_closes_the_connection() {
     s.call(a, send(2, 1, FOREVER));
     let others = s.take_others();
     assert!(
-        matches!(&others[..], [(1, Action::Close { conn, .. })] if *conn == a.conn),
+        matches!(&others[..], [(1, Action::Local(LocalAction::Close { conn, .. }))] if *conn == a.conn),
         "{others:?}"
     );
     s.idle(a);
@@ -1392,7 +1415,7 @@ fn vcopy_timeouts() {
     s.expect_msg(srv);
     s.call(srv, vcopy(2, 1, 100, Timeout::Millis(20)));
     let others = s.take_others();
-    let [(1, Action::VcopyLocal { done, .. })] = others[..] else {
+    let [(1, Action::Memory(MemoryAction::CopyLocal { done, .. }))] = others[..] else {
         panic!("{others:?}")
     };
     s.advance(19);
@@ -1406,7 +1429,7 @@ fn vcopy_timeouts() {
     // NoWait: only what completes before timers run.
     s.call(srv, vcopy(2, 1, 100, NOWAIT));
     let others = s.take_others();
-    let [(1, Action::VcopyLocal { done, .. })] = others[..] else {
+    let [(1, Action::Memory(MemoryAction::CopyLocal { done, .. }))] = others[..] else {
         panic!("{others:?}")
     };
     s.advance(0);
@@ -1416,7 +1439,7 @@ fn vcopy_timeouts() {
     s.idle(srv);
     s.call(srv, vcopy(2, 1, 100, NOWAIT));
     let others = s.take_others();
-    let [(1, Action::VcopyLocal { done, .. })] = others[..] else {
+    let [(1, Action::Memory(MemoryAction::CopyLocal { done, .. }))] = others[..] else {
         panic!("{others:?}")
     };
     s.core(1).on_vcopy_local_done(done, Ok(()));
@@ -2072,7 +2095,7 @@ fn link_down_fails_only_the_vcopies_that_need_that_node() {
     // A purely local copy on node 1, and one on node 3 pulling from node 2.
     s.call(srv, vcopy(2, 1, 100, FOREVER));
     let others = s.take_others();
-    let [(1, Action::VcopyLocal { done, .. })] = others[..] else {
+    let [(1, Action::Memory(MemoryAction::CopyLocal { done, .. }))] = others[..] else {
         panic!("{others:?}")
     };
     s.auto_route = false;
@@ -2117,7 +2140,10 @@ fn local_process_death_fails_everyone_waiting_on_it() {
     s.idle(srv);
     assert_eq!(
         s.take_others(),
-        vec![(1, Action::Unregister { dc: DC, ep: 2 })]
+        vec![(
+            1,
+            Action::Directory(DirRequest::Unregister { dc: DC, ep: 2 })
+        )]
     );
     assert_eq!(
         s.take_frames(),
@@ -2267,7 +2293,7 @@ fn death_of_a_sender_or_client() {
     assert!(s
         .take_others()
         .iter()
-        .all(|(_, a)| matches!(a, Action::Unregister { .. })));
+        .all(|(_, a)| matches!(a, Action::Directory(DirRequest::Unregister { .. }))));
 }
 
 // ----- lookups -----------------------------------------------------------------------------
@@ -2280,7 +2306,10 @@ fn unknown_endpoint_is_looked_up_once() {
     let b = s.bind(1, DC, 2);
     s.call(a, send(9, 1, FOREVER));
     s.call(b, sendrec(9, 1, FOREVER));
-    assert_eq!(s.take_others(), vec![(1, Action::Lookup { dc: DC, ep: 9 })]);
+    assert_eq!(
+        s.take_others(),
+        vec![(1, Action::Directory(DirRequest::Lookup { dc: DC, ep: 9 }))]
+    );
     s.idle(a);
     s.lookup_result(1, DC, 9, None);
     s.expect_err(a, Errno::NoSuchEndpoint);
@@ -2291,7 +2320,10 @@ fn unknown_endpoint_is_looked_up_once() {
     s.core(1).on_directory_update(DC, 9, None);
     assert!(s.core(1).registrations().iter().all(|(_, ep, _)| *ep != 9));
     s.call(a, send(9, 2, FOREVER));
-    assert_eq!(s.take_others(), vec![(1, Action::Lookup { dc: DC, ep: 9 })]);
+    assert_eq!(
+        s.take_others(),
+        vec![(1, Action::Directory(DirRequest::Lookup { dc: DC, ep: 9 }))]
+    );
     s.lookup_result(1, DC, 9, Some(3));
     assert!(s
         .core(1)
@@ -2302,7 +2334,10 @@ fn unknown_endpoint_is_looked_up_once() {
     s.expect_done(a);
     // A caller that disconnects while looking up is simply forgotten.
     s.call(b, send(8, 1, FOREVER));
-    assert_eq!(s.take_others(), vec![(1, Action::Lookup { dc: DC, ep: 8 })]);
+    assert_eq!(
+        s.take_others(),
+        vec![(1, Action::Directory(DirRequest::Lookup { dc: DC, ep: 8 }))]
+    );
     s.disconnect(b);
     s.lookup_result(1, DC, 8, None);
     s.idle(b);
@@ -2352,7 +2387,10 @@ fn wait_for_bind_woken_by_a_peer_or_a_local_bind_or_the_directory() {
     // The directory's own answer.
     s.manual_lookup = true;
     s.call(w, wait_bind(8, FOREVER));
-    assert_eq!(s.take_others(), vec![(1, Action::Lookup { dc: DC, ep: 8 })]);
+    assert_eq!(
+        s.take_others(),
+        vec![(1, Action::Directory(DirRequest::Lookup { dc: DC, ep: 8 }))]
+    );
     s.lookup_result(1, DC, 8, Some(2));
     s.expect_done(w);
     // A Bound from a node outside the DC does not count.
@@ -2407,14 +2445,14 @@ fn vcopy_between_local_blocked_processes() {
     let others = s.take_others();
     let [(
         1,
-        Action::VcopyLocal {
+        Action::Memory(MemoryAction::CopyLocal {
             src_pid,
             src_addr,
             dst_pid,
             dst_addr,
             len,
             done,
-        },
+        }),
     )] = others[..]
     else {
         panic!("{others:?}")
@@ -2433,12 +2471,12 @@ fn vcopy_between_local_blocked_processes() {
     let others = s.take_others();
     let [(
         1,
-        Action::VcopyLocal {
+        Action::Memory(MemoryAction::CopyLocal {
             src_pid,
             dst_pid,
             done,
             ..
-        },
+        }),
     )] = others[..]
     else {
         panic!("{others:?}")
@@ -2474,7 +2512,10 @@ fn vcopy_argument_errors() {
     assert!(
         matches!(
             &others[..],
-            [(1, Action::VcopyLocal { len: VCOPY_MAX, .. })]
+            [(
+                1,
+                Action::Memory(MemoryAction::CopyLocal { len: VCOPY_MAX, .. })
+            )]
         ),
         "{others:?}"
     );
@@ -2510,7 +2551,7 @@ fn vcopy_pulling_from_a_remote_source() {
         others,
         vec![(
             2,
-            Action::VcopyStream {
+            Action::Memory(MemoryAction::Stream {
                 pid: Sim::pid(c),
                 src_addr: SRC_ADDR,
                 len: 100_000,
@@ -2521,17 +2562,17 @@ fn vcopy_pulling_from_a_remote_source() {
                 caller: 1,
                 dst: 1,
                 dst_addr: DST_ADDR
-            }
+            })
         )]
     );
     // The chunks arrive at node 1 and are written into the caller.
     let first = chunk(op, 1, DC, 1, 1, 0, 50_000, 100_000);
-    assert_eq!(s.core(1).on_vcopy_chunk(2, &first), Some(Sim::pid(srv)));
+    assert_eq!(s.vcopy_chunk(1, 2, &first), Some(Sim::pid(srv)));
     s.core(1).on_vcopy_chunk_written(2, &first, Ok(()));
     s.pump();
     s.idle(srv);
     let second = chunk(op, 1, DC, 1, 1, 50_000, 50_000, 100_000);
-    assert_eq!(s.core(1).on_vcopy_chunk(2, &second), Some(Sim::pid(srv)));
+    assert_eq!(s.vcopy_chunk(1, 2, &second), Some(Sim::pid(srv)));
     s.core(1).on_vcopy_chunk_written(2, &second, Ok(()));
     s.pump();
     s.expect_done(srv);
@@ -2642,7 +2683,7 @@ fn vcopy_pull_checks_at_the_source_node() {
     s.inject(3, 2, pull(4, 9, 9, 10));
     let others = s.take_others();
     assert!(
-        matches!(&others[..], [(2, Action::VcopyStream { to: 3, op: 4, pid, .. })] if *pid == Sim::pid(c)),
+        matches!(&others[..], [(2, Action::Memory(MemoryAction::Stream { to: 3, op: 4, pid, .. }))] if *pid == Sim::pid(c)),
         "{others:?}"
     );
     // A local destination: copied at the source node, the result goes to the caller's node.
@@ -2652,12 +2693,12 @@ fn vcopy_pull_checks_at_the_source_node() {
     let others = s.take_others();
     let [(
         2,
-        Action::VcopyLocal {
+        Action::Memory(MemoryAction::CopyLocal {
             src_pid,
             dst_pid,
             done,
             ..
-        },
+        }),
     )] = others[..]
     else {
         panic!("{others:?}")
@@ -2720,7 +2761,7 @@ fn vcopy_local_source_remote_destination_streams_from_the_caller_node() {
     let others = s.take_others();
     let [(
         1,
-        Action::VcopyStream {
+        Action::Memory(MemoryAction::Stream {
             pid,
             src_addr,
             len,
@@ -2731,7 +2772,7 @@ fn vcopy_local_source_remote_destination_streams_from_the_caller_node() {
             caller,
             dst,
             dst_addr,
-        },
+        }),
     )] = others[..]
     else {
         panic!("{others:?}")
@@ -2752,7 +2793,7 @@ fn vcopy_local_source_remote_destination_streams_from_the_caller_node() {
     );
     // Node 2 writes into the blocked client and reports to node 1.
     let only = chunk(op, 1, DC, 1, 2, 0, 500, 500);
-    assert_eq!(s.core(2).on_vcopy_chunk(1, &only), Some(Sim::pid(c)));
+    assert_eq!(s.vcopy_chunk(2, 1, &only), Some(Sim::pid(c)));
     s.core(2).on_vcopy_chunk_written(1, &only, Ok(()));
     s.pump();
     s.expect_done(srv);
@@ -2780,27 +2821,27 @@ fn vcopy_chunk_validation_reports_once() {
     let others = s.take_others();
     let [(
         2,
-        Action::VcopyStream {
+        Action::Memory(MemoryAction::Stream {
             to: 1,
             op,
             caller_node: 3,
             caller: 3,
             dst: 1,
             ..
-        },
+        }),
     )] = others[..]
     else {
         panic!("{others:?}")
     };
     // Valid while d is blocked.
     let part = |i: u64| chunk(op, 3, DC, 3, 1, 75 * i, 75, 300);
-    assert_eq!(s.core(1).on_vcopy_chunk(2, &part(0)), Some(Sim::pid(d)));
+    assert_eq!(s.vcopy_chunk(1, 2, &part(0)), Some(Sim::pid(d)));
     s.core(1).on_vcopy_chunk_written(2, &part(0), Ok(()));
     // d leaves IPC: the next chunk fails, once.
     s.call(e, send(1, 1, FOREVER));
     s.expect_msg_from(d, 5, 1);
     s.take_frames();
-    assert_eq!(s.core(1).on_vcopy_chunk(2, &part(1)), None);
+    assert_eq!(s.vcopy_chunk(1, 2, &part(1)), None);
     s.pump();
     assert_eq!(
         s.take_frames(),
@@ -2814,25 +2855,22 @@ fn vcopy_chunk_validation_reports_once() {
         )]
     );
     s.expect_err(k, Errno::Busy);
-    assert_eq!(s.core(1).on_vcopy_chunk(2, &part(2)), None);
-    assert_eq!(s.core(1).on_vcopy_chunk(2, &part(3)), None);
+    assert_eq!(s.vcopy_chunk(1, 2, &part(2)), None);
+    assert_eq!(s.vcopy_chunk(1, 2, &part(3)), None);
     s.pump();
     assert!(s.take_frames().is_empty());
     s.idle(k);
     // A chunk for an endpoint not here, or from a node outside the DC.
     assert_eq!(
-        s.core(1)
-            .on_vcopy_chunk(2, &chunk(50, 3, DC, 3, 9, 0, 10, 10)),
+        s.vcopy_chunk(1, 2, &chunk(50, 3, DC, 3, 9, 0, 10, 10)),
         None
     );
     assert_eq!(
-        s.core(1)
-            .on_vcopy_chunk(3, &chunk(51, 3, DC2, 3, 1, 0, 10, 10)),
+        s.vcopy_chunk(1, 3, &chunk(51, 3, DC2, 3, 1, 0, 10, 10)),
         None
     );
     assert_eq!(
-        s.core(1)
-            .on_vcopy_chunk(2, &chunk(52, 3, NO_DC, 3, 1, 0, 10, 10)),
+        s.vcopy_chunk(1, 2, &chunk(52, 3, NO_DC, 3, 1, 0, 10, 10)),
         None
     );
     s.pump();
@@ -2880,29 +2918,28 @@ fn vcopy_chunk_write_failure_and_success_at_a_third_node() {
     // Success: the last chunk written closes the copy at the caller's node.
     s.call(k, vcopy(2, 1, 300, FOREVER));
     let others = s.take_others();
-    let [(2, Action::VcopyStream { op, .. })] = others[..] else {
+    let [(2, Action::Memory(MemoryAction::Stream { op, .. }))] = others[..] else {
         panic!("{others:?}")
     };
     let only = chunk(op, 3, DC, 3, 1, 0, 300, 300);
-    assert_eq!(s.core(1).on_vcopy_chunk(2, &only), Some(Sim::pid(d)));
+    assert_eq!(s.vcopy_chunk(1, 2, &only), Some(Sim::pid(d)));
     s.core(1).on_vcopy_chunk_written(2, &only, Ok(()));
     s.pump();
     s.expect_done(k);
     // A write fails midway: reported once, the rest dropped.
     s.call(k, vcopy(2, 1, 300, FOREVER));
     let others = s.take_others();
-    let [(2, Action::VcopyStream { op, .. })] = others[..] else {
+    let [(2, Action::Memory(MemoryAction::Stream { op, .. }))] = others[..] else {
         panic!("{others:?}")
     };
     let first = chunk(op, 3, DC, 3, 1, 0, 150, 300);
-    assert!(s.core(1).on_vcopy_chunk(2, &first).is_some());
+    assert!(s.vcopy_chunk(1, 2, &first).is_some());
     s.core(1)
         .on_vcopy_chunk_written(2, &first, Err(Errno::BadAddress));
     s.pump();
     s.expect_err(k, Errno::BadAddress);
     assert_eq!(
-        s.core(1)
-            .on_vcopy_chunk(2, &chunk(op, 3, DC, 3, 1, 150, 150, 300)),
+        s.vcopy_chunk(1, 2, &chunk(op, 3, DC, 3, 1, 150, 150, 300)),
         None
     );
     s.pump();
@@ -3207,7 +3244,7 @@ mod prop {
                 let mut close = Vec::new();
                 for (n, a) in self.s.take_others() {
                     match a {
-                        Action::Close { conn, .. } => {
+                        Action::Local(LocalAction::Close { conn, .. }) => {
                             let i = self
                                 .procs
                                 .iter()
@@ -3220,7 +3257,7 @@ mod prop {
                             );
                             close.push(i);
                         }
-                        Action::Unregister { .. } => {}
+                        Action::Directory(DirRequest::Unregister { .. }) => {}
                         other => panic!("unexpected action at node {n}: {other:?}"),
                     }
                 }

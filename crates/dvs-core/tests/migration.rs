@@ -2,6 +2,9 @@
 //! peer frames, a map stands in for the directory, and checkpoint/restore succeed (or fail on
 //! purpose) at once. No sockets, threads or clocks.
 
+mod support;
+use support::Drive;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -9,6 +12,7 @@ use dvs_core::{
     Action, ConnId, CoreConfig, DcInfo, FailAt, LocalPeer, MigrRecord, MigrationReport,
     MigrationRequest, NodeCore, Registration,
 };
+use dvs_core::{DirRequest, LocalAction, PeerAction, ProcessAction, Report};
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::peer::{Backend, PeerFrame};
 use dvs_wire::{Message, NodeId, Timeout, PROTOCOL_VERSION};
@@ -54,6 +58,7 @@ impl Sim {
                 NodeCore::new(CoreConfig {
                     node: n,
                     dcs: dcs.clone(),
+                    migration_seed: 0,
                 })
             })
             .collect();
@@ -126,10 +131,18 @@ impl Sim {
             fail_at,
             quiesce_timeout: Duration::from_secs(2),
         };
-        self.cores[from as usize]
-            .start_migration(req, self.now)
-            .expect("migration starts");
+        self.start(from, req).expect("migration starts");
         self.run();
+    }
+
+    /// Asks node `node` to start a migration: its id or why it cannot start (other actions
+    /// it takes meanwhile are carried out as usual).
+    fn start(&mut self, node: NodeId, req: MigrationRequest) -> Result<u64, String> {
+        let (r, rest) = support::start_migration(&mut self.cores[node as usize], req, self.now);
+        for a in rest {
+            self.execute(node, a);
+        }
+        r
     }
 
     fn advance(&mut self, d: Duration) {
@@ -172,25 +185,29 @@ impl Sim {
         let now = self.now;
         let core = node as usize;
         match a {
-            Action::Respond { conn, resp } => self
+            Action::Local(LocalAction::Respond { conn, resp }) => self
                 .responses
                 .entry((node, conn))
                 .or_default()
                 .push_back(resp),
-            Action::Close { conn, reason } => panic!("node {node} closed conn {conn}: {reason}"),
+            Action::Local(LocalAction::Close { conn, reason }) => {
+                panic!("node {node} closed conn {conn}: {reason}")
+            }
             // Honest nodes never trip the peer checks.
-            Action::PeerViolation {
+            Action::Peer(PeerAction::Condemn {
                 node: peer,
                 frame,
                 reason,
-            } => panic!("node {node} refused {frame} from node {peer}: {reason}"),
-            Action::Peer { node: to, frame } if self.slow_link == Some((node, to)) => {
+            }) => panic!("node {node} refused {frame} from node {peer}: {reason}"),
+            Action::Peer(PeerAction::Send { node: to, frame })
+                if self.slow_link == Some((node, to)) =>
+            {
                 self.slow.push_back(frame)
             }
-            Action::Peer { node: to, frame } => {
+            Action::Peer(PeerAction::Send { node: to, frame }) => {
                 self.cores[to as usize].on_peer_frame(node, frame, now)
             }
-            Action::Register { conn, dc, ep } => {
+            Action::Directory(DirRequest::Register { conn, dc, ep }) => {
                 let r = match self.dir_eps.get(&(dc, ep)) {
                     Some(n) if *n != node => Err(dvs_wire::Errno::AlreadyBound),
                     _ => {
@@ -200,22 +217,22 @@ impl Sim {
                 };
                 self.cores[core].on_register_result(conn, r);
             }
-            Action::Unregister { dc, ep } => {
+            Action::Directory(DirRequest::Unregister { dc, ep }) => {
                 if self.dir_eps.get(&(dc, ep)) == Some(&node) {
                     self.dir_eps.remove(&(dc, ep));
                 }
             }
-            Action::Lookup { dc, ep } => {
+            Action::Directory(DirRequest::Lookup { dc, ep }) => {
                 let n = self.dir_eps.get(&(dc, ep)).copied();
                 self.cores[core].on_lookup_result(dc, ep, n, now);
             }
-            Action::MigrRecord {
+            Action::Directory(DirRequest::WriteMigrRecord {
                 id,
                 dc,
                 ep,
                 record,
                 require,
-            } => {
+            }) => {
                 let cur = self.dir_migr.get(&(dc, ep)).copied();
                 let r = if require.allows(cur.as_ref()) {
                     self.dir_migr.insert((dc, ep), record);
@@ -233,16 +250,20 @@ impl Sim {
                     }
                 }
             }
-            Action::DirectorySync { conn } => self.cores[core].on_directory_synced(conn),
-            Action::ReadMigrRecord { id, dc, ep } => {
+            Action::Directory(DirRequest::Sync { conn }) => {
+                self.cores[core].on_directory_synced(conn)
+            }
+            Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }) => {
                 let r = self.dir_migr.get(&(dc, ep)).copied();
                 self.cores[core].on_migr_record_read(id, dc, ep, r, now);
             }
-            Action::Relocate { dc, ep, node: n } => {
+            Action::Directory(DirRequest::Relocate { dc, ep, node: n }) => {
                 self.dir_eps.insert((dc, ep), n);
             }
-            Action::Checkpoint { id, .. } if self.slow_dumps => self.dumps.push((node, id)),
-            Action::Checkpoint { id, fail, .. } => {
+            Action::Process(ProcessAction::Checkpoint { id, .. }) if self.slow_dumps => {
+                self.dumps.push((node, id))
+            }
+            Action::Process(ProcessAction::Checkpoint { id, fail, .. }) => {
                 let r = if fail {
                     Err("injected".into())
                 } else {
@@ -250,14 +271,14 @@ impl Sim {
                 };
                 self.cores[core].on_checkpoint_done(id, r, now);
             }
-            Action::SaveSnapshot { id, data, .. } => {
+            Action::Process(ProcessAction::SaveSnapshot { id, data, .. }) => {
                 self.cores[core].on_checkpoint_done(id, Ok(data.len() as u64), now)
             }
-            Action::SendImage { id, to } => {
+            Action::Process(ProcessAction::SendImage { id, to }) => {
                 self.cores[to as usize].on_image_chunk(id, 1000, now);
                 self.cores[core].on_image_sent(id, Ok(1000), now);
             }
-            Action::Restore { id, fail, .. } => {
+            Action::Process(ProcessAction::Restore { id, fail, .. }) => {
                 if fail {
                     self.cores[core].on_restored(id, Err("injected".into()), now);
                 } else {
@@ -268,14 +289,15 @@ impl Sim {
                     self.cores[core].on_restored(id, Ok((conn, 4242)), now);
                 }
             }
-            Action::KillTree { pid } => self.killed.push(pid),
-            Action::ResumeTree { pid } => self.resumed.push(pid),
-            Action::MigrFinished { report, .. } => self.reports.push(report),
-            Action::MigratedAway { .. }
-            | Action::MigrProgress { .. }
-            | Action::DropImage { .. } => {}
-            Action::VcopyLocal { .. } | Action::VcopyStream { .. } => {
-                panic!("no vcopy in these tests")
+            Action::Process(ProcessAction::KillTree { pid }) => self.killed.push(pid),
+            Action::Process(ProcessAction::ResumeTree { pid }) => self.resumed.push(pid),
+            Action::Report(Report::MigrFinished { report, .. }) => self.reports.push(report),
+            Action::Process(ProcessAction::MigratedAway { .. })
+            | Action::Report(Report::MigrProgress { .. })
+            | Action::Process(ProcessAction::DropImage { .. }) => {}
+            Action::Memory(_) => panic!("no vcopy in these tests"),
+            Action::Report(Report::Registered { .. } | Report::MigrationAccepted { .. }) => {
+                panic!("answers to the operator are taken by `start`")
             }
         }
     }
@@ -474,7 +496,7 @@ fn a_second_migration_of_the_same_endpoint_is_refused_before_anything_stops() {
         fail_at: None,
         quiesce_timeout: Duration::from_secs(2),
     };
-    let e = sim.cores[0].start_migration(req, sim.now).unwrap_err();
+    let e = sim.start(0, req).unwrap_err();
     assert!(e.contains("in progress"), "{e}");
     // Refused up front: a destination outside the DC, an unknown endpoint.
     let bad = MigrationRequest {
@@ -485,10 +507,7 @@ fn a_second_migration_of_the_same_endpoint_is_refused_before_anything_stops() {
         fail_at: None,
         quiesce_timeout: Duration::from_secs(2),
     };
-    assert!(sim.cores[0]
-        .start_migration(bad, sim.now)
-        .unwrap_err()
-        .contains("does not run"));
+    assert!(sim.start(0, bad).unwrap_err().contains("does not run"));
     let bad = MigrationRequest {
         dc: DC,
         ep: 1,
@@ -497,10 +516,7 @@ fn a_second_migration_of_the_same_endpoint_is_refused_before_anything_stops() {
         fail_at: None,
         quiesce_timeout: Duration::from_secs(2),
     };
-    assert!(sim.cores[0]
-        .start_migration(bad, sim.now)
-        .unwrap_err()
-        .contains("not part of DC"));
+    assert!(sim.start(0, bad).unwrap_err().contains("not part of DC"));
 }
 
 #[test]
@@ -791,13 +807,13 @@ fn a_rollback_recorded_by_another_node_is_followed_by_the_coordinator_at_once() 
         actions.push(a);
     }
     assert!(
-        actions.contains(&Action::KillTree { pid: 4343 }),
+        actions.contains(&Action::Process(ProcessAction::KillTree { pid: 4343 })),
         "{actions:?}"
     );
     assert!(
         actions
             .iter()
-            .any(|a| matches!(a, Action::Close { conn: 777, .. })),
+            .any(|a| matches!(a, Action::Local(LocalAction::Close { conn: 777, .. }))),
         "{actions:?}"
     );
 }

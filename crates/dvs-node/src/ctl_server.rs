@@ -5,6 +5,7 @@
 //! keeps others out, and this check holds if that mode is ever wrong. Lines are at most
 //! [`MAX_LINE`] bytes.
 
+use dvs_core::{Action, DirectoryInput, Input, MigrationInput, Report};
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
@@ -182,14 +183,23 @@ async fn connection(state: State, stream: UnixStream) {
             CtlRequest::Register { dc, ep, at, backup } => {
                 let r = {
                     let mut s = state.borrow_mut();
-                    let r = s.core.register_remote(dc, ep, at, backup);
-                    s.drive();
-                    r
+                    let ticket = s.ticket();
+                    s.input(Input::Directory(DirectoryInput::RegisterRemote {
+                        ticket,
+                        dc,
+                        ep,
+                        node: at,
+                        backup,
+                    }));
+                    s.answers.remove(&ticket)
                 };
                 let resp = match r {
-                    Ok(()) => CtlResponse::Ok,
-                    Err(e) => CtlResponse::Error {
+                    Some(Report::Registered { result: Ok(()), .. }) => CtlResponse::Ok,
+                    Some(Report::Registered { result: Err(e), .. }) => CtlResponse::Error {
                         message: format!("cannot register {dc}/{ep} at node {at}: {e}"),
+                    },
+                    other => CtlResponse::Error {
+                        message: format!("the node kernel did not answer the request: {other:?}"),
                     },
                 };
                 send(&mut w, &resp).await
@@ -355,7 +365,19 @@ async fn migrate(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let started = {
         let mut s = state.borrow_mut();
-        let r = s.core.start_migration(req, Instant::now());
+        let ticket = s.ticket();
+        s.core.handle(
+            Instant::now(),
+            Input::Migration(MigrationInput::Start { ticket, req }),
+        );
+        // The acceptance comes before anything else the start queued: register the
+        // requester before progress reports are carried out.
+        let r = match s.core.poll_action() {
+            Some(Action::Report(Report::MigrationAccepted { result, .. })) => result,
+            other => Err(format!(
+                "the node kernel did not answer the request: {other:?}"
+            )),
+        };
         if let Ok(id) = r {
             s.migrations.requesters.insert(id, (Instant::now(), tx));
         }

@@ -6,6 +6,7 @@
 //! one at a time, in the order the core asked for them, so a register followed by an
 //! unregister of the same endpoint cannot land in the other order.
 
+use dvs_core::{DirectoryInput, Input};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -183,7 +184,14 @@ pub(crate) async fn start(
         let mut s = state.borrow_mut();
         for (k, v) in snapshot {
             if let (Some((dc, ep)), Ok(node)) = (parse_key(&k), v.value.parse::<NodeId>()) {
-                s.core.on_directory_update(dc, ep, Some(node));
+                s.core.handle(
+                    Instant::now(),
+                    Input::Directory(DirectoryInput::Changed {
+                        dc,
+                        ep,
+                        node: Some(node),
+                    }),
+                );
             }
         }
         s.drive();
@@ -208,7 +216,10 @@ async fn watch(
             };
             if let Some((dc, ep)) = parse_key(k) {
                 let mut s = state.borrow_mut();
-                s.core.on_directory_update(dc, ep, node);
+                s.core.handle(
+                    Instant::now(),
+                    Input::Directory(DirectoryInput::Changed { dc, ep, node }),
+                );
                 s.drive();
             }
         }
@@ -219,7 +230,14 @@ async fn watch(
                 let mut s = state.borrow_mut();
                 for (k, v) in snap {
                     if let (Some((dc, ep)), Ok(node)) = (parse_key(&k), v.value.parse::<NodeId>()) {
-                        s.core.on_directory_update(dc, ep, Some(node));
+                        s.core.handle(
+                            Instant::now(),
+                            Input::Directory(DirectoryInput::Changed {
+                                dc,
+                                ep,
+                                node: Some(node),
+                            }),
+                        );
                     }
                 }
                 s.drive();
@@ -247,7 +265,10 @@ async fn watch_migrations(state: State, mut events: mpsc::UnboundedReceiver<DirE
         };
         if let Some(record) = MigrRecord::parse(&value) {
             let mut s = state.borrow_mut();
-            s.core.on_migr_record(dc, ep, record, Instant::now());
+            s.core.handle(
+                Instant::now(),
+                Input::Directory(DirectoryInput::MigrRecordChanged { dc, ep, record }),
+            );
             s.drive();
         }
     }
@@ -276,7 +297,10 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                     }
                 };
                 let mut s = state.borrow_mut();
-                s.core.on_register_result(conn, result);
+                s.core.handle(
+                    Instant::now(),
+                    Input::Directory(DirectoryInput::Registered { conn, result }),
+                );
                 s.drive();
             }
             DirOp::Unregister { dc, ep } => {
@@ -300,7 +324,10 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
             } => {
                 let result = write_record(dir.as_ref(), dc, ep, record, require).await;
                 let mut s = state.borrow_mut();
-                s.core.on_migr_record_result(id, result, Instant::now());
+                s.core.handle(
+                    Instant::now(),
+                    Input::Directory(DirectoryInput::MigrRecordWritten { id, result }),
+                );
                 s.drive();
             }
             DirOp::ReadMigr { id, dc, ep } => {
@@ -314,13 +341,18 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                     }
                 };
                 let mut s = state.borrow_mut();
-                s.core
-                    .on_migr_record_read(id, dc, ep, record, Instant::now());
+                s.core.handle(
+                    Instant::now(),
+                    Input::Directory(DirectoryInput::MigrRecordRead { id, dc, ep, record }),
+                );
                 s.drive();
             }
             DirOp::Sync { conn } => {
                 let mut s = state.borrow_mut();
-                s.core.on_directory_synced(conn);
+                s.core.handle(
+                    Instant::now(),
+                    Input::Directory(DirectoryInput::Synced { conn }),
+                );
                 s.drive();
             }
             DirOp::Relocate { dc, ep, node } => {
@@ -366,7 +398,10 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                     }
                 };
                 let mut s = state.borrow_mut();
-                s.core.on_lookup_result(dc, ep, node, Instant::now());
+                s.core.handle(
+                    Instant::now(),
+                    Input::Directory(DirectoryInput::Located { dc, ep, node }),
+                );
                 s.drive();
             }
         }

@@ -18,6 +18,9 @@ mod tls;
 pub mod vcopy;
 mod wire;
 
+use dvs_core::{
+    DirRequest, Input, LocalAction, MemoryAction, PeerAction, ProcessAction, Report, Ticket,
+};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -113,6 +116,10 @@ pub(crate) struct Shared {
     pub app_umask: u32,
     /// The `Rc` this state lives in, for tasks started from inside the event loop.
     pub self_ref: Weak<RefCell<Shared>>,
+    /// Reports that answer a ticketed request, until the requester takes them.
+    pub answers: HashMap<Ticket, Report>,
+    /// Last ticket handed out.
+    pub next_ticket: Ticket,
 }
 
 pub(crate) type State = Rc<RefCell<Shared>>;
@@ -137,7 +144,7 @@ impl Shared {
 
     fn execute(&mut self, action: Action) {
         match action {
-            Action::Respond { conn, resp } => {
+            Action::Local(LocalAction::Respond { conn, resp }) => {
                 if let Some(w) = self.conns.get(&conn) {
                     if let Err(e) = w.queue(&resp, &[]) {
                         error!("cannot encode a response: {e}");
@@ -145,71 +152,107 @@ impl Shared {
                     mark(&mut self.dirty, w);
                 }
             }
-            Action::Close { conn, reason } => {
+            Action::Local(LocalAction::Close { conn, reason }) => {
                 if let Some(w) = self.conns.get(&conn) {
                     warn!(conn, "closing local connection: {reason}");
                     w.close();
                 }
             }
-            Action::Peer { node, frame } => self.send_peer(node, &frame, &[]),
-            Action::PeerViolation {
+            Action::Peer(PeerAction::Send { node, frame }) => self.send_peer(node, &frame, &[]),
+            Action::Peer(PeerAction::Condemn {
                 node,
                 frame,
                 reason,
-            } => {
+            }) => {
                 // The read loop sees the close and takes the link down.
                 warn!(node, frame, %reason, "closing the link to a peer that sent a forged frame");
                 if let Some(w) = self.peers.get(&node) {
                     w.close();
                 }
             }
-            Action::Register { conn, dc, ep } => self.dir(DirOp::Register { conn, dc, ep }),
-            Action::Unregister { dc, ep } => self.dir(DirOp::Unregister { dc, ep }),
-            Action::DirectorySync { conn } => self.dir(DirOp::Sync { conn }),
-            Action::Lookup { dc, ep } => self.dir(DirOp::Lookup { dc, ep }),
-            Action::VcopyLocal {
+            Action::Directory(DirRequest::Register { conn, dc, ep }) => {
+                self.dir(DirOp::Register { conn, dc, ep })
+            }
+            Action::Directory(DirRequest::Unregister { dc, ep }) => {
+                self.dir(DirOp::Unregister { dc, ep })
+            }
+            Action::Directory(DirRequest::Sync { conn }) => self.dir(DirOp::Sync { conn }),
+            Action::Directory(DirRequest::Lookup { dc, ep }) => self.dir(DirOp::Lookup { dc, ep }),
+            Action::Memory(MemoryAction::CopyLocal {
                 src_pid,
                 src_addr,
                 dst_pid,
                 dst_addr,
                 len,
                 done,
-            } => {
+            }) => {
                 let r = vcopy::copy(src_pid, src_addr, dst_pid, dst_addr, len, &mut self.bounce);
-                self.core.on_vcopy_local_done(done, r);
+                self.core
+                    .handle(Instant::now(), Input::VcopyLocalDone { done, result: r });
             }
-            Action::MigrRecord {
+            Action::Directory(DirRequest::WriteMigrRecord {
                 id,
                 dc,
                 ep,
                 record,
                 require,
-            } => self.dir(DirOp::MigrRecord {
+            }) => self.dir(DirOp::MigrRecord {
                 id,
                 dc,
                 ep,
                 record,
                 require,
             }),
-            Action::Relocate { dc, ep, node } => self.dir(DirOp::Relocate { dc, ep, node }),
-            Action::ReadMigrRecord { id, dc, ep } => self.dir(DirOp::ReadMigr { id, dc, ep }),
-            Action::Checkpoint { id, pid, fail } => self.migr_checkpoint(id, pid, fail),
-            Action::SaveSnapshot { id, data, fail } => self.migr_save_snapshot(id, &data, fail),
-            Action::SendImage { id, to } => self.migr_send_image(id, to),
-            Action::Restore {
+            Action::Directory(DirRequest::Relocate { dc, ep, node }) => {
+                self.dir(DirOp::Relocate { dc, ep, node })
+            }
+            Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }) => {
+                self.dir(DirOp::ReadMigr { id, dc, ep })
+            }
+            Action::Process(ProcessAction::Checkpoint { id, pid, fail }) => {
+                self.migr_checkpoint(id, pid, fail)
+            }
+            Action::Process(ProcessAction::SaveSnapshot { id, data, fail }) => {
+                self.migr_save_snapshot(id, &data, fail)
+            }
+            Action::Process(ProcessAction::SendImage { id, to }) => self.migr_send_image(id, to),
+            Action::Process(ProcessAction::Restore {
                 id,
                 dc,
                 ep,
                 backend,
                 fail,
-            } => self.migr_restore(id, dc, ep, backend, fail),
-            Action::KillTree { pid } => self.migr_kill_tree(pid),
-            Action::MigratedAway { pid, to } => self.procs.migrated_away(pid, to),
-            Action::ResumeTree { pid } => self.migr_resume_tree(pid),
-            Action::MigrProgress { id, phase } => self.migr_progress(id, phase),
-            Action::MigrFinished { id, report } => self.migr_finished(id, report),
-            Action::DropImage { id } => self.migr_drop_image(id),
-            Action::VcopyStream {
+            }) => self.migr_restore(id, dc, ep, backend, fail),
+            Action::Process(ProcessAction::KillTree { pid }) => self.migr_kill_tree(pid),
+            Action::Process(ProcessAction::MigratedAway { pid, to }) => {
+                self.procs.migrated_away(pid, to)
+            }
+            Action::Process(ProcessAction::ResumeTree { pid }) => self.migr_resume_tree(pid),
+            Action::Report(Report::MigrProgress { id, phase }) => self.migr_progress(id, phase),
+            Action::Report(
+                r @ (Report::Registered { ticket, .. } | Report::MigrationAccepted { ticket, .. }),
+            ) => {
+                self.answers.insert(ticket, r);
+            }
+            Action::Memory(MemoryAction::WriteChunk {
+                pid,
+                from,
+                chunk,
+                data,
+            }) => {
+                let result = vcopy::write(pid, chunk.addr(), &data);
+                self.core.handle(
+                    Instant::now(),
+                    Input::VcopyChunkWritten {
+                        from,
+                        chunk,
+                        result,
+                    },
+                );
+            }
+            Action::Report(Report::MigrFinished { id, report }) => self.migr_finished(id, report),
+            Action::Process(ProcessAction::DropImage { id }) => self.migr_drop_image(id),
+            Action::Memory(MemoryAction::Stream {
                 pid,
                 src_addr,
                 len,
@@ -220,10 +263,16 @@ impl Shared {
                 caller,
                 dst,
                 dst_addr,
-            } => {
+            }) => {
                 let Some(w) = self.peers.get(&to).cloned() else {
-                    self.core
-                        .on_vcopy_stream_failed(caller_node, op, Errno::NodeUnreachable);
+                    self.core.handle(
+                        Instant::now(),
+                        Input::VcopyStreamFailed {
+                            caller_node,
+                            op,
+                            error: Errno::NodeUnreachable,
+                        },
+                    );
                     return;
                 };
                 let mut off = 0u64;
@@ -255,7 +304,14 @@ impl Shared {
                     match queued {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => {
-                            self.core.on_vcopy_stream_failed(caller_node, op, e);
+                            self.core.handle(
+                                Instant::now(),
+                                Input::VcopyStreamFailed {
+                                    caller_node,
+                                    op,
+                                    error: e,
+                                },
+                            );
                             break;
                         }
                         Err(e) => error!("cannot encode a vcopy chunk: {e}"),
@@ -308,15 +364,26 @@ impl Shared {
         }
     }
 
-    /// Handles a `VcopyData` chunk from `from`: validates it with the core, writes it.
-    pub fn vcopy_chunk(&mut self, from: NodeId, frame: PeerFrame, data: &[u8]) {
+    /// Hands a `VcopyData` chunk from `from` to the core, which checks it and asks for the
+    /// write (`MemoryAction::WriteChunk`).
+    pub fn vcopy_chunk(&mut self, from: NodeId, frame: PeerFrame, data: bytes::Bytes) {
         let Some(chunk) = VcopyChunk::from_frame(&frame, data.len() as u64) else {
             return;
         };
-        if let Some(pid) = self.core.on_vcopy_chunk(from, &chunk) {
-            let r = vcopy::write(pid, chunk.addr(), data);
-            self.core.on_vcopy_chunk_written(from, &chunk, r);
-        }
+        self.core
+            .handle(Instant::now(), Input::VcopyChunk { from, chunk, data });
+    }
+
+    /// Gives the core `input` now and carries out what follows.
+    pub fn input(&mut self, input: Input) {
+        self.core.handle(Instant::now(), input);
+        self.drive();
+    }
+
+    /// A fresh ticket, to match a request to the core with its report.
+    pub fn ticket(&mut self) -> Ticket {
+        self.next_ticket += 1;
+        self.next_ticket
     }
 }
 
@@ -362,8 +429,14 @@ pub fn run(opts: NodeOptions) -> Result<(), NodeError> {
 }
 
 fn core_config(cfg: &ClusterConfig, node: NodeId) -> CoreConfig {
+    // Migration ids must not repeat across restarts of this node.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     CoreConfig {
         node,
+        migration_seed: seed << 8,
         dcs: cfg
             .dcs
             .iter()
@@ -465,16 +538,10 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
             admin,
             app_umask,
             cfg: cfg.clone(),
+            answers: HashMap::new(),
+            next_ticket: 0,
         })
     });
-    {
-        // Migration ids must not repeat across restarts of this node.
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        state.borrow_mut().core.set_migration_seed(seed << 8);
-    }
 
     dir::start(state.clone(), directory, dir_rx).await?;
     tokio::task::spawn_local(timer_task(state.clone()));
@@ -573,7 +640,7 @@ async fn timer_task(state: State) {
         }
         let mut s = state.borrow_mut();
         s.timer_armed = None;
-        s.core.handle_timeout(Instant::now());
+        s.core.handle(Instant::now(), Input::Timeout);
         s.drive();
     }
 }

@@ -1,5 +1,6 @@
 //! The local socket server: one Unix-socket connection per application process.
 
+use dvs_core::Input;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -63,7 +64,8 @@ fn register(
     let id = s.next_conn;
     s.next_conn += 1;
     s.conns.insert(id, wire.clone());
-    s.core.on_local_connect(id, peer);
+    s.core
+        .handle(Instant::now(), Input::LocalConnect { conn: id, peer });
     Ok((id, wire))
 }
 
@@ -116,7 +118,7 @@ async fn serve_conn(state: State, conn: dvs_core::ConnId, wire: Rc<Wire>, pid: i
         let mut s = state.borrow_mut();
         loop {
             match dec.next_frame::<LocalRequest>() {
-                Ok(Some((req, _))) => s.core.on_local_request(conn, req, now),
+                Ok(Some((req, _))) => s.core.handle(now, Input::LocalRequest { conn, req }),
                 Ok(None) => break,
                 Err(e) => {
                     warn!(conn, pid, "refusing a malformed frame from a local process, closing its connection: {e}");
@@ -130,7 +132,8 @@ async fn serve_conn(state: State, conn: dvs_core::ConnId, wire: Rc<Wire>, pid: i
     wire.close();
     let mut s = state.borrow_mut();
     s.conns.remove(&conn);
-    s.core.on_local_disconnect(conn);
+    s.core
+        .handle(Instant::now(), Input::LocalDisconnect { conn });
     s.drive();
     debug!(conn, pid, "process disconnected");
 }

@@ -2,6 +2,7 @@
 //! images, restoring on the destination, and reporting progress to whoever asked. The
 //! protocol itself is in `dvs_core::node::migration`.
 
+use dvs_core::{Input, MigrationInput};
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -226,7 +227,10 @@ impl Shared {
                     .unwrap_or_else(|e| Err(e.to_string())),
             };
             let mut s = st.borrow_mut();
-            s.core.on_checkpoint_done(id, result, Instant::now());
+            s.core.handle(
+                Instant::now(),
+                Input::Migration(MigrationInput::CheckpointDone { id, result }),
+            );
             s.drive();
         });
     }
@@ -245,7 +249,10 @@ impl Shared {
             }
             Ok(data.len() as u64)
         })();
-        self.core.on_checkpoint_done(id, result, Instant::now());
+        self.core.handle(
+            Instant::now(),
+            Input::Migration(MigrationInput::CheckpointDone { id, result }),
+        );
     }
 
     /// Source: streams the image folder to `to` as `MigrImage` frames.
@@ -253,7 +260,10 @@ impl Shared {
         let dir = image_dir(self, id);
         let Some(w) = self.peers.get(&to).cloned() else {
             let e = format!("the link to node {to} is down");
-            return self.core.on_image_sent(id, Err(e), Instant::now());
+            return self.core.handle(
+                Instant::now(),
+                Input::Migration(MigrationInput::ImageSent { id, result: Err(e) }),
+            );
         };
         // Streamed by a task of its own, a chunk at a time: reading and queueing a big image
         // in one go stopped this event loop for seconds (peers then declared its links dead),
@@ -263,7 +273,10 @@ impl Shared {
         tokio::task::spawn_local(async move {
             let result = stream_image(&w, id, &dir).await;
             let mut s = st.borrow_mut();
-            s.core.on_image_sent(id, result, Instant::now());
+            s.core.handle(
+                Instant::now(),
+                Input::Migration(MigrationInput::ImageSent { id, result }),
+            );
             s.drive();
         });
     }
@@ -316,8 +329,13 @@ impl Shared {
         if last || r.is_err() {
             self.migrations.receiving.remove(&key);
         }
-        self.core
-            .on_image_chunk(id, data.len() as u64, Instant::now());
+        self.core.handle(
+            Instant::now(),
+            Input::Migration(MigrationInput::ImageChunk {
+                id,
+                bytes: data.len() as u64,
+            }),
+        );
     }
 
     /// Destination: restores `id` (criu: from its image with a fresh node connection;
@@ -356,7 +374,10 @@ impl Shared {
                         cmd.and_then(|cmd| crate::launcher::launch(&st, dc, ep, cmd, env));
                     if let Err(e) = launched {
                         let mut s = st.borrow_mut();
-                        s.core.on_restored(id, Err(e), Instant::now());
+                        s.core.handle(
+                            Instant::now(),
+                            Input::Migration(MigrationInput::Restored { id, result: Err(e) }),
+                        );
                         s.drive();
                     }
                 });
@@ -418,7 +439,10 @@ impl Shared {
                         );
                         reap_later(*pid);
                     }
-                    s.core.on_restored(id, result, Instant::now());
+                    s.core.handle(
+                        Instant::now(),
+                        Input::Migration(MigrationInput::Restored { id, result }),
+                    );
                     s.drive();
                 });
             }

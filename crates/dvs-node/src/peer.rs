@@ -8,6 +8,7 @@
 //! [`MAX_HANDSHAKES`] connections may be in it at once. Idle links carry `Ping`/`Pong`; a link silent for
 //! `dead_after_ms` is declared down. The dialing side reconnects by itself.
 
+use dvs_core::Input;
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -466,7 +467,8 @@ async fn run_link(state: State, peer: NodeId, link: Established) {
             // depended on it failed) before the new one carries anything.
             warn!("node {peer} opened a new link while the old one was up: closing the old one");
             old.close();
-            s.core.on_link_down(peer);
+            s.core
+                .handle(Instant::now(), Input::LinkDown { node: peer });
             s.drive();
         }
         s.peers.insert(peer, wire.clone());
@@ -477,7 +479,7 @@ async fn run_link(state: State, peer: NodeId, link: Established) {
             l.serial = serial;
             l.max_silence = Duration::ZERO;
         }
-        s.core.on_link_up(peer);
+        s.core.handle(Instant::now(), Input::LinkUp { node: peer });
         s.drive();
     }
     info!("link to node {peer} up");
@@ -506,12 +508,18 @@ async fn run_link(state: State, peer: NodeId, link: Established) {
                         }
                         PeerFrame::Link(LinkFrame::Pong) => {}
                         f @ PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData { .. })) => {
-                            s.vcopy_chunk(peer, f, &tail)
+                            s.vcopy_chunk(peer, f, tail)
                         }
                         f @ PeerFrame::Bulk(BulkFrame::ImageChunk(ImageChunk { .. })) => {
                             s.migr_image_chunk(peer, f, &tail)
                         }
-                        f => s.core.on_peer_frame(peer, f, now),
+                        f => s.core.handle(
+                            now,
+                            Input::PeerFrame {
+                                from: peer,
+                                frame: f,
+                            },
+                        ),
                     },
                     Ok(None) => break,
                     Err(e) => {
@@ -550,7 +558,8 @@ async fn run_link(state: State, peer: NodeId, link: Established) {
             l.since = Instant::now();
             l.last_error = Some(reason.clone());
         }
-        s.core.on_link_down(peer);
+        s.core
+            .handle(Instant::now(), Input::LinkDown { node: peer });
         s.drive();
         warn!("link to node {peer} down: {reason}");
     }

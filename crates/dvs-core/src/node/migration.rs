@@ -29,6 +29,7 @@ use dvs_wire::peer::{
 };
 use dvs_wire::{DcId, Ep, Errno, Message, NodeId, Timeout, PROTOCOL_VERSION};
 
+use super::action::{DirRequest, LocalAction, PeerAction, ProcessAction, Report};
 use super::{err, reply_response, Action, Blocked, NodeCore, TimerKey};
 use crate::table::Registration;
 use crate::ConnId;
@@ -432,7 +433,7 @@ fn send_request(kind: DeliverKind, dst: Ep, msg: Message, timeout: Timeout) -> L
 
 impl NodeCore {
     /// Seeds migration ids so that a restarted node does not reuse old ones.
-    pub fn set_migration_seed(&mut self, seed: u64) {
+    pub(super) fn set_migration_seed(&mut self, seed: u64) {
         self.migr.next = seed & 0xffff_ffff_ffff;
     }
 
@@ -456,7 +457,7 @@ impl NodeCore {
     }
 
     /// Starts migrating local endpoint `{dc, ep}`. Errors come before anything stops.
-    pub fn start_migration(
+    pub(super) fn start_migration(
         &mut self,
         req: MigrationRequest,
         now: Instant,
@@ -509,23 +510,24 @@ impl NodeCore {
             req,
         };
         self.migr.coords.insert(id, coord);
-        self.actions.push_back(Action::MigrProgress {
+        self.actions.push_back(Action::Report(Report::MigrProgress {
             id,
             phase: Phase::Start,
-        });
+        }));
         let record = MigrRecord {
             id,
             from: self.node,
             to,
             state: RecordState::Started,
         };
-        self.actions.push_back(Action::MigrRecord {
-            id,
-            dc,
-            ep,
-            record,
-            require: Require::NotRunning,
-        });
+        self.actions
+            .push_back(Action::Directory(DirRequest::WriteMigrRecord {
+                id,
+                dc,
+                ep,
+                record,
+                require: Require::NotRunning,
+            }));
         Ok(id)
     }
 
@@ -537,12 +539,13 @@ impl NodeCore {
         c.phases.push((prev, ms(now - c.phase_started)));
         c.phase = phase;
         c.phase_started = now;
-        self.actions.push_back(Action::MigrProgress { id, phase });
+        self.actions
+            .push_back(Action::Report(Report::MigrProgress { id, phase }));
     }
 
-    /// The directory's answer to [`Action::MigrRecord`]: `Err` carries the record that
+    /// The directory's answer to [`DirRequest::WriteMigrRecord`]: `Err` carries the record that
     /// prevented the write.
-    pub fn on_migr_record_result(
+    pub(super) fn on_migr_record_result(
         &mut self,
         id: MigrationId,
         result: Result<(), Option<MigrRecord>>,
@@ -562,7 +565,7 @@ impl NodeCore {
                 let to = c.req.to;
                 let nodes: Vec<NodeId> = self.dc_peers(dc);
                 for n in &nodes {
-                    self.actions.push_back(Action::Peer {
+                    self.actions.push_back(Action::Peer(PeerAction::Send {
                         node: *n,
                         frame: PeerFrame::Migr(MigrFrame::Start(MigrStart {
                             id,
@@ -571,7 +574,7 @@ impl NodeCore {
                             from: self.node,
                             to,
                         })),
-                    });
+                    }));
                 }
                 let c = self.migr.coords.get_mut(&id).expect("present");
                 c.acks = nodes.into_iter().collect();
@@ -590,7 +593,8 @@ impl NodeCore {
                 // Nothing was stopped or held yet: just report.
                 let c = self.migr.coords.remove(&id).expect("present");
                 let report = self.report(id, &c, false, Some(why), now);
-                self.actions.push_back(Action::MigrFinished { id, report });
+                self.actions
+                    .push_back(Action::Report(Report::MigrFinished { id, report }));
             }
             (Some(commit), Ok(())) => self.apply_decision(id, commit, now),
             (Some(_), Err(Some(r))) if r.id == id && r.state != RecordState::Started => {
@@ -757,15 +761,15 @@ impl NodeCore {
                 }
                 super::Origin::Remote { node, op } => {
                     self.remote_incoming.remove(&(node, op));
-                    self.actions.push_back(Action::Peer {
+                    self.actions.push_back(Action::Peer(PeerAction::Send {
                         node,
                         frame: PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst: ep })),
-                    });
+                    }));
                 }
             }
         }
         self.enter_phase(id, Phase::Checkpoint, now);
-        self.actions.push_back(Action::Peer {
+        self.actions.push_back(Action::Peer(PeerAction::Send {
             node: to,
             frame: PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare {
                 id,
@@ -775,18 +779,19 @@ impl NodeCore {
                 state,
                 fail_restore: self.migr.coords[&id].req.fail_at == Some(FailAt::Restore),
             })),
-        });
+        }));
         match backend {
             Backend::Criu => {
                 self.migr.dumping.insert(id, pid);
-                self.actions.push_back(Action::Checkpoint { id, pid, fail })
+                self.actions
+                    .push_back(Action::Process(ProcessAction::Checkpoint { id, pid, fail }))
             }
             Backend::Cooperative => {
                 // Interrupt the call it is blocked in; the library answers with the snapshot.
-                self.actions.push_back(Action::Respond {
+                self.actions.push_back(Action::Local(LocalAction::Respond {
                     conn,
                     resp: LocalResponse::Checkpoint,
-                });
+                }));
                 if let Some(p) = self.conns.get_mut(&conn) {
                     p.blocked = Blocked::Snapshotting;
                     p.gen += 1;
@@ -809,31 +814,36 @@ impl NodeCore {
         match data {
             Some(data) => self
                 .actions
-                .push_back(Action::SaveSnapshot { id, data, fail }),
+                .push_back(Action::Process(ProcessAction::SaveSnapshot {
+                    id,
+                    data,
+                    fail,
+                })),
             None => {
-                let now = self.last_now;
+                let now = self.now();
                 self.on_checkpoint_done(id, Err("the program registered no snapshot hook (m3ipc::Endpoint::set_snapshot_hook)".into()), now);
             }
         }
     }
 
     /// The checkpoint is taken (`Ok(image bytes)`) or failed.
-    pub fn on_checkpoint_done(
+    pub(super) fn on_checkpoint_done(
         &mut self,
         id: MigrationId,
         result: Result<u64, String>,
         now: Instant,
     ) {
-        self.last_now = now;
         let dumped = self.migr.dumping.remove(&id);
         let decided = self.migr.coords.get(&id).map(|c| c.commit.is_some());
         if decided != Some(false) {
             // Rolled back while the dump ran (a commit needs the dump): the dump left the
             // process stopped and wrote an image nobody needs.
             if let Some(pid) = dumped {
-                self.actions.push_back(Action::ResumeTree { pid });
+                self.actions
+                    .push_back(Action::Process(ProcessAction::ResumeTree { pid }));
             }
-            self.actions.push_back(Action::DropImage { id });
+            self.actions
+                .push_back(Action::Process(ProcessAction::DropImage { id }));
             return;
         }
         let Some(c) = self.migr.coords.get_mut(&id) else {
@@ -845,7 +855,8 @@ impl NodeCore {
                 c.image_bytes = bytes;
                 let to = c.req.to;
                 self.enter_phase(id, Phase::Transfer, now);
-                self.actions.push_back(Action::SendImage { id, to });
+                self.actions
+                    .push_back(Action::Process(ProcessAction::SendImage { id, to }));
             }
             Err(e) => {
                 c.checkpointed = c.req.backend == Backend::Criu;
@@ -855,8 +866,12 @@ impl NodeCore {
     }
 
     /// The image is on its way (all of it queued on the link), or could not be sent.
-    pub fn on_image_sent(&mut self, id: MigrationId, result: Result<u64, String>, now: Instant) {
-        self.last_now = now;
+    pub(super) fn on_image_sent(
+        &mut self,
+        id: MigrationId,
+        result: Result<u64, String>,
+        now: Instant,
+    ) {
         let Some(c) = self.migr.coords.get_mut(&id) else {
             return;
         };
@@ -874,17 +889,17 @@ impl NodeCore {
                 c.image_bytes = c.image_bytes.max(bytes);
                 let to = c.req.to;
                 self.enter_phase(id, Phase::Restore, now);
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node: to,
                     frame: PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id })),
-                });
+                }));
             }
             Err(e) => self.decide(id, false, Some(format!("transfer failed: {e}")), now),
         }
     }
 
     /// Destination: a chunk of `id`'s image arrived (the daemon stored it).
-    pub fn on_image_chunk(&mut self, id: MigrationId, bytes: u64, now: Instant) {
+    pub(super) fn on_image_chunk(&mut self, id: MigrationId, bytes: u64, now: Instant) {
         if let Some(a) = self.migr.arrivals.get_mut(&id) {
             a.first_chunk.get_or_insert(now);
             a.last_chunk = Some(now);
@@ -894,21 +909,21 @@ impl NodeCore {
 
     /// Destination (criu): the process was restored with its node connection `conn` (already
     /// announced with [`NodeCore::on_local_connect`]), or restoring failed.
-    pub fn on_restored(
+    pub(super) fn on_restored(
         &mut self,
         id: MigrationId,
         result: Result<(ConnId, i32), String>,
         now: Instant,
     ) {
-        self.last_now = now;
         let Some(a) = self.migr.arrivals.get_mut(&id) else {
             // The outcome (a rollback) came while the restore ran: this copy must not live.
             if let Ok((conn, pid)) = result {
-                self.actions.push_back(Action::KillTree { pid });
-                self.actions.push_back(Action::Close {
+                self.actions
+                    .push_back(Action::Process(ProcessAction::KillTree { pid }));
+                self.actions.push_back(Action::Local(LocalAction::Close {
                     conn,
                     reason: format!("migration {id:x} was rolled back during the restore"),
-                });
+                }));
             }
             return;
         };
@@ -927,10 +942,10 @@ impl NodeCore {
             }
             Err(e) => Err(e),
         };
-        self.actions.push_back(Action::Peer {
+        self.actions.push_back(Action::Peer(PeerAction::Send {
             node: coordinator,
             frame: PeerFrame::Migr(MigrFrame::Restored(MigrRestored { id, result })),
-        });
+        }));
     }
 
     fn restore_info(&self, id: MigrationId, now: Instant) -> RestoreInfo {
@@ -954,7 +969,7 @@ impl NodeCore {
         ep: Ep,
         id: MigrationId,
     ) {
-        let now = self.last_now;
+        let now = self.now();
         let ok = version == PROTOCOL_VERSION
             && self
                 .migr
@@ -973,13 +988,13 @@ impl NodeCore {
                 self.conns.get(&conn).map(|c| c.pid).unwrap_or(0),
             );
             a.pid = pid;
-            self.actions.push_back(Action::Peer {
+            self.actions.push_back(Action::Peer(PeerAction::Send {
                 node: coordinator,
                 frame: PeerFrame::Migr(MigrFrame::Restored(MigrRestored {
                     id,
                     result: Err("injected failure (--fail-at restore)".into()),
                 })),
-            });
+            }));
             return;
         }
         let pid = self.conns.get(&conn).map(|c| c.pid).unwrap_or(0);
@@ -1010,18 +1025,19 @@ impl NodeCore {
         } else {
             RecordState::RolledBack
         };
-        self.actions.push_back(Action::MigrRecord {
-            id,
-            dc,
-            ep,
-            record: MigrRecord {
+        self.actions
+            .push_back(Action::Directory(DirRequest::WriteMigrRecord {
                 id,
-                from,
-                to,
-                state,
-            },
-            require: Require::Started(id),
-        });
+                dc,
+                ep,
+                record: MigrRecord {
+                    id,
+                    from,
+                    to,
+                    state,
+                },
+                require: Require::Started(id),
+            }));
     }
 
     /// The outcome is recorded: broadcast it and apply it here.
@@ -1033,7 +1049,8 @@ impl NodeCore {
         let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
         // The source's image is of no use once the outcome is recorded: committed, the
         // process runs on the destination; rolled back, the stopped process itself resumes.
-        self.actions.push_back(Action::DropImage { id });
+        self.actions
+            .push_back(Action::Process(ProcessAction::DropImage { id }));
         let nodes = self.dc_peers(dc);
         let frame = if commit {
             PeerFrame::Migr(MigrFrame::Commit(MigrCommit { id, dc, ep, to }))
@@ -1041,14 +1058,14 @@ impl NodeCore {
             PeerFrame::Migr(MigrFrame::Rollback(MigrRollback { id, dc, ep, from }))
         };
         for n in &nodes {
-            self.actions.push_back(Action::Peer {
+            self.actions.push_back(Action::Peer(PeerAction::Send {
                 node: *n,
                 frame: frame.clone(),
-            });
+            }));
         }
         if commit {
             self.actions
-                .push_back(Action::Relocate { dc, ep, node: to });
+                .push_back(Action::Directory(DirRequest::Relocate { dc, ep, node: to }));
         }
         let c = self.migr.coords.get_mut(&id).expect("present");
         c.acks = nodes.into_iter().collect();
@@ -1073,7 +1090,8 @@ impl NodeCore {
         let c = self.migr.coords.remove(&id).expect("present");
         let committed = c.commit == Some(true);
         let report = self.report(id, &c, committed, c.error.clone(), now);
-        self.actions.push_back(Action::MigrFinished { id, report });
+        self.actions
+            .push_back(Action::Report(Report::MigrFinished { id, report }));
     }
 
     fn report(
@@ -1162,10 +1180,13 @@ impl NodeCore {
                 p.gen += 1;
                 let pid = p.pid;
                 self.table.set(dc, ep, Registration::Remote { node: to });
-                self.actions.push_back(Action::MigratedAway { pid, to });
+                self.actions
+                    .push_back(Action::Process(ProcessAction::MigratedAway { pid, to }));
                 match backend {
                     Some(Backend::Cooperative) => self.respond(conn, LocalResponse::Exit),
-                    _ => self.actions.push_back(Action::KillTree { pid: p.pid }),
+                    _ => self
+                        .actions
+                        .push_back(Action::Process(ProcessAction::KillTree { pid: p.pid })),
                 }
             } else {
                 match p.blocked.clone() {
@@ -1184,7 +1205,8 @@ impl NodeCore {
                 }
                 if backend == Some(Backend::Criu) && checkpointed {
                     let pid = self.conns[&conn].pid;
-                    self.actions.push_back(Action::ResumeTree { pid });
+                    self.actions
+                        .push_back(Action::Process(ProcessAction::ResumeTree { pid }));
                 }
             }
         }
@@ -1226,10 +1248,12 @@ impl NodeCore {
                     if let Some(p) = self.conns.get_mut(&conn) {
                         p.bound = None;
                     }
-                    self.actions.push_back(Action::KillTree { pid: a.pid });
+                    self.actions
+                        .push_back(Action::Process(ProcessAction::KillTree { pid: a.pid }));
                 }
             }
-            self.actions.push_back(Action::DropImage { id });
+            self.actions
+                .push_back(Action::Process(ProcessAction::DropImage { id }));
         } else if commit && to != here {
             // Everyone else: the endpoint is remote, on the destination now.
             let known = matches!(
@@ -1260,20 +1284,20 @@ impl NodeCore {
                 self.remote_deliver(origin, op, dc, src, dst, kind, msg, timeout, now);
             } else {
                 // Its sender's node holds the call (or, past the outcome, sends it again).
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node: origin,
                     frame: PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst })),
-                });
+                }));
             }
         }
         for frame in hold.frames {
             if target == here {
                 self.apply_held_frame(frame);
             } else if self.links_up.contains(&target) {
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node: target,
                     frame,
-                });
+                }));
             }
         }
         for conn in hold.calls {
@@ -1367,11 +1391,11 @@ impl NodeCore {
                 self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
                 // The coordinator records the START before it broadcasts it: check.
                 self.actions
-                    .push_back(Action::ReadMigrRecord { id, dc, ep });
-                self.actions.push_back(Action::Peer {
+                    .push_back(Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }));
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node: from,
                     frame: PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { id })),
-                });
+                }));
             }
             PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { id })) => {
                 let Some(c) = self.migr.coords.get_mut(&id) else {
@@ -1413,24 +1437,25 @@ impl NodeCore {
             }
             PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id })) => {
                 let Some(a) = self.migr.arrivals.get_mut(&id) else {
-                    self.actions.push_back(Action::Peer {
+                    self.actions.push_back(Action::Peer(PeerAction::Send {
                         node: from,
                         frame: PeerFrame::Migr(MigrFrame::Restored(MigrRestored {
                             id,
                             result: Err("destination has no state for this migration".into()),
                         })),
-                    });
+                    }));
                     return;
                 };
                 a.restore_started = Some(now);
                 let (dc, ep, backend, fail) = (a.dc, a.ep, a.backend, a.fail_restore);
-                self.actions.push_back(Action::Restore {
-                    id,
-                    dc,
-                    ep,
-                    backend,
-                    fail,
-                });
+                self.actions
+                    .push_back(Action::Process(ProcessAction::Restore {
+                        id,
+                        dc,
+                        ep,
+                        backend,
+                        fail,
+                    }));
             }
             PeerFrame::Migr(MigrFrame::Restored(MigrRestored { id, result })) => {
                 let Some(c) = self.migr.coords.get_mut(&id) else {
@@ -1449,10 +1474,10 @@ impl NodeCore {
             }
             PeerFrame::Migr(MigrFrame::Commit(MigrCommit { id, dc, ep, to })) => {
                 let held = self.apply_outcome(id, dc, ep, true, from, to, now);
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node: from,
                     frame: PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held })),
-                });
+                }));
             }
             PeerFrame::Migr(MigrFrame::Rollback(MigrRollback {
                 id,
@@ -1461,10 +1486,10 @@ impl NodeCore {
                 from: src,
             })) => {
                 let held = self.apply_outcome(id, dc, ep, false, src, src, now);
-                self.actions.push_back(Action::Peer {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
                     node: from,
                     frame: PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held })),
-                });
+                }));
             }
             PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held })) => {
                 if let Some(c) = self.migr.coords.get_mut(&id) {
@@ -1479,9 +1504,9 @@ impl NodeCore {
     }
 
     /// The directory's migration record of `{dc, ep}`, read to check migration `id` (see
-    /// [`Action::ReadMigrRecord`]). A hold for a migration that the directory does not record
+    /// [`DirRequest::ReadMigrRecord`]). A hold for a migration that the directory does not record
     /// (a forged or stale MIGR_START) is released, and its held calls go where they were going.
-    pub fn on_migr_record_read(
+    pub(super) fn on_migr_record_read(
         &mut self,
         id: MigrationId,
         dc: DcId,
@@ -1489,7 +1514,6 @@ impl NodeCore {
         record: Option<MigrRecord>,
         now: Instant,
     ) {
-        self.last_now = now;
         match record {
             Some(r) if r.id == id && r.state == RecordState::Started => {}
             Some(r) if r.id == id => self.on_migr_record(dc, ep, r, now),
@@ -1509,8 +1533,7 @@ impl NodeCore {
 
     /// The directory shows a migration record (watch): a node that missed the outcome's
     /// broadcast applies it from here.
-    pub fn on_migr_record(&mut self, dc: DcId, ep: Ep, record: MigrRecord, now: Instant) {
-        self.last_now = now;
+    pub(super) fn on_migr_record(&mut self, dc: DcId, ep: Ep, record: MigrRecord, now: Instant) {
         if record.state == RecordState::Started {
             return;
         }
@@ -1557,7 +1580,7 @@ impl NodeCore {
                     // still records the migration as started. Losing its link ends this wait.
                     self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
                     self.actions
-                        .push_back(Action::ReadMigrRecord { id, dc, ep });
+                        .push_back(Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }));
                     return;
                 }
                 let record = MigrRecord {
@@ -1567,13 +1590,14 @@ impl NodeCore {
                     state: RecordState::RolledBack,
                 };
                 let require = Require::Started(id);
-                self.actions.push_back(Action::MigrRecord {
-                    id,
-                    dc,
-                    ep,
-                    record,
-                    require,
-                });
+                self.actions
+                    .push_back(Action::Directory(DirRequest::WriteMigrRecord {
+                        id,
+                        dc,
+                        ep,
+                        record,
+                        require,
+                    }));
                 self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
             }
             return;
@@ -1604,7 +1628,7 @@ impl NodeCore {
 
     /// A link went down: a migration does not wait for that node's acks.
     pub(super) fn migration_link_down(&mut self, node: NodeId) {
-        let now = self.last_now;
+        let now = self.now();
         let ids: Vec<MigrationId> = self
             .migr
             .coords

@@ -10,7 +10,7 @@
 //!   `Delivered` for a call that timed out here, a chunk of a vcopy that already failed):
 //!   dropped quietly;
 //! - **refuse**: no honest peer sends it. It is dropped, logged, and reported as
-//!   [`Action::PeerViolation`] so that the daemon closes the link; frames already queued from
+//!   [`PeerAction::Condemn`] so that the daemon closes the link; frames already queued from
 //!   that node are dropped until the link comes up again.
 //!
 //! The ordering arguments below rely on a link delivering frames in order (one TCP stream per
@@ -27,6 +27,7 @@ use dvs_wire::peer::{MigrationId, PeerFrame};
 use dvs_wire::{DcId, Ep, Errno, NodeId};
 use tracing::{debug, warn};
 
+use super::action::PeerAction;
 use super::{is_blocked_in_ipc, Action, NodeCore, Op, VCOPY_MAX};
 use crate::table::Registration;
 use crate::OpId;
@@ -212,11 +213,11 @@ impl NodeCore {
     pub(super) fn peer_violation(&mut self, node: NodeId, frame: &'static str, reason: Violation) {
         warn!(node, frame, %reason, "refused a forged frame from a peer; closing the link");
         self.condemned.insert(node);
-        self.actions.push_back(Action::PeerViolation {
+        self.actions.push_back(Action::Peer(PeerAction::Condemn {
             node,
             frame,
             reason,
-        });
+        }));
     }
 
     /// Whether frames from `node` are dropped (it sent a forged frame; the link is closing).
@@ -618,7 +619,7 @@ impl NodeCore {
     /// third node running the source, which the caller asked with `VcopyPull`; this node cannot
     /// see that request, so it checks only that the caller is known to run on `caller_node`.
     /// Later chunks must match the record and follow each other without gap or overlap.
-    pub fn on_vcopy_chunk(&mut self, from: NodeId, c: &VcopyChunk) -> Option<i32> {
+    pub(super) fn on_vcopy_chunk(&mut self, from: NodeId, c: &VcopyChunk) -> Option<i32> {
         if self.is_condemned(from) {
             return None;
         }
@@ -769,7 +770,7 @@ impl NodeCore {
 
     /// A chunk accepted by [`NodeCore::on_vcopy_chunk`] was written (or writing it failed);
     /// the last one closes the vcopy.
-    pub fn on_vcopy_chunk_written(
+    pub(super) fn on_vcopy_chunk_written(
         &mut self,
         from: NodeId,
         c: &VcopyChunk,
