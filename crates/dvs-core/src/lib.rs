@@ -17,7 +17,8 @@ pub use node::migration::{
     FailAt, MigrRecord, MigrationReport, MigrationRequest, Phase, RecordState, Require,
     PARTICIPANT_TIMEOUT,
 };
-pub use node::peer_check::{VcopyChunk, Violation, MAX_INCOMING_VCOPIES_PER_PEER};
+pub use node::peer_check::Violation;
+pub use node::vcopy_in::{VcopyChunk, MAX_INCOMING_VCOPIES_PER_PEER};
 pub use node::{
     Action, CoreConfig, DcInfo, DirRequest, DirectoryInput, Input, LocalAction, LocalPeer,
     MemoryAction, MigrationInput, NodeCore, PeerAction, ProcessAction, Report, Ticket,

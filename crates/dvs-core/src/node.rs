@@ -17,23 +17,25 @@ pub mod action;
 mod conn;
 pub mod input;
 mod ipc;
+mod ledger;
 pub mod migration;
 pub mod peer_check;
 mod remote;
 mod resolve;
 mod timers;
 mod vcopy;
+pub mod vcopy_in;
 pub use action::{
     Action, DirRequest, LocalAction, MemoryAction, PeerAction, ProcessAction, Report,
     VcopyCompletion,
 };
-use conn::{is_blocked_in_ipc, Blocked, Conn, Origin};
+use conn::{Blocked, Conn, Origin};
 pub use input::{DirectoryInput, Input, MigrationInput, Ticket};
 use ipc::reply_response;
+use ledger::RemoteCalls;
 use migration::MigrationState;
-use peer_check::{IncomingKey, IncomingVcopy};
-use timers::TimerKey;
-use vcopy::Op;
+use timers::{TimerKey, Timers};
+use vcopy::{Op, Vcopies};
 
 /// Largest `vcopy` in one call.
 pub const VCOPY_MAX: u64 = 16 << 20;
@@ -99,28 +101,16 @@ pub struct NodeCore {
     table: EndpointTable,
     conns: HashMap<ConnId, Conn>,
     links_up: HashSet<NodeId>,
-    ops: HashMap<OpId, Op>,
     next_op: OpId,
-    /// Queued messages from other nodes, by origin, to find them on `Cancel` or timeout.
-    remote_incoming: HashMap<(NodeId, OpId), (DcId, Ep)>,
-    /// Local callers blocked on a message sent to another node, by (node, op).
-    remote_sends: HashMap<(NodeId, OpId), ConnId>,
-    /// Remote sendrecs abandoned by their caller, by (node, op), until that node acknowledges
-    /// the `Cancel`: a `Reply` from `server` to `client` meanwhile answers one of them, not a
-    /// later sendrec of the same pair (`Reply` carries no op). Value: (dc, client, server).
-    abandoned: HashMap<(NodeId, OpId), (DcId, Ep, Ep)>,
-    /// Sendrecs of remote callers taken here and not replied to yet, (dc, server, client) ->
-    /// (caller's node, op): a `Cancel` of that op means the caller is not waiting any more.
-    remote_callers: HashMap<(DcId, Ep, Ep), (NodeId, OpId)>,
+    /// Every call crossing a node boundary.
+    calls: RemoteCalls,
     lookups: HashMap<(DcId, Ep), Vec<ConnId>>,
     bind_waiters: HashMap<(DcId, Ep), Vec<ConnId>>,
-    /// Vcopies streaming into this node, until their last chunk (see `peer_check`).
-    vcopy_in: HashMap<IncomingKey, IncomingVcopy>,
-    vcopy_seq: u64,
+    /// Vcopies of local callers and vcopies streaming into this node.
+    vcopies: Vcopies,
     /// Peers that sent a forged frame; their frames are dropped until the link is new.
     condemned: HashSet<NodeId>,
-    timers: BTreeSet<(Instant, u64, TimerKey)>,
-    timer_seq: u64,
+    timers: Timers,
     actions: VecDeque<Action>,
     migr: MigrationState,
     /// Time of the latest event, for the few inputs that carry none (link down, snapshot).
@@ -140,19 +130,13 @@ impl NodeCore {
             table: EndpointTable::default(),
             conns: HashMap::new(),
             links_up: HashSet::new(),
-            ops: HashMap::new(),
             next_op: 1,
-            remote_incoming: HashMap::new(),
-            remote_sends: HashMap::new(),
-            abandoned: HashMap::new(),
-            remote_callers: HashMap::new(),
+            calls: RemoteCalls::default(),
             lookups: HashMap::new(),
             bind_waiters: HashMap::new(),
-            vcopy_in: HashMap::new(),
-            vcopy_seq: 0,
+            vcopies: Vcopies::default(),
             condemned: HashSet::new(),
-            timers: BTreeSet::new(),
-            timer_seq: 0,
+            timers: Timers::default(),
             actions: VecDeque::new(),
             migr: MigrationState::default(),
             last_now: None,
@@ -271,7 +255,7 @@ impl NodeCore {
 
     /// When [`NodeCore::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.first().map(|(t, _, _)| *t)
+        self.timers.next()
     }
 
     /// Every registration this node holds, sorted.

@@ -9,7 +9,8 @@ use dvs_wire::{DcId, Ep, Errno, NodeId};
 
 use super::input::Ticket;
 use super::migration::{MigrRecord, MigrationReport, Phase, Require};
-use super::peer_check::{VcopyChunk, Violation};
+use super::peer_check::Violation;
+use super::vcopy_in::VcopyChunk;
 use crate::{ConnId, OpId};
 
 /// Where the result of a vcopy goes when the copy is done.

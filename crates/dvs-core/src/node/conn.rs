@@ -169,8 +169,7 @@ impl NodeCore {
                 .push_back(Action::Directory(DirRequest::Unregister { dc, ep }));
             self.broadcast(dc, PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc, ep })));
         }
-        self.remote_callers
-            .retain(|(d, server, _), _| (*d, *server) != (dc, ep));
+        self.calls.server_gone(dc, ep);
         for inc in queue {
             self.fail_incoming(dc, ep, inc, why);
         }
@@ -221,7 +220,7 @@ impl NodeCore {
         match inc.origin {
             Origin::Local(sc) => self.respond(sc, err(why)),
             Origin::Remote { node, op } => {
-                self.remote_incoming.remove(&(node, op));
+                self.calls.unqueue(node, op);
                 let _ = dc;
                 self.actions.push_back(Action::Peer(PeerAction::Send {
                     node,
@@ -259,9 +258,13 @@ impl NodeCore {
                 kind,
                 ..
             } => {
-                self.remote_sends.remove(&(node, op));
-                if let (DeliverKind::SendRec, Some((dc, me))) = (kind, c.bound) {
-                    self.abandoned.insert((node, op), (dc, me, dst));
+                match (kind, c.bound) {
+                    (DeliverKind::SendRec, Some((dc, me))) => {
+                        self.calls.abandon(node, op, dc, me, dst)
+                    }
+                    _ => {
+                        self.calls.settle(node, op);
+                    }
                 }
                 self.actions.push_back(Action::Peer(PeerAction::Send {
                     node,
@@ -269,7 +272,7 @@ impl NodeCore {
                 }));
             }
             Blocked::Vcopy { op } => {
-                self.ops.remove(&op);
+                self.vcopies.local.remove(&op);
                 self.forget_local_vcopy(op);
             }
             Blocked::Held { .. } => self.migr.unhold_call(conn),

@@ -10,7 +10,7 @@ use dvs_wire::{DcId, Ep, Errno, NodeId};
 
 use super::action::VcopyCompletion;
 use super::migration::{MigrRecord, MigrationRequest};
-use super::peer_check::VcopyChunk;
+use super::vcopy_in::VcopyChunk;
 use super::LocalPeer;
 use crate::{ConnId, OpId};
 

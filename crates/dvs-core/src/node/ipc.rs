@@ -274,7 +274,7 @@ impl NodeCore {
                         timeout,
                     })),
                 }));
-                self.remote_sends.insert((node, op), conn);
+                self.calls.sent(node, op, conn);
                 self.block(
                     conn,
                     Blocked::SendingRemote {
@@ -336,7 +336,7 @@ impl NodeCore {
         match (inc.kind, inc.origin) {
             (DeliverKind::Send, Origin::Local(s)) => self.respond(s, LocalResponse::Done),
             (DeliverKind::Send, Origin::Remote { node, op }) => {
-                self.remote_incoming.remove(&(node, op));
+                self.calls.unqueue(node, op);
                 self.actions.push_back(Action::Peer(PeerAction::Send {
                     node,
                     frame: PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result: Ok(()) })),
@@ -349,8 +349,7 @@ impl NodeCore {
                         ReplyTo::Local(s)
                     }
                     Origin::Remote { node, op } => {
-                        self.remote_incoming.remove(&(node, op));
-                        self.remote_callers.insert((dc, dst, inc.src), (node, op));
+                        self.calls.taken(node, op, dc, dst, inc.src);
                         ReplyTo::Remote(node)
                     }
                 };
@@ -414,7 +413,7 @@ impl NodeCore {
         let Some(to) = c.owes_reply.remove(&dst) else {
             return self.respond(conn, err(Errno::NotWaiting));
         };
-        self.remote_callers.remove(&(dc, me, dst));
+        self.calls.replied(dc, me, dst);
         let frame = PeerFrame::Ipc(IpcFrame::Reply(Reply {
             dc,
             src: me,

@@ -731,7 +731,7 @@ impl NodeCore {
             }
         }
         if let Blocked::SendingRemote { node, op, .. } = self.conns[&conn].blocked {
-            self.remote_sends.remove(&(node, op));
+            self.calls.settle(node, op);
         }
         let p = self.conns.get_mut(&conn).expect("quiescent conn exists");
         let state = MigratedEndpoint {
@@ -760,7 +760,7 @@ impl NodeCore {
                     }
                 }
                 super::Origin::Remote { node, op } => {
-                    self.remote_incoming.remove(&(node, op));
+                    self.calls.unqueue(node, op);
                     self.actions.push_back(Action::Peer(PeerAction::Send {
                         node,
                         frame: PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst: ep })),
@@ -1346,7 +1346,7 @@ impl NodeCore {
     pub(super) fn on_migration_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
         match frame {
             PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst })) => {
-                let Some(conn) = self.remote_sends.remove(&(from, op)) else {
+                let Some(conn) = self.calls.settle(from, op) else {
                     return;
                 };
                 let Some(Blocked::SendingRemote {

@@ -82,18 +82,10 @@ impl NodeCore {
         for v in receivers {
             self.respond(v, err(Errno::NodeUnreachable));
         }
-        self.remote_sends.retain(|(n, _), _| *n != node);
-        self.abandoned.retain(|(n, _), _| *n != node);
-        self.remote_callers.retain(|_, (n, _)| *n != node);
+        self.calls.node_gone(node);
         // Messages queued here by processes of that node: their senders are unreachable.
-        let from_there: Vec<(NodeId, OpId)> = self
-            .remote_incoming
-            .keys()
-            .filter(|(n, _)| *n == node)
-            .copied()
-            .collect();
-        for key in from_there {
-            if let Some((dc, dst)) = self.remote_incoming.remove(&key) {
+        for key in self.calls.queued_from(node) {
+            if let Some((dc, dst)) = self.calls.unqueue(key.0, key.1) {
                 self.drop_remote_incoming(dc, dst, key);
             }
         }
@@ -104,14 +96,15 @@ impl NodeCore {
         // data or its verdict crosses that link): fail it. Vcopies not involving that node
         // (local ones, or between other nodes) go on.
         let vcopies: Vec<ConnId> = self
-            .ops
+            .vcopies
+            .local
             .values()
             .filter(|Op::Vcopy { nodes, .. }| nodes.contains(&Some(node)))
             .map(|Op::Vcopy { conn, .. }| *conn)
             .collect();
         for conn in vcopies {
             if let Some(Blocked::Vcopy { op }) = self.conns.get(&conn).map(|c| c.blocked.clone()) {
-                self.ops.remove(&op);
+                self.vcopies.local.remove(&op);
                 self.forget_local_vcopy(op);
                 self.respond(conn, err(Errno::NodeUnreachable));
             }
@@ -171,21 +164,14 @@ impl NodeCore {
                 self.remote_delivered(from, op, result)
             }
             PeerFrame::Ipc(IpcFrame::Cancel(Cancel { op })) => {
-                if let Some((dc, dst)) = self.remote_incoming.remove(&(from, op)) {
+                if let Some((dc, dst)) = self.calls.unqueue(from, op) {
                     self.drop_remote_incoming(dc, dst, (from, op));
                 }
                 self.migr.unhold_deliver(from, op);
                 // A caller that gave up after its sendrec was taken is not owed a reply any
                 // more (as a local caller that timed out); acknowledge, so that any reply to
-                // `op` is on the link ahead of the ack (see `abandoned`).
-                let gave_up: Vec<(DcId, Ep, Ep)> = self
-                    .remote_callers
-                    .iter()
-                    .filter(|(_, v)| **v == (from, op))
-                    .map(|(k, _)| *k)
-                    .collect();
-                for (dc, server, client) in gave_up {
-                    self.remote_callers.remove(&(dc, server, client));
+                // `op` is on the link ahead of the ack (see `RemoteCalls::abandon`).
+                for (dc, server, client) in self.calls.cancel_taken(from, op) {
                     if let Some(Registration::Local { conn }) = self.table.get(dc, server) {
                         if let Some(c) = self.conns.get_mut(&conn) {
                             if c.owes_reply.get(&client) == Some(&ReplyTo::Remote(from)) {
@@ -208,11 +194,7 @@ impl NodeCore {
                 dst,
                 result,
             })) => {
-                if self
-                    .abandoned
-                    .iter()
-                    .any(|((n, _), pair)| *n == from && *pair == (dc, dst, src))
-                {
+                if self.calls.answers_abandoned(from, dc, dst, src) {
                     return;
                 }
                 if self.migr.holds(dc, dst) {
@@ -241,7 +223,7 @@ impl NodeCore {
                         op,
                         ..
                     } if d == src => {
-                        self.remote_sends.remove(&(node, op));
+                        self.calls.settle(node, op);
                         true
                     }
                     Blocked::AwaitingReply { from } => from == src,
@@ -423,15 +405,14 @@ impl NodeCore {
         if let Err(e) = self.enqueue(dc, q, inc) {
             return fail(self, e);
         }
-        self.remote_incoming.insert((from, op), (dc, dst));
+        self.calls.queued(from, op, dc, dst);
         if let Some(d) = timeout.as_duration() {
             self.add_timer(now + d, TimerKey::Incoming { node: from, op });
         }
     }
 
     pub(super) fn remote_delivered(&mut self, from: NodeId, op: OpId, result: Result<(), Errno>) {
-        self.abandoned.remove(&(from, op));
-        let Some(conn) = self.remote_sends.remove(&(from, op)) else {
+        let Some(conn) = self.calls.settle(from, op) else {
             return;
         };
         let still = self.conns.get(&conn).is_some_and(|c| matches!(c.blocked, Blocked::SendingRemote { node, op: o, .. } if node == from && o == op));

@@ -1,5 +1,6 @@
 //! Timers: call deadlines, remote-call grace periods and migration timeouts.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use dvs_wire::peer::{Delivered, IpcFrame, MigrationId, PeerFrame};
@@ -17,19 +18,44 @@ pub(super) enum TimerKey {
     Migration { id: MigrationId },
 }
 
+/// Pending timers, in deadline order (ties in the order they were set).
+#[derive(Default)]
+pub(super) struct Timers {
+    set: BTreeSet<(Instant, u64, TimerKey)>,
+    seq: u64,
+}
+
+impl Timers {
+    /// Fires `key` at `at`. A timer is never cancelled: its handler checks whether it still
+    /// matters (e.g. by a connection's generation).
+    pub(super) fn add(&mut self, at: Instant, key: TimerKey) {
+        self.seq += 1;
+        self.set.insert((at, self.seq, key));
+    }
+
+    /// The earliest deadline.
+    pub(super) fn next(&self) -> Option<Instant> {
+        self.set.first().map(|(t, _, _)| *t)
+    }
+
+    /// Takes the earliest timer due at `now`.
+    pub(super) fn pop_due(&mut self, now: Instant) -> Option<TimerKey> {
+        let &(at, _, _) = self.set.first()?;
+        if at > now {
+            return None;
+        }
+        self.set.pop_first().map(|(_, _, key)| key)
+    }
+}
+
 impl NodeCore {
     pub(super) fn add_timer(&mut self, at: Instant, key: TimerKey) {
-        self.timer_seq += 1;
-        self.timers.insert((at, self.timer_seq, key));
+        self.timers.add(at, key);
     }
 
     /// Fires every timer due at `now`.
     pub(super) fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&(at, seq, key)) = self.timers.first() {
-            if at > now {
-                break;
-            }
-            self.timers.remove(&(at, seq, key));
+        while let Some(key) = self.timers.pop_due(now) {
             match key {
                 TimerKey::Conn { conn, gen } => {
                     // A migrating endpoint's deadline travels with it; its node applies it.
@@ -48,7 +74,7 @@ impl NodeCore {
                     }
                 }
                 TimerKey::Incoming { node, op } => {
-                    if let Some((dc, dst)) = self.remote_incoming.remove(&(node, op)) {
+                    if let Some((dc, dst)) = self.calls.unqueue(node, op) {
                         if self.drop_remote_incoming(dc, dst, (node, op)) {
                             self.actions.push_back(Action::Peer(PeerAction::Send {
                                 node,

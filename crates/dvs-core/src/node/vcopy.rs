@@ -1,5 +1,6 @@
 //! vcopy: memory copies between endpoints, local or across nodes.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use dvs_wire::local::{LocalRequest, LocalResponse};
@@ -8,6 +9,7 @@ use dvs_wire::{DcId, Ep, Errno, NodeId, Timeout};
 
 use super::action::{MemoryAction, PeerAction};
 use super::conn::{is_blocked_in_ipc, Blocked};
+use super::vcopy_in::{IncomingKey, IncomingVcopy};
 use super::{err, Action, NodeCore, VcopyCompletion, VCOPY_MAX};
 use crate::table::Registration;
 use crate::{ConnId, OpId};
@@ -59,6 +61,17 @@ pub(super) fn req_vcopy(
         len,
         timeout,
     }
+}
+
+/// Vcopy state of this node.
+#[derive(Default)]
+pub(super) struct Vcopies {
+    /// Vcopies of local callers, by op.
+    pub(super) local: HashMap<OpId, Op>,
+    /// Vcopies streaming into this node, until their last chunk.
+    pub(super) incoming: HashMap<IncomingKey, IncomingVcopy>,
+    /// Opening order of incoming streams.
+    pub(super) seq: u64,
 }
 
 impl NodeCore {
@@ -152,7 +165,7 @@ impl NodeCore {
         }
         let remote = |r: Registration| Some(r.node(self.node)).filter(|n| *n != self.node);
         let nodes = [remote(src_reg), remote(dst_reg)];
-        self.ops.insert(op, Op::Vcopy { conn, nodes });
+        self.vcopies.local.insert(op, Op::Vcopy { conn, nodes });
         self.block(conn, Blocked::Vcopy { op }, v.timeout, now, Duration::ZERO);
     }
 
@@ -173,7 +186,7 @@ impl NodeCore {
     pub(super) fn complete_vcopy(&mut self, done: VcopyCompletion, result: Result<(), Errno>) {
         match done {
             VcopyCompletion::Local { op } => {
-                if let Some(Op::Vcopy { conn, .. }) = self.ops.remove(&op) {
+                if let Some(Op::Vcopy { conn, .. }) = self.vcopies.local.remove(&op) {
                     self.forget_local_vcopy(op);
                     let resp = match result {
                         Ok(()) => LocalResponse::Done,
