@@ -1,0 +1,666 @@
+//! The coordinator, on the node the endpoint runs on: records the migration, has every node
+//! hold calls, waits for quiescence, has the process checkpointed and its image sent, has the
+//! destination restore it, decides the outcome with one compare-and-set of the migration
+//! record, broadcasts it and reports.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use dvs_wire::local::{LocalRequest, LocalResponse};
+use dvs_wire::peer::{
+    Backend, DeliverKind, FailAt, MigratedCall, MigratedEndpoint, MigrationId, PeerFrame,
+    RestoreInfo,
+};
+use dvs_wire::peer::{
+    IpcFrame, MigrCommit, MigrDone, MigrFrame, MigrPrepare, MigrRestore, MigrRestored,
+    MigrRollback, MigrStart, MigrStartAck, Redirect,
+};
+use dvs_wire::{DcId, NodeId, Timeout};
+
+use super::super::action::{DirRequest, LocalAction, PeerAction, ProcessAction, Report};
+use super::super::{Action, Blocked, NodeCore, Origin, TimerKey};
+use super::record::{MigrRecord, RecordState, Require};
+use super::{ms, quiescent, remaining_ms, send_request, MigrationReport, MigrationRequest, Phase};
+use crate::table::Registration;
+use crate::ConnId;
+
+/// The coordinator's view of one migration.
+pub(super) struct Coord {
+    pub(super) req: MigrationRequest,
+    pub(super) from: NodeId,
+    pub(super) conn: ConnId,
+    pub(super) pid: i32,
+    pub(super) phase: Phase,
+    pub(super) started: Instant,
+    pub(super) phase_started: Instant,
+    pub(super) phases: Vec<(Phase, f64)>,
+    pub(super) acks: BTreeSet<NodeId>,
+    /// Set once the outcome is decided: commit or not.
+    pub(super) commit: Option<bool>,
+    pub(super) decided_at: Option<Instant>,
+    pub(super) error: Option<String>,
+    pub(super) checkpointed: bool,
+    pub(super) image_bytes: u64,
+    pub(super) info: Option<RestoreInfo>,
+    pub(super) held: u32,
+}
+
+impl NodeCore {
+    /// Starts migrating local endpoint `{dc, ep}`. Errors come before anything stops.
+    pub(in crate::node) fn start_migration(
+        &mut self,
+        req: MigrationRequest,
+        now: Instant,
+    ) -> Result<MigrationId, String> {
+        let (dc, ep, to) = (req.dc, req.ep, req.to);
+        let info = self.dcs.get(&dc).ok_or_else(|| format!("no DC {dc}"))?;
+        if !info.nodes.contains(&to) {
+            return Err(format!("node {to} is not part of DC {dc}"));
+        }
+        if to == self.node {
+            return Err(format!("endpoint {dc}/{ep} already runs on node {to}"));
+        }
+        let Some(Registration::Local { conn }) = self.table.get(dc, ep) else {
+            return Err(format!(
+                "endpoint {dc}/{ep} does not run on node {}",
+                self.node
+            ));
+        };
+        if self.migr.holds(dc, ep)
+            || self
+                .migr
+                .coords
+                .values()
+                .any(|c| c.req.dc == dc && c.req.ep == ep)
+        {
+            return Err(format!("another migration of {dc}/{ep} is in progress"));
+        }
+        if !self.links_up.contains(&to) {
+            return Err(format!("the link to node {to} is down"));
+        }
+        let c = self.conns.get(&conn).ok_or("endpoint without connection")?;
+        self.migr.next += 1;
+        let id = ((self.node as u64) << 48) | (self.migr.next & 0xffff_ffff_ffff);
+        let coord = Coord {
+            from: self.node,
+            conn,
+            pid: c.pid,
+            phase: Phase::Start,
+            started: now,
+            phase_started: now,
+            phases: Vec::new(),
+            acks: BTreeSet::new(),
+            commit: None,
+            decided_at: None,
+            error: None,
+            checkpointed: false,
+            image_bytes: 0,
+            info: None,
+            held: 0,
+            req,
+        };
+        self.migr.coords.insert(id, coord);
+        self.actions.push_back(Action::Report(Report::MigrProgress {
+            id,
+            phase: Phase::Start,
+        }));
+        let record = MigrRecord {
+            id,
+            from: self.node,
+            to,
+            state: RecordState::Started,
+        };
+        self.actions
+            .push_back(Action::Directory(DirRequest::WriteMigrRecord {
+                id,
+                dc,
+                ep,
+                record,
+                require: Require::NotRunning,
+            }));
+        Ok(id)
+    }
+
+    pub(in crate::node) fn enter_phase(&mut self, id: MigrationId, phase: Phase, now: Instant) {
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
+        let prev = c.phase;
+        c.phases.push((prev, ms(now - c.phase_started)));
+        c.phase = phase;
+        c.phase_started = now;
+        self.actions
+            .push_back(Action::Report(Report::MigrProgress { id, phase }));
+    }
+
+    /// The directory's answer to [`DirRequest::WriteMigrRecord`]: `Err` carries the record that
+    /// prevented the write.
+    pub(in crate::node) fn on_migr_record_result(
+        &mut self,
+        id: MigrationId,
+        result: Result<(), Option<MigrRecord>>,
+        now: Instant,
+    ) {
+        let Some(c) = self.migr.coords.get(&id) else {
+            return;
+        };
+        let (dc, ep, conn) = (c.req.dc, c.req.ep, c.conn);
+        match (c.commit, result) {
+            (None, Ok(())) => {
+                // Recorded: hold calls here and tell every node of the DC to hold them.
+                self.migr.holds.entry((dc, ep)).or_default().id = Some(id);
+                if let Some(cc) = self.conns.get_mut(&conn) {
+                    cc.migrating_out = Some(id);
+                }
+                let to = c.req.to;
+                let nodes: Vec<NodeId> = self.dc_peers(dc);
+                for n in &nodes {
+                    self.actions.push_back(Action::Peer(PeerAction::Send {
+                        node: *n,
+                        frame: PeerFrame::Migr(MigrFrame::Start(MigrStart {
+                            id,
+                            dc,
+                            ep,
+                            from: self.node,
+                            to,
+                        })),
+                    }));
+                }
+                let c = self.migr.coords.get_mut(&id).expect("present");
+                c.acks = nodes.into_iter().collect();
+                if c.acks.is_empty() {
+                    self.enter_quiesce(id, now);
+                }
+            }
+            (None, Err(current)) => {
+                let why = match current {
+                    Some(r) => format!(
+                        "another migration of {dc}/{ep} is in progress (id {}, node {} to node {})",
+                        r.id, r.from, r.to
+                    ),
+                    None => format!("cannot record the migration of {dc}/{ep} in the directory"),
+                };
+                // Nothing was stopped or held yet: just report.
+                let c = self.migr.coords.remove(&id).expect("present");
+                let report = self.report(id, &c, false, Some(why), now);
+                self.actions
+                    .push_back(Action::Report(Report::MigrFinished { id, report }));
+            }
+            (Some(commit), Ok(())) => self.apply_decision(id, commit, now),
+            (Some(_), Err(Some(r))) if r.id == id && r.state != RecordState::Started => {
+                // Someone else decided (a participant's timeout): follow the record.
+                let commit = r.state == RecordState::Committed;
+                if let Some(c) = self.migr.coords.get_mut(&id) {
+                    c.commit = Some(commit);
+                    if !commit && c.error.is_none() {
+                        c.error = Some("rolled back by another node".into());
+                    }
+                }
+                self.apply_decision(id, commit, now);
+            }
+            (Some(commit), Err(_)) => {
+                // The record is gone or foreign: the safe outcome is the one that keeps the
+                // source, unless the destination already runs it and the record says so.
+                let _ = commit;
+                if let Some(c) = self.migr.coords.get_mut(&id) {
+                    c.commit = Some(false);
+                    c.error.get_or_insert_with(|| {
+                        "the migration record changed under the coordinator".into()
+                    });
+                }
+                self.apply_decision(id, false, now);
+            }
+        }
+    }
+
+    /// Other nodes of the DC whose links are up.
+    pub(in crate::node) fn dc_peers(&self, dc: DcId) -> Vec<NodeId> {
+        self.dcs
+            .get(&dc)
+            .map(|d| {
+                d.nodes
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != self.node && self.links_up.contains(n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub(in crate::node) fn enter_quiesce(&mut self, id: MigrationId, now: Instant) {
+        self.enter_phase(id, Phase::Quiesce, now);
+        let Some(c) = self.migr.coords.get(&id) else {
+            return;
+        };
+        let deadline = now + c.req.quiesce_timeout;
+        self.add_timer(deadline, TimerKey::Migration { id });
+        self.check_quiescence(now);
+    }
+
+    /// Moves every coordinated migration whose process became quiescent to its checkpoint.
+    pub(in crate::node) fn check_quiescence(&mut self, now: Instant) {
+        if self.migr.coords.is_empty() {
+            return;
+        }
+        let ready: Vec<MigrationId> = self
+            .migr
+            .coords
+            .iter()
+            .filter(|(_, c)| c.phase == Phase::Quiesce && c.commit.is_none())
+            .filter(|(_, c)| {
+                self.conns
+                    .get(&c.conn)
+                    .is_some_and(|p| quiescent(p.owes_reply.is_empty(), &p.blocked, c.req.backend))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            self.capture(id, now);
+        }
+    }
+
+    /// The process is quiescent: take its IPC state, send its queued callers away, and have
+    /// it checkpointed.
+    pub(in crate::node) fn capture(&mut self, id: MigrationId, now: Instant) {
+        let c = self.migr.coords.get(&id).expect("ready");
+        let (dc, ep, conn, backend, to, pid) =
+            (c.req.dc, c.req.ep, c.conn, c.req.backend, c.req.to, c.pid);
+        let fail = c.req.fail_at == Some(FailAt::Checkpoint);
+        let p = self.conns.get_mut(&conn).expect("quiescent conn exists");
+        let call = match (&p.blocked, backend) {
+            // The cooperative program restarts its loop from the snapshot on the destination.
+            (_, Backend::Cooperative) => None,
+            (Blocked::Receiving { src }, _) => Some(MigratedCall::Request(LocalRequest::Receive {
+                src: *src,
+                timeout: match remaining_ms(p.deadline, now) {
+                    None => Timeout::Forever,
+                    Some(0) => Timeout::NoWait,
+                    Some(m) => Timeout::Millis(m),
+                },
+            })),
+            (Blocked::Held { req }, _) => Some(MigratedCall::Request(req.clone())),
+            (Blocked::AwaitingReply { from }, _) => Some(MigratedCall::AwaitingReply {
+                from: *from,
+                remaining_ms: remaining_ms(p.deadline, now),
+            }),
+            // Its message is at the server's node, taken or not: either way the reply is routed
+            // by where the client runs, so the client just awaits it on its new node.
+            (
+                Blocked::SendingRemote {
+                    dst,
+                    kind: DeliverKind::SendRec,
+                    ..
+                },
+                _,
+            ) => Some(MigratedCall::AwaitingReply {
+                from: *dst,
+                remaining_ms: remaining_ms(p.deadline, now),
+            }),
+            // Not taken yet: withdraw it here, send it again from the new node.
+            (
+                Blocked::SendingLocal {
+                    dst,
+                    kind: DeliverKind::SendRec,
+                    msg,
+                    timeout,
+                },
+                _,
+            ) => Some(MigratedCall::Request(send_request(
+                DeliverKind::SendRec,
+                *dst,
+                *msg,
+                *timeout,
+            ))),
+            _ => None,
+        };
+        if let Blocked::SendingLocal { dst, .. } = p.blocked {
+            if let Some(Registration::Local { conn: q }) = self.table.get(dc, dst) {
+                if let Some(qc) = self.conns.get_mut(&q) {
+                    qc.queue.retain(|i| i.origin != Origin::Local(conn));
+                }
+            }
+        }
+        if let Blocked::SendingRemote { node, op, .. } = self.conns[&conn].blocked {
+            self.calls.settle(node, op);
+        }
+        let p = self.conns.get_mut(&conn).expect("quiescent conn exists");
+        let state = MigratedEndpoint {
+            call,
+            notifies: p.notifies.iter().map(|(k, v)| (*k, *v)).collect(),
+        };
+        let queue: Vec<_> = p.queue.drain(..).collect();
+        // Queued callers hold their calls and send them again after the outcome.
+        for inc in queue {
+            match inc.origin {
+                Origin::Local(sc) => {
+                    if let Some(Blocked::SendingLocal {
+                        dst,
+                        kind,
+                        msg,
+                        timeout,
+                    }) = self.conns.get(&sc).map(|s| s.blocked.clone())
+                    {
+                        self.migr.hold_call(dc, ep, sc);
+                        self.reblock(
+                            sc,
+                            Blocked::Held {
+                                req: send_request(kind, dst, msg, timeout),
+                            },
+                        );
+                    }
+                }
+                Origin::Remote { node, op } => {
+                    self.calls.unqueue(node, op);
+                    self.actions.push_back(Action::Peer(PeerAction::Send {
+                        node,
+                        frame: PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst: ep })),
+                    }));
+                }
+            }
+        }
+        self.enter_phase(id, Phase::Checkpoint, now);
+        self.actions.push_back(Action::Peer(PeerAction::Send {
+            node: to,
+            frame: PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare {
+                id,
+                dc,
+                ep,
+                backend,
+                state,
+                fail_restore: self.migr.coords[&id].req.fail_at == Some(FailAt::Restore),
+            })),
+        }));
+        match backend {
+            Backend::Criu => {
+                self.migr.dumping.insert(id, pid);
+                self.actions
+                    .push_back(Action::Process(ProcessAction::Checkpoint { id, pid, fail }))
+            }
+            Backend::Cooperative => {
+                // Interrupt the call it is blocked in; the library answers with the snapshot.
+                self.actions.push_back(Action::Local(LocalAction::Respond {
+                    conn,
+                    resp: LocalResponse::Checkpoint,
+                }));
+                if let Some(p) = self.conns.get_mut(&conn) {
+                    p.blocked = Blocked::Snapshotting;
+                    p.gen += 1;
+                }
+            }
+        }
+    }
+
+    /// A cooperative program sent its snapshot.
+    pub(in crate::node) fn on_snapshot(&mut self, conn: ConnId, data: Option<Vec<u8>>) {
+        let Some(p) = self.conns.get(&conn) else {
+            return;
+        };
+        let Some(id) = p.migrating_out else { return };
+        let fail = self
+            .migr
+            .coords
+            .get(&id)
+            .is_some_and(|c| c.req.fail_at == Some(FailAt::Checkpoint));
+        match data {
+            Some(data) => self
+                .actions
+                .push_back(Action::Process(ProcessAction::SaveSnapshot {
+                    id,
+                    data,
+                    fail,
+                })),
+            None => {
+                let now = self.now();
+                self.on_checkpoint_done(id, Err("the program registered no snapshot hook (m3ipc::Endpoint::set_snapshot_hook)".into()), now);
+            }
+        }
+    }
+
+    /// The checkpoint is taken (`Ok(image bytes)`) or failed.
+    pub(in crate::node) fn on_checkpoint_done(
+        &mut self,
+        id: MigrationId,
+        result: Result<u64, String>,
+        now: Instant,
+    ) {
+        let dumped = self.migr.dumping.remove(&id);
+        let decided = self.migr.coords.get(&id).map(|c| c.commit.is_some());
+        if decided != Some(false) {
+            // Rolled back while the dump ran (a commit needs the dump): the dump left the
+            // process stopped and wrote an image nobody needs.
+            if let Some(pid) = dumped {
+                self.actions
+                    .push_back(Action::Process(ProcessAction::ResumeTree { pid }));
+            }
+            self.actions
+                .push_back(Action::Process(ProcessAction::DropImage { id }));
+            return;
+        }
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
+        match result {
+            Ok(bytes) => {
+                c.checkpointed = true;
+                c.image_bytes = bytes;
+                let to = c.req.to;
+                self.enter_phase(id, Phase::Transfer, now);
+                self.actions
+                    .push_back(Action::Process(ProcessAction::SendImage { id, to }));
+            }
+            Err(e) => {
+                c.checkpointed = c.req.backend == Backend::Criu;
+                self.decide(id, false, Some(format!("checkpoint failed: {e}")), now)
+            }
+        }
+    }
+
+    /// The image is on its way (all of it queued on the link), or could not be sent.
+    pub(in crate::node) fn on_image_sent(
+        &mut self,
+        id: MigrationId,
+        result: Result<u64, String>,
+        now: Instant,
+    ) {
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
+        if c.commit.is_some() {
+            return;
+        }
+        match result {
+            Ok(_) if c.req.fail_at == Some(FailAt::Transfer) => self.decide(
+                id,
+                false,
+                Some("transfer failed: injected failure (--fail-at transfer)".into()),
+                now,
+            ),
+            Ok(bytes) => {
+                c.image_bytes = c.image_bytes.max(bytes);
+                let to = c.req.to;
+                self.enter_phase(id, Phase::Restore, now);
+                self.actions.push_back(Action::Peer(PeerAction::Send {
+                    node: to,
+                    frame: PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id })),
+                }));
+            }
+            Err(e) => self.decide(id, false, Some(format!("transfer failed: {e}")), now),
+        }
+    }
+
+    pub(in crate::node) fn decide(
+        &mut self,
+        id: MigrationId,
+        commit: bool,
+        error: Option<String>,
+        now: Instant,
+    ) {
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
+        if c.commit.is_some() {
+            return;
+        }
+        c.commit = Some(commit);
+        c.error = error;
+        let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
+        self.enter_phase(
+            id,
+            if commit {
+                Phase::Commit
+            } else {
+                Phase::Rollback
+            },
+            now,
+        );
+        let state = if commit {
+            RecordState::Committed
+        } else {
+            RecordState::RolledBack
+        };
+        self.actions
+            .push_back(Action::Directory(DirRequest::WriteMigrRecord {
+                id,
+                dc,
+                ep,
+                record: MigrRecord {
+                    id,
+                    from,
+                    to,
+                    state,
+                },
+                require: Require::Started(id),
+            }));
+    }
+
+    /// The outcome is recorded: broadcast it and apply it here.
+    pub(in crate::node) fn apply_decision(&mut self, id: MigrationId, commit: bool, now: Instant) {
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
+        c.decided_at = Some(now);
+        let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
+        // The source's image is of no use once the outcome is recorded: committed, the
+        // process runs on the destination; rolled back, the stopped process itself resumes.
+        self.actions
+            .push_back(Action::Process(ProcessAction::DropImage { id }));
+        let nodes = self.dc_peers(dc);
+        let frame = if commit {
+            PeerFrame::Migr(MigrFrame::Commit(MigrCommit { id, dc, ep, to }))
+        } else {
+            PeerFrame::Migr(MigrFrame::Rollback(MigrRollback { id, dc, ep, from }))
+        };
+        for n in &nodes {
+            self.actions.push_back(Action::Peer(PeerAction::Send {
+                node: *n,
+                frame: frame.clone(),
+            }));
+        }
+        if commit {
+            self.actions
+                .push_back(Action::Directory(DirRequest::Relocate { dc, ep, node: to }));
+        }
+        let c = self.migr.coords.get_mut(&id).expect("present");
+        c.acks = nodes.into_iter().collect();
+        let held = self.apply_outcome(id, dc, ep, commit, from, to, now);
+        let c = self.migr.coords.get_mut(&id).expect("present");
+        c.held += held;
+        // Outcome acks are awaited a bounded time only: a node that never answers learns the
+        // outcome from the directory.
+        self.add_timer(now + Duration::from_secs(5), TimerKey::Migration { id });
+        self.maybe_finish(id, now);
+    }
+
+    pub(in crate::node) fn maybe_finish(&mut self, id: MigrationId, now: Instant) {
+        let done = self
+            .migr
+            .coords
+            .get(&id)
+            .is_some_and(|c| c.decided_at.is_some() && c.acks.is_empty());
+        if !done {
+            return;
+        }
+        let c = self.migr.coords.remove(&id).expect("present");
+        let committed = c.commit == Some(true);
+        let report = self.report(id, &c, committed, c.error.clone(), now);
+        self.actions
+            .push_back(Action::Report(Report::MigrFinished { id, report }));
+    }
+
+    pub(in crate::node) fn report(
+        &self,
+        id: MigrationId,
+        c: &Coord,
+        committed: bool,
+        error: Option<String>,
+        now: Instant,
+    ) -> MigrationReport {
+        let mut phases = c.phases.clone();
+        let end = c.decided_at.unwrap_or(now);
+        phases.push((c.phase, ms(end.saturating_duration_since(c.phase_started))));
+        MigrationReport {
+            id,
+            dc: c.req.dc,
+            ep: c.req.ep,
+            from: c.from,
+            to: c.req.to,
+            backend: c.req.backend,
+            committed,
+            error,
+            phases,
+            migration_ms: ms(end - c.started),
+            image_bytes: c
+                .info
+                .as_ref()
+                .map(|i| i.image_bytes)
+                .unwrap_or(c.image_bytes),
+            transfer_ms: c.info.as_ref().map(|i| i.transfer_ms).unwrap_or(0.0),
+            restore_ms: c.info.as_ref().map(|i| i.restore_ms).unwrap_or(0.0),
+            held: c.held,
+        }
+    }
+
+    /// A participant holds calls now.
+    pub(in crate::node) fn on_start_ack(&mut self, from: NodeId, frame: MigrStartAck, now: Instant) {
+        let MigrStartAck { id } = frame;
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
+        if c.phase == Phase::Start
+            && c.commit.is_none()
+            && c.acks.remove(&from)
+            && c.acks.is_empty()
+        {
+            self.enter_quiesce(id, now);
+        }
+    }
+
+    /// The destination restored the process, or could not.
+    pub(in crate::node) fn on_restore_report(&mut self, _from: NodeId, frame: MigrRestored, now: Instant) {
+        let MigrRestored { id, result } = frame;
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
+        if c.commit.is_some() {
+            return;
+        }
+        match result {
+            Ok(info) => {
+                c.info = Some(info);
+                self.decide(id, true, None, now);
+            }
+            Err(e) => self.decide(id, false, Some(format!("restore failed: {e}")), now),
+        }
+    }
+
+    /// A participant applied the outcome.
+    pub(in crate::node) fn on_outcome_applied(&mut self, from: NodeId, frame: MigrDone, now: Instant) {
+        let MigrDone { id, held } = frame;
+        if let Some(c) = self.migr.coords.get_mut(&id) {
+            if c.acks.remove(&from) {
+                c.held += held;
+            }
+        }
+        self.maybe_finish(id, now);
+    }
+}

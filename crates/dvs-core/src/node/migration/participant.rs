@@ -1,0 +1,482 @@
+//! Every node of the DC: holds calls, replies and notifications aimed at a migrating
+//! endpoint (never fails them), and replays them where the endpoint runs after the outcome.
+//! Also follows an outcome recorded in the directory, and decides a rollback itself if the
+//! coordinator is gone.
+
+use std::time::{Duration, Instant};
+
+use dvs_wire::local::LocalResponse;
+use dvs_wire::peer::{Backend, MigratedCall, MigrationId, PeerFrame};
+use dvs_wire::peer::{
+    Deliver, IpcFrame, MigrCommit, MigrDone, MigrFrame, MigrRollback, MigrStart, MigrStartAck,
+    Notify, Redirect, Reply,
+};
+use dvs_wire::{DcId, Ep, NodeId, Timeout};
+
+use super::super::action::{DirRequest, PeerAction, ProcessAction};
+use super::super::{reply_response, Action, Blocked, NodeCore, TimerKey};
+use super::record::{MigrRecord, RecordState, Require};
+use super::{describe, send_request, Applied, Phase, APPLIED_MEMORY, PARTICIPANT_TIMEOUT};
+use crate::table::Registration;
+
+impl NodeCore {
+    /// Applies MIGR_COMMIT or MIGR_ROLLBACK on this node; returns how many held calls and
+    /// frames were replayed.
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::node) fn apply_outcome(
+        &mut self,
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        commit: bool,
+        from: NodeId,
+        to: NodeId,
+        now: Instant,
+    ) -> u32 {
+        if !self.migr.recently_applied(id, dc, ep) {
+            if self.migr.applied.len() >= APPLIED_MEMORY {
+                self.migr.applied.pop_front();
+            }
+            self.migr.applied.push_back(Applied {
+                id,
+                dc,
+                ep,
+                moved: commit.then_some((from, to)),
+            });
+        }
+        let hold = match self.migr.holds.get(&(dc, ep)) {
+            Some(h) if h.id.is_none() || h.id == Some(id) => self.migr.holds.remove(&(dc, ep)),
+            _ => None,
+        }
+        .unwrap_or_default();
+        let here = self.node;
+        // Source side.
+        let source_conn = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.migrating_out == Some(id))
+            .map(|(k, _)| *k);
+        if let Some(conn) = source_conn {
+            let backend = self.migr.coords.get(&id).map(|c| c.req.backend);
+            let checkpointed = self.migr.coords.get(&id).is_some_and(|c| c.checkpointed);
+            let p = self.conns.get_mut(&conn).expect("found");
+            p.migrating_out = None;
+            if commit {
+                // It runs on the destination now; this copy goes away without unbinding.
+                p.bound = None;
+                p.owes_reply.clear();
+                // Its pending call went with it: when this copy dies, abandoning that call
+                // here (a `Cancel` to the server's node) would take the request or the reply
+                // away from the restored process.
+                p.blocked = Blocked::No;
+                p.deadline = None;
+                p.gen += 1;
+                let pid = p.pid;
+                self.table.set(dc, ep, Registration::Remote { node: to });
+                self.actions
+                    .push_back(Action::Process(ProcessAction::MigratedAway { pid, to }));
+                match backend {
+                    Some(Backend::Cooperative) => self.respond(conn, LocalResponse::Exit),
+                    _ => self
+                        .actions
+                        .push_back(Action::Process(ProcessAction::KillTree { pid: p.pid })),
+                }
+            } else {
+                match p.blocked.clone() {
+                    Blocked::Snapshotting => self.respond(conn, LocalResponse::Resume),
+                    Blocked::Held { req } => {
+                        p.blocked = Blocked::No;
+                        self.run_request(conn, req, now);
+                    }
+                    _ => {
+                        // Its deadline was suspended during the move.
+                        if let Some(d) = p.deadline {
+                            let gen = p.gen;
+                            self.add_timer(d, TimerKey::Conn { conn, gen });
+                        }
+                    }
+                }
+                if backend == Some(Backend::Criu) && checkpointed {
+                    let pid = self.conns[&conn].pid;
+                    self.actions
+                        .push_back(Action::Process(ProcessAction::ResumeTree { pid }));
+                }
+            }
+        }
+        // Destination side.
+        if let Some(a) = self.migr.arrivals.remove(&id) {
+            if let Some(conn) = a.conn {
+                if commit {
+                    self.table.set(dc, ep, Registration::Local { conn });
+                    if let Some(p) = self.conns.get_mut(&conn) {
+                        p.blocked = Blocked::No;
+                        p.notifies = a.state.notifies.iter().copied().collect();
+                    }
+                    match (a.backend, a.state.call.clone()) {
+                        (Backend::Cooperative, _) => {
+                            self.respond(conn, LocalResponse::Ep { dc, ep, node: here })
+                        }
+                        (Backend::Criu, Some(MigratedCall::Request(req))) => {
+                            self.run_request(conn, req, now)
+                        }
+                        (
+                            Backend::Criu,
+                            Some(MigratedCall::AwaitingReply { from, remaining_ms }),
+                        ) => {
+                            let timeout = remaining_ms
+                                .map(Timeout::Millis)
+                                .unwrap_or(Timeout::Forever);
+                            self.block(
+                                conn,
+                                Blocked::AwaitingReply { from },
+                                timeout,
+                                now,
+                                Duration::ZERO,
+                            );
+                        }
+                        (Backend::Criu, None) => {}
+                    }
+                    self.wake_bind_waiters(dc, ep);
+                } else {
+                    if let Some(p) = self.conns.get_mut(&conn) {
+                        p.bound = None;
+                    }
+                    self.actions
+                        .push_back(Action::Process(ProcessAction::KillTree { pid: a.pid }));
+                }
+            }
+            self.actions
+                .push_back(Action::Process(ProcessAction::DropImage { id }));
+        } else if commit && to != here {
+            // Everyone else: the endpoint is remote, on the destination now.
+            let known = matches!(
+                self.table.get(dc, ep),
+                Some(Registration::Remote { .. } | Registration::Backup { .. })
+            );
+            if known || !hold.calls.is_empty() || !hold.frames.is_empty() {
+                self.table.set(dc, ep, Registration::Remote { node: to });
+            }
+        }
+        // Replay, in the order held.
+        let target = if commit { to } else { from };
+        let held = (hold.calls.len() + hold.frames.len() + hold.delivers.len()) as u32;
+        for (origin, frame) in hold.delivers {
+            let PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
+                op,
+                dc,
+                src,
+                dst,
+                kind,
+                msg,
+                timeout,
+            })) = frame
+            else {
+                continue;
+            };
+            if target == here {
+                self.remote_deliver(origin, op, dc, src, dst, kind, msg, timeout, now);
+            } else {
+                // Its sender's node holds the call (or, past the outcome, sends it again).
+                self.actions.push_back(Action::Peer(PeerAction::Send {
+                    node: origin,
+                    frame: PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst })),
+                }));
+            }
+        }
+        for frame in hold.frames {
+            if target == here {
+                self.apply_held_frame(frame);
+            } else if self.links_up.contains(&target) {
+                self.actions.push_back(Action::Peer(PeerAction::Send {
+                    node: target,
+                    frame,
+                }));
+            }
+        }
+        for conn in hold.calls {
+            if let Some(Blocked::Held { req }) = self.conns.get(&conn).map(|c| c.blocked.clone()) {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.blocked = Blocked::No;
+                }
+                self.run_request(conn, req, now);
+            }
+        }
+        held
+    }
+
+    /// A held reply or notification whose endpoint ended up on this node.
+    pub(in crate::node) fn apply_held_frame(&mut self, frame: PeerFrame) {
+        match frame {
+            PeerFrame::Ipc(IpcFrame::Notify(Notify {
+                dc,
+                src,
+                dst,
+                value,
+            })) => {
+                if let Some(Registration::Local { conn }) = self.table.get(dc, dst) {
+                    self.notify_local(conn, src, value);
+                }
+            }
+            PeerFrame::Ipc(IpcFrame::Reply(Reply {
+                dc,
+                src,
+                dst,
+                result,
+            })) => {
+                let Some(Registration::Local { conn }) = self.table.get(dc, dst) else {
+                    return;
+                };
+                let waiting = matches!(self.conns.get(&conn).map(|c| &c.blocked), Some(Blocked::AwaitingReply { from }) if *from == src);
+                if waiting {
+                    self.respond(conn, reply_response(src, result));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The directory's migration record of `{dc, ep}`, read to check migration `id` (see
+    /// [`DirRequest::ReadMigrRecord`]). A hold for a migration that the directory does not record
+    /// (a forged or stale MIGR_START) is released, and its held calls go where they were going.
+    pub(in crate::node) fn on_migr_record_read(
+        &mut self,
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        record: Option<MigrRecord>,
+        now: Instant,
+    ) {
+        match record {
+            Some(r) if r.id == id && r.state == RecordState::Started => {}
+            Some(r) if r.id == id => self.on_migr_record(dc, ep, r, now),
+            _ => {
+                let held = self.migr.holds.get(&(dc, ep)).and_then(|h| h.id) == Some(id);
+                if held && !self.migr.arrivals.contains_key(&id) {
+                    tracing::warn!(
+                        "releasing calls held for migration {id:x} of {dc}/{ep}: the directory \
+                         does not record it (a forged or stale MIGR_START)"
+                    );
+                    let from = self.migr.holds[&(dc, ep)].route.map_or(self.node, |r| r.0);
+                    self.apply_outcome(id, dc, ep, false, from, from, now);
+                }
+            }
+        }
+    }
+
+    /// The directory shows a migration record (watch): a node that missed the outcome's
+    /// broadcast applies it from here.
+    pub(in crate::node) fn on_migr_record(&mut self, dc: DcId, ep: Ep, record: MigrRecord, now: Instant) {
+        if record.state == RecordState::Started {
+            return;
+        }
+        if let Some(c) = self.migr.coords.get_mut(&record.id) {
+            // A participant recorded a rollback while this coordinator was still at work
+            // (it thought the coordinator gone): follow the record at once, so that the
+            // source resumes and no restored copy survives.
+            if c.commit.is_none() {
+                let commit = record.state == RecordState::Committed;
+                c.commit = Some(commit);
+                if !commit {
+                    c.error = Some("rolled back by another node".into());
+                }
+                self.apply_decision(record.id, commit, now);
+            }
+            return;
+        }
+        if self
+            .migr
+            .holds
+            .get(&(dc, ep))
+            .is_some_and(|h| h.id == Some(record.id))
+            || self.migr.arrivals.contains_key(&record.id)
+        {
+            let commit = record.state == RecordState::Committed;
+            self.apply_outcome(record.id, dc, ep, commit, record.from, record.to, now);
+        }
+    }
+
+    pub(in crate::node) fn on_migration_timer(&mut self, id: MigrationId, now: Instant) {
+        let Some(c) = self.migr.coords.get(&id) else {
+            // A participant still holding calls for an undecided migration: the coordinator may
+            // be gone. Try to decide a rollback; the directory watch applies what is recorded.
+            let held = self
+                .migr
+                .holds
+                .iter()
+                .find(|(_, h)| h.id == Some(id))
+                .map(|(k, h)| (*k, h.route));
+            if let Some(((dc, ep), Some((from, to)))) = held {
+                if self.links_up.contains(&from) {
+                    // The coordinator (the source) is reachable: it is still at work (a big
+                    // image takes a while) and decides itself, as long as the directory
+                    // still records the migration as started. Losing its link ends this wait.
+                    self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
+                    self.actions
+                        .push_back(Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }));
+                    return;
+                }
+                let record = MigrRecord {
+                    id,
+                    from,
+                    to,
+                    state: RecordState::RolledBack,
+                };
+                let require = Require::Started(id);
+                self.actions
+                    .push_back(Action::Directory(DirRequest::WriteMigrRecord {
+                        id,
+                        dc,
+                        ep,
+                        record,
+                        require,
+                    }));
+                self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
+            }
+            return;
+        };
+        match (c.phase, c.decided_at) {
+            (Phase::Quiesce, None) if c.commit.is_none() => {
+                let what = self
+                    .conns
+                    .get(&c.conn)
+                    .map(|p| describe(&p.blocked, !p.owes_reply.is_empty()))
+                    .unwrap_or("gone");
+                let why = format!(
+                    "endpoint {}/{} did not become quiescent within {:?} (it is {what})",
+                    c.req.dc, c.req.ep, c.req.quiesce_timeout
+                );
+                self.decide(id, false, Some(why), now);
+            }
+            (_, Some(_)) => {
+                // Stop waiting for outcome acks.
+                if let Some(c) = self.migr.coords.get_mut(&id) {
+                    c.acks.clear();
+                }
+                self.maybe_finish(id, now);
+            }
+            _ => {}
+        }
+    }
+
+    /// A link went down: a migration does not wait for that node's acks.
+    pub(in crate::node) fn migration_link_down(&mut self, node: NodeId) {
+        let now = self.now();
+        let ids: Vec<MigrationId> = self
+            .migr
+            .coords
+            .iter()
+            .filter(|(_, c)| c.acks.contains(&node))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let c = self.migr.coords.get_mut(&id).expect("listed");
+            c.acks.remove(&node);
+            let (phase, decided, to) = (c.phase, c.decided_at.is_some(), c.req.to);
+            if decided {
+                self.maybe_finish(id, now);
+            } else if phase == Phase::Start && self.migr.coords[&id].acks.is_empty() {
+                self.enter_quiesce(id, now);
+            }
+            let _ = to;
+        }
+        // Losing the destination before the decision means rolling back.
+        let lost: Vec<MigrationId> = self
+            .migr
+            .coords
+            .iter()
+            .filter(|(_, c)| c.req.to == node && c.commit.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            self.decide(
+                id,
+                false,
+                Some(format!("lost the link to the destination node {node}")),
+                now,
+            );
+        }
+    }
+
+    /// A node that got our message for a migrating endpoint tells us to hold it.
+    pub(in crate::node) fn on_redirect(&mut self, from: NodeId, frame: Redirect, now: Instant) {
+        let Redirect { op, dc, dst } = frame;
+        let Some(conn) = self.calls.settle(from, op) else {
+            return;
+        };
+        let Some(Blocked::SendingRemote {
+            op: o,
+            kind,
+            msg,
+            timeout,
+            ..
+        }) = self.conns.get(&conn).map(|c| c.blocked.clone())
+        else {
+            return;
+        };
+        if o != op {
+            return;
+        }
+        if !self.migr.holds(dc, dst) {
+            // This node applied the outcome before the redirecting node did: holding
+            // the call would wait for an outcome that already came. Send it again.
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.blocked = Blocked::No;
+            }
+            return self.run_request(conn, send_request(kind, dst, msg, timeout), now);
+        }
+        self.migr.hold_call(dc, dst, conn);
+        self.reblock(
+            conn,
+            Blocked::Held {
+                req: send_request(kind, dst, msg, timeout),
+            },
+        );
+    }
+
+    /// MIGR_START: hold calls to the endpoint until the outcome.
+    pub(in crate::node) fn on_migr_start(&mut self, from: NodeId, frame: MigrStart, now: Instant) {
+        let MigrStart {
+            id,
+            dc,
+            ep,
+            from: src,
+            to,
+        } = frame;
+        let h = self.migr.holds.entry((dc, ep)).or_default();
+        h.id = Some(id);
+        h.route = Some((src, to));
+        self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
+        // The coordinator records the START before it broadcasts it: check.
+        self.actions
+            .push_back(Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }));
+        self.actions.push_back(Action::Peer(PeerAction::Send {
+            node: from,
+            frame: PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { id })),
+        }));
+    }
+
+    /// MIGR_COMMIT from the coordinator.
+    pub(in crate::node) fn on_migr_commit(&mut self, from: NodeId, frame: MigrCommit, now: Instant) {
+        let MigrCommit { id, dc, ep, to } = frame;
+        let held = self.apply_outcome(id, dc, ep, true, from, to, now);
+        self.actions.push_back(Action::Peer(PeerAction::Send {
+            node: from,
+            frame: PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held })),
+        }));
+    }
+
+    /// MIGR_ROLLBACK from the coordinator.
+    pub(in crate::node) fn on_migr_rollback(&mut self, from: NodeId, frame: MigrRollback, now: Instant) {
+        let MigrRollback {
+            id,
+            dc,
+            ep,
+            from: src,
+        } = frame;
+        let held = self.apply_outcome(id, dc, ep, false, src, src, now);
+        self.actions.push_back(Action::Peer(PeerAction::Send {
+            node: from,
+            frame: PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held })),
+        }));
+    }
+}
