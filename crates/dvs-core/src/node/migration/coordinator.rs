@@ -587,7 +587,7 @@ impl NodeCore {
             .push_back(Action::Report(Report::MigrFinished { id, report }));
     }
 
-    pub(in crate::node) fn report(
+    pub(super) fn report(
         &self,
         id: MigrationId,
         c: &Coord,
