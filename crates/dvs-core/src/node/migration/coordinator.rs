@@ -36,13 +36,56 @@ pub(super) struct Coord {
     pub(super) phases: Vec<(Phase, f64)>,
     pub(super) acks: BTreeSet<NodeId>,
     /// Set once the outcome is decided: commit or not.
-    pub(super) commit: Option<bool>,
-    pub(super) decided_at: Option<Instant>,
+    pub(super) outcome: Outcome,
     pub(super) error: Option<String>,
-    pub(super) checkpointed: bool,
+    pub(super) source: Source,
     pub(super) image_bytes: u64,
     pub(super) info: Option<RestoreInfo>,
     pub(super) held: u32,
+}
+
+/// Where the outcome of a coordinated migration stands: a state, not a pair of flags, so
+/// that "decided but not recorded yet" and "recorded" cannot be confused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// Nothing decided: the migration works through its phases.
+    Open,
+    /// `commit` chosen; the migration record is being written.
+    Deciding { commit: bool },
+    /// Recorded at `at`, broadcast and applied here; the other nodes' acks are awaited.
+    Decided { commit: bool, at: Instant },
+}
+
+impl Outcome {
+    /// Whether no outcome is chosen yet.
+    pub(super) fn is_open(self) -> bool {
+        self == Outcome::Open
+    }
+
+    /// The chosen outcome (commit or not), once chosen.
+    pub(super) fn commit(self) -> Option<bool> {
+        match self {
+            Outcome::Open => None,
+            Outcome::Deciding { commit } | Outcome::Decided { commit, .. } => Some(commit),
+        }
+    }
+
+    /// When the outcome was recorded.
+    pub(super) fn decided_at(self) -> Option<Instant> {
+        match self {
+            Outcome::Decided { at, .. } => Some(at),
+            _ => None,
+        }
+    }
+}
+
+/// What the migration did to the source process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Source {
+    /// It runs (or is blocked in IPC): nothing to undo on a rollback.
+    Running,
+    /// A criu dump stopped it: a rollback must let it run again.
+    Stopped,
 }
 
 impl NodeCore {
@@ -90,10 +133,9 @@ impl NodeCore {
             phase_started: now,
             phases: Vec::new(),
             acks: BTreeSet::new(),
-            commit: None,
-            decided_at: None,
+            outcome: Outcome::Open,
             error: None,
-            checkpointed: false,
+            source: Source::Running,
             image_bytes: 0,
             info: None,
             held: 0,
@@ -145,7 +187,7 @@ impl NodeCore {
             return;
         };
         let (dc, ep, conn) = (c.req.dc, c.req.ep, c.conn);
-        match (c.commit, result) {
+        match (c.outcome.commit(), result) {
             (None, Ok(())) => {
                 // Recorded: hold calls here and tell every node of the DC to hold them.
                 self.migr.holds.entry((dc, ep)).or_default().id = Some(id);
@@ -191,7 +233,7 @@ impl NodeCore {
                 // Someone else decided (a participant's timeout): follow the record.
                 let commit = r.state == RecordState::Committed;
                 if let Some(c) = self.migr.coords.get_mut(&id) {
-                    c.commit = Some(commit);
+                    c.outcome = Outcome::Deciding { commit };
                     if !commit && c.error.is_none() {
                         c.error = Some("rolled back by another node".into());
                     }
@@ -203,7 +245,7 @@ impl NodeCore {
                 // source, unless the destination already runs it and the record says so.
                 let _ = commit;
                 if let Some(c) = self.migr.coords.get_mut(&id) {
-                    c.commit = Some(false);
+                    c.outcome = Outcome::Deciding { commit: false };
                     c.error.get_or_insert_with(|| {
                         "the migration record changed under the coordinator".into()
                     });
@@ -246,7 +288,7 @@ impl NodeCore {
             .migr
             .coords
             .iter()
-            .filter(|(_, c)| c.phase == Phase::Quiesce && c.commit.is_none())
+            .filter(|(_, c)| c.phase == Phase::Quiesce && c.outcome.is_open())
             .filter(|(_, c)| {
                 self.conns
                     .get(&c.conn)
@@ -424,7 +466,7 @@ impl NodeCore {
         now: Instant,
     ) {
         let dumped = self.migr.dumping.remove(&id);
-        let decided = self.migr.coords.get(&id).map(|c| c.commit.is_some());
+        let decided = self.migr.coords.get(&id).map(|c| !c.outcome.is_open());
         if decided != Some(false) {
             // Rolled back while the dump ran (a commit needs the dump): the dump left the
             // process stopped and wrote an image nobody needs.
@@ -441,7 +483,10 @@ impl NodeCore {
         };
         match result {
             Ok(bytes) => {
-                c.checkpointed = true;
+                if c.req.backend == Backend::Criu {
+                    // criu leaves the dumped process stopped.
+                    c.source = Source::Stopped;
+                }
                 c.image_bytes = bytes;
                 let to = c.req.to;
                 self.enter_phase(id, Phase::Transfer, now);
@@ -449,7 +494,10 @@ impl NodeCore {
                     .push_back(Action::Process(ProcessAction::SendImage { id, to }));
             }
             Err(e) => {
-                c.checkpointed = c.req.backend == Backend::Criu;
+                if c.req.backend == Backend::Criu {
+                    // A failed dump may still have stopped the process.
+                    c.source = Source::Stopped;
+                }
                 self.decide(id, false, Some(format!("checkpoint failed: {e}")), now)
             }
         }
@@ -465,7 +513,7 @@ impl NodeCore {
         let Some(c) = self.migr.coords.get_mut(&id) else {
             return;
         };
-        if c.commit.is_some() {
+        if !c.outcome.is_open() {
             return;
         }
         match result {
@@ -498,10 +546,10 @@ impl NodeCore {
         let Some(c) = self.migr.coords.get_mut(&id) else {
             return;
         };
-        if c.commit.is_some() {
+        if !c.outcome.is_open() {
             return;
         }
-        c.commit = Some(commit);
+        c.outcome = Outcome::Deciding { commit };
         c.error = error;
         let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
         self.enter_phase(
@@ -538,7 +586,7 @@ impl NodeCore {
         let Some(c) = self.migr.coords.get_mut(&id) else {
             return;
         };
-        c.decided_at = Some(now);
+        c.outcome = Outcome::Decided { commit, at: now };
         let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
         // The source's image is of no use once the outcome is recorded: committed, the
         // process runs on the destination; rolled back, the stopped process itself resumes.
@@ -576,12 +624,12 @@ impl NodeCore {
             .migr
             .coords
             .get(&id)
-            .is_some_and(|c| c.decided_at.is_some() && c.acks.is_empty());
+            .is_some_and(|c| c.outcome.decided_at().is_some() && c.acks.is_empty());
         if !done {
             return;
         }
         let c = self.migr.coords.remove(&id).expect("present");
-        let committed = c.commit == Some(true);
+        let committed = c.outcome.commit() == Some(true);
         let report = self.report(id, &c, committed, c.error.clone(), now);
         self.actions
             .push_back(Action::Report(Report::MigrFinished { id, report }));
@@ -596,7 +644,7 @@ impl NodeCore {
         now: Instant,
     ) -> MigrationReport {
         let mut phases = c.phases.clone();
-        let end = c.decided_at.unwrap_or(now);
+        let end = c.outcome.decided_at().unwrap_or(now);
         phases.push((c.phase, ms(end.saturating_duration_since(c.phase_started))));
         MigrationReport {
             id,
@@ -621,13 +669,18 @@ impl NodeCore {
     }
 
     /// A participant holds calls now.
-    pub(in crate::node) fn on_start_ack(&mut self, from: NodeId, frame: MigrStartAck, now: Instant) {
+    pub(in crate::node) fn on_start_ack(
+        &mut self,
+        from: NodeId,
+        frame: MigrStartAck,
+        now: Instant,
+    ) {
         let MigrStartAck { id } = frame;
         let Some(c) = self.migr.coords.get_mut(&id) else {
             return;
         };
         if c.phase == Phase::Start
-            && c.commit.is_none()
+            && c.outcome.is_open()
             && c.acks.remove(&from)
             && c.acks.is_empty()
         {
@@ -636,12 +689,17 @@ impl NodeCore {
     }
 
     /// The destination restored the process, or could not.
-    pub(in crate::node) fn on_restore_report(&mut self, _from: NodeId, frame: MigrRestored, now: Instant) {
+    pub(in crate::node) fn on_restore_report(
+        &mut self,
+        _from: NodeId,
+        frame: MigrRestored,
+        now: Instant,
+    ) {
         let MigrRestored { id, result } = frame;
         let Some(c) = self.migr.coords.get_mut(&id) else {
             return;
         };
-        if c.commit.is_some() {
+        if !c.outcome.is_open() {
             return;
         }
         match result {
@@ -654,7 +712,12 @@ impl NodeCore {
     }
 
     /// A participant applied the outcome.
-    pub(in crate::node) fn on_outcome_applied(&mut self, from: NodeId, frame: MigrDone, now: Instant) {
+    pub(in crate::node) fn on_outcome_applied(
+        &mut self,
+        from: NodeId,
+        frame: MigrDone,
+        now: Instant,
+    ) {
         let MigrDone { id, held } = frame;
         if let Some(c) = self.migr.coords.get_mut(&id) {
             if c.acks.remove(&from) {

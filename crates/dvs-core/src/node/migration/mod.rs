@@ -257,7 +257,9 @@ impl MigrationState {
     }
     /// Whether the outcome of `id`, coordinated here, was decided and broadcast.
     pub fn coord_decided(&self, id: MigrationId) -> Option<bool> {
-        self.coords.get(&id).map(|c| c.decided_at.is_some())
+        self.coords
+            .get(&id)
+            .map(|c| c.outcome.decided_at().is_some())
     }
     /// Whether this node is the destination of `id` (it got MIGR_PREPARE).
     pub fn has_arrival(&self, id: MigrationId) -> bool {

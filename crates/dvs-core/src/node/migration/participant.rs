@@ -15,6 +15,7 @@ use dvs_wire::{DcId, Ep, NodeId, Timeout};
 
 use super::super::action::{DirRequest, PeerAction, ProcessAction};
 use super::super::{reply_response, Action, Blocked, NodeCore, TimerKey};
+use super::coordinator::{Outcome, Source};
 use super::record::{MigrRecord, RecordState, Require};
 use super::{describe, send_request, Applied, Phase, APPLIED_MEMORY, PARTICIPANT_TIMEOUT};
 use crate::table::Registration;
@@ -58,7 +59,11 @@ impl NodeCore {
             .map(|(k, _)| *k);
         if let Some(conn) = source_conn {
             let backend = self.migr.coords.get(&id).map(|c| c.req.backend);
-            let checkpointed = self.migr.coords.get(&id).is_some_and(|c| c.checkpointed);
+            let checkpointed = self
+                .migr
+                .coords
+                .get(&id)
+                .is_some_and(|c| c.source == Source::Stopped);
             let p = self.conns.get_mut(&conn).expect("found");
             p.migrating_out = None;
             if commit {
@@ -265,7 +270,13 @@ impl NodeCore {
 
     /// The directory shows a migration record (watch): a node that missed the outcome's
     /// broadcast applies it from here.
-    pub(in crate::node) fn on_migr_record(&mut self, dc: DcId, ep: Ep, record: MigrRecord, now: Instant) {
+    pub(in crate::node) fn on_migr_record(
+        &mut self,
+        dc: DcId,
+        ep: Ep,
+        record: MigrRecord,
+        now: Instant,
+    ) {
         if record.state == RecordState::Started {
             return;
         }
@@ -273,9 +284,9 @@ impl NodeCore {
             // A participant recorded a rollback while this coordinator was still at work
             // (it thought the coordinator gone): follow the record at once, so that the
             // source resumes and no restored copy survives.
-            if c.commit.is_none() {
+            if c.outcome.is_open() {
                 let commit = record.state == RecordState::Committed;
-                c.commit = Some(commit);
+                c.outcome = Outcome::Deciding { commit };
                 if !commit {
                     c.error = Some("rolled back by another node".into());
                 }
@@ -334,8 +345,8 @@ impl NodeCore {
             }
             return;
         };
-        match (c.phase, c.decided_at) {
-            (Phase::Quiesce, None) if c.commit.is_none() => {
+        match (c.phase, c.outcome.decided_at()) {
+            (Phase::Quiesce, None) if c.outcome.is_open() => {
                 let what = self
                     .conns
                     .get(&c.conn)
@@ -371,7 +382,7 @@ impl NodeCore {
         for id in ids {
             let c = self.migr.coords.get_mut(&id).expect("listed");
             c.acks.remove(&node);
-            let (phase, decided, to) = (c.phase, c.decided_at.is_some(), c.req.to);
+            let (phase, decided, to) = (c.phase, c.outcome.decided_at().is_some(), c.req.to);
             if decided {
                 self.maybe_finish(id, now);
             } else if phase == Phase::Start && self.migr.coords[&id].acks.is_empty() {
@@ -384,7 +395,7 @@ impl NodeCore {
             .migr
             .coords
             .iter()
-            .filter(|(_, c)| c.req.to == node && c.commit.is_none())
+            .filter(|(_, c)| c.req.to == node && c.outcome.is_open())
             .map(|(id, _)| *id)
             .collect();
         for id in lost {
@@ -456,7 +467,12 @@ impl NodeCore {
     }
 
     /// MIGR_COMMIT from the coordinator.
-    pub(in crate::node) fn on_migr_commit(&mut self, from: NodeId, frame: MigrCommit, now: Instant) {
+    pub(in crate::node) fn on_migr_commit(
+        &mut self,
+        from: NodeId,
+        frame: MigrCommit,
+        now: Instant,
+    ) {
         let MigrCommit { id, dc, ep, to } = frame;
         let held = self.apply_outcome(id, dc, ep, true, from, to, now);
         self.actions.push_back(Action::Peer(PeerAction::Send {
@@ -466,7 +482,12 @@ impl NodeCore {
     }
 
     /// MIGR_ROLLBACK from the coordinator.
-    pub(in crate::node) fn on_migr_rollback(&mut self, from: NodeId, frame: MigrRollback, now: Instant) {
+    pub(in crate::node) fn on_migr_rollback(
+        &mut self,
+        from: NodeId,
+        frame: MigrRollback,
+        now: Instant,
+    ) {
         let MigrRollback {
             id,
             dc,
