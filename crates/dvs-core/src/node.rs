@@ -15,6 +15,7 @@ use crate::{ConnId, OpId};
 
 pub mod action;
 mod conn;
+mod endpoint_port;
 pub mod input;
 mod ipc;
 mod ledger;
@@ -29,9 +30,8 @@ pub use action::{
     Action, DirRequest, LocalAction, MemoryAction, PeerAction, ProcessAction, Report,
     VcopyCompletion,
 };
-use conn::{Blocked, Conn, Origin};
+use conn::{Blocked, Conn};
 pub use input::{DirectoryInput, Input, MigrationInput, Ticket};
-use ipc::reply_response;
 use ledger::RemoteCalls;
 use migration::MigrationState;
 use timers::{TimerKey, Timers};

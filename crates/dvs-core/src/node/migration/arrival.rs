@@ -8,7 +8,7 @@ use dvs_wire::peer::{MigrFrame, MigrPrepare, MigrRestore, MigrRestored};
 use dvs_wire::{DcId, Ep, Errno, NodeId, PROTOCOL_VERSION};
 
 use super::super::action::{LocalAction, PeerAction, ProcessAction};
-use super::super::{err, Action, Blocked, NodeCore};
+use super::super::{err, Action, NodeCore};
 use super::ms;
 use crate::ConnId;
 
@@ -64,11 +64,7 @@ impl NodeCore {
                 a.conn = Some(conn);
                 a.pid = pid;
                 let (dc, ep) = (a.dc, a.ep);
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.bound = Some((dc, ep));
-                    c.pid = pid;
-                    c.blocked = Blocked::Installing { id };
-                }
+                self.bind_arrival(conn, dc, ep, pid, id);
                 Ok(self.restore_info(id, now))
             }
             Err(e) => Err(e),
@@ -112,13 +108,11 @@ impl NodeCore {
         }
         if self.migr.arrivals[&id].fail_restore {
             // The copy is killed by the rollback this failure causes.
+            let pid = self.endpoint_pid(conn).unwrap_or(0);
             let a = self.migr.arrivals.get_mut(&id).expect("checked");
             a.conn = Some(conn);
-            let (coordinator, pid) = (
-                a.coordinator,
-                self.conns.get(&conn).map(|c| c.pid).unwrap_or(0),
-            );
             a.pid = pid;
+            let coordinator = a.coordinator;
             self.actions.push_back(Action::Peer(PeerAction::Send {
                 node: coordinator,
                 frame: PeerFrame::Migr(MigrFrame::Restored(MigrRestored {
@@ -128,7 +122,7 @@ impl NodeCore {
             }));
             return;
         }
-        let pid = self.conns.get(&conn).map(|c| c.pid).unwrap_or(0);
+        let pid = self.endpoint_pid(conn).unwrap_or(0);
         self.on_restored(id, Ok((conn, pid)), now);
     }
 

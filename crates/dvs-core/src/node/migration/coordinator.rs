@@ -6,21 +6,17 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use dvs_wire::local::{LocalRequest, LocalResponse};
+use dvs_wire::peer::{Backend, FailAt, MigrationId, PeerFrame, RestoreInfo};
 use dvs_wire::peer::{
-    Backend, DeliverKind, FailAt, MigratedCall, MigratedEndpoint, MigrationId, PeerFrame,
-    RestoreInfo,
+    MigrCommit, MigrDone, MigrFrame, MigrPrepare, MigrRestore, MigrRestored, MigrRollback,
+    MigrStart, MigrStartAck,
 };
-use dvs_wire::peer::{
-    IpcFrame, MigrCommit, MigrDone, MigrFrame, MigrPrepare, MigrRestore, MigrRestored,
-    MigrRollback, MigrStart, MigrStartAck, Redirect,
-};
-use dvs_wire::{DcId, NodeId, Timeout};
+use dvs_wire::{DcId, NodeId};
 
-use super::super::action::{DirRequest, LocalAction, PeerAction, ProcessAction, Report};
-use super::super::{Action, Blocked, NodeCore, Origin, TimerKey};
+use super::super::action::{DirRequest, PeerAction, ProcessAction, Report};
+use super::super::{Action, NodeCore, TimerKey};
 use super::record::{MigrRecord, RecordState, Require};
-use super::{ms, quiescent, remaining_ms, send_request, MigrationReport, MigrationRequest, Phase};
+use super::{ms, MigrationReport, MigrationRequest, Phase};
 use crate::table::Registration;
 use crate::ConnId;
 
@@ -121,13 +117,15 @@ impl NodeCore {
         if !self.links_up.contains(&to) {
             return Err(format!("the link to node {to} is down"));
         }
-        let c = self.conns.get(&conn).ok_or("endpoint without connection")?;
+        let pid = self
+            .endpoint_pid(conn)
+            .ok_or("endpoint without connection")?;
         self.migr.next += 1;
         let id = ((self.node as u64) << 48) | (self.migr.next & 0xffff_ffff_ffff);
         let coord = Coord {
             from: self.node,
             conn,
-            pid: c.pid,
+            pid,
             phase: Phase::Start,
             started: now,
             phase_started: now,
@@ -186,15 +184,12 @@ impl NodeCore {
         let Some(c) = self.migr.coords.get(&id) else {
             return;
         };
-        let (dc, ep, conn) = (c.req.dc, c.req.ep, c.conn);
+        let (dc, ep, conn, to) = (c.req.dc, c.req.ep, c.conn, c.req.to);
         match (c.outcome.commit(), result) {
             (None, Ok(())) => {
                 // Recorded: hold calls here and tell every node of the DC to hold them.
                 self.migr.holds.entry((dc, ep)).or_default().id = Some(id);
-                if let Some(cc) = self.conns.get_mut(&conn) {
-                    cc.migrating_out = Some(id);
-                }
-                let to = c.req.to;
+                self.mark_migrating_out(conn, id);
                 let nodes: Vec<NodeId> = self.dc_peers(dc);
                 for n in &nodes {
                     self.actions.push_back(Action::Peer(PeerAction::Send {
@@ -289,11 +284,7 @@ impl NodeCore {
             .coords
             .iter()
             .filter(|(_, c)| c.phase == Phase::Quiesce && c.outcome.is_open())
-            .filter(|(_, c)| {
-                self.conns
-                    .get(&c.conn)
-                    .is_some_and(|p| quiescent(p.owes_reply.is_empty(), &p.blocked, c.req.backend))
-            })
+            .filter(|(_, c)| self.endpoint_quiescent(c.conn, c.req.backend))
             .map(|(id, _)| *id)
             .collect();
         for id in ready {
@@ -308,98 +299,7 @@ impl NodeCore {
         let (dc, ep, conn, backend, to, pid) =
             (c.req.dc, c.req.ep, c.conn, c.req.backend, c.req.to, c.pid);
         let fail = c.req.fail_at == Some(FailAt::Checkpoint);
-        let p = self.conns.get_mut(&conn).expect("quiescent conn exists");
-        let call = match (&p.blocked, backend) {
-            // The cooperative program restarts its loop from the snapshot on the destination.
-            (_, Backend::Cooperative) => None,
-            (Blocked::Receiving { src }, _) => Some(MigratedCall::Request(LocalRequest::Receive {
-                src: *src,
-                timeout: match remaining_ms(p.deadline, now) {
-                    None => Timeout::Forever,
-                    Some(0) => Timeout::NoWait,
-                    Some(m) => Timeout::Millis(m),
-                },
-            })),
-            (Blocked::Held { req }, _) => Some(MigratedCall::Request(req.clone())),
-            (Blocked::AwaitingReply { from }, _) => Some(MigratedCall::AwaitingReply {
-                from: *from,
-                remaining_ms: remaining_ms(p.deadline, now),
-            }),
-            // Its message is at the server's node, taken or not: either way the reply is routed
-            // by where the client runs, so the client just awaits it on its new node.
-            (
-                Blocked::SendingRemote {
-                    dst,
-                    kind: DeliverKind::SendRec,
-                    ..
-                },
-                _,
-            ) => Some(MigratedCall::AwaitingReply {
-                from: *dst,
-                remaining_ms: remaining_ms(p.deadline, now),
-            }),
-            // Not taken yet: withdraw it here, send it again from the new node.
-            (
-                Blocked::SendingLocal {
-                    dst,
-                    kind: DeliverKind::SendRec,
-                    msg,
-                    timeout,
-                },
-                _,
-            ) => Some(MigratedCall::Request(send_request(
-                DeliverKind::SendRec,
-                *dst,
-                *msg,
-                *timeout,
-            ))),
-            _ => None,
-        };
-        if let Blocked::SendingLocal { dst, .. } = p.blocked {
-            if let Some(Registration::Local { conn: q }) = self.table.get(dc, dst) {
-                if let Some(qc) = self.conns.get_mut(&q) {
-                    qc.queue.retain(|i| i.origin != Origin::Local(conn));
-                }
-            }
-        }
-        if let Blocked::SendingRemote { node, op, .. } = self.conns[&conn].blocked {
-            self.calls.settle(node, op);
-        }
-        let p = self.conns.get_mut(&conn).expect("quiescent conn exists");
-        let state = MigratedEndpoint {
-            call,
-            notifies: p.notifies.iter().map(|(k, v)| (*k, *v)).collect(),
-        };
-        let queue: Vec<_> = p.queue.drain(..).collect();
-        // Queued callers hold their calls and send them again after the outcome.
-        for inc in queue {
-            match inc.origin {
-                Origin::Local(sc) => {
-                    if let Some(Blocked::SendingLocal {
-                        dst,
-                        kind,
-                        msg,
-                        timeout,
-                    }) = self.conns.get(&sc).map(|s| s.blocked.clone())
-                    {
-                        self.migr.hold_call(dc, ep, sc);
-                        self.reblock(
-                            sc,
-                            Blocked::Held {
-                                req: send_request(kind, dst, msg, timeout),
-                            },
-                        );
-                    }
-                }
-                Origin::Remote { node, op } => {
-                    self.calls.unqueue(node, op);
-                    self.actions.push_back(Action::Peer(PeerAction::Send {
-                        node,
-                        frame: PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst: ep })),
-                    }));
-                }
-            }
-        }
+        let state = self.capture_endpoint(conn, dc, ep, backend, now);
         self.enter_phase(id, Phase::Checkpoint, now);
         self.actions.push_back(Action::Peer(PeerAction::Send {
             node: to,
@@ -419,25 +319,16 @@ impl NodeCore {
                     .push_back(Action::Process(ProcessAction::Checkpoint { id, pid, fail }))
             }
             Backend::Cooperative => {
-                // Interrupt the call it is blocked in; the library answers with the snapshot.
-                self.actions.push_back(Action::Local(LocalAction::Respond {
-                    conn,
-                    resp: LocalResponse::Checkpoint,
-                }));
-                if let Some(p) = self.conns.get_mut(&conn) {
-                    p.blocked = Blocked::Snapshotting;
-                    p.gen += 1;
-                }
+                self.interrupt_for_snapshot(conn);
             }
         }
     }
 
     /// A cooperative program sent its snapshot.
     pub(in crate::node) fn on_snapshot(&mut self, conn: ConnId, data: Option<Vec<u8>>) {
-        let Some(p) = self.conns.get(&conn) else {
+        let Some(id) = self.migrating_out(conn) else {
             return;
         };
-        let Some(id) = p.migrating_out else { return };
         let fail = self
             .migr
             .coords

@@ -24,7 +24,7 @@ use dvs_wire::peer::{Backend, DeliverKind, MigrationId, PeerFrame};
 use dvs_wire::peer::{Deliver, IpcFrame, MigrFrame};
 use dvs_wire::{DcId, Ep, Message, NodeId, Timeout};
 
-use super::{Blocked, NodeCore};
+use super::NodeCore;
 
 mod arrival;
 mod coordinator;
@@ -351,41 +351,5 @@ impl NodeCore {
             PeerFrame::Migr(MigrFrame::Done(f)) => self.on_outcome_applied(from, f, now),
             _ => {}
         }
-    }
-}
-
-/// Whether a process may be checkpointed now: blocked in IPC, not owing a sendrec reply.
-pub(in crate::node) fn quiescent(owes_nothing: bool, b: &Blocked, backend: Backend) -> bool {
-    owes_nothing
-        && match backend {
-            Backend::Criu => matches!(
-                b,
-                Blocked::Receiving { .. }
-                    | Blocked::AwaitingReply { .. }
-                    | Blocked::Held { .. }
-                    | Blocked::SendingRemote {
-                        kind: DeliverKind::SendRec,
-                        ..
-                    }
-                    | Blocked::SendingLocal {
-                        kind: DeliverKind::SendRec,
-                        ..
-                    }
-            ),
-            // The snapshot interrupts the call; a reply in flight would be lost with it.
-            Backend::Cooperative => matches!(b, Blocked::Receiving { .. } | Blocked::Held { .. }),
-        }
-}
-
-pub(in crate::node) fn describe(b: &Blocked, owes: bool) -> &'static str {
-    if owes {
-        return "holding a sendrec request it has not replied to";
-    }
-    match b {
-        Blocked::No => "running, not in an IPC call",
-        Blocked::SendingLocal { .. } | Blocked::SendingRemote { .. } => "blocked sending",
-        Blocked::Vcopy { .. } => "in a vcopy",
-        Blocked::AwaitingReply { .. } => "waiting for a reply",
-        _ => "busy",
     }
 }

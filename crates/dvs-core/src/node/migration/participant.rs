@@ -3,21 +3,17 @@
 //! Also follows an outcome recorded in the directory, and decides a rollback itself if the
 //! coordinator is gone.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use dvs_wire::local::LocalResponse;
-use dvs_wire::peer::{Backend, MigratedCall, MigrationId, PeerFrame};
-use dvs_wire::peer::{
-    Deliver, IpcFrame, MigrCommit, MigrDone, MigrFrame, MigrRollback, MigrStart, MigrStartAck,
-    Notify, Redirect, Reply,
-};
-use dvs_wire::{DcId, Ep, NodeId, Timeout};
+use dvs_wire::peer::{Backend, MigrationId, PeerFrame};
+use dvs_wire::peer::{MigrCommit, MigrDone, MigrFrame, MigrRollback, MigrStart, MigrStartAck};
+use dvs_wire::{DcId, Ep, NodeId};
 
 use super::super::action::{DirRequest, PeerAction, ProcessAction};
-use super::super::{reply_response, Action, Blocked, NodeCore, TimerKey};
+use super::super::{Action, NodeCore, TimerKey};
 use super::coordinator::{Outcome, Source};
 use super::record::{MigrRecord, RecordState, Require};
-use super::{describe, send_request, Applied, Phase, APPLIED_MEMORY, PARTICIPANT_TIMEOUT};
+use super::{Applied, Phase, APPLIED_MEMORY, PARTICIPANT_TIMEOUT};
 use crate::table::Registration;
 
 impl NodeCore {
@@ -52,60 +48,18 @@ impl NodeCore {
         .unwrap_or_default();
         let here = self.node;
         // Source side.
-        let source_conn = self
-            .conns
-            .iter()
-            .find(|(_, c)| c.migrating_out == Some(id))
-            .map(|(k, _)| *k);
-        if let Some(conn) = source_conn {
+        if let Some(conn) = self.migrating_out_conn(id) {
             let backend = self.migr.coords.get(&id).map(|c| c.req.backend);
-            let checkpointed = self
+            let stopped = self
                 .migr
                 .coords
                 .get(&id)
                 .is_some_and(|c| c.source == Source::Stopped);
-            let p = self.conns.get_mut(&conn).expect("found");
-            p.migrating_out = None;
             if commit {
-                // It runs on the destination now; this copy goes away without unbinding.
-                p.bound = None;
-                p.owes_reply.clear();
-                // Its pending call went with it: when this copy dies, abandoning that call
-                // here (a `Cancel` to the server's node) would take the request or the reply
-                // away from the restored process.
-                p.blocked = Blocked::No;
-                p.deadline = None;
-                p.gen += 1;
-                let pid = p.pid;
                 self.table.set(dc, ep, Registration::Remote { node: to });
-                self.actions
-                    .push_back(Action::Process(ProcessAction::MigratedAway { pid, to }));
-                match backend {
-                    Some(Backend::Cooperative) => self.respond(conn, LocalResponse::Exit),
-                    _ => self
-                        .actions
-                        .push_back(Action::Process(ProcessAction::KillTree { pid: p.pid })),
-                }
+                self.hand_over_source(conn, to, backend == Some(Backend::Cooperative));
             } else {
-                match p.blocked.clone() {
-                    Blocked::Snapshotting => self.respond(conn, LocalResponse::Resume),
-                    Blocked::Held { req } => {
-                        p.blocked = Blocked::No;
-                        self.run_request(conn, req, now);
-                    }
-                    _ => {
-                        // Its deadline was suspended during the move.
-                        if let Some(d) = p.deadline {
-                            let gen = p.gen;
-                            self.add_timer(d, TimerKey::Conn { conn, gen });
-                        }
-                    }
-                }
-                if backend == Some(Backend::Criu) && checkpointed {
-                    let pid = self.conns[&conn].pid;
-                    self.actions
-                        .push_back(Action::Process(ProcessAction::ResumeTree { pid }));
-                }
+                self.resume_source(conn, backend == Some(Backend::Criu) && stopped, now);
             }
         }
         // Destination side.
@@ -113,41 +67,10 @@ impl NodeCore {
             if let Some(conn) = a.conn {
                 if commit {
                     self.table.set(dc, ep, Registration::Local { conn });
-                    if let Some(p) = self.conns.get_mut(&conn) {
-                        p.blocked = Blocked::No;
-                        p.notifies = a.state.notifies.iter().copied().collect();
-                    }
-                    match (a.backend, a.state.call.clone()) {
-                        (Backend::Cooperative, _) => {
-                            self.respond(conn, LocalResponse::Ep { dc, ep, node: here })
-                        }
-                        (Backend::Criu, Some(MigratedCall::Request(req))) => {
-                            self.run_request(conn, req, now)
-                        }
-                        (
-                            Backend::Criu,
-                            Some(MigratedCall::AwaitingReply { from, remaining_ms }),
-                        ) => {
-                            let timeout = remaining_ms
-                                .map(Timeout::Millis)
-                                .unwrap_or(Timeout::Forever);
-                            self.block(
-                                conn,
-                                Blocked::AwaitingReply { from },
-                                timeout,
-                                now,
-                                Duration::ZERO,
-                            );
-                        }
-                        (Backend::Criu, None) => {}
-                    }
+                    self.install_arrival(conn, dc, ep, a.backend, &a.state, now);
                     self.wake_bind_waiters(dc, ep);
                 } else {
-                    if let Some(p) = self.conns.get_mut(&conn) {
-                        p.bound = None;
-                    }
-                    self.actions
-                        .push_back(Action::Process(ProcessAction::KillTree { pid: a.pid }));
+                    self.discard_arrival(conn, a.pid);
                 }
             }
             self.actions
@@ -166,78 +89,15 @@ impl NodeCore {
         let target = if commit { to } else { from };
         let held = (hold.calls.len() + hold.frames.len() + hold.delivers.len()) as u32;
         for (origin, frame) in hold.delivers {
-            let PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
-                op,
-                dc,
-                src,
-                dst,
-                kind,
-                msg,
-                timeout,
-            })) = frame
-            else {
-                continue;
-            };
-            if target == here {
-                self.remote_deliver(origin, op, dc, src, dst, kind, msg, timeout, now);
-            } else {
-                // Its sender's node holds the call (or, past the outcome, sends it again).
-                self.actions.push_back(Action::Peer(PeerAction::Send {
-                    node: origin,
-                    frame: PeerFrame::Ipc(IpcFrame::Redirect(Redirect { op, dc, dst })),
-                }));
-            }
+            self.replay_deliver(origin, frame, target, now);
         }
         for frame in hold.frames {
-            if target == here {
-                self.apply_held_frame(frame);
-            } else if self.links_up.contains(&target) {
-                self.actions.push_back(Action::Peer(PeerAction::Send {
-                    node: target,
-                    frame,
-                }));
-            }
+            self.replay_frame(frame, target);
         }
         for conn in hold.calls {
-            if let Some(Blocked::Held { req }) = self.conns.get(&conn).map(|c| c.blocked.clone()) {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.blocked = Blocked::No;
-                }
-                self.run_request(conn, req, now);
-            }
+            self.replay_call(conn, now);
         }
         held
-    }
-
-    /// A held reply or notification whose endpoint ended up on this node.
-    pub(in crate::node) fn apply_held_frame(&mut self, frame: PeerFrame) {
-        match frame {
-            PeerFrame::Ipc(IpcFrame::Notify(Notify {
-                dc,
-                src,
-                dst,
-                value,
-            })) => {
-                if let Some(Registration::Local { conn }) = self.table.get(dc, dst) {
-                    self.notify_local(conn, src, value);
-                }
-            }
-            PeerFrame::Ipc(IpcFrame::Reply(Reply {
-                dc,
-                src,
-                dst,
-                result,
-            })) => {
-                let Some(Registration::Local { conn }) = self.table.get(dc, dst) else {
-                    return;
-                };
-                let waiting = matches!(self.conns.get(&conn).map(|c| &c.blocked), Some(Blocked::AwaitingReply { from }) if *from == src);
-                if waiting {
-                    self.respond(conn, reply_response(src, result));
-                }
-            }
-            _ => {}
-        }
     }
 
     /// The directory's migration record of `{dc, ep}`, read to check migration `id` (see
@@ -347,11 +207,7 @@ impl NodeCore {
         };
         match (c.phase, c.outcome.decided_at()) {
             (Phase::Quiesce, None) if c.outcome.is_open() => {
-                let what = self
-                    .conns
-                    .get(&c.conn)
-                    .map(|p| describe(&p.blocked, !p.owes_reply.is_empty()))
-                    .unwrap_or("gone");
+                let what = self.endpoint_state(c.conn);
                 let why = format!(
                     "endpoint {}/{} did not become quiescent within {:?} (it is {what})",
                     c.req.dc, c.req.ep, c.req.quiesce_timeout
@@ -406,42 +262,6 @@ impl NodeCore {
                 now,
             );
         }
-    }
-
-    /// A node that got our message for a migrating endpoint tells us to hold it.
-    pub(in crate::node) fn on_redirect(&mut self, from: NodeId, frame: Redirect, now: Instant) {
-        let Redirect { op, dc, dst } = frame;
-        let Some(conn) = self.calls.settle(from, op) else {
-            return;
-        };
-        let Some(Blocked::SendingRemote {
-            op: o,
-            kind,
-            msg,
-            timeout,
-            ..
-        }) = self.conns.get(&conn).map(|c| c.blocked.clone())
-        else {
-            return;
-        };
-        if o != op {
-            return;
-        }
-        if !self.migr.holds(dc, dst) {
-            // This node applied the outcome before the redirecting node did: holding
-            // the call would wait for an outcome that already came. Send it again.
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.blocked = Blocked::No;
-            }
-            return self.run_request(conn, send_request(kind, dst, msg, timeout), now);
-        }
-        self.migr.hold_call(dc, dst, conn);
-        self.reblock(
-            conn,
-            Blocked::Held {
-                req: send_request(kind, dst, msg, timeout),
-            },
-        );
     }
 
     /// MIGR_START: hold calls to the endpoint until the outcome.
