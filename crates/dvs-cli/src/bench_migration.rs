@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use dvs_config::ClusterConfig;
-use dvs_node::ctl::MigrationSummary;
+use dvs_node::ctl::MigrationReport as RunReport;
 use m3ipc::Ep;
 use serde::Serialize;
 
@@ -307,14 +307,13 @@ fn bench_backend(
         );
         samples.push(s);
     }
-    let committed: Vec<&MigrationSummary> = samples
+    let committed: Vec<&RunReport> = samples
         .iter()
         .filter_map(|s| s.summary.as_ref())
         .filter(|m| m.committed)
         .collect();
-    let f = |g: fn(&MigrationSummary) -> f64| {
-        Stats::of(&committed.iter().map(|m| g(m)).collect::<Vec<_>>())
-    };
+    let f =
+        |g: fn(&RunReport) -> f64| Stats::of(&committed.iter().map(|m| g(m)).collect::<Vec<_>>());
     let migration_ms = f(|m| m.migration_ms);
     let transfer_ms = f(|m| m.transfer_ms);
     let image = f(|m| m.image_bytes as f64);

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use dvs_config::ClusterConfig;
-use dvs_node::ctl::MigrationSummary;
+use dvs_node::ctl::MigrationReport;
 
 use crate::harness::{
     bytes_text, criu_on, phase_medians, with_cluster, Harness, Sample, Stats, BALLAST_MB, EP_SERVER,
@@ -268,9 +268,9 @@ fn print_table(backend: &str, all: &[(Scenario, Vec<Sample>)]) {
         "paper",
         "dvs, max per run"
     );
-    let mut committed_all: Vec<&MigrationSummary> = Vec::new();
+    let mut committed_all: Vec<&MigrationReport> = Vec::new();
     for (sc, samples) in all {
-        let ms: Vec<&MigrationSummary> = samples
+        let ms: Vec<&MigrationReport> = samples
             .iter()
             .filter_map(|s| s.summary.as_ref())
             .filter(|m| m.committed != (*sc == Scenario::Rollback))

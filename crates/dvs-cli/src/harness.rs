@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dvs_config::{ClusterConfig, NodeConfig};
-use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, MigrationSummary};
+use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, MigrationReport, Phase};
 use m3ipc::{DcId, Ep};
 use serde::Serialize;
 
@@ -264,7 +264,7 @@ pub struct Sample {
     /// The phase made to fail, for a rollback.
     pub fail_at: Option<String>,
     /// The migration's report (None if the migration could not be run).
-    pub summary: Option<MigrationSummary>,
+    pub summary: Option<MigrationReport>,
     /// The client's report (None if it could not be read).
     pub client: Option<ClientReport>,
     /// Requests the server had served in this client run when the migration started (from
@@ -587,22 +587,22 @@ impl Stats {
 }
 
 /// Median time of each phase over `samples`, in the order the phases first appear.
-pub fn phase_medians(samples: &[&MigrationSummary]) -> Vec<(String, f64)> {
+pub fn phase_medians(samples: &[&MigrationReport]) -> Vec<(String, f64)> {
     let mut order = Vec::new();
-    let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut by: BTreeMap<Phase, Vec<f64>> = BTreeMap::new();
     for s in samples {
         for p in &s.phases {
             if !by.contains_key(&p.phase) {
-                order.push(p.phase.clone());
+                order.push(p.phase);
             }
-            by.entry(p.phase.clone()).or_default().push(p.ms);
+            by.entry(p.phase).or_default().push(p.ms);
         }
     }
     order
         .into_iter()
         .map(|p| {
             let m = Stats::of(&by[&p]).median;
-            (p, m)
+            (p.to_string(), m)
         })
         .collect()
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use dvs_config::ClusterConfig;
-use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, MigrationSummary};
+use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, MigrationReport};
 use dvs_wire::peer::{Backend, FailAt};
 
 use crate::cluster::{node_status, parse_target};
@@ -32,7 +32,7 @@ pub fn run_migration(
     cfg: &ClusterConfig,
     o: &MigrateOptions,
     progress: &mut dyn Write,
-) -> Result<MigrationSummary> {
+) -> Result<MigrationReport> {
     let (dc, ep) = parse_target(cfg, o.target)?;
     let backend: Option<Backend> = o
         .backend

@@ -14,8 +14,8 @@ pub mod node;
 pub mod table;
 
 pub use node::migration::{
-    FailAt, MigrRecord, MigrationReport, MigrationRequest, Phase, RecordState, Require,
-    PARTICIPANT_TIMEOUT,
+    FailAt, MigrRecord, MigrationError, MigrationReport, MigrationRequest, Phase, PhaseTime,
+    RecordState, Require, PARTICIPANT_TIMEOUT,
 };
 pub use node::peer_check::Violation;
 pub use node::vcopy_in::{VcopyChunk, MAX_INCOMING_VCOPIES_PER_PEER};

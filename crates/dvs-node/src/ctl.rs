@@ -10,6 +10,8 @@ use dvs_wire::peer::{Backend, FailAt};
 use dvs_wire::{DcId, Ep, NodeId};
 use serde::{Deserialize, Serialize};
 
+pub use dvs_wire::report::{MigrationError, MigrationReport, Phase, PhaseTime};
+
 /// A request of the CLI.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -81,9 +83,9 @@ pub enum CtlResponse {
         note: Option<String>,
     },
     /// A migration entered a phase, `at_ms` after it started.
-    MigrPhase { phase: String, at_ms: f64 },
+    MigrPhase { phase: Phase, at_ms: f64 },
     /// A migration ended (committed or rolled back).
-    Migrated(MigrationSummary),
+    Migrated(MigrationReport),
     /// Answer to `Doctor`.
     Doctor { checks: Vec<DoctorCheck> },
 }
@@ -97,48 +99,6 @@ pub struct DoctorCheck {
     pub ok: bool,
     /// Version, or why not.
     pub detail: String,
-}
-
-/// Time spent in one migration phase.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PhaseTime {
-    /// Phase name.
-    pub phase: String,
-    /// Milliseconds.
-    pub ms: f64,
-}
-
-/// The outcome of a migration.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MigrationSummary {
-    /// Migration id.
-    pub id: u64,
-    /// DC.
-    pub dc: DcId,
-    /// Endpoint.
-    pub ep: Ep,
-    /// Source node.
-    pub from: NodeId,
-    /// Destination node.
-    pub to: NodeId,
-    /// Backend used.
-    pub backend: Backend,
-    /// Committed (else rolled back).
-    pub committed: bool,
-    /// Why it rolled back.
-    pub error: Option<String>,
-    /// Time of each phase.
-    pub phases: Vec<PhaseTime>,
-    /// START to outcome, in milliseconds.
-    pub migration_ms: f64,
-    /// Image bytes moved.
-    pub image_bytes: u64,
-    /// Image transfer time at the destination, in milliseconds.
-    pub transfer_ms: f64,
-    /// Restore time at the destination, in milliseconds.
-    pub restore_ms: f64,
-    /// Calls and notifications held and replayed over all nodes.
-    pub held: u32,
 }
 
 /// State of one peer link.

@@ -373,7 +373,9 @@ async fn migrate(
         // The acceptance comes before anything else the start queued: register the
         // requester before progress reports are carried out.
         let r = match s.core.poll_action() {
-            Some(Action::Report(Report::MigrationAccepted { result, .. })) => result,
+            Some(Action::Report(Report::MigrationAccepted { result, .. })) => {
+                result.map_err(|e| e.to_string())
+            }
             other => Err(format!(
                 "the node kernel did not answer the request: {other:?}"
             )),

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use crate::wire::Wire;
 use tracing::{info, warn};
 
-use crate::ctl::{CtlResponse, MigrationSummary, PhaseTime};
+use crate::ctl::CtlResponse;
 use crate::{safe_fs, Shared, State};
 
 /// Image chunk size on the peer link.
@@ -161,32 +161,6 @@ pub(crate) fn prepare_images_root(
     Ok(root)
 }
 
-fn report_summary(r: &MigrationReport) -> MigrationSummary {
-    MigrationSummary {
-        id: r.id,
-        dc: r.dc,
-        ep: r.ep,
-        from: r.from,
-        to: r.to,
-        backend: r.backend,
-        committed: r.committed,
-        error: r.error.clone(),
-        phases: r
-            .phases
-            .iter()
-            .map(|(p, ms)| PhaseTime {
-                phase: p.name().into(),
-                ms: *ms,
-            })
-            .collect(),
-        migration_ms: r.migration_ms,
-        image_bytes: r.image_bytes,
-        transfer_ms: r.transfer_ms,
-        restore_ms: r.restore_ms,
-        held: r.held,
-    }
-}
-
 impl Shared {
     fn state(&self) -> State {
         self.self_ref
@@ -197,7 +171,7 @@ impl Shared {
     pub(crate) fn migr_progress(&mut self, id: MigrationId, phase: Phase) {
         if let Some((t0, tx)) = self.migrations.requesters.get(&id) {
             let _ = tx.send(CtlResponse::MigrPhase {
-                phase: phase.name().into(),
+                phase,
                 at_ms: t0.elapsed().as_secs_f64() * 1000.0,
             });
         }
@@ -210,7 +184,7 @@ impl Shared {
         // stopped process itself resumes).
         self.migr_drop_image(id);
         if let Some((_, tx)) = self.migrations.requesters.remove(&id) {
-            let _ = tx.send(CtlResponse::Migrated(report_summary(&report)));
+            let _ = tx.send(CtlResponse::Migrated(report.clone()));
         }
     }
 

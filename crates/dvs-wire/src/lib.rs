@@ -3,12 +3,14 @@
 //! - [`message`]: the fixed-size M3-IPC message (64 bytes on the wire) and the IPC error codes.
 //! - [`local`]: requests and responses between an application process and its node kernel.
 //! - [`peer`]: frames exchanged by node kernels over a peer link.
+//! - [`report`]: what a migration reports (phases, typed errors, figures).
 //! - [`frame`]: the length-prefixed framing shared by both, with optional lz4 per frame.
 
 pub mod frame;
 pub mod local;
 pub mod message;
 pub mod peer;
+pub mod report;
 
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME};
 pub use message::{Errno, Message, Timeout, MSG_PAYLOAD, MSG_WIRE_SIZE};

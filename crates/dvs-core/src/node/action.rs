@@ -8,7 +8,7 @@ use dvs_wire::peer::{Backend, MigrationId, PeerFrame};
 use dvs_wire::{DcId, Ep, Errno, NodeId};
 
 use super::input::Ticket;
-use super::migration::{MigrRecord, MigrationReport, Phase, Require};
+use super::migration::{MigrRecord, MigrationError, MigrationReport, Phase, Require};
 use super::peer_check::Violation;
 use super::vcopy_in::VcopyChunk;
 use crate::{ConnId, OpId};
@@ -178,7 +178,7 @@ pub enum Report {
     /// The answer to a migration `Start`: its id, or why it cannot start.
     MigrationAccepted {
         ticket: Ticket,
-        result: Result<MigrationId, String>,
+        result: Result<MigrationId, MigrationError>,
     },
     /// Migration progress.
     MigrProgress { id: MigrationId, phase: Phase },

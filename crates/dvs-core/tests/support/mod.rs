@@ -196,7 +196,9 @@ pub fn start_migration(
     let mut rest = Vec::new();
     while let Some(a) = core.poll_action() {
         match a {
-            Action::Report(Report::MigrationAccepted { result: r, .. }) => result = r,
+            Action::Report(Report::MigrationAccepted { result: r, .. }) => {
+                result = r.map_err(|e| e.to_string())
+            }
             other => rest.push(other),
         }
     }

@@ -16,7 +16,7 @@ use dvs_wire::{DcId, NodeId};
 use super::super::action::{DirRequest, PeerAction, ProcessAction, Report};
 use super::super::{Action, NodeCore, TimerKey};
 use super::record::{MigrRecord, RecordState, Require};
-use super::{ms, MigrationReport, MigrationRequest, Phase};
+use super::{ms, MigrationError, MigrationReport, MigrationRequest, Phase, PhaseTime};
 use crate::table::Registration;
 use crate::ConnId;
 
@@ -33,7 +33,7 @@ pub(super) struct Coord {
     pub(super) acks: BTreeSet<NodeId>,
     /// Set once the outcome is decided: commit or not.
     pub(super) outcome: Outcome,
-    pub(super) error: Option<String>,
+    pub(super) error: Option<MigrationError>,
     pub(super) source: Source,
     pub(super) image_bytes: u64,
     pub(super) info: Option<RestoreInfo>,
@@ -90,20 +90,21 @@ impl NodeCore {
         &mut self,
         req: MigrationRequest,
         now: Instant,
-    ) -> Result<MigrationId, String> {
+    ) -> Result<MigrationId, MigrationError> {
         let (dc, ep, to) = (req.dc, req.ep, req.to);
-        let info = self.dcs.get(&dc).ok_or_else(|| format!("no DC {dc}"))?;
+        let info = self.dcs.get(&dc).ok_or(MigrationError::UnknownDc { dc })?;
         if !info.nodes.contains(&to) {
-            return Err(format!("node {to} is not part of DC {dc}"));
+            return Err(MigrationError::NotInDc { node: to, dc });
         }
         if to == self.node {
-            return Err(format!("endpoint {dc}/{ep} already runs on node {to}"));
+            return Err(MigrationError::AlreadyThere { dc, ep, node: to });
         }
         let Some(Registration::Local { conn }) = self.table.get(dc, ep) else {
-            return Err(format!(
-                "endpoint {dc}/{ep} does not run on node {}",
-                self.node
-            ));
+            return Err(MigrationError::NotHere {
+                dc,
+                ep,
+                node: self.node,
+            });
         };
         if self.migr.holds(dc, ep)
             || self
@@ -112,14 +113,20 @@ impl NodeCore {
                 .values()
                 .any(|c| c.req.dc == dc && c.req.ep == ep)
         {
-            return Err(format!("another migration of {dc}/{ep} is in progress"));
+            return Err(MigrationError::InProgress {
+                dc,
+                ep,
+                other: None,
+            });
         }
         if !self.links_up.contains(&to) {
-            return Err(format!("the link to node {to} is down"));
+            return Err(MigrationError::LinkDown { node: to });
         }
-        let pid = self
-            .endpoint_pid(conn)
-            .ok_or("endpoint without connection")?;
+        let pid = self.endpoint_pid(conn).ok_or(MigrationError::NotHere {
+            dc,
+            ep,
+            node: self.node,
+        })?;
         self.migr.next += 1;
         let id = ((self.node as u64) << 48) | (self.migr.next & 0xffff_ffff_ffff);
         let coord = Coord {
@@ -211,11 +218,12 @@ impl NodeCore {
             }
             (None, Err(current)) => {
                 let why = match current {
-                    Some(r) => format!(
-                        "another migration of {dc}/{ep} is in progress (id {}, node {} to node {})",
-                        r.id, r.from, r.to
-                    ),
-                    None => format!("cannot record the migration of {dc}/{ep} in the directory"),
+                    Some(r) => MigrationError::InProgress {
+                        dc,
+                        ep,
+                        other: Some((r.id, r.from, r.to)),
+                    },
+                    None => MigrationError::NotRecorded { dc, ep },
                 };
                 // Nothing was stopped or held yet: just report.
                 let c = self.migr.coords.remove(&id).expect("present");
@@ -230,7 +238,7 @@ impl NodeCore {
                 if let Some(c) = self.migr.coords.get_mut(&id) {
                     c.outcome = Outcome::Deciding { commit };
                     if !commit && c.error.is_none() {
-                        c.error = Some("rolled back by another node".into());
+                        c.error = Some(MigrationError::RolledBackElsewhere);
                     }
                 }
                 self.apply_decision(id, commit, now);
@@ -241,9 +249,7 @@ impl NodeCore {
                 let _ = commit;
                 if let Some(c) = self.migr.coords.get_mut(&id) {
                     c.outcome = Outcome::Deciding { commit: false };
-                    c.error.get_or_insert_with(|| {
-                        "the migration record changed under the coordinator".into()
-                    });
+                    c.error.get_or_insert(MigrationError::RecordChanged);
                 }
                 self.apply_decision(id, false, now);
             }
@@ -389,7 +395,12 @@ impl NodeCore {
                     // A failed dump may still have stopped the process.
                     c.source = Source::Stopped;
                 }
-                self.decide(id, false, Some(format!("checkpoint failed: {e}")), now)
+                self.decide(
+                    id,
+                    false,
+                    Some(MigrationError::Checkpoint { reason: e }),
+                    now,
+                )
             }
         }
     }
@@ -411,7 +422,9 @@ impl NodeCore {
             Ok(_) if c.req.fail_at == Some(FailAt::Transfer) => self.decide(
                 id,
                 false,
-                Some("transfer failed: injected failure (--fail-at transfer)".into()),
+                Some(MigrationError::Transfer {
+                    reason: "injected failure (--fail-at transfer)".into(),
+                }),
                 now,
             ),
             Ok(bytes) => {
@@ -423,7 +436,7 @@ impl NodeCore {
                     frame: PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id })),
                 }));
             }
-            Err(e) => self.decide(id, false, Some(format!("transfer failed: {e}")), now),
+            Err(e) => self.decide(id, false, Some(MigrationError::Transfer { reason: e }), now),
         }
     }
 
@@ -431,7 +444,7 @@ impl NodeCore {
         &mut self,
         id: MigrationId,
         commit: bool,
-        error: Option<String>,
+        error: Option<MigrationError>,
         now: Instant,
     ) {
         let Some(c) = self.migr.coords.get_mut(&id) else {
@@ -531,7 +544,7 @@ impl NodeCore {
         id: MigrationId,
         c: &Coord,
         committed: bool,
-        error: Option<String>,
+        error: Option<MigrationError>,
         now: Instant,
     ) -> MigrationReport {
         let mut phases = c.phases.clone();
@@ -545,8 +558,12 @@ impl NodeCore {
             to: c.req.to,
             backend: c.req.backend,
             committed,
-            error,
-            phases,
+            error: error.as_ref().map(ToString::to_string),
+            failure: error,
+            phases: phases
+                .into_iter()
+                .map(|(phase, ms)| PhaseTime { phase, ms })
+                .collect(),
             migration_ms: ms(end - c.started),
             image_bytes: c
                 .info
@@ -598,7 +615,7 @@ impl NodeCore {
                 c.info = Some(info);
                 self.decide(id, true, None, now);
             }
-            Err(e) => self.decide(id, false, Some(format!("restore failed: {e}")), now),
+            Err(e) => self.decide(id, false, Some(MigrationError::Restore { reason: e }), now),
         }
     }
 

@@ -36,47 +36,8 @@ use arrival::Arrival;
 use coordinator::Coord;
 pub use record::{MigrRecord, RecordState, Require};
 
-/// Phases of a migration, as reported to the operator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Phase {
-    /// Migration record written, START broadcast, every node holding calls.
-    Start,
-    /// Waiting for the process to be blocked in IPC with no unanswered sendrec.
-    Quiesce,
-    /// Checkpointing the process on the source.
-    Checkpoint,
-    /// Streaming the image to the destination.
-    Transfer,
-    /// Restoring the process on the destination.
-    Restore,
-    /// Deciding COMMIT and applying it everywhere.
-    Commit,
-    /// Deciding ROLLBACK and applying it everywhere.
-    Rollback,
-}
-
-impl Phase {
-    /// Lower-case name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Start => "start",
-            Phase::Quiesce => "quiesce",
-            Phase::Checkpoint => "checkpoint",
-            Phase::Transfer => "transfer",
-            Phase::Restore => "restore",
-            Phase::Commit => "commit",
-            Phase::Rollback => "rollback",
-        }
-    }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 pub use dvs_wire::peer::FailAt;
+pub use dvs_wire::report::{MigrationError, MigrationReport, Phase, PhaseTime};
 
 /// What an operator asks for.
 #[derive(Clone, Debug)]
@@ -93,39 +54,6 @@ pub struct MigrationRequest {
     pub fail_at: Option<FailAt>,
     /// Longest wait for the process to become quiescent.
     pub quiesce_timeout: Duration,
-}
-
-/// The outcome of a migration, with the time each phase took.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MigrationReport {
-    /// The migration.
-    pub id: MigrationId,
-    /// DC of the endpoint.
-    pub dc: DcId,
-    /// The endpoint.
-    pub ep: Ep,
-    /// Source node.
-    pub from: NodeId,
-    /// Destination node.
-    pub to: NodeId,
-    /// Backend used.
-    pub backend: Backend,
-    /// Whether it committed (else it rolled back).
-    pub committed: bool,
-    /// Why it rolled back.
-    pub error: Option<String>,
-    /// Milliseconds spent in each phase, in order.
-    pub phases: Vec<(Phase, f64)>,
-    /// Milliseconds from START to the outcome applied on the source node.
-    pub migration_ms: f64,
-    /// Checkpoint image bytes moved.
-    pub image_bytes: u64,
-    /// Milliseconds the destination took to receive the image (first to last byte).
-    pub transfer_ms: f64,
-    /// Milliseconds the restore took on the destination.
-    pub restore_ms: f64,
-    /// Calls, replies and notifications held during the move and replayed, over all nodes.
-    pub held: u32,
 }
 
 /// How long a participant holds calls for an undecided migration before it tries to decide a

@@ -13,7 +13,7 @@ use super::super::action::{DirRequest, PeerAction, ProcessAction};
 use super::super::{Action, NodeCore, TimerKey};
 use super::coordinator::{Outcome, Source};
 use super::record::{MigrRecord, RecordState, Require};
-use super::{Applied, Phase, APPLIED_MEMORY, PARTICIPANT_TIMEOUT};
+use super::{Applied, MigrationError, Phase, APPLIED_MEMORY, PARTICIPANT_TIMEOUT};
 use crate::table::Registration;
 
 impl NodeCore {
@@ -148,7 +148,7 @@ impl NodeCore {
                 let commit = record.state == RecordState::Committed;
                 c.outcome = Outcome::Deciding { commit };
                 if !commit {
-                    c.error = Some("rolled back by another node".into());
+                    c.error = Some(MigrationError::RolledBackElsewhere);
                 }
                 self.apply_decision(record.id, commit, now);
             }
@@ -208,10 +208,12 @@ impl NodeCore {
         match (c.phase, c.outcome.decided_at()) {
             (Phase::Quiesce, None) if c.outcome.is_open() => {
                 let what = self.endpoint_state(c.conn);
-                let why = format!(
-                    "endpoint {}/{} did not become quiescent within {:?} (it is {what})",
-                    c.req.dc, c.req.ep, c.req.quiesce_timeout
-                );
+                let why = MigrationError::NotQuiescent {
+                    dc: c.req.dc,
+                    ep: c.req.ep,
+                    timeout_ms: c.req.quiesce_timeout.as_millis() as u64,
+                    state: what.to_string(),
+                };
                 self.decide(id, false, Some(why), now);
             }
             (_, Some(_)) => {
@@ -258,7 +260,7 @@ impl NodeCore {
             self.decide(
                 id,
                 false,
-                Some(format!("lost the link to the destination node {node}")),
+                Some(MigrationError::DestinationLost { node }),
                 now,
             );
         }
