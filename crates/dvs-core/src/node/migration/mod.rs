@@ -16,7 +16,6 @@
 //! are told to hold them (`Redirect`) and send them again after the outcome.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::time::{Duration, Instant};
 
 use dvs_wire::local::LocalRequest;
