@@ -9,7 +9,7 @@ use dvs_config::ClusterConfig;
 use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, MigrationSummary};
 use dvs_wire::peer::{Backend, FailAt};
 
-use crate::cluster::{node_status, parse_target};
+use crate::helpers::{find_node, node_name, node_status, parse_target};
 
 /// Options of `dvs migrate`.
 pub struct MigrateOptions<'a> {
@@ -47,9 +47,7 @@ pub fn run_migration(
         .transpose()
         .map_err(|e: String| anyhow!("--fail-at: {e}"))?;
     let dcc = cfg.dc_by_id(dc).expect("resolved");
-    let to = cfg
-        .find_node(o.to)
-        .ok_or_else(|| anyhow!("no node {:?} in the cluster config", o.to))?;
+    let to = find_node(cfg, o.to)?;
     if !cfg.dc_nodes(dcc).contains(&to.id) {
         bail!(
             "node {} is not part of DC {} (it spans nodes {:?})",
@@ -126,11 +124,7 @@ pub fn migrate(cfg: &ClusterConfig, o: &MigrateOptions) -> Result<ExitCode> {
             ExitCode::FAILURE
         });
     }
-    let name = |id: u16| {
-        cfg.node_by_id(id)
-            .map(|n| n.name.clone())
-            .unwrap_or_else(|| id.to_string())
-    };
+    let name = |id: u16| node_name(cfg, id);
     if s.committed {
         println!(
             "committed: {}/{} now runs on {} ({:.1} ms from START to COMMIT)",

@@ -9,7 +9,7 @@ use dvs_config::ClusterConfig;
 use dvs_node::ctl::NodeStatus;
 use serde::Serialize;
 
-use crate::cluster::node_status;
+use crate::helpers::{node_name, node_status};
 
 #[derive(Serialize)]
 struct ClusterStatus {
@@ -123,11 +123,7 @@ pub fn status(cfg: &ClusterConfig, path: &Path, json: bool) -> Result<ExitCode> 
                     None => "RUNNING".into(),
                 },
                 other => {
-                    let name = cfg
-                        .node_by_id(e.node)
-                        .map(|x| x.name.clone())
-                        .unwrap_or_else(|| e.node.to_string());
-                    format!("{other}({name})")
+                    format!("{other}({})", node_name(cfg, e.node))
                 }
             };
             let cell = if e.migrating {
