@@ -1,6 +1,6 @@
 //! Helpers the CLI's commands share: reaching a node's control socket, resolving names and
-//! `DC/EP` targets, waiting and stopping processes, and the guard that stops the clusters a
-//! command started.
+//! `DC/EP` targets, reading the cluster directory, waiting and stopping processes, and the
+//! guard that stops the clusters a command started.
 //!
 //! This module uses no other module of the CLI, so every command can use it without an
 //! import cycle.
@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use dvs_config::{ClusterConfig, DcConfig, NodeConfig};
+use dvs_directory::Versioned;
 use dvs_node::ctl::{CtlClient, CtlError, CtlRequest, CtlResponse, NodeStatus};
 use dvs_wire::{DcId, Ep, NodeId};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
@@ -115,6 +116,21 @@ pub fn parse_target(cfg: &ClusterConfig, target: &str) -> Result<(DcId, Ep)> {
         .parse()
         .map_err(|_| anyhow!("{ep:?} is not an endpoint number"))?;
     Ok((dcc.id, ep))
+}
+
+// ----- the cluster directory -----------------------------------------------------------------
+
+/// Reads `key` from the directory that `cfg` names, as a node kernel of the cluster sees it.
+pub fn directory_get(cfg: &ClusterConfig, key: &str) -> Result<Option<Versioned>> {
+    let dir = dvs_directory::open(&cfg.directory).context("cannot open the cluster directory")?;
+    // The directory's interface is async (a remote store's is); one read needs no more than
+    // a runtime on this thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start an async runtime to read the cluster directory")?;
+    rt.block_on(dir.get(key))
+        .with_context(|| format!("cannot read {key} from the cluster directory"))
 }
 
 // ----- waiting -------------------------------------------------------------------------------
