@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use dvs_config::{ClusterConfig, DcConfig, NodeConfig};
 use dvs_directory::Versioned;
-use dvs_node::ctl::{CtlClient, CtlError, CtlRequest, CtlResponse, NodeStatus};
+use dvs_node::ctl::{CtlClient, CtlError, CtlRequest, CtlResponse, EndpointState, NodeStatus};
 use dvs_wire::{DcId, Ep, NodeId};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
@@ -40,7 +40,7 @@ pub fn running_on(cfg: &ClusterConfig, dc: DcId, ep: Ep) -> Option<&NodeConfig> 
         node_status(n).is_ok_and(|s| {
             s.endpoints
                 .iter()
-                .any(|e| e.dc == dc && e.ep == ep && e.state == "RUNNING")
+                .any(|e| e.dc == dc && e.ep == ep && e.state == EndpointState::Running)
         })
     })
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use dvs_config::ClusterConfig;
-use dvs_node::ctl::NodeStatus;
+use dvs_node::ctl::{EndpointState, NodeStatus};
 use serde::Serialize;
 
 use crate::helpers::{node_name, node_status};
@@ -117,8 +117,8 @@ pub fn status(cfg: &ClusterConfig, path: &Path, json: bool) -> Result<ExitCode> 
     for n in &nodes {
         let Some(s) = &n.status else { continue };
         for e in &s.endpoints {
-            let cell = match e.state.as_str() {
-                "RUNNING" => match e.pid {
+            let cell = match e.state {
+                EndpointState::Running => match e.pid {
                     Some(p) => format!("RUNNING pid {p}"),
                     None => "RUNNING".into(),
                 },
