@@ -422,9 +422,10 @@ fn with_clusters<T>(tls: &[bool], f: impl FnOnce(&[ClusterConfig]) -> Result<T>)
             if tls { "mutual TLS" } else { "plaintext" },
             sub.display()
         ));
-        let cfg = cluster::start_opts(&sub, 2, BENCH_BASE_PORT + 10 * i as u16, false, tls)
+        let port = BENCH_BASE_PORT + 10 * i as u16;
+        let cfg = guard
+            .start(|| cluster::start_opts(&sub, 2, port, false, tls))
             .context("cannot start the bench cluster")?;
-        guard.add(cfg.clone());
         cfgs.push(cfg);
     }
     let r = f(&cfgs);

@@ -46,8 +46,9 @@ pub fn with_cluster<T>(
 ) -> Result<T> {
     // Before any other thread starts (see ClusterGuard::new).
     let guard = ClusterGuard::new(remove.then(|| dir.to_path_buf()))?;
-    let cfg = cluster::start(dir, nodes, base_port, false).context("cannot start the cluster")?;
-    guard.add(cfg.clone());
+    let cfg = guard
+        .start(|| cluster::start(dir, nodes, base_port, false))
+        .context("cannot start the cluster")?;
     let r = f(&cfg);
     drop(guard);
     r

@@ -168,7 +168,6 @@ pub fn nearest_rank<T: Copy>(sorted: &[T], q: f64) -> T {
 // ----- the cluster guard ---------------------------------------------------------------------
 
 /// What a [`ClusterGuard`] cleans up.
-#[derive(Default)]
 struct Guarded {
     clusters: Vec<ClusterConfig>,
     /// Folder to remove once the clusters are stopped.
@@ -195,7 +194,8 @@ pub struct ClusterGuard {
 }
 
 impl ClusterGuard {
-    /// Guards the clusters later given to [`ClusterGuard::add`]; removes `remove` at the end.
+    /// Guards the clusters later started with [`ClusterGuard::start`]; removes `remove` at the
+    /// end.
     ///
     /// Blocks SIGINT and SIGTERM in the calling thread, so create the guard before any other
     /// thread starts: threads inherit the mask, and only the guard's watcher thread takes the
@@ -226,13 +226,13 @@ impl ClusterGuard {
         Ok(ClusterGuard { guarded, old_mask })
     }
 
-    /// Adds a started cluster to those stopped at the end.
-    pub fn add(&self, cfg: ClusterConfig) {
-        self.guarded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clusters
-            .push(cfg);
+    /// Runs `start` and guards the cluster it started. The guard is held meanwhile, so that a
+    /// signal arriving during the start is handled once the cluster exists and stops it too.
+    pub fn start(&self, start: impl FnOnce() -> Result<ClusterConfig>) -> Result<ClusterConfig> {
+        let mut guarded = self.guarded.lock().unwrap_or_else(|e| e.into_inner());
+        let cfg = start()?;
+        guarded.clusters.push(cfg.clone());
+        Ok(cfg)
     }
 }
 
@@ -289,6 +289,23 @@ mod tests {
         assert!(e.contains("node0, node1"), "{e}");
         assert_eq!(node_name(&cfg, 0), "node0");
         assert_eq!(node_name(&cfg, 42), "42");
+    }
+
+    #[test]
+    fn the_guard_passes_start_errors_on_and_removes_its_folder() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("c");
+        std::fs::create_dir(&dir).unwrap();
+        let guard = ClusterGuard::new(Some(dir.clone())).unwrap();
+        let e = guard.start(|| bail!("no room")).unwrap_err();
+        assert_eq!(e.to_string(), "no room");
+        // A cluster whose nodes are not running: stopping it finds nothing to stop.
+        guard
+            .start(|| Ok(ClusterConfig::local(&dir, 2, 7400)))
+            .unwrap();
+        assert!(dir.exists());
+        drop(guard);
+        assert!(!dir.exists());
     }
 
     #[test]
