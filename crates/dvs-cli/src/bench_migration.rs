@@ -16,7 +16,8 @@ use serde::Serialize;
 
 use crate::bench::raw_tcp_send;
 use crate::harness::{
-    bytes_text, criu_on, phase_medians, with_cluster, Harness, Sample, Stats, EP_SERVER,
+    bytes_text, criu_on, phase_medians, stall_stats, with_cluster, Harness, Sample, Stats,
+    EP_SERVER,
 };
 use crate::helpers::node_status;
 
@@ -295,14 +296,7 @@ fn bench_backend(
         .filter(|m| m.transfer_ms > 0.0 && m.image_bytes > 0)
         .map(|m| m.image_bytes as f64 / 1e3 / m.transfer_ms)
         .collect();
-    // A client that ended before the migration started saw no stall from it.
-    let stall_ms = Stats::of(
-        &samples
-            .iter()
-            .filter(|s| s.mid_run)
-            .filter_map(|s| s.client.as_ref().map(|c| c.max_stall_ms))
-            .collect::<Vec<_>>(),
-    );
+    let stall_ms = stall_stats(&samples);
     let violations = samples
         .iter()
         .enumerate()

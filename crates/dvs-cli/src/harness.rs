@@ -524,6 +524,19 @@ impl Stats {
     }
 }
 
+/// Statistics of the longest stall the client saw in each sample, in milliseconds, over the
+/// samples whose client was still running when the migration started: a client that had
+/// already ended saw no stall from it.
+pub fn stall_stats(samples: &[Sample]) -> Stats {
+    Stats::of(
+        &samples
+            .iter()
+            .filter(|s| s.mid_run)
+            .filter_map(|s| s.client.as_ref().map(|c| c.max_stall_ms))
+            .collect::<Vec<_>>(),
+    )
+}
+
 /// Median time of each phase over `samples`, in the order the phases first appear.
 pub fn phase_medians(samples: &[&MigrationSummary]) -> Vec<(String, f64)> {
     let mut order = Vec::new();
