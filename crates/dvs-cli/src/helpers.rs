@@ -63,8 +63,15 @@ pub fn stop_cluster(cfg: &ClusterConfig) -> usize {
             continue;
         };
         if !wait_gone(pid, Duration::from_secs(5)) {
-            eprintln!("node {} (pid {pid}) did not stop; killing it", node.name);
-            let _ = dvs_checkpoint::kill_tree(pid);
+            if is_node_kernel(pid) {
+                eprintln!("node {} (pid {pid}) did not stop; killing it", node.name);
+                let _ = dvs_checkpoint::kill_tree(pid);
+            } else {
+                eprintln!(
+                    "node {}: pid {pid} from its node.pid is no node kernel (a stale file?); left alone",
+                    node.name
+                );
+            }
         }
         if asked.is_ok() || dvs_checkpoint::process_alive(pid) {
             stopped += 1;
@@ -72,6 +79,19 @@ pub fn stop_cluster(cfg: &ClusterConfig) -> usize {
         let _ = std::fs::remove_file(node.runtime_dir.join("node.pid"));
     }
     stopped
+}
+
+/// Whether `pid` runs `dvs … node --node ID`. A node that crashed leaves its `node.pid`
+/// behind, and the system may since have given that pid to an unrelated program, whose
+/// process tree must not be killed.
+fn is_node_kernel(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        args.contains(&&b"node"[..])
+            && args
+                .iter()
+                .any(|a| *a == b"--node" || a.starts_with(b"--node="))
+    })
 }
 
 // ----- names and targets ---------------------------------------------------------------------
@@ -273,6 +293,26 @@ mod tests {
         assert!(wait_gone(pid, Duration::from_secs(5)));
         child.wait().unwrap();
         assert!(!wait_gone(std::process::id() as i32, Duration::ZERO));
+    }
+
+    #[test]
+    fn only_a_node_kernel_is_taken_for_one() {
+        assert!(!is_node_kernel(std::process::id() as i32));
+        // `sh -c SCRIPT node --node 0` shows those words in its command line; `; true` keeps
+        // the shell from exec-ing `sleep` in its place.
+        let mut fake = std::process::Command::new("sh")
+            .args(["-c", "sleep 10; true", "node", "--node", "0"])
+            .spawn()
+            .unwrap();
+        // Its command line can read empty for a moment after the spawn returns.
+        let pid = fake.id() as i32;
+        assert!(wait_until(
+            Duration::from_secs(5),
+            Duration::from_millis(5),
+            || is_node_kernel(pid)
+        ));
+        fake.kill().unwrap();
+        fake.wait().unwrap();
     }
 
     #[test]
