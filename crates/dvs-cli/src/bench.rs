@@ -13,10 +13,10 @@
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::thread::{self, JoinHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dvs_config::ClusterConfig;
@@ -24,6 +24,7 @@ use m3ipc::{DcId, Endpoint, Ep, Message, Source, Timeout};
 use serde::Serialize;
 
 use crate::cluster;
+use crate::helpers::{nearest_rank, ClusterGuard};
 
 /// Size of a raw ping-pong message: the size of an M3-IPC message on the wire.
 const RAW_MSG: usize = 64;
@@ -82,9 +83,7 @@ impl Latency {
             if ns.is_empty() {
                 return 0.0;
             }
-            // Nearest rank.
-            let rank = ((q * n as f64).ceil() as usize).clamp(1, ns.len());
-            ns[rank - 1] as f64 / 1000.0
+            nearest_rank(&ns, q) as f64 / 1000.0
         };
         Latency {
             samples: ns.len(),
@@ -364,15 +363,22 @@ where
     Ok(Latency::from_samples(samples))
 }
 
-/// Streams `mib` writes of 1 MiB over TCP loopback to a reading thread, which acknowledges
-/// the end with one byte. Returns MB/s (10^6 bytes per second).
+/// Streams `mib` writes of 1 MiB over TCP loopback to a reading thread. Returns MB/s (10^6
+/// bytes per second).
 fn raw_tcp_stream(mib: usize) -> Result<f64> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let mut tx = TcpStream::connect(listener.local_addr()?)?;
-    let (mut rx, _) = listener.accept()?;
     let total = mib * BLOCK;
+    // A warm-up of a few blocks is part of the total; it only fills the socket buffers.
+    let secs = raw_tcp_send(total, BLOCK)?.as_secs_f64();
+    Ok(total as f64 / secs / 1e6)
+}
+
+/// Sends `total` bytes over a fresh TCP loopback connection to a reading thread in writes of
+/// `chunk` bytes; returns the time from the first write to the reader's acknowledgement (one
+/// byte back) of the last byte.
+pub(crate) fn raw_tcp_send(total: usize, chunk: usize) -> Result<Duration> {
+    let (mut tx, mut rx) = tcp_pair()?;
     let sink: JoinHandle<io::Result<()>> = thread::spawn(move || {
-        let mut buf = vec![0u8; BLOCK];
+        let mut buf = vec![0u8; chunk];
         let mut got = 0;
         while got < total {
             let n = rx.read(&mut buf)?;
@@ -383,17 +389,19 @@ fn raw_tcp_stream(mib: usize) -> Result<f64> {
         }
         rx.write_all(&[1])
     });
-    let block: Vec<u8> = (0..BLOCK).map(|i| (i * 7) as u8).collect();
-    // A warm-up of a few blocks is part of the total; it only fills the socket buffers.
+    let block: Vec<u8> = (0..chunk).map(|i| (i * 7) as u8).collect();
     let t = Instant::now();
-    for _ in 0..mib {
-        tx.write_all(&block)?;
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk);
+        tx.write_all(&block[..n])?;
+        left -= n;
     }
     let mut ack = [0u8; 1];
     tx.read_exact(&mut ack)?;
-    let secs = t.elapsed().as_secs_f64();
+    let took = t.elapsed();
     sink.join().map_err(|_| anyhow!("sink thread panicked"))??;
-    Ok(total as f64 / secs / 1e6)
+    Ok(took)
 }
 
 // ----- dvs -----------------------------------------------------------------------------------
@@ -404,16 +412,9 @@ fn raw_tcp_stream(mib: usize) -> Result<f64> {
 fn with_clusters<T>(tls: &[bool], f: impl FnOnce(&[ClusterConfig]) -> Result<T>) -> Result<T> {
     let dir = std::env::temp_dir().join(format!("dvs-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    // Block SIGINT/SIGTERM in this thread before the dvs threads start, so that they inherit
-    // the mask and only the watcher below takes them.
-    let mut sigs = nix::sys::signal::SigSet::empty();
-    sigs.add(nix::sys::signal::Signal::SIGINT);
-    sigs.add(nix::sys::signal::Signal::SIGTERM);
-    let old_mask = sigs.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)?;
-    let mut guard = ClusterGuard {
-        cfgs: Vec::new(),
-        dir: dir.clone(),
-    };
+    // Before the dvs threads start (see ClusterGuard::new).
+    let guard = ClusterGuard::new(Some(dir.clone()))?;
+    let mut cfgs = Vec::new();
     for (i, &tls) in tls.iter().enumerate() {
         let sub = dir.join(if tls { "tls" } else { "plain" });
         progress(&format!(
@@ -421,48 +422,16 @@ fn with_clusters<T>(tls: &[bool], f: impl FnOnce(&[ClusterConfig]) -> Result<T>)
             if tls { "mutual TLS" } else { "plaintext" },
             sub.display()
         ));
-        match cluster::start_opts(&sub, 2, BENCH_BASE_PORT + 10 * i as u16, false, tls) {
-            Ok(cfg) => guard.cfgs.push(cfg),
-            Err(e) => {
-                let _ = old_mask.thread_set_mask();
-                drop(guard);
-                return Err(e.context("cannot start the bench cluster"));
-            }
-        }
+        let port = BENCH_BASE_PORT + 10 * i as u16;
+        let cfg = guard
+            .start(|| cluster::start_opts(&sub, 2, port, false, tls))
+            .context("cannot start the bench cluster")?;
+        cfgs.push(cfg);
     }
-    {
-        let (cfgs, dir) = (guard.cfgs.clone(), dir.clone());
-        // The watcher: on SIGINT/SIGTERM the nodes (in their own sessions) would survive us.
-        thread::spawn(move || {
-            if let Ok(sig) = sigs.wait() {
-                eprintln!("dvs bench: {sig}, stopping the bench clusters");
-                for cfg in &cfgs {
-                    cluster::stop(cfg);
-                }
-                let _ = std::fs::remove_dir_all(&dir);
-                std::process::exit(130);
-            }
-        });
-    }
-    let r = f(&guard.cfgs);
+    let r = f(&cfgs);
     progress("stopping the bench clusters");
     drop(guard);
     r
-}
-
-/// Stops the bench clusters and removes their folder when dropped.
-struct ClusterGuard {
-    cfgs: Vec<ClusterConfig>,
-    dir: PathBuf,
-}
-
-impl Drop for ClusterGuard {
-    fn drop(&mut self) {
-        for cfg in &self.cfgs {
-            cluster::stop(cfg);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// A bench server: an endpoint served by its own thread until [`MT_STOP`].

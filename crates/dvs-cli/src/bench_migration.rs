@@ -6,21 +6,20 @@
 //! byte count measured in the same run. Missed targets are reported, never an error. The
 //! harness it drives is `crate::harness`.
 
-use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::process::ExitCode;
-use std::thread::{self, JoinHandle};
-use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use dvs_config::ClusterConfig;
 use dvs_node::ctl::MigrationReport as RunReport;
 use m3ipc::Ep;
 use serde::Serialize;
 
+use crate::bench::raw_tcp_send;
 use crate::harness::{
-    bytes_text, criu_on, phase_medians, with_cluster, Harness, Sample, Stats, EP_SERVER,
+    bytes_text, criu_on, phase_medians, stall_stats, with_cluster, Harness, Sample, Stats,
+    EP_SERVER,
 };
+use crate::helpers::node_status;
 
 /// First peer port tried for the bench's own cluster.
 const BENCH_BASE_PORT: u16 = 7800;
@@ -35,33 +34,7 @@ const BENCH_BLOCK: &str = "65536";
 /// returns the time from the first write to the reader's acknowledgement of the last byte,
 /// in milliseconds.
 fn raw_tcp_transfer_ms(bytes: usize) -> Result<f64> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let mut tx = TcpStream::connect(listener.local_addr()?)?;
-    let (mut rx, _) = listener.accept()?;
-    tx.set_nodelay(true)?;
-    rx.set_nodelay(true)?;
-    let sink: JoinHandle<io::Result<()>> = thread::spawn(move || {
-        let mut buf = vec![0u8; 1 << 16];
-        let mut got = 0;
-        while got < bytes {
-            let n = rx.read(&mut buf)?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            got += n;
-        }
-        rx.write_all(&[1])
-    });
-    let data: Vec<u8> = (0..bytes).map(|i| (i * 7) as u8).collect();
-    let t = Instant::now();
-    for chunk in data.chunks(1 << 16) {
-        tx.write_all(chunk)?;
-    }
-    let mut ack = [0u8; 1];
-    tx.read_exact(&mut ack)?;
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    sink.join().map_err(|_| anyhow!("sink thread panicked"))??;
-    Ok(ms)
+    Ok(raw_tcp_send(bytes, 1 << 16)?.as_secs_f64() * 1e3)
 }
 
 // ----- dvs bench migration -------------------------------------------------------------------
@@ -322,14 +295,7 @@ fn bench_backend(
         .filter(|m| m.transfer_ms > 0.0 && m.image_bytes > 0)
         .map(|m| m.image_bytes as f64 / 1e3 / m.transfer_ms)
         .collect();
-    // A client that ended before the migration started saw no stall from it.
-    let stall_ms = Stats::of(
-        &samples
-            .iter()
-            .filter(|s| s.mid_run)
-            .filter_map(|s| s.client.as_ref().map(|c| c.max_stall_ms))
-            .collect::<Vec<_>>(),
-    );
+    let stall_ms = stall_stats(&samples);
     let violations = samples
         .iter()
         .enumerate()
@@ -343,7 +309,7 @@ fn bench_backend(
     let max_link_silence_ms = cfg
         .nodes
         .iter()
-        .filter_map(|n| crate::cluster::node_status(n).ok())
+        .filter_map(|n| node_status(n).ok())
         .flat_map(|s| s.links.into_iter().map(|l| l.max_silence_ms))
         .fold(0.0, f64::max);
     Ok(BackendReport {

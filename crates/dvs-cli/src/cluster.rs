@@ -7,21 +7,15 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use dvs_config::{ClusterConfig, Compression, NodeConfig};
-use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, NodeStatus};
+use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse};
 
-/// Asks one node for its status, with a short timeout.
-pub fn node_status(node: &NodeConfig) -> Result<NodeStatus> {
-    let mut c = CtlClient::connect(&node.ctl_socket())?;
-    c.set_timeout(Some(Duration::from_secs(3)))?;
-    match c.call(&CtlRequest::Status)? {
-        CtlResponse::Status(s) => Ok(s),
-        other => bail!("unexpected answer from node {}: {other:?}", node.name),
-    }
-}
+use crate::helpers::{
+    ctl_connect, find_dc, find_node, node_status, parse_target, stop_cluster, wait_until,
+};
 
 fn free_ports(base: u16, n: u16) -> Result<u16> {
     let mut start = base;
@@ -159,99 +153,49 @@ pub fn start_opts(
             .with_context(|| format!("cannot start node {}", node.name))?;
     }
     // Wait until every node answers and every link is up.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let statuses: Vec<Result<NodeStatus>> = cfg.nodes.iter().map(node_status).collect();
-        let ready = statuses
+    let ready = wait_until(Duration::from_secs(15), Duration::from_millis(20), || {
+        cfg.nodes
             .iter()
-            .all(|s| s.as_ref().is_ok_and(|s| s.links.iter().all(|l| l.up)));
-        if ready {
-            break;
-        }
-        if Instant::now() > deadline {
-            let mut msg = String::from("the cluster did not come up within 15 s:");
-            for (node, s) in cfg.nodes.iter().zip(statuses) {
-                match s {
-                    Ok(s) => {
-                        let down: Vec<String> = s
-                            .links
-                            .iter()
-                            .filter(|l| !l.up)
-                            .map(|l| {
-                                format!("{} ({})", l.name, l.last_error.clone().unwrap_or_default())
-                            })
-                            .collect();
-                        msg += &format!("\n  {}: links down to {}", node.name, down.join(", "));
-                    }
-                    Err(e) => {
-                        msg += &format!(
-                            "\n  {}: {e:#}\n    log: {}",
-                            node.name,
-                            log_tail(&node.runtime_dir.join("node.log"), 5).replace('\n', "\n    ")
-                        )
-                    }
+            .all(|n| node_status(n).is_ok_and(|s| s.links.iter().all(|l| l.up)))
+    });
+    if !ready {
+        let mut msg = String::from("the cluster did not come up within 15 s:");
+        for node in &cfg.nodes {
+            match node_status(node) {
+                Ok(s) => {
+                    let down: Vec<String> = s
+                        .links
+                        .iter()
+                        .filter(|l| !l.up)
+                        .map(|l| {
+                            format!("{} ({})", l.name, l.last_error.clone().unwrap_or_default())
+                        })
+                        .collect();
+                    msg += &format!("\n  {}: links down to {}", node.name, down.join(", "));
+                }
+                Err(e) => {
+                    msg += &format!(
+                        "\n  {}: {e:#}\n    log: {}",
+                        node.name,
+                        log_tail(&node.runtime_dir.join("node.log"), 5).replace('\n', "\n    ")
+                    )
                 }
             }
-            stop(&cfg);
-            bail!(msg);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        stop_cluster(&cfg);
+        bail!(msg);
     }
     Ok(cfg)
 }
 
-/// Whether process `pid` still runs. A zombie counts as gone: a node started by `dvs up` is
-/// reparented to init once `up` exits, and an init that reaps lazily (as in some containers)
-/// would otherwise make `down` wait its full grace period for a process that already exited.
-fn pid_alive(pid: i32) -> bool {
-    dvs_checkpoint::process_alive(pid)
-}
-
 /// `dvs down`: asks every node to stop, then makes sure it did.
 pub fn down(cfg: &ClusterConfig) -> Result<()> {
-    let stopped = stop(cfg);
+    let stopped = stop_cluster(cfg);
     println!(
         "cluster {} down ({stopped} node kernels stopped)",
         cfg.cluster_id
     );
     Ok(())
-}
-
-/// Asks every node of `cfg` to stop and kills those that do not within 5 s. Prints nothing
-/// on stdout; returns how many node kernels were stopped.
-pub fn stop(cfg: &ClusterConfig) -> usize {
-    let mut stopped = 0;
-    for node in &cfg.nodes {
-        let pid: Option<i32> = std::fs::read_to_string(node.runtime_dir.join("node.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        let asked = CtlClient::connect(&node.ctl_socket()).and_then(|mut c| {
-            c.set_timeout(Some(Duration::from_secs(3)))?;
-            c.call(&CtlRequest::Shutdown)
-        });
-        let Some(pid) = pid else {
-            if asked.is_ok() {
-                stopped += 1;
-            }
-            continue;
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while pid_alive(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if pid_alive(pid) {
-            eprintln!("node {} (pid {pid}) did not stop; killing it", node.name);
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        if asked.is_ok() || pid_alive(pid) {
-            stopped += 1;
-        }
-        let _ = std::fs::remove_file(node.runtime_dir.join("node.pid"));
-    }
-    stopped
 }
 
 /// `dvs run`: launches `cmd` as endpoint `ep` of `dc` on `node`.
@@ -263,18 +207,8 @@ pub fn run(
     wait: bool,
     cmd: Vec<String>,
 ) -> Result<ExitCode> {
-    let dcc = cfg.find_dc(dc).ok_or_else(|| {
-        anyhow!(
-            "no DC {dc:?} in the cluster config (DCs: {})",
-            names(cfg.dcs.iter().map(|d| &d.name))
-        )
-    })?;
-    let nodec = cfg.find_node(node).ok_or_else(|| {
-        anyhow!(
-            "no node {node:?} in the cluster config (nodes: {})",
-            names(cfg.nodes.iter().map(|n| &n.name))
-        )
-    })?;
+    let dcc = find_dc(cfg, dc)?;
+    let nodec = find_node(cfg, node)?;
     // Resolve the program here, so that a relative path means what the user typed.
     let mut cmd = cmd;
     let p = Path::new(&cmd[0]);
@@ -323,24 +257,6 @@ pub fn run(
     }
 }
 
-fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
-    it.cloned().collect::<Vec<_>>().join(", ")
-}
-
-/// Splits `DC/EP` and resolves the DC.
-pub fn parse_target(cfg: &ClusterConfig, target: &str) -> Result<(u16, i32)> {
-    let (dc, ep) = target
-        .split_once('/')
-        .ok_or_else(|| anyhow!("{target:?}: expected DC/EP, e.g. dc0/1"))?;
-    let dcc = cfg
-        .find_dc(dc)
-        .ok_or_else(|| anyhow!("no DC {dc:?} in the cluster config"))?;
-    let ep: i32 = ep
-        .parse()
-        .map_err(|_| anyhow!("{ep:?} is not an endpoint number"))?;
-    Ok((dcc.id, ep))
-}
-
 /// `dvs register`: records on nodes that `{dc, ep}` runs on `at` (REMOTE), or is a backup kept
 /// on `at` (BACKUP). Without `on`, every other node of the DC.
 pub fn register(
@@ -352,9 +268,7 @@ pub fn register(
 ) -> Result<()> {
     let (dc, ep) = parse_target(cfg, target)?;
     let dcc = cfg.dc_by_id(dc).expect("resolved");
-    let at = cfg
-        .find_node(at)
-        .ok_or_else(|| anyhow!("no node {at:?} in the cluster config"))?;
+    let at = find_node(cfg, at)?;
     let nodes: Vec<&NodeConfig> = if on.is_empty() {
         cfg.dc_nodes(dcc)
             .into_iter()
@@ -363,17 +277,13 @@ pub fn register(
             .collect()
     } else {
         on.iter()
-            .map(|n| {
-                cfg.find_node(n)
-                    .ok_or_else(|| anyhow!("no node {n:?} in the cluster config"))
-            })
+            .map(|n| find_node(cfg, n))
             .collect::<Result<_>>()?
     };
     let kind = if backup { "BACKUP" } else { "REMOTE" };
     for node in nodes {
-        let mut c = CtlClient::connect(&node.ctl_socket())
+        let mut c = ctl_connect(node, Duration::from_secs(3))
             .with_context(|| format!("node {} is not running", node.name))?;
-        c.set_timeout(Some(Duration::from_secs(3)))?;
         c.call(&CtlRequest::Register {
             dc,
             ep,

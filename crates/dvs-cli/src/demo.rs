@@ -17,7 +17,8 @@ use dvs_config::ClusterConfig;
 use dvs_node::ctl::MigrationReport;
 
 use crate::harness::{
-    bytes_text, criu_on, phase_medians, with_cluster, Harness, Sample, Stats, BALLAST_MB, EP_SERVER,
+    bytes_text, criu_on, phase_medians, stall_stats, with_cluster, Harness, Sample, Stats,
+    BALLAST_MB, EP_SERVER,
 };
 
 /// Options of `dvs demo`.
@@ -292,14 +293,7 @@ fn print_table(backend: &str, all: &[(Scenario, Vec<Sample>)]) {
                 .map(|m| m.image_bytes as f64 / 1e6)
                 .collect::<Vec<_>>(),
         );
-        // A client that ended before the migration started saw no stall from it.
-        let stall = Stats::of(
-            &samples
-                .iter()
-                .filter(|s| s.mid_run)
-                .filter_map(|s| s.client.as_ref().map(|c| c.max_stall_ms))
-                .collect::<Vec<_>>(),
-        );
+        let stall = stall_stats(samples);
         let (paper_mig, mig_x, paper_xfer, xfer_x) = match sc.paper() {
             Some((m, sd, t)) => (
                 format!("{m:.0} ± {sd:.0}"),

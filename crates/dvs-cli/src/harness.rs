@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dvs_config::{ClusterConfig, NodeConfig};
-use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, MigrationReport, Phase};
+use dvs_node::ctl::{CtlRequest, CtlResponse, MigrationReport, Phase};
 use m3ipc::{DcId, Ep};
 use serde::Serialize;
 
 use crate::cluster;
+use crate::helpers::{ctl_connect, nearest_rank, node_name, running_on, wait_until, ClusterGuard};
 use crate::migrate::{run_migration, MigrateOptions};
 
 /// MiB of heap the migrating server fills, for a checkpoint image of about the paper's 2.5 MB.
@@ -43,66 +44,20 @@ pub fn with_cluster<T>(
     remove: bool,
     f: impl FnOnce(&ClusterConfig) -> Result<T>,
 ) -> Result<T> {
-    // Block SIGINT/SIGTERM in this thread before any other thread starts, so that they
-    // inherit the mask and only the watcher below takes them: the nodes run in their own
-    // sessions and would survive us.
-    let mut sigs = nix::sys::signal::SigSet::empty();
-    sigs.add(nix::sys::signal::Signal::SIGINT);
-    sigs.add(nix::sys::signal::Signal::SIGTERM);
-    let old_mask = sigs.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)?;
-    let cfg = match cluster::start(dir, nodes, base_port, false) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            let _ = old_mask.thread_set_mask();
-            if remove {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            return Err(e.context("cannot start the cluster"));
-        }
-    };
-    let guard = ClusterGuard {
-        cfg: cfg.clone(),
-        dir: remove.then(|| dir.to_path_buf()),
-    };
-    {
-        let (cfg, dir) = (cfg.clone(), guard.dir.clone());
-        thread::spawn(move || {
-            if let Ok(sig) = sigs.wait() {
-                eprintln!("dvs: {sig}, stopping the cluster");
-                cluster::stop(&cfg);
-                if let Some(dir) = dir {
-                    let _ = std::fs::remove_dir_all(dir);
-                }
-                std::process::exit(130);
-            }
-        });
-    }
+    // Before any other thread starts (see ClusterGuard::new).
+    let guard = ClusterGuard::new(remove.then(|| dir.to_path_buf()))?;
+    let cfg = guard
+        .start(|| cluster::start(dir, nodes, base_port, false))
+        .context("cannot start the cluster")?;
     let r = f(&cfg);
     drop(guard);
     r
 }
 
-/// Stops a cluster (and removes its folder, if set) when dropped.
-struct ClusterGuard {
-    cfg: ClusterConfig,
-    dir: Option<PathBuf>,
-}
-
-impl Drop for ClusterGuard {
-    fn drop(&mut self) {
-        cluster::stop(&self.cfg);
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
 /// Whether the criu backend works on `node` (its `dvs doctor` check), with the detail.
 pub fn criu_on(node: &NodeConfig) -> (bool, String) {
-    let answer = CtlClient::connect(&node.ctl_socket()).and_then(|mut c| {
-        c.set_timeout(Some(Duration::from_secs(30)))?;
-        c.call(&CtlRequest::Doctor)
-    });
+    let answer =
+        ctl_connect(node, Duration::from_secs(30)).and_then(|mut c| c.call(&CtlRequest::Doctor));
     match answer {
         Ok(CtlResponse::Doctor { checks }) => checks
             .into_iter()
@@ -116,8 +71,7 @@ pub fn criu_on(node: &NodeConfig) -> (bool, String) {
 
 /// Launches `cmd` as endpoint `ep` of `dc` on `node`, detached.
 fn launch(node: &NodeConfig, dc: DcId, ep: Ep, cmd: Vec<String>) -> Result<()> {
-    let mut c = CtlClient::connect(&node.ctl_socket())?;
-    c.set_timeout(Some(Duration::from_secs(10)))?;
+    let mut c = ctl_connect(node, Duration::from_secs(10))?;
     match c.call(&CtlRequest::Run {
         dc,
         ep,
@@ -165,8 +119,7 @@ fn run_client(
     cmd: Vec<String>,
     limit: Duration,
 ) -> Result<ClientReport> {
-    let mut c = CtlClient::connect(&node.ctl_socket())?;
-    c.set_timeout(Some(Duration::from_secs(10)))?;
+    let mut c = ctl_connect(node, Duration::from_secs(10))?;
     let started = c.call(&CtlRequest::Run {
         dc,
         ep,
@@ -329,16 +282,15 @@ impl<'a> Harness<'a> {
                 self.ballast_mb.to_string(),
             ],
         )?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.server_node() != Some(node) {
-            if Instant::now() > deadline {
-                bail!(
-                    "migr-server did not come up on {} within 10 s (see {})",
-                    n.name,
-                    n.runtime_dir.join("logs").display()
-                );
-            }
-            thread::sleep(Duration::from_millis(5));
+        let up = wait_until(Duration::from_secs(10), Duration::from_millis(5), || {
+            self.server_node() == Some(node)
+        });
+        if !up {
+            bail!(
+                "migr-server did not come up on {} within 10 s (see {})",
+                n.name,
+                n.runtime_dir.join("logs").display()
+            );
         }
         self.expected_first = None;
         Ok(())
@@ -346,13 +298,7 @@ impl<'a> Harness<'a> {
 
     /// The node the server runs on (RUNNING there), if any.
     pub fn server_node(&self) -> Option<u16> {
-        self.cfg.nodes.iter().find_map(|n| {
-            let s = cluster::node_status(n).ok()?;
-            s.endpoints
-                .iter()
-                .any(|e| e.dc == self.dc && e.ep == self.server_ep && e.state == "RUNNING")
-                .then_some(n.id)
-        })
+        running_on(self.cfg, self.dc, self.server_ep).map(|n| n.id)
     }
 
     /// File name of the server's log in a node's `logs` folder.
@@ -422,19 +368,14 @@ impl<'a> Harness<'a> {
             let node = cnode.clone();
             thread::spawn(move || run_client(&node, dc, client_ep, cmd, limit))
         };
-        let t0 = Instant::now();
-        loop {
-            if client.is_finished() || t0.elapsed() > MID_RUN_WAIT {
-                break;
-            }
-            if step == 0 {
+        if step == 0 {
+            if !client.is_finished() {
                 thread::sleep(Duration::from_millis(5));
-                break;
             }
-            if self.served_logged() >= base + step {
-                break;
-            }
-            thread::sleep(Duration::from_millis(1));
+        } else {
+            wait_until(MID_RUN_WAIT, Duration::from_millis(1), || {
+                client.is_finished() || self.served_logged() >= base + step
+            });
         }
         let served_before = self.served_logged().saturating_sub(base);
         let mid_run = !client.is_finished();
@@ -513,10 +454,8 @@ impl<'a> Harness<'a> {
         let want = if committed { to } else { from };
         let now = self.server_node();
         if now != Some(want) {
-            let name = |n: Option<u16>| {
-                n.and_then(|id| self.cfg.node_by_id(id))
-                    .map_or("no node".to_string(), |n| n.name.clone())
-            };
+            let name =
+                |n: Option<u16>| n.map_or("no node".to_string(), |id| node_name(self.cfg, id));
             v.push(format!(
                 "server runs on {}, expected on {}",
                 name(now),
@@ -573,17 +512,29 @@ impl Stats {
         } else {
             0.0
         };
-        let at = |q: f64| s[((q * n as f64).ceil() as usize).clamp(1, n) - 1];
         Stats {
             n,
             mean,
             sd: var.sqrt(),
-            median: at(0.5),
-            p95: at(0.95),
+            median: nearest_rank(&s, 0.5),
+            p95: nearest_rank(&s, 0.95),
             min: s[0],
             max: s[n - 1],
         }
     }
+}
+
+/// Statistics of the longest stall the client saw in each sample, in milliseconds, over the
+/// samples whose client was still running when the migration started: a client that had
+/// already ended saw no stall from it.
+pub fn stall_stats(samples: &[Sample]) -> Stats {
+    Stats::of(
+        &samples
+            .iter()
+            .filter(|s| s.mid_run)
+            .filter_map(|s| s.client.as_ref().map(|c| c.max_stall_ms))
+            .collect::<Vec<_>>(),
+    )
 }
 
 /// Median time of each phase over `samples`, in the order the phases first appear.

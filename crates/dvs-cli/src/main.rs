@@ -6,6 +6,7 @@ mod cluster;
 mod cluster_dir;
 mod demo;
 mod harness;
+mod helpers;
 mod migrate;
 mod status;
 mod tls;

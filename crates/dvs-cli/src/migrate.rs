@@ -5,11 +5,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use dvs_config::ClusterConfig;
+use dvs_config::{ClusterConfig, DcConfig, NodeConfig};
+use dvs_directory::keys;
 use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, MigrationReport};
 use dvs_wire::peer::{Backend, FailAt};
+use dvs_wire::{Ep, NodeId};
 
-use crate::cluster::{node_status, parse_target};
+use crate::helpers::{ctl_connect, directory_get, find_node, node_name, parse_target, running_on};
 
 /// Options of `dvs migrate`.
 pub struct MigrateOptions<'a> {
@@ -47,9 +49,7 @@ pub fn run_migration(
         .transpose()
         .map_err(|e: String| anyhow!("--fail-at: {e}"))?;
     let dcc = cfg.dc_by_id(dc).expect("resolved");
-    let to = cfg
-        .find_node(o.to)
-        .ok_or_else(|| anyhow!("no node {:?} in the cluster config", o.to))?;
+    let to = find_node(cfg, o.to)?;
     if !cfg.dc_nodes(dcc).contains(&to.id) {
         bail!(
             "node {} is not part of DC {} (it spans nodes {:?})",
@@ -59,24 +59,18 @@ pub fn run_migration(
         );
     }
     // The migration is coordinated by the node the endpoint runs on.
-    let source = cfg
-        .nodes
-        .iter()
-        .find(|n| {
-            node_status(n).is_ok_and(|s| {
-                s.endpoints
-                    .iter()
-                    .any(|e| e.dc == dc && e.ep == ep && e.state == "RUNNING")
-            })
-        })
-        .ok_or_else(|| {
-            anyhow!(
-                "endpoint {}/{ep} is not running on any node (see `dvs status`)",
-                dcc.name
-            )
-        })?;
-    let mut c = CtlClient::connect(&source.ctl_socket())?;
-    c.set_timeout(Some(Duration::from_secs(60)))?;
+    let source = source_node(cfg, dcc, ep, progress)?.ok_or_else(|| {
+        anyhow!(
+            "endpoint {}/{ep} is not running on any node (see `dvs status`)",
+            dcc.name
+        )
+    })?;
+    let mut c = ctl_connect(source, Duration::from_secs(60)).with_context(|| {
+        format!(
+            "endpoint {}/{ep} runs on node {}, which does not answer",
+            dcc.name, source.name
+        )
+    })?;
     let r = c.call(&CtlRequest::Migrate {
         dc,
         ep,
@@ -107,6 +101,43 @@ pub fn run_migration(
     }
 }
 
+/// The node that runs `{dc, ep}`: the one the cluster directory names (`ep/{dc}/{ep}`, the
+/// key the node kernels keep). When the directory cannot be read, the node that reports the
+/// endpoint RUNNING: a member of the config's admin group may use the nodes' sockets without
+/// being able to read the directory's private folder.
+fn source_node<'a>(
+    cfg: &'a ClusterConfig,
+    dc: &DcConfig,
+    ep: Ep,
+    progress: &mut dyn Write,
+) -> Result<Option<&'a NodeConfig>> {
+    let key = keys::endpoint_key(dc.id, ep);
+    let entry = match directory_get(cfg, &key) {
+        Ok(entry) => entry,
+        Err(e) => {
+            writeln!(progress, "note: {e:#}; asking every node instead")?;
+            return Ok(running_on(cfg, dc.id, ep));
+        }
+    };
+    let Some(entry) = entry else {
+        return Ok(None);
+    };
+    let id: NodeId = entry.value.parse().map_err(|_| {
+        anyhow!(
+            "the cluster directory's entry {key} is {:?}, not a node id",
+            entry.value
+        )
+    })?;
+    let node = cfg.node_by_id(id).ok_or_else(|| {
+        anyhow!(
+            "the cluster directory says endpoint {}/{ep} runs on node {id} ({key}), \
+             but the cluster config has no node {id}",
+            dc.name
+        )
+    })?;
+    Ok(Some(node))
+}
+
 fn mb(bytes: u64) -> String {
     format!("{:.2} MB", bytes as f64 / 1e6)
 }
@@ -126,11 +157,7 @@ pub fn migrate(cfg: &ClusterConfig, o: &MigrateOptions) -> Result<ExitCode> {
             ExitCode::FAILURE
         });
     }
-    let name = |id: u16| {
-        cfg.node_by_id(id)
-            .map(|n| n.name.clone())
-            .unwrap_or_else(|| id.to_string())
-    };
+    let name = |id: u16| node_name(cfg, id);
     if s.committed {
         println!(
             "committed: {}/{} now runs on {} ({:.1} ms from START to COMMIT)",
@@ -245,5 +272,68 @@ fn yes(b: bool) -> &'static str {
         "yes"
     } else {
         "no"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dvs_config::DirectoryConfig;
+
+    /// A 3-node config under `dir` (no node runs) whose directory holds `entries`.
+    fn config_with(dir: &std::path::Path, entries: &[(String, &str)]) -> ClusterConfig {
+        let cfg = ClusterConfig::local(dir, 3, 7400);
+        let d = dvs_directory::open(&cfg.directory).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for (k, v) in entries {
+            rt.block_on(d.cas(k, None, Some(v.to_string()))).unwrap();
+        }
+        cfg
+    }
+
+    fn lookup(cfg: &ClusterConfig, ep: Ep) -> (Result<Option<String>>, String) {
+        let mut progress = Vec::new();
+        let r = source_node(cfg, &cfg.dcs[0], ep, &mut progress).map(|n| n.map(|n| n.name.clone()));
+        (r, String::from_utf8(progress).unwrap())
+    }
+
+    #[test]
+    fn the_source_is_the_node_the_directory_names() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = config_with(
+            t.path(),
+            &[
+                (keys::endpoint_key(0, 1), "1"),
+                (keys::endpoint_key(0, 2), "42"),
+                (keys::endpoint_key(0, 3), "node1"),
+            ],
+        );
+        let (r, progress) = lookup(&cfg, 1);
+        assert_eq!(r.unwrap().as_deref(), Some("node1"));
+        assert_eq!(progress, "");
+        // No entry: not running anywhere.
+        assert_eq!(lookup(&cfg, 4).0.unwrap(), None);
+        let e = lookup(&cfg, 2).0.unwrap_err().to_string();
+        assert!(
+            e.contains("dc0/2 runs on node 42") && e.contains("no node 42"),
+            "{e}"
+        );
+        let e = lookup(&cfg, 3).0.unwrap_err().to_string();
+        assert!(e.contains("not a node id"), "{e}");
+    }
+
+    #[test]
+    fn an_unreadable_directory_falls_back_to_asking_the_nodes() {
+        let t = tempfile::tempdir().unwrap();
+        let mut cfg = config_with(t.path(), &[(keys::endpoint_key(0, 1), "1")]);
+        let not_a_folder = t.path().join("file");
+        std::fs::write(&not_a_folder, "").unwrap();
+        cfg.directory = DirectoryConfig::Embedded { path: not_a_folder };
+        let (r, progress) = lookup(&cfg, 1);
+        // No node runs, so none reports it.
+        assert_eq!(r.unwrap(), None);
+        assert!(progress.contains("asking every node instead"), "{progress}");
     }
 }

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use dvs_config::ClusterConfig;
-use dvs_node::ctl::NodeStatus;
+use dvs_node::ctl::{EndpointState, NodeStatus};
 use serde::Serialize;
 
-use crate::cluster::node_status;
+use crate::helpers::{node_name, node_status};
 
 #[derive(Serialize)]
 struct ClusterStatus {
@@ -117,17 +117,13 @@ pub fn status(cfg: &ClusterConfig, path: &Path, json: bool) -> Result<ExitCode> 
     for n in &nodes {
         let Some(s) = &n.status else { continue };
         for e in &s.endpoints {
-            let cell = match e.state.as_str() {
-                "RUNNING" => match e.pid {
+            let cell = match e.state {
+                EndpointState::Running => match e.pid {
                     Some(p) => format!("RUNNING pid {p}"),
                     None => "RUNNING".into(),
                 },
                 other => {
-                    let name = cfg
-                        .node_by_id(e.node)
-                        .map(|x| x.name.clone())
-                        .unwrap_or_else(|| e.node.to_string());
-                    format!("{other}({name})")
+                    format!("{other}({})", node_name(cfg, e.node))
                 }
             };
             let cell = if e.migrating {

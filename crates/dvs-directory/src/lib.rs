@@ -17,13 +17,25 @@
 #![warn(missing_docs)]
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use dvs_config::DirectoryConfig;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 mod embedded;
+pub mod keys;
 
 pub use embedded::EmbeddedDirectory;
+
+/// Opens the directory that a cluster config's `[directory]` section names: the one way
+/// node kernels and the CLI reach it, so both always look at the same store.
+pub fn open(config: &DirectoryConfig) -> Result<Arc<dyn Directory>, DirError> {
+    match config {
+        DirectoryConfig::Embedded { path } => Ok(Arc::new(EmbeddedDirectory::open(path)?)),
+        DirectoryConfig::Etcd { .. } => Err(DirError::Unsupported { kind: "etcd" }),
+    }
+}
 
 /// A value together with the revision at which it was last written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +130,12 @@ pub enum DirError {
         /// Why it was rejected.
         reason: &'static str,
     },
+    /// The config names a kind of directory this build cannot use.
+    #[error("directory kind {kind:?} is not supported by this build yet; use kind = \"embedded\"")]
+    Unsupported {
+        /// The configured kind.
+        kind: &'static str,
+    },
     /// The operation on `key` could not run because the async runtime is shutting down.
     #[error("directory: operation on key {key:?} was cancelled (runtime shutting down)")]
     Cancelled {
@@ -162,4 +180,26 @@ pub trait Directory: Send + Sync + 'static {
         &self,
         prefix: &str,
     ) -> Result<(Vec<(String, Versioned)>, UnboundedReceiver<DirEvent>), DirError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn open_follows_the_config() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("dir");
+        let a = open(&DirectoryConfig::Embedded { path: path.clone() }).unwrap();
+        let b = open(&DirectoryConfig::Embedded { path }).unwrap();
+        // Two opens of one config are one store.
+        a.cas("k", None, Some("v".into())).await.unwrap();
+        assert_eq!(b.get("k").await.unwrap().unwrap().value, "v");
+        let etcd = DirectoryConfig::Etcd {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/dvs".into(),
+        };
+        let e = open(&etcd).err().expect("etcd is not supported yet");
+        assert!(matches!(e, DirError::Unsupported { kind: "etcd" }), "{e}");
+    }
 }

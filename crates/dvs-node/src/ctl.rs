@@ -123,6 +123,37 @@ pub struct LinkStatus {
     pub max_silence_ms: f64,
 }
 
+/// How a node holds an endpoint in its table. Serialized in capitals (`"RUNNING"`), the
+/// names `dvs status` shows and scripts read.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum EndpointState {
+    /// The endpoint runs on this node.
+    Running,
+    /// It runs on another node ([`EndpointStatus::node`]).
+    Remote,
+    /// This node keeps a backup of the primary running on another node.
+    Backup,
+}
+
+impl EndpointState {
+    /// The name as serialized: `RUNNING`, `REMOTE` or `BACKUP`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointState::Running => "RUNNING",
+            EndpointState::Remote => "REMOTE",
+            EndpointState::Backup => "BACKUP",
+        }
+    }
+}
+
+impl std::fmt::Display for EndpointState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, so that table columns (`{:<8}`) line up.
+        f.pad(self.as_str())
+    }
+}
+
 /// One registration in a node's endpoint table.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EndpointStatus {
@@ -131,7 +162,7 @@ pub struct EndpointStatus {
     /// Endpoint.
     pub ep: Ep,
     /// RUNNING, REMOTE or BACKUP.
-    pub state: String,
+    pub state: EndpointState,
     /// Node running the endpoint.
     pub node: NodeId,
     /// Local pid, for RUNNING endpoints.
@@ -278,5 +309,26 @@ impl CtlClient {
     pub fn call(&mut self, req: &CtlRequest) -> Result<CtlResponse, CtlError> {
         self.send(req)?;
         self.recv()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_states_keep_their_json_names() {
+        for (state, name) in [
+            (EndpointState::Running, "RUNNING"),
+            (EndpointState::Remote, "REMOTE"),
+            (EndpointState::Backup, "BACKUP"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+            assert_eq!(state.to_string(), name);
+            let back: EndpointState = serde_json::from_value(name.into()).unwrap();
+            assert_eq!(back, state);
+        }
+        assert_eq!(format!("[{:<9}]", EndpointState::Remote), "[REMOTE   ]");
+        assert!(serde_json::from_str::<EndpointState>("\"running\"").is_err());
     }
 }

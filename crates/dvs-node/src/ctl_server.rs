@@ -24,7 +24,9 @@ use dvs_core::{FailAt, MigrationRequest};
 use dvs_wire::peer::Backend;
 use dvs_wire::{DcId, Ep, NodeId};
 
-use crate::ctl::{CtlRequest, CtlResponse, DoctorCheck, EndpointStatus, LinkStatus, NodeStatus};
+use crate::ctl::{
+    CtlRequest, CtlResponse, DoctorCheck, EndpointState, EndpointStatus, LinkStatus, NodeStatus,
+};
 use crate::launcher::{self, Ended};
 use crate::State;
 
@@ -439,15 +441,15 @@ fn status(state: &State) -> NodeStatus {
         .registrations()
         .into_iter()
         .map(|(dc, ep, r)| {
-            let (state_name, node) = match r.kind() {
-                RegistrationKind::Running => ("RUNNING", me),
-                RegistrationKind::Remote(n) => ("REMOTE", n),
-                RegistrationKind::Backup(n) => ("BACKUP", n),
+            let (state, node) = match r.kind() {
+                RegistrationKind::Running => (EndpointState::Running, me),
+                RegistrationKind::Remote(n) => (EndpointState::Remote, n),
+                RegistrationKind::Backup(n) => (EndpointState::Backup, n),
             };
             EndpointStatus {
                 dc,
                 ep,
-                state: state_name.into(),
+                state,
                 node,
                 pid: s.core.local_pid(dc, ep),
                 migrating: s.core.migrating(dc, ep),

@@ -1,16 +1,21 @@
 //! Glue between the core and the [`Directory`]: registrations, lookups and the watch.
 //!
-//! Keys are `ep/{dc}/{ep}`, values the id of the node running the endpoint; `launch/{dc}/{ep}`
-//! holds the command line (JSON) the endpoint's program was launched with, the only place a
-//! cooperative restore learns what to start (never from a peer). Operations run
-//! one at a time, in the order the core asked for them, so a register followed by an
-//! unregister of the same endpoint cannot land in the other order.
+//! Keys (named in [`dvs_directory::keys`]) are `ep/{dc}/{ep}`, values the id of the node
+//! running the endpoint; `launch/{dc}/{ep}` holds the command line (JSON) the endpoint's
+//! program was launched with, the only place a cooperative restore learns what to start
+//! (never from a peer). Operations run one at a time, in the order the core asked for them,
+//! so a register followed by an unregister of the same endpoint cannot land in the other
+//! order.
 
 use dvs_core::{DirectoryInput, Input};
 use std::sync::Arc;
 use std::time::Instant;
 
 use dvs_core::{ConnId, MigrRecord, Require};
+use dvs_directory::keys::{
+    endpoint_key, launch_key, migr_key, parse_endpoint_key, parse_migr_key, ENDPOINT_PREFIX,
+    MIGR_PREFIX,
+};
 use dvs_directory::{CasOutcome, DirEvent, Directory};
 use dvs_wire::peer::MigrationId;
 use dvs_wire::{DcId, Ep, Errno, NodeId};
@@ -70,12 +75,6 @@ pub(crate) enum DirOp {
     },
 }
 
-const LAUNCH_PREFIX: &str = "launch/";
-
-fn launch_key(dc: DcId, ep: Ep) -> String {
-    format!("{LAUNCH_PREFIX}{dc}/{ep}")
-}
-
 /// Writes `value` at `k` whatever is there (a few rounds of compare-and-set).
 async fn put(dir: &dyn Directory, k: &str, value: String) -> Result<(), String> {
     for _ in 0..5 {
@@ -108,12 +107,6 @@ async fn get_launch(dir: &dyn Directory, dc: DcId, ep: Ep) -> Result<Vec<String>
         return Err(format!("launch record {k} is an empty command line"));
     }
     Ok(cmd)
-}
-
-const MIGR_PREFIX: &str = "migr/";
-
-fn migr_key(dc: DcId, ep: Ep) -> String {
-    format!("{MIGR_PREFIX}{dc}/{ep}")
 }
 
 /// Writes `record` if the current record satisfies `require`: the compare-and-set that decides
@@ -152,18 +145,6 @@ async fn write_record(
     Err(None)
 }
 
-const PREFIX: &str = "ep/";
-
-fn key(dc: DcId, ep: Ep) -> String {
-    format!("{PREFIX}{dc}/{ep}")
-}
-
-fn parse_key(k: &str) -> Option<(DcId, Ep)> {
-    let rest = k.strip_prefix(PREFIX)?;
-    let (dc, ep) = rest.split_once('/')?;
-    Some((dc.parse().ok()?, ep.parse().ok()?))
-}
-
 /// Cleans what a previous run of this node left, loads the current registrations, and starts
 /// the worker and the watch.
 pub(crate) async fn start(
@@ -173,17 +154,18 @@ pub(crate) async fn start(
 ) -> Result<(), NodeError> {
     let me = state.borrow().me.id;
     // Nothing runs here yet: every key naming this node is stale.
-    for (k, v) in dir.get_prefix(PREFIX).await? {
+    for (k, v) in dir.get_prefix(ENDPOINT_PREFIX).await? {
         if v.value == me.to_string() {
             let _ = dir.cas(&k, Some(v.version), None).await?;
             info!("removed stale registration {k} left by a previous run");
         }
     }
-    let (snapshot, events) = dir.watch(PREFIX).await?;
+    let (snapshot, events) = dir.watch(ENDPOINT_PREFIX).await?;
     {
         let mut s = state.borrow_mut();
         for (k, v) in snapshot {
-            if let (Some((dc, ep)), Ok(node)) = (parse_key(&k), v.value.parse::<NodeId>()) {
+            if let (Some((dc, ep)), Ok(node)) = (parse_endpoint_key(&k), v.value.parse::<NodeId>())
+            {
                 s.core.handle(
                     Instant::now(),
                     Input::Directory(DirectoryInput::Changed {
@@ -214,7 +196,7 @@ async fn watch(
                 DirEvent::Put { key, value, .. } => (key, value.parse::<NodeId>().ok()),
                 DirEvent::Delete { key } => (key, None),
             };
-            if let Some((dc, ep)) = parse_key(k) {
+            if let Some((dc, ep)) = parse_endpoint_key(k) {
                 let mut s = state.borrow_mut();
                 s.core.handle(
                     Instant::now(),
@@ -225,11 +207,13 @@ async fn watch(
         }
         warn!("directory watch ended; watching again");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        match dir.watch(PREFIX).await {
+        match dir.watch(ENDPOINT_PREFIX).await {
             Ok((snap, ev)) => {
                 let mut s = state.borrow_mut();
                 for (k, v) in snap {
-                    if let (Some((dc, ep)), Ok(node)) = (parse_key(&k), v.value.parse::<NodeId>()) {
+                    if let (Some((dc, ep)), Ok(node)) =
+                        (parse_endpoint_key(&k), v.value.parse::<NodeId>())
+                    {
                         s.core.handle(
                             Instant::now(),
                             Input::Directory(DirectoryInput::Changed {
@@ -254,13 +238,7 @@ async fn watch_migrations(state: State, mut events: mpsc::UnboundedReceiver<DirE
         let DirEvent::Put { key, value, .. } = ev else {
             continue;
         };
-        let Some(rest) = key.strip_prefix(MIGR_PREFIX) else {
-            continue;
-        };
-        let Some((dc, ep)) = rest
-            .split_once('/')
-            .and_then(|(d, e)| Some((d.parse::<DcId>().ok()?, e.parse::<Ep>().ok()?)))
-        else {
+        let Some((dc, ep)) = parse_migr_key(&key) else {
             continue;
         };
         if let Some(record) = MigrRecord::parse(&value) {
@@ -281,7 +259,7 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
     while let Some(op) = rx.recv().await {
         match op {
             DirOp::Register { conn, dc, ep } => {
-                let k = key(dc, ep);
+                let k = endpoint_key(dc, ep);
                 let result = match dir.cas(&k, None, Some(me_s.clone())).await {
                     Ok(CasOutcome::Done { .. }) => Ok(()),
                     // Named this node: a local race the core resolves itself.
@@ -304,7 +282,7 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                 s.drive();
             }
             DirOp::Unregister { dc, ep } => {
-                let k = key(dc, ep);
+                let k = endpoint_key(dc, ep);
                 match dir.get(&k).await {
                     Ok(Some(v)) if v.value == me_s => {
                         if let Err(e) = dir.cas(&k, Some(v.version), None).await {
@@ -356,7 +334,7 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                 s.drive();
             }
             DirOp::Relocate { dc, ep, node } => {
-                let k = key(dc, ep);
+                let k = endpoint_key(dc, ep);
                 for _ in 0..5 {
                     let current = match dir.get(&k).await {
                         Ok(v) => v,
@@ -389,7 +367,7 @@ async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedRe
                 let _ = reply.send(get_launch(dir.as_ref(), dc, ep).await);
             }
             DirOp::Lookup { dc, ep } => {
-                let k = key(dc, ep);
+                let k = endpoint_key(dc, ep);
                 let node = match dir.get(&k).await {
                     Ok(v) => v.and_then(|v| v.value.parse::<NodeId>().ok()),
                     Err(e) => {

@@ -1,0 +1,65 @@
+//! The names of the keys dvs keeps in the directory, in one place so that the node kernels
+//! that write them and the CLI that reads them cannot drift apart.
+//!
+//! - `ep/{dc}/{ep}`: the id of the node that runs endpoint `{dc, ep}`.
+//! - `launch/{dc}/{ep}`: the command line (JSON) the endpoint's program was launched with.
+//! - `migr/{dc}/{ep}`: the record of the endpoint's latest migration decision.
+
+use dvs_wire::{DcId, Ep};
+
+/// Prefix of the endpoint registrations (`ep/{dc}/{ep}` → node id).
+pub const ENDPOINT_PREFIX: &str = "ep/";
+/// Prefix of the launch records (`launch/{dc}/{ep}` → JSON command line).
+pub const LAUNCH_PREFIX: &str = "launch/";
+/// Prefix of the migration records (`migr/{dc}/{ep}` → encoded record).
+pub const MIGR_PREFIX: &str = "migr/";
+
+/// The key naming the node that runs `{dc, ep}`.
+pub fn endpoint_key(dc: DcId, ep: Ep) -> String {
+    format!("{ENDPOINT_PREFIX}{dc}/{ep}")
+}
+
+/// The key of the command line `{dc, ep}` was launched with.
+pub fn launch_key(dc: DcId, ep: Ep) -> String {
+    format!("{LAUNCH_PREFIX}{dc}/{ep}")
+}
+
+/// The key of the migration record of `{dc, ep}`.
+pub fn migr_key(dc: DcId, ep: Ep) -> String {
+    format!("{MIGR_PREFIX}{dc}/{ep}")
+}
+
+/// The endpoint an [`endpoint_key`] names; `None` for any other key.
+pub fn parse_endpoint_key(key: &str) -> Option<(DcId, Ep)> {
+    parse_under(ENDPOINT_PREFIX, key)
+}
+
+/// The endpoint a [`migr_key`] names; `None` for any other key.
+pub fn parse_migr_key(key: &str) -> Option<(DcId, Ep)> {
+    parse_under(MIGR_PREFIX, key)
+}
+
+fn parse_under(prefix: &str, key: &str) -> Option<(DcId, Ep)> {
+    let (dc, ep) = key.strip_prefix(prefix)?.split_once('/')?;
+    Some((dc.parse().ok()?, ep.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_do_not_cross() {
+        assert_eq!(endpoint_key(0, 7), "ep/0/7");
+        assert_eq!(launch_key(1, -2), "launch/1/-2");
+        assert_eq!(migr_key(3, 4), "migr/3/4");
+        assert_eq!(parse_endpoint_key(&endpoint_key(2, -5)), Some((2, -5)));
+        assert_eq!(parse_migr_key(&migr_key(9, 12)), Some((9, 12)));
+        // A key of one kind is not read as another, nor is a malformed one.
+        assert_eq!(parse_endpoint_key(&migr_key(1, 1)), None);
+        assert_eq!(parse_migr_key(&endpoint_key(1, 1)), None);
+        assert_eq!(parse_endpoint_key("ep/1"), None);
+        assert_eq!(parse_endpoint_key("ep/x/1"), None);
+        assert_eq!(parse_endpoint_key("ep/1/1/2"), None);
+    }
+}
