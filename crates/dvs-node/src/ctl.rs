@@ -188,7 +188,70 @@ pub struct ProcStatus {
     /// Milliseconds since launch.
     pub age_ms: u64,
     /// `running`, or how it ended.
-    pub state: String,
+    pub state: ProcState,
+}
+
+/// What became of a launched process. Serialized as the text `dvs ps` shows (`"running"`,
+/// `"exited 0"`, `"killed by signal 9"`, `"migrated to node 2"`), which scripts read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum ProcState {
+    /// It runs.
+    Running,
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal (this number) ended it.
+    Killed(i32),
+    /// It was migrated to this node.
+    MigratedTo(NodeId),
+}
+
+impl std::fmt::Display for ProcState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            ProcState::Running => "running".to_string(),
+            ProcState::Exited(c) => format!("exited {c}"),
+            ProcState::Killed(s) => format!("killed by signal {s}"),
+            ProcState::MigratedTo(n) => format!("migrated to node {n}"),
+        };
+        // `pad`, so that table columns (`{:<18}`) line up.
+        f.pad(&s)
+    }
+}
+
+impl From<ProcState> for String {
+    fn from(s: ProcState) -> String {
+        s.to_string()
+    }
+}
+
+impl std::str::FromStr for ProcState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let number = |rest: &str| rest.parse().map_err(|_| format!("bad process state {s:?}"));
+        if s == "running" {
+            Ok(ProcState::Running)
+        } else if let Some(c) = s.strip_prefix("exited ") {
+            number(c).map(ProcState::Exited)
+        } else if let Some(n) = s.strip_prefix("killed by signal ") {
+            number(n).map(ProcState::Killed)
+        } else if let Some(n) = s.strip_prefix("migrated to node ") {
+            n.parse()
+                .map(ProcState::MigratedTo)
+                .map_err(|_| format!("bad process state {s:?}"))
+        } else {
+            Err(format!("unknown process state {s:?}"))
+        }
+    }
+}
+
+impl TryFrom<String> for ProcState {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
 }
 
 /// Everything `dvs status` shows of one node.
@@ -330,5 +393,24 @@ mod tests {
         }
         assert_eq!(format!("[{:<9}]", EndpointState::Remote), "[REMOTE   ]");
         assert!(serde_json::from_str::<EndpointState>("\"running\"").is_err());
+    }
+
+    #[test]
+    fn process_states_keep_their_json_text() {
+        for (state, text) in [
+            (ProcState::Running, "running"),
+            (ProcState::Exited(0), "exited 0"),
+            (ProcState::Exited(-1), "exited -1"),
+            (ProcState::Killed(9), "killed by signal 9"),
+            (ProcState::MigratedTo(2), "migrated to node 2"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), text);
+            let back: ProcState = serde_json::from_value(text.into()).unwrap();
+            assert_eq!(back, state);
+        }
+        assert_eq!(format!("[{:<9}]", ProcState::Running), "[running  ]");
+        for bad in ["", "Running", "exited", "exited x", "migrated to node -1"] {
+            assert!(bad.parse::<ProcState>().is_err(), "{bad:?}");
+        }
     }
 }

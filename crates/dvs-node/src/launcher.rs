@@ -11,7 +11,7 @@ use std::time::Instant;
 use dvs_wire::{DcId, Ep};
 use tracing::{info, warn};
 
-use crate::ctl::ProcStatus;
+use crate::ctl::{ProcState, ProcStatus};
 use crate::State;
 
 /// How a launched process ended.
@@ -89,10 +89,10 @@ impl Procs {
                 log: p.log.display().to_string(),
                 age_ms: p.started.elapsed().as_millis() as u64,
                 state: match (p.migrated_to, p.ended) {
-                    (Some(n), _) => format!("migrated to node {n}"),
-                    (None, None) => "running".into(),
-                    (None, Some(Ended::Code(c))) => format!("exited {c}"),
-                    (None, Some(Ended::Signal(s))) => format!("killed by signal {s}"),
+                    (Some(n), _) => ProcState::MigratedTo(n),
+                    (None, None) => ProcState::Running,
+                    (None, Some(Ended::Code(c))) => ProcState::Exited(c),
+                    (None, Some(Ended::Signal(s))) => ProcState::Killed(s),
                 },
             })
             .collect()

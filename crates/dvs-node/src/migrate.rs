@@ -79,7 +79,7 @@ impl Migrations {
                 },
                 log: String::new(),
                 age_ms: r.since.elapsed().as_millis() as u64,
-                state: "running".into(),
+                state: crate::ctl::ProcState::Running,
             })
             .collect()
     }
