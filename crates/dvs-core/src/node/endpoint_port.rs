@@ -312,21 +312,13 @@ impl NodeCore {
         target: NodeId,
         now: Instant,
     ) {
-        let PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
-            op,
-            dc,
-            src,
-            dst,
-            kind,
-            msg,
-            timeout,
-        })) = frame
-        else {
+        let PeerFrame::Ipc(IpcFrame::Deliver(deliver)) = frame else {
             return;
         };
         if target == self.node {
-            self.remote_deliver(origin, op, dc, src, dst, kind, msg, timeout, now);
+            self.remote_deliver(origin, deliver, now);
         } else {
+            let Deliver { op, dc, dst, .. } = deliver;
             // Its sender's node holds the call (or, past the outcome, sends it again).
             self.actions.push_back(Action::Peer(PeerAction::Send {
                 node: origin,

@@ -6,9 +6,9 @@ use dvs_wire::local::{LocalResponse, Source};
 use dvs_wire::peer::{
     Bound, BulkFrame, Cancel, Deliver, DeliverKind, Delivered, ImageChunk, IpcFrame, MigrCommit,
     MigrDone, MigrFrame, MigrPrepare, MigrRestore, MigrRestored, MigrRollback, MigrStart,
-    MigrStartAck, Notify, PeerFrame, Redirect, Reply, Unbound, VcopyData, VcopyDone, VcopyPull,
+    MigrStartAck, Notify, PeerFrame, Redirect, Reply, Unbound, VcopyData, VcopyDone,
 };
-use dvs_wire::{DcId, Ep, Errno, Message, NodeId, Timeout};
+use dvs_wire::{DcId, Ep, Errno, NodeId, Timeout};
 
 use super::action::PeerAction;
 use super::conn::{Blocked, Incoming, Origin, ReplyTo};
@@ -151,15 +151,7 @@ impl NodeCore {
 
     pub(super) fn peer_frame(&mut self, from: NodeId, frame: PeerFrame, now: Instant) {
         match frame {
-            PeerFrame::Ipc(IpcFrame::Deliver(Deliver {
-                op,
-                dc,
-                src,
-                dst,
-                kind,
-                msg,
-                timeout,
-            })) => self.remote_deliver(from, op, dc, src, dst, kind, msg, timeout, now),
+            PeerFrame::Ipc(IpcFrame::Deliver(d)) => self.remote_deliver(from, d, now),
             PeerFrame::Ipc(IpcFrame::Delivered(Delivered { op, result })) => {
                 self.remote_delivered(from, op, result)
             }
@@ -259,28 +251,7 @@ impl NodeCore {
                     self.notify_local(conn, src, value);
                 }
             }
-            PeerFrame::Ipc(IpcFrame::VcopyPull(VcopyPull {
-                op,
-                caller_node,
-                dc,
-                caller,
-                src,
-                src_addr,
-                dst,
-                dst_addr,
-                len,
-            })) => self.remote_vcopy_pull(
-                from,
-                op,
-                caller_node,
-                dc,
-                caller,
-                src,
-                src_addr,
-                dst,
-                dst_addr,
-                len,
-            ),
+            PeerFrame::Ipc(IpcFrame::VcopyPull(pull)) => self.remote_vcopy_pull(from, pull),
             PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone { op, result })) => {
                 self.complete_vcopy(VcopyCompletion::Local { op }, result)
             }
@@ -337,18 +308,16 @@ impl NodeCore {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn remote_deliver(
-        &mut self,
-        from: NodeId,
-        op: OpId,
-        dc: DcId,
-        src: Ep,
-        dst: Ep,
-        kind: DeliverKind,
-        mut msg: Message,
-        timeout: Timeout,
-        now: Instant,
-    ) {
+    pub(super) fn remote_deliver(&mut self, from: NodeId, deliver: Deliver, now: Instant) {
+        let Deliver {
+            op,
+            dc,
+            src,
+            dst,
+            kind,
+            mut msg,
+            timeout,
+        } = deliver;
         let fail = |core: &mut Self, e: Errno| {
             core.actions.push_back(Action::Peer(PeerAction::Send {
                 node: from,

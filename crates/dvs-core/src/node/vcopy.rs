@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use dvs_wire::local::{LocalRequest, LocalResponse};
 use dvs_wire::peer::{IpcFrame, PeerFrame, VcopyDone, VcopyPull};
-use dvs_wire::{DcId, Ep, Errno, NodeId, Timeout};
+use dvs_wire::{Ep, Errno, NodeId, Timeout};
 
 use super::action::{MemoryAction, PeerAction};
 use super::conn::{is_blocked_in_ipc, Blocked};
@@ -222,19 +222,18 @@ impl NodeCore {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn remote_vcopy_pull(
-        &mut self,
-        from: NodeId,
-        op: OpId,
-        caller_node: NodeId,
-        dc: DcId,
-        caller: Ep,
-        src: Ep,
-        src_addr: u64,
-        dst: Ep,
-        dst_addr: u64,
-        len: u64,
-    ) {
+    pub(super) fn remote_vcopy_pull(&mut self, from: NodeId, pull: VcopyPull) {
+        let VcopyPull {
+            op,
+            caller_node,
+            dc,
+            caller,
+            src,
+            src_addr,
+            dst,
+            dst_addr,
+            len,
+        } = pull;
         let done = self.completion(caller_node, op);
         let result: Result<(), Errno> = (|| {
             if !self.peer_in_dc(from, dc) {
