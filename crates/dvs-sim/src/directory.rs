@@ -1,0 +1,186 @@
+//! The simulated directory: endpoint registrations and migration records, with the
+//! compare-and-set semantics the real one (etcd) gives the core, and its watches.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use dvs_core::{DirRequest, DirectoryInput, MigrRecord};
+use dvs_wire::{DcId, Ep, Errno, NodeId};
+
+/// The kinds of [`DirRequest`], to choose which the simulation leaves to the test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DirKind {
+    /// [`DirRequest::Register`].
+    Register,
+    /// [`DirRequest::Unregister`].
+    Unregister,
+    /// [`DirRequest::Sync`].
+    Sync,
+    /// [`DirRequest::Lookup`].
+    Lookup,
+    /// [`DirRequest::Relocate`].
+    Relocate,
+    /// [`DirRequest::WriteMigrRecord`].
+    WriteMigrRecord,
+    /// [`DirRequest::ReadMigrRecord`].
+    ReadMigrRecord,
+}
+
+impl DirKind {
+    /// The kind of `req`.
+    pub fn of(req: &DirRequest) -> Self {
+        match req {
+            DirRequest::Register { .. } => DirKind::Register,
+            DirRequest::Unregister { .. } => DirKind::Unregister,
+            DirRequest::Sync { .. } => DirKind::Sync,
+            DirRequest::Lookup { .. } => DirKind::Lookup,
+            DirRequest::Relocate { .. } => DirKind::Relocate,
+            DirRequest::WriteMigrRecord { .. } => DirKind::WriteMigrRecord,
+            DirRequest::ReadMigrRecord { .. } => DirKind::ReadMigrRecord,
+        }
+    }
+}
+
+/// The directory's contents, and how it answers.
+///
+/// Each node's requests land in the order the node made them (one connection to the
+/// directory per node). By default a request lands and is answered as soon as the node asks;
+/// [`Directory::delay`] and [`crate::Sim::hold_directory`] make it slower.
+#[derive(Default)]
+pub struct Directory {
+    endpoints: BTreeMap<(DcId, Ep), NodeId>,
+    records: BTreeMap<(DcId, Ep), MigrRecord>,
+    /// Requests of these kinds are not carried out: they are noted for the test
+    /// ([`crate::Sim::take_noted`]), which answers them itself if it wants to.
+    pub manual: BTreeSet<DirKind>,
+    /// Requests of these kinds are carried out and also noted for the test.
+    pub noted: BTreeSet<DirKind>,
+    /// Tell every node of each change of a registration ([`DirectoryInput::Changed`]).
+    pub watch_endpoints: bool,
+    /// Tell every node of each migration record written ([`DirectoryInput::MigrRecordChanged`]).
+    pub watch_migr_records: bool,
+    /// How long a request takes to land.
+    pub delay: Duration,
+    pub(crate) held: BTreeSet<NodeId>,
+    /// Requests not landed yet, per node, with when they are due.
+    pub(crate) queues: BTreeMap<NodeId, VecDeque<(Duration, DirRequest)>>,
+}
+
+/// What a request that landed produced: the answer to the node that asked, and the watch
+/// notifications for every node.
+pub(crate) struct Landed {
+    pub answer: Option<DirectoryInput>,
+    pub watch: Vec<DirectoryInput>,
+}
+
+impl Directory {
+    /// Where each registered endpoint runs.
+    pub fn endpoints(&self) -> &BTreeMap<(DcId, Ep), NodeId> {
+        &self.endpoints
+    }
+
+    /// Where `{dc, ep}` runs, if it is registered.
+    pub fn node_of(&self, dc: DcId, ep: Ep) -> Option<NodeId> {
+        self.endpoints.get(&(dc, ep)).copied()
+    }
+
+    /// The migration record of each endpoint that has one.
+    pub fn migr_records(&self) -> &BTreeMap<(DcId, Ep), MigrRecord> {
+        &self.records
+    }
+
+    /// Sets (or with `None` removes) a registration behind the nodes' backs, as an operator
+    /// or another writer would; no watch fires.
+    pub fn set_endpoint(&mut self, dc: DcId, ep: Ep, node: Option<NodeId>) {
+        match node {
+            Some(n) => self.endpoints.insert((dc, ep), n),
+            None => self.endpoints.remove(&(dc, ep)),
+        };
+    }
+
+    /// Sets a migration record behind the nodes' backs (a record written by a node the
+    /// simulation does not run); no watch fires.
+    pub fn set_migr_record(&mut self, dc: DcId, ep: Ep, record: MigrRecord) {
+        self.records.insert((dc, ep), record);
+    }
+
+    /// Requests waiting to land, per node, oldest first.
+    pub fn pending(&self) -> impl Iterator<Item = (NodeId, &DirRequest)> {
+        self.queues
+            .iter()
+            .flat_map(|(n, q)| q.iter().map(move |(_, r)| (*n, r)))
+    }
+
+    /// Carries out `req` from `node`.
+    pub(crate) fn land(&mut self, node: NodeId, req: DirRequest) -> Landed {
+        let mut watch = Vec::new();
+        let answer = match req {
+            DirRequest::Register { conn, dc, ep } => {
+                // A key held by another node is refused; one naming this node passes (the
+                // core itself catches two local connections racing), as in the daemon.
+                let result = match self.endpoints.get(&(dc, ep)) {
+                    Some(&m) if m != node => Err(Errno::AlreadyBound),
+                    Some(_) => Ok(()),
+                    None => {
+                        self.endpoints.insert((dc, ep), node);
+                        self.changed(&mut watch, dc, ep, Some(node));
+                        Ok(())
+                    }
+                };
+                Some(DirectoryInput::Registered { conn, result })
+            }
+            DirRequest::Unregister { dc, ep } => {
+                if self.endpoints.get(&(dc, ep)) == Some(&node) {
+                    self.endpoints.remove(&(dc, ep));
+                    self.changed(&mut watch, dc, ep, None);
+                }
+                None
+            }
+            // Every earlier request of this node has landed: they land in order.
+            DirRequest::Sync { conn } => Some(DirectoryInput::Synced { conn }),
+            DirRequest::Lookup { dc, ep } => Some(DirectoryInput::Located {
+                dc,
+                ep,
+                node: self.node_of(dc, ep),
+            }),
+            DirRequest::Relocate { dc, ep, node: to } => {
+                if self.endpoints.insert((dc, ep), to) != Some(to) {
+                    self.changed(&mut watch, dc, ep, Some(to));
+                }
+                None
+            }
+            DirRequest::WriteMigrRecord {
+                id,
+                dc,
+                ep,
+                record,
+                require,
+            } => {
+                let current = self.records.get(&(dc, ep)).copied();
+                let result = if require.allows(current.as_ref()) {
+                    self.records.insert((dc, ep), record);
+                    if self.watch_migr_records {
+                        watch.push(DirectoryInput::MigrRecordChanged { dc, ep, record });
+                    }
+                    Ok(())
+                } else {
+                    Err(current)
+                };
+                Some(DirectoryInput::MigrRecordWritten { id, result })
+            }
+            DirRequest::ReadMigrRecord { id, dc, ep } => Some(DirectoryInput::MigrRecordRead {
+                id,
+                dc,
+                ep,
+                record: self.records.get(&(dc, ep)).copied(),
+            }),
+        };
+        Landed { answer, watch }
+    }
+
+    fn changed(&self, watch: &mut Vec<DirectoryInput>, dc: DcId, ep: Ep, node: Option<NodeId>) {
+        if self.watch_endpoints {
+            watch.push(DirectoryInput::Changed { dc, ep, node });
+        }
+    }
+}
