@@ -1,19 +1,15 @@
 //! A hostile peer: frames an honest node never sends must have no effect, and close the link.
 //!
-//! [`Net`] runs node 1 (the victim) and node 3 (an honest node) as real cores; node 2 is the
-//! attacker: its frames are handed to node 1 by the tests, what node 1 sends it is recorded.
-
-mod support;
-use support::Drive;
-
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Instant;
+//! The simulated cluster runs node 1 (the victim) and node 3 (an honest node) as real cores;
+//! node 2 is the attacker, a phantom of [`dvs_sim::Sim`]: the tests hand its frames to node 1,
+//! and what node 1 sends it is kept.
 
 use dvs_core::{
-    Action, ConnId, CoreConfig, DcInfo, LocalPeer, MigrRecord, NodeCore, RecordState, Registration,
-    VcopyChunk, VcopyCompletion, Violation,
+    Action, ConnId, CoreConfig, DcInfo, Input, MigrRecord, RecordState, Registration, VcopyChunk,
+    VcopyCompletion, Violation,
 };
-use dvs_core::{DirRequest, LocalAction, MemoryAction, PeerAction, Report};
+use dvs_core::{DirRequest, MemoryAction, PeerAction, Report};
+use dvs_sim::{DirKind, Proc, Sim};
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::peer::{Backend, DeliverKind, MigratedEndpoint, PeerFrame};
 use dvs_wire::peer::{
@@ -29,128 +25,71 @@ const VICTIM: NodeId = 1;
 const ATTACKER: NodeId = 2;
 const HONEST: NodeId = 3;
 
-struct Net {
-    now: Instant,
-    cores: BTreeMap<NodeId, NodeCore>,
-    dir: HashMap<(DcId, Ep), NodeId>,
-    responses: HashMap<(NodeId, ConnId), VecDeque<LocalResponse>>,
-    /// Actions the net does not carry out, by node.
-    others: Vec<(NodeId, Action)>,
-    to_attacker: Vec<PeerFrame>,
-    in_flight: VecDeque<(NodeId, NodeId, PeerFrame)>,
-    next_conn: ConnId,
-    /// Migrations the directory records as started (a node holding a certificate can write
-    /// records too, so a START the attacker made may be recorded).
-    started: Vec<u64>,
+type Net = Sim;
+
+/// The victim linked to the attacker and to the honest node. The directory leaves
+/// unregistrations and migration writes to the test (none is expected); memory copies and
+/// process actions too.
+fn victim_cluster() -> Net {
+    let dcs = vec![DcInfo {
+        id: DC,
+        nodes: [1, 2, 3].into_iter().collect(),
+        max_endpoints: 8,
+        max_queue: 4,
+        bind_uids: [0].into_iter().collect(),
+    }];
+    let mut net = Sim::new(0);
+    for n in [VICTIM, HONEST] {
+        net.add_node(CoreConfig {
+            node: n,
+            dcs: dcs.clone(),
+            migration_seed: 0,
+        });
+    }
+    net.add_phantom(ATTACKER);
+    net.auto_memory = false;
+    net.auto_process = false;
+    net.directory_mut().manual.extend([
+        DirKind::Unregister,
+        DirKind::Relocate,
+        DirKind::WriteMigrRecord,
+    ]);
+    net.link_up(VICTIM, ATTACKER);
+    net.link_up(VICTIM, HONEST);
+    net
 }
 
-impl Net {
-    fn new() -> Self {
-        let dcs = vec![DcInfo {
-            id: DC,
-            nodes: [1, 2, 3].into_iter().collect(),
-            max_endpoints: 8,
-            max_queue: 4,
-            bind_uids: [0].into_iter().collect(),
-        }];
-        let mut cores = BTreeMap::new();
-        for n in [VICTIM, HONEST] {
-            cores.insert(
-                n,
-                NodeCore::new(CoreConfig {
-                    node: n,
-                    dcs: dcs.clone(),
-                    migration_seed: 0,
-                }),
-            );
-        }
-        let mut net = Net {
-            now: Instant::now(),
-            cores,
-            dir: HashMap::new(),
-            responses: HashMap::new(),
-            others: Vec::new(),
-            to_attacker: Vec::new(),
-            started: Vec::new(),
-            in_flight: VecDeque::new(),
-            next_conn: 1,
-        };
-        net.core(VICTIM).on_link_up(ATTACKER);
-        net.core(VICTIM).on_link_up(HONEST);
-        net.core(HONEST).on_link_up(VICTIM);
-        net.pump();
-        net
-    }
+/// Records migration `id` of `{DC, ep}` as started in the directory (a node holding a
+/// certificate can write records too, so a START the attacker made may be recorded).
+fn started(net: &mut Net, ep: Ep, id: u64) {
+    let record = MigrRecord {
+        id,
+        from: (id >> 48) as NodeId,
+        to: 0,
+        state: RecordState::Started,
+    };
+    net.directory_mut().set_migr_record(DC, ep, record);
+}
 
-    fn core(&mut self, n: NodeId) -> &mut NodeCore {
-        self.cores.get_mut(&n).expect("a simulated node")
-    }
+/// The forged-frame tests' way of driving [`Sim`].
+trait Drive {
+    fn bind_ep(&mut self, node: NodeId, ep: Ep) -> ConnId;
+    fn request(&mut self, node: NodeId, conn: ConnId, req: LocalRequest);
+    fn take(&mut self, node: NodeId, conn: ConnId) -> Option<LocalResponse>;
+    fn attack(&mut self, frame: PeerFrame);
+    fn attack_chunk(&mut self, c: VcopyChunk) -> Option<i32>;
+    fn to_attacker(&self) -> &[PeerFrame];
+    fn table(&self) -> Vec<(DcId, Ep, Registration)>;
+    fn expect_dropped(&mut self);
+    fn expect_violation(&mut self) -> Violation;
+}
 
-    fn pump(&mut self) {
-        loop {
-            let mut acts = Vec::new();
-            for (n, c) in self.cores.iter_mut() {
-                while let Some(a) = c.poll_action() {
-                    acts.push((*n, a));
-                }
-            }
-            if acts.is_empty() {
-                let Some((from, to, f)) = self.in_flight.pop_front() else {
-                    return;
-                };
-                let now = self.now;
-                self.core(to).on_peer_frame(from, f, now);
-                continue;
-            }
-            for (n, a) in acts {
-                self.handle(n, a);
-            }
-        }
-    }
-
-    fn handle(&mut self, n: NodeId, a: Action) {
-        let now = self.now;
-        match a {
-            Action::Local(LocalAction::Respond { conn, resp }) => {
-                self.responses.entry((n, conn)).or_default().push_back(resp)
-            }
-            Action::Peer(PeerAction::Send { node, frame }) if node == ATTACKER => {
-                self.to_attacker.push(frame)
-            }
-            Action::Peer(PeerAction::Send { node, frame }) => {
-                self.in_flight.push_back((n, node, frame))
-            }
-            Action::Directory(DirRequest::Register { conn, dc, ep }) => {
-                self.dir.insert((dc, ep), n);
-                self.core(n).on_register_result(conn, Ok(()));
-            }
-            Action::Directory(DirRequest::Lookup { dc, ep }) => {
-                let at = self.dir.get(&(dc, ep)).copied();
-                self.core(n).on_lookup_result(dc, ep, at, now);
-            }
-            Action::Directory(DirRequest::Sync { conn }) => self.core(n).on_directory_synced(conn),
-            Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }) => {
-                let now = self.now;
-                let record = self.started.contains(&id).then_some(MigrRecord {
-                    id,
-                    from: (id >> 48) as NodeId,
-                    to: 0,
-                    state: RecordState::Started,
-                });
-                self.core(n).on_migr_record_read(id, dc, ep, record, now);
-            }
-            other => self.others.push((n, other)),
-        }
-    }
-
-    fn bind(&mut self, node: NodeId, ep: Ep) -> ConnId {
-        let conn = self.next_conn;
-        self.next_conn += 1;
-        self.core(node)
-            .on_local_connect(conn, LocalPeer::unlaunched(1000 + conn as i32, 0));
-        self.call(
+impl Drive for Net {
+    fn bind_ep(&mut self, node: NodeId, ep: Ep) -> ConnId {
+        let p = self.connect(node);
+        self.request(
             node,
-            conn,
+            p.conn,
             LocalRequest::Bind {
                 version: PROTOCOL_VERSION,
                 dc: DC,
@@ -158,48 +97,46 @@ impl Net {
             },
         );
         assert!(matches!(
-            self.resp(node, conn),
+            self.take(node, p.conn),
             Some(LocalResponse::Ep { .. })
         ));
-        conn
+        p.conn
     }
 
-    fn call(&mut self, node: NodeId, conn: ConnId, req: LocalRequest) {
-        let now = self.now;
-        self.core(node).on_local_request(conn, req, now);
-        self.pump();
+    fn request(&mut self, node: NodeId, conn: ConnId, req: LocalRequest) {
+        self.call(Proc { node, conn }, req);
     }
 
-    fn resp(&mut self, node: NodeId, conn: ConnId) -> Option<LocalResponse> {
-        self.responses.get_mut(&(node, conn))?.pop_front()
+    fn take(&mut self, node: NodeId, conn: ConnId) -> Option<LocalResponse> {
+        self.resp(Proc { node, conn })
     }
 
     /// The attacker sends `frame` to the victim.
     fn attack(&mut self, frame: PeerFrame) {
-        let now = self.now;
-        self.core(VICTIM).on_peer_frame(ATTACKER, frame, now);
-        self.pump();
+        self.inject(ATTACKER, VICTIM, frame);
     }
 
     /// The attacker sends a vcopy chunk; whether the victim would write it.
     fn attack_chunk(&mut self, c: VcopyChunk) -> Option<i32> {
-        let (pid, rest) = support::vcopy_chunk(self.core(VICTIM), ATTACKER, &c);
-        for a in rest {
-            self.handle(VICTIM, a);
-        }
+        let pid = self.inject_chunk(ATTACKER, VICTIM, &c);
         if pid.is_some() {
-            self.core(VICTIM)
-                .on_vcopy_chunk_written(ATTACKER, &c, Ok(()));
+            let written = Input::VcopyChunkWritten {
+                from: ATTACKER,
+                chunk: c,
+                result: Ok(()),
+            };
+            self.input(VICTIM, written);
         }
         self.pump();
         pid
     }
 
-    fn take_others(&mut self) -> Vec<(NodeId, Action)> {
-        std::mem::take(&mut self.others)
+    /// What the victim sent the attacker.
+    fn to_attacker(&self) -> &[PeerFrame] {
+        self.received(ATTACKER)
     }
 
-    fn table(&mut self) -> Vec<(DcId, Ep, Registration)> {
+    fn table(&self) -> Vec<(DcId, Ep, Registration)> {
         self.core(VICTIM).registrations()
     }
 
@@ -207,7 +144,7 @@ impl Net {
     /// message from a source the sender does not hold can be an honest late message).
     #[track_caller]
     fn expect_dropped(&mut self) {
-        let others = self.take_others();
+        let others = self.take_noted();
         assert!(others.is_empty(), "expected nothing, got {others:?}");
     }
 
@@ -215,17 +152,16 @@ impl Net {
     /// happened besides.
     #[track_caller]
     fn expect_violation(&mut self) -> Violation {
-        let others = self.take_others();
+        let others = self.take_noted();
         match &others[..] {
             [(VICTIM, Action::Peer(PeerAction::Condemn { node, reason, .. }))]
                 if *node == ATTACKER =>
             {
                 let r = reason.clone();
                 // The daemon closes the link; the victim sees it go down and come back.
-                self.core(VICTIM).on_link_down(ATTACKER);
-                self.core(VICTIM).on_link_up(ATTACKER);
-                self.pump();
-                self.to_attacker.clear();
+                self.link_down(VICTIM, ATTACKER);
+                self.link_up(VICTIM, ATTACKER);
+                self.clear_received(ATTACKER);
                 r
             }
             other => panic!("expected one violation by node {ATTACKER}, got {other:?}"),
@@ -256,11 +192,11 @@ fn chunk(op: u64, caller_node: NodeId, caller: Ep, dst: Ep, offset: u64, len: u6
 
 /// A server (ep 1) blocked in receive on the victim, an honest endpoint (ep 5) on node 3.
 fn setup() -> (Net, ConnId) {
-    let mut net = Net::new();
-    let srv = net.bind(VICTIM, 1);
-    net.bind(HONEST, 5);
-    net.call(VICTIM, srv, recv_any());
-    net.take_others();
+    let mut net = victim_cluster();
+    let srv = net.bind_ep(VICTIM, 1);
+    net.bind_ep(HONEST, 5);
+    net.request(VICTIM, srv, recv_any());
+    net.take_noted();
     (net, srv)
 }
 
@@ -278,7 +214,7 @@ fn forged_vcopy_data_is_not_written() {
     // violation: a stale registration here can make an honest copy look like these.
     assert_eq!(net.attack_chunk(chunk(7, ATTACKER, 6, 1, 0, 4096)), None);
     net.expect_dropped();
-    assert!(net.to_attacker.iter().any(|f| matches!(
+    assert!(net.to_attacker().iter().any(|f| matches!(
         f,
         PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
             op: 7,
@@ -317,7 +253,7 @@ fn chunks_of_an_accepted_stream_must_follow_it() {
         net.expect_violation(),
         Violation::ChunkMismatch { op: 4, .. }
     ));
-    assert_eq!(net.resp(VICTIM, srv), None);
+    assert_eq!(net.take(VICTIM, srv), None);
 }
 
 #[test]
@@ -340,7 +276,7 @@ fn forged_vcopy_pull_streams_nothing() {
     // caller's node gets the error, nothing is read.
     net.attack(pull(ATTACKER, 6));
     net.expect_dropped();
-    assert!(net.to_attacker.iter().any(|f| matches!(
+    assert!(net.to_attacker().iter().any(|f| matches!(
         f,
         PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
             op: 1,
@@ -356,10 +292,10 @@ fn forged_vcopy_pull_streams_nothing() {
         }
     );
     // Speaking for the honest node's endpoint: refused the same way.
-    net.to_attacker.clear();
+    net.clear_received(ATTACKER);
     net.attack(pull(ATTACKER, 5));
     net.expect_dropped();
-    assert!(net.to_attacker.iter().any(|f| matches!(
+    assert!(net.to_attacker().iter().any(|f| matches!(
         f,
         PeerFrame::Ipc(IpcFrame::VcopyDone(VcopyDone {
             op: 1,
@@ -386,16 +322,16 @@ fn deliver(src: Ep, dst: Ep) -> PeerFrame {
 #[test]
 fn deliver_from_an_endpoint_the_sender_does_not_run_is_not_served() {
     let (mut net, srv) = setup();
-    let other = net.bind(VICTIM, 2);
+    let other = net.bind_ep(VICTIM, 2);
     let before = net.table();
     for src in [2, 5] {
         net.attack(deliver(src, 1));
         net.expect_dropped();
-        assert_eq!(net.resp(VICTIM, srv), None, "served a forged message");
+        assert_eq!(net.take(VICTIM, srv), None, "served a forged message");
         assert_eq!(net.table(), before, "routing changed");
     }
     // A forged reply to a waiting local client, and a forged notification.
-    net.call(VICTIM, other, send_rec(5));
+    net.request(VICTIM, other, send_rec(5));
     net.attack(PeerFrame::Ipc(IpcFrame::Reply(Reply {
         dc: DC,
         src: 5,
@@ -410,7 +346,7 @@ fn deliver_from_an_endpoint_the_sender_does_not_run_is_not_served() {
         value: 1,
     })));
     net.expect_dropped();
-    assert_eq!(net.resp(VICTIM, other), None);
+    assert_eq!(net.take(VICTIM, other), None);
     assert_eq!(net.table(), before);
 }
 
@@ -425,7 +361,7 @@ fn send_rec(dst: Ep) -> LocalRequest {
 #[test]
 fn forged_migr_start_holds_nothing() {
     let (mut net, _srv) = setup();
-    let client = net.bind(VICTIM, 2);
+    let client = net.bind_ep(VICTIM, 2);
     let start = |ep, from| {
         PeerFrame::Migr(MigrFrame::Start(MigrStart {
             id: (ATTACKER as u64) << 48 | 1,
@@ -446,10 +382,10 @@ fn forged_migr_start_holds_nothing() {
     assert!(!net.core(VICTIM).migrating(DC, 5));
     assert!(!net.core(VICTIM).migrating(DC, 1));
     // Calls to it are not held: they go to node 3 and are served there.
-    net.call(VICTIM, client, send_rec(5));
-    assert!(net.take_others().is_empty());
+    net.request(VICTIM, client, send_rec(5));
+    assert!(net.take_noted().is_empty());
     assert!(net
-        .in_flight
+        .in_flight()
         .iter()
         .all(|(_, _, f)| !matches!(f, PeerFrame::Ipc(IpcFrame::Redirect(Redirect { .. })))));
 }
@@ -465,22 +401,23 @@ fn forged_migr_commit_does_not_reroute() {
         to: ATTACKER,
     })));
     // Nothing held: left to the directory, quietly (a late link may miss START honestly).
-    assert!(net.take_others().is_empty());
+    assert!(net.take_noted().is_empty());
     assert_eq!(net.table(), before);
     // A real migration of ep 5 by node 3: the attacker cannot decide it.
     let id = (HONEST as u64) << 48 | 7;
-    net.started.push(id);
-    let now = net.now;
-    net.core(VICTIM).on_peer_frame(
-        HONEST,
-        PeerFrame::Migr(MigrFrame::Start(MigrStart {
-            id,
-            dc: DC,
-            ep: 5,
+    started(&mut net, 5, id);
+    net.input(
+        VICTIM,
+        Input::PeerFrame {
             from: HONEST,
-            to: VICTIM,
-        })),
-        now,
+            frame: PeerFrame::Migr(MigrFrame::Start(MigrStart {
+                id,
+                dc: DC,
+                ep: 5,
+                from: HONEST,
+                to: VICTIM,
+            })),
+        },
     );
     net.pump();
     net.attack(PeerFrame::Migr(MigrFrame::Commit(MigrCommit {
@@ -510,7 +447,7 @@ fn bound_and_unbound_do_not_rewrite_routing() {
     net.attack(PeerFrame::Ipc(IpcFrame::Bound(Bound { dc: DC, ep: 5 })));
     net.attack(PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc: DC, ep: 5 })));
     net.attack(PeerFrame::Ipc(IpcFrame::Unbound(Unbound { dc: DC, ep: 1 })));
-    assert!(net.take_others().is_empty());
+    assert!(net.take_noted().is_empty());
     assert_eq!(net.table(), before);
 }
 
@@ -518,7 +455,7 @@ fn bound_and_unbound_do_not_rewrite_routing() {
 fn forged_prepare_and_restore_launch_nothing() {
     let (mut net, _srv) = setup();
     let id = (ATTACKER as u64) << 48 | 3;
-    net.started.push(id);
+    started(&mut net, 6, id);
     let prepare = |ep| {
         PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare {
             id,
@@ -547,8 +484,8 @@ fn forged_prepare_and_restore_launch_nothing() {
     net.attack(prepare(6));
     assert_eq!(net.expect_violation(), Violation::NotDestination { id });
     net.attack(PeerFrame::Migr(MigrFrame::Restore(MigrRestore { id })));
-    assert!(net.take_others().is_empty(), "no restore, no checkpoint");
-    assert!(net.to_attacker.iter().any(|f| matches!(
+    assert!(net.take_noted().is_empty(), "no restore, no checkpoint");
+    assert!(net.to_attacker().iter().any(|f| matches!(
         f,
         PeerFrame::Migr(MigrFrame::Restored(MigrRestored { result: Err(_), .. }))
     )));
@@ -730,9 +667,9 @@ fn attackers(net: &mut Net, caller: Ep) -> bool {
 }
 
 fn run_hostile(steps: Vec<Step>) {
-    let mut net = Net::new();
-    let srv = net.bind(VICTIM, 1);
-    let client = net.bind(VICTIM, 2);
+    let mut net = victim_cluster();
+    let srv = net.bind_ep(VICTIM, 1);
+    let client = net.bind_ep(VICTIM, 2);
     let mut phase = 0;
     let mut served = 0;
     for s in steps {
@@ -746,13 +683,13 @@ fn run_hostile(steps: Vec<Step>) {
             }
         }
         // Nothing but the attacker's own endpoints' vcopies touches memory; nothing migrates.
-        for (n, a) in net.take_others() {
+        for (n, a) in net.take_noted() {
             assert_eq!(n, VICTIM);
             match a {
                 Action::Peer(PeerAction::Condemn { node, .. }) => {
                     assert_eq!(node, ATTACKER);
-                    net.core(VICTIM).on_link_down(ATTACKER);
-                    net.core(VICTIM).on_link_up(ATTACKER);
+                    net.input(VICTIM, Input::LinkDown { node: ATTACKER });
+                    net.input(VICTIM, Input::LinkUp { node: ATTACKER });
                     net.pump();
                 }
                 Action::Memory(MemoryAction::CopyLocal {
@@ -793,12 +730,12 @@ fn legit_step(net: &mut Net, srv: ConnId, client: ConnId, phase: &mut u8, served
                 src: Source::Ep(2),
                 timeout: Timeout::Forever,
             };
-            net.call(VICTIM, srv, from2);
-            assert_eq!(net.resp(VICTIM, srv), None);
+            net.request(VICTIM, srv, from2);
+            assert_eq!(net.take(VICTIM, srv), None);
         }
         1 => {
-            net.call(VICTIM, client, send_rec(1));
-            let got = net.resp(VICTIM, srv);
+            net.request(VICTIM, client, send_rec(1));
+            let got = net.take(VICTIM, srv);
             assert!(
                 matches!(&got, Some(LocalResponse::Msg(m)) if m.source == 2 && m.mtype == 4),
                 "server got {got:?}"
@@ -809,9 +746,9 @@ fn legit_step(net: &mut Net, srv: ConnId, client: ConnId, phase: &mut u8, served
                 dst: 2,
                 msg: Message::new(5),
             };
-            net.call(VICTIM, srv, reply);
-            assert_eq!(net.resp(VICTIM, srv), Some(LocalResponse::Done));
-            let got = net.resp(VICTIM, client);
+            net.request(VICTIM, srv, reply);
+            assert_eq!(net.take(VICTIM, srv), Some(LocalResponse::Done));
+            let got = net.take(VICTIM, client);
             assert!(
                 matches!(&got, Some(LocalResponse::Msg(m)) if m.source == 1 && m.mtype == 5),
                 "client got {got:?}"
