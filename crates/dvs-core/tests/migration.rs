@@ -62,7 +62,7 @@ impl Drive for Sim {
     /// or condemn a peer.
     fn run(&mut self) {
         self.settle();
-        for (node, a) in self.take_noted() {
+        if let Some((node, a)) = self.take_noted().into_iter().next() {
             match a {
                 Action::Local(LocalAction::Close { conn, reason }) => {
                     panic!("node {node} closed conn {conn}: {reason}")
@@ -132,7 +132,7 @@ impl Drive for Sim {
         self.outcomes()
             .restored
             .iter()
-            .map(|p| (p.node, p.conn))
+            .map(|r| (r.proc.node, r.proc.conn))
             .collect()
     }
 

@@ -11,13 +11,26 @@ use dvs_core::{
     MigrationInput, MigrationReport, PeerAction, ProcessAction, Report, Ticket,
 };
 use dvs_wire::peer::{BulkFrame, MigrationId, PeerFrame, VcopyData};
-use dvs_wire::{Errno, NodeId};
+use dvs_wire::{DcId, Ep, Errno, NodeId};
 
 use crate::directory::DirKind;
 use crate::{Proc, Sim};
 
 /// Size the simulation gives every checkpoint image.
 const IMAGE_BYTES: u64 = 1000;
+
+/// A process restored as the destination of a migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Restored {
+    /// The migration.
+    pub id: MigrationId,
+    /// The restored process.
+    pub proc: Proc,
+    /// The endpoint it was restored as.
+    pub dc: DcId,
+    /// The endpoint it was restored as.
+    pub ep: Ep,
+}
 
 /// What the simulated daemons did for the cores, for the test to check.
 #[derive(Clone, Debug, Default)]
@@ -33,7 +46,7 @@ pub struct Outcomes {
     /// Pids whose stopped process trees were resumed, in order.
     pub resumed: Vec<i32>,
     /// The processes restored by migrations, in order.
-    pub restored: Vec<Proc>,
+    pub restored: Vec<Restored>,
     /// Checkpoints waiting for the test (with [`Sim::hold_checkpoints`]), as `(node, id)`;
     /// finish one with `MigrationInput::CheckpointDone`.
     pub held_checkpoints: Vec<(NodeId, MigrationId)>,
@@ -240,7 +253,12 @@ impl Sim {
                     launched_for: Some((dc, ep)),
                 };
                 self.input(node, Input::LocalConnect { conn: p.conn, peer });
-                self.out.restored.push(p);
+                self.out.restored.push(Restored {
+                    id,
+                    proc: p,
+                    dc,
+                    ep,
+                });
                 let result: Result<(ConnId, i32), String> = Ok((p.conn, Self::pid(p)));
                 self.input(node, migration(MigrationInput::Restored { id, result }));
             }

@@ -27,7 +27,7 @@ pub mod req;
 mod trace;
 
 pub use directory::{DirKind, Directory};
-pub use exec::Outcomes;
+pub use exec::{Outcomes, Restored};
 pub use link::LinkConfig;
 pub use trace::Event;
 
