@@ -10,6 +10,8 @@
 //! nodes, slow or hold the directory, inject frames from a node that runs no core (an
 //! attacker), and a [`trace`](Sim::trace) of every input and action to compare runs.
 
+#![warn(missing_docs)]
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
