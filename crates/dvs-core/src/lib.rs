@@ -26,6 +26,14 @@ pub use node::{
 };
 pub use table::{Registration, RegistrationKind};
 
+/// A hash map with a fixed hasher. The core's behaviour, including the order of the actions
+/// it emits, must depend only on its inputs, so that a simulation seed replays identically
+/// (std's default hasher is seeded at random per map).
+pub(crate) type Map<K, V> = std::collections::HashMap<K, V, FixedHasher>;
+/// A hash set with a fixed hasher (see [`Map`]).
+pub(crate) type Set<K> = std::collections::HashSet<K, FixedHasher>;
+type FixedHasher = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+
 /// Identifies one local connection (one process's endpoint) inside a node.
 pub type ConnId = u64;
 /// Identifies one outstanding remote operation, unique per originating node.

@@ -4,7 +4,7 @@
 //! outputs are [`Action`]s taken with [`NodeCore::poll_action`]. Every local request gets
 //! exactly one [`LocalAction::Respond`], possibly much later (blocking calls).
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use dvs_wire::local::LocalResponse;
@@ -12,6 +12,7 @@ use dvs_wire::{DcId, Ep, Errno, NodeId};
 
 use crate::table::{EndpointTable, Registration};
 use crate::{ConnId, OpId};
+use crate::{Map, Set};
 
 pub mod action;
 mod conn;
@@ -97,19 +98,19 @@ pub struct CoreConfig {
 /// The core of one node kernel.
 pub struct NodeCore {
     node: NodeId,
-    dcs: HashMap<DcId, DcInfo>,
+    dcs: Map<DcId, DcInfo>,
     table: EndpointTable,
-    conns: HashMap<ConnId, Conn>,
-    links_up: HashSet<NodeId>,
+    conns: Map<ConnId, Conn>,
+    links_up: Set<NodeId>,
     next_op: OpId,
     /// Every call crossing a node boundary.
     calls: RemoteCalls,
-    lookups: HashMap<(DcId, Ep), Vec<ConnId>>,
-    bind_waiters: HashMap<(DcId, Ep), Vec<ConnId>>,
+    lookups: Map<(DcId, Ep), Vec<ConnId>>,
+    bind_waiters: Map<(DcId, Ep), Vec<ConnId>>,
     /// Vcopies of local callers and vcopies streaming into this node.
     vcopies: Vcopies,
     /// Peers that sent a forged frame; their frames are dropped until the link is new.
-    condemned: HashSet<NodeId>,
+    condemned: Set<NodeId>,
     timers: Timers,
     actions: VecDeque<Action>,
     migr: MigrationState,
@@ -128,14 +129,14 @@ impl NodeCore {
             node: cfg.node,
             dcs: cfg.dcs.into_iter().map(|d| (d.id, d)).collect(),
             table: EndpointTable::default(),
-            conns: HashMap::new(),
-            links_up: HashSet::new(),
+            conns: Map::default(),
+            links_up: Set::default(),
             next_op: 1,
             calls: RemoteCalls::default(),
-            lookups: HashMap::new(),
-            bind_waiters: HashMap::new(),
+            lookups: Map::default(),
+            bind_waiters: Map::default(),
             vcopies: Vcopies::default(),
-            condemned: HashSet::new(),
+            condemned: Set::default(),
             timers: Timers::default(),
             actions: VecDeque::new(),
             migr: MigrationState::default(),

@@ -1,10 +1,9 @@
 //! Endpoint registrations of one node, per DC (docs/ARCHITECTURE.md §7.1).
 
-use std::collections::HashMap;
-
 use dvs_wire::{DcId, Ep, NodeId};
 
 use crate::ConnId;
+use crate::Map;
 
 /// How an endpoint is registered on this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,7 +48,7 @@ impl Registration {
 /// Registrations of every DC this node knows.
 #[derive(Default, Debug)]
 pub struct EndpointTable {
-    dcs: HashMap<DcId, HashMap<Ep, Registration>>,
+    dcs: Map<DcId, Map<Ep, Registration>>,
 }
 
 impl EndpointTable {

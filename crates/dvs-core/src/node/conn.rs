@@ -2,7 +2,7 @@
 //! queue, whom it owes a reply), and what happens when one connects, disconnects or gives up
 //! a call.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use dvs_wire::local::{LocalRequest, Source};
@@ -14,6 +14,7 @@ use dvs_wire::{DcId, Ep, Errno, Message, NodeId, Timeout};
 use super::action::{DirRequest, PeerAction};
 use super::{err, Action, LocalPeer, NodeCore};
 use crate::table::Registration;
+use crate::Map;
 use crate::{ConnId, OpId};
 
 /// Where a queued message came from.
@@ -94,7 +95,7 @@ pub(super) struct Conn {
     pub(super) gen: u64,
     pub(super) queue: VecDeque<Incoming>,
     pub(super) notifies: BTreeMap<Ep, u64>,
-    pub(super) owes_reply: HashMap<Ep, ReplyTo>,
+    pub(super) owes_reply: Map<Ep, ReplyTo>,
     /// Set while this endpoint migrates away: nothing enters or leaves it.
     pub(super) migrating_out: Option<MigrationId>,
 }
@@ -126,7 +127,7 @@ impl NodeCore {
                 gen: 0,
                 queue: VecDeque::new(),
                 notifies: BTreeMap::new(),
-                owes_reply: HashMap::new(),
+                owes_reply: Map::default(),
                 migrating_out: None,
             },
         );

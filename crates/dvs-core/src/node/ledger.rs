@@ -5,10 +5,9 @@
 //! on both sides: as *outgoing* on the caller's node (keyed by the node it went to and our
 //! op) and as *inbound* on the callee's node (keyed by the caller's node and its op).
 
-use std::collections::HashMap;
-
 use dvs_wire::{DcId, Ep, NodeId};
 
+use crate::Map;
 use crate::{ConnId, OpId};
 
 /// A call a local process made to an endpoint on another node.
@@ -26,13 +25,13 @@ enum Outgoing {
 #[derive(Default)]
 pub(super) struct RemoteCalls {
     /// Calls of local processes to other nodes, by (the node it went to, our op).
-    outgoing: HashMap<(NodeId, OpId), Outgoing>,
+    outgoing: Map<(NodeId, OpId), Outgoing>,
     /// Messages from other nodes queued here and not taken yet, by (caller's node, its op):
     /// the endpoint `(dc, dst)` whose queue holds it.
-    queued: HashMap<(NodeId, OpId), (DcId, Ep)>,
+    queued: Map<(NodeId, OpId), (DcId, Ep)>,
     /// Sendrecs from other nodes taken here and not replied to yet, (dc, server, client) ->
     /// (caller's node, op): a `Cancel` of that op means the caller is not waiting any more.
-    taken: HashMap<(DcId, Ep, Ep), (NodeId, OpId)>,
+    taken: Map<(DcId, Ep, Ep), (NodeId, OpId)>,
 }
 
 impl RemoteCalls {

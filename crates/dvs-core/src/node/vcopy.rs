@@ -1,6 +1,5 @@
 //! vcopy: memory copies between endpoints, local or across nodes.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use dvs_wire::local::{LocalRequest, LocalResponse};
@@ -12,6 +11,7 @@ use super::conn::{is_blocked_in_ipc, Blocked};
 use super::vcopy_in::{IncomingKey, IncomingVcopy};
 use super::{err, Action, NodeCore, VcopyCompletion, VCOPY_MAX};
 use crate::table::Registration;
+use crate::Map;
 use crate::{ConnId, OpId};
 
 #[derive(Clone, Copy, Debug)]
@@ -67,9 +67,9 @@ pub(super) fn req_vcopy(
 #[derive(Default)]
 pub(super) struct Vcopies {
     /// Vcopies of local callers, by op.
-    pub(super) local: HashMap<OpId, Op>,
+    pub(super) local: Map<OpId, Op>,
     /// Vcopies streaming into this node, until their last chunk.
-    pub(super) incoming: HashMap<IncomingKey, IncomingVcopy>,
+    pub(super) incoming: Map<IncomingKey, IncomingVcopy>,
     /// Opening order of incoming streams.
     pub(super) seq: u64,
 }

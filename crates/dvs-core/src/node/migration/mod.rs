@@ -15,7 +15,6 @@
 //! process's new connection. Messages queued for the endpoint are not carried: their senders
 //! are told to hold them (`Redirect`) and send them again after the outcome.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use dvs_wire::local::LocalRequest;
@@ -31,6 +30,7 @@ mod participant;
 pub mod record;
 
 use crate::ConnId;
+use crate::Map;
 use arrival::Arrival;
 use coordinator::Coord;
 pub use record::{MigrRecord, RecordState, Require};
@@ -78,9 +78,9 @@ struct Hold {
 /// Migration state of one node.
 #[derive(Default)]
 pub(crate) struct MigrationState {
-    holds: HashMap<(DcId, Ep), Hold>,
-    coords: HashMap<MigrationId, Coord>,
-    arrivals: HashMap<MigrationId, Arrival>,
+    holds: Map<(DcId, Ep), Hold>,
+    coords: Map<MigrationId, Coord>,
+    arrivals: Map<MigrationId, Arrival>,
     next: u64,
     /// Outcomes this node applied lately. The directory watch can beat the coordinator's
     /// broadcast: a late COMMIT/ROLLBACK for one of them is acknowledged, not applied twice
@@ -90,7 +90,7 @@ pub(crate) struct MigrationState {
     /// CRIU dumps under way, by migration: the pid of the process being dumped. The outcome
     /// may be decided (a rollback, e.g. the destination died) before the dump ends; the dump
     /// then leaves the process stopped, and it must be resumed when the dump ends.
-    dumping: HashMap<MigrationId, i32>,
+    dumping: Map<MigrationId, i32>,
 }
 
 /// An outcome applied on this node.
