@@ -114,11 +114,22 @@ fn parent_pid(pid: i32) -> Option<i32> {
 /// Most ancestors looked at: launched programs sit a few levels below the node.
 const MAX_DEPTH: usize = 32;
 
+/// `pid` and its ancestors, nearest first (up to [`MAX_DEPTH`] of them, and not init): the
+/// processes [`launched_for`] asks about. Reads `/proc`, so the node calls it off its loop.
+pub(crate) fn ancestors(pid: i32) -> Vec<i32> {
+    let mut seen = Vec::new();
+    launched_for(pid, |p| {
+        seen.push(p);
+        None
+    });
+    seen
+}
+
 /// The endpoint `pid` was launched for: `launched(p)` names the endpoint of a process the
 /// node launched or restored; `pid` counts if it or one of its ancestors is such a process.
 pub(crate) fn launched_for(
     pid: i32,
-    launched: impl Fn(i32) -> Option<(DcId, Ep)>,
+    mut launched: impl FnMut(i32) -> Option<(DcId, Ep)>,
 ) -> Option<(DcId, Ep)> {
     let mut p = pid;
     for _ in 0..MAX_DEPTH {

@@ -4,21 +4,27 @@
 //! caller to be root or a member of the configured admin group; the socket's mode already
 //! keeps others out, and this check holds if that mode is ever wrong. Lines are at most
 //! [`MAX_LINE`] bytes.
+//!
+//! Each connection is a task of its own; what needs the node's state is asked of the event
+//! loop as a [`Query`] with a reply channel, and what may block (criu, `/proc`, the log
+//! file) runs on the blocking pool.
 
-use dvs_core::{Action, DirectoryInput, Input, MigrationInput, Report};
-use std::io::{Read, Seek, SeekFrom};
+use dvs_core::{DirectoryInput, Input, MigrationInput};
+use std::io::SeekFrom;
+use std::rc::Rc;
 use std::time::Duration;
 
 use dvs_core::RegistrationKind;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader,
+};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::oneshot;
 use tracing::warn;
 
 /// Longest control request line, newline excluded; a longer one gets an error and the
 /// connection is closed (the rest is never buffered).
 pub(crate) const MAX_LINE: usize = 64 * 1024;
-
-use std::time::Instant;
 
 use dvs_core::{FailAt, MigrationRequest};
 use dvs_wire::peer::Backend;
@@ -27,14 +33,15 @@ use dvs_wire::{DcId, Ep, NodeId};
 use crate::ctl::{
     CtlRequest, CtlResponse, DoctorCheck, EndpointState, EndpointStatus, LinkStatus, NodeStatus,
 };
+use crate::event_loop::{blocking, Ctx, Event, MigrationSource, Node, Query, Waiting};
 use crate::launcher::{self, Ended};
-use crate::State;
+use crate::migrate;
 
-pub(crate) async fn serve(state: State, listener: UnixListener) {
+pub(crate) async fn serve(ctx: Rc<Ctx>, listener: UnixListener) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::task::spawn_local(connection(state.clone(), stream));
+                tokio::task::spawn_local(connection(ctx.clone(), stream));
             }
             Err(e) => {
                 warn!("accept on the control socket failed: {e}");
@@ -93,14 +100,27 @@ async fn read_line<R: AsyncBufRead + Unpin>(
     }
 }
 
-async fn connection(state: State, stream: UnixStream) {
-    // Credentials are the caller's at connect time; decided once per connection.
+/// What a connection answers when the event loop is gone.
+const STOPPING: &str = "the node kernel is stopping";
+
+/// Asks the event loop `query` (made around its reply channel); `None` once it stopped.
+async fn ask<T>(ctx: &Ctx, query: impl FnOnce(oneshot::Sender<T>) -> Query) -> Option<T> {
+    let (reply, answer) = oneshot::channel();
+    ctx.events.send(Event::Control(query(reply))).await.ok()?;
+    answer.await.ok()
+}
+
+async fn connection(ctx: Rc<Ctx>, stream: UnixStream) {
+    // Credentials are the caller's at connect time; decided once per connection (reading
+    // its groups from /proc, off the loop).
     let allowed = match crate::access::peer_cred(&stream) {
-        Ok(cred) => state
-            .borrow()
-            .admin
-            .check_control(&cred)
-            .map_err(|m| (cred, m)),
+        Ok(cred) => {
+            let admin = ctx.admin.clone();
+            blocking(move || admin.check_control(&cred))
+                .await
+                .and_then(|r| r)
+                .map_err(|m| (cred, m))
+        }
         Err(e) => {
             return warn!("control connection without peer credentials refused: {e}");
         }
@@ -159,19 +179,17 @@ async fn connection(state: State, stream: UnixStream) {
             continue;
         }
         let result = match req {
-            CtlRequest::Status => send(&mut w, &CtlResponse::Status(status(&state))).await,
-            CtlRequest::Ps => {
-                send(
-                    &mut w,
-                    &CtlResponse::Ps {
-                        procs: all_procs(&state),
-                    },
-                )
-                .await
-            }
+            CtlRequest::Status => match ask(&ctx, Query::Status).await {
+                Some(status) => send(&mut w, &CtlResponse::Status(status)).await,
+                None => return,
+            },
+            CtlRequest::Ps => match ask(&ctx, Query::Ps).await {
+                Some(procs) => send(&mut w, &CtlResponse::Ps { procs }).await,
+                None => return,
+            },
             CtlRequest::Shutdown => {
                 let r = send(&mut w, &CtlResponse::Ok).await;
-                state.borrow().shutdown.notify_one();
+                let _ = ctx.events.send(Event::Shutdown).await;
                 r
             }
             CtlRequest::Migrate {
@@ -181,54 +199,48 @@ async fn connection(state: State, stream: UnixStream) {
                 backend,
                 fail_at,
                 quiesce_ms,
-            } => migrate(&state, dc, ep, to, backend, fail_at, quiesce_ms, &mut w).await,
+            } => match prepare_migration(&ctx, dc, ep, to, backend, fail_at, quiesce_ms).await {
+                Ok((req, note)) => migrate(&ctx, req, note, &mut w).await,
+                Err(message) => send(&mut w, &CtlResponse::Error { message }).await,
+            },
             CtlRequest::Register { dc, ep, at, backup } => {
-                let r = {
-                    let mut s = state.borrow_mut();
-                    let ticket = s.ticket();
-                    s.input(Input::Directory(DirectoryInput::RegisterRemote {
-                        ticket,
-                        dc,
-                        ep,
-                        node: at,
-                        backup,
-                    }));
-                    s.answers.remove(&ticket)
-                };
-                let resp = match r {
-                    Some(Report::Registered { result: Ok(()), .. }) => CtlResponse::Ok,
-                    Some(Report::Registered { result: Err(e), .. }) => CtlResponse::Error {
+                let answer = ask(&ctx, |reply| Query::Register {
+                    dc,
+                    ep,
+                    at,
+                    backup,
+                    reply,
+                })
+                .await;
+                let resp = match answer {
+                    Some(Ok(())) => CtlResponse::Ok,
+                    Some(Err(e)) => CtlResponse::Error {
                         message: format!("cannot register {dc}/{ep} at node {at}: {e}"),
                     },
-                    other => CtlResponse::Error {
-                        message: format!("the node kernel did not answer the request: {other:?}"),
+                    None => CtlResponse::Error {
+                        message: "the node kernel did not answer the request".into(),
                     },
                 };
                 send(&mut w, &resp).await
             }
             CtlRequest::Doctor => {
-                send(
-                    &mut w,
-                    &CtlResponse::Doctor {
-                        checks: doctor(&state),
-                    },
-                )
-                .await
+                let checks = doctor(&ctx).await;
+                send(&mut w, &CtlResponse::Doctor { checks }).await
             }
             CtlRequest::Run { dc, ep, cmd, wait } => {
-                match launcher::launch(&state, dc, ep, cmd, Vec::new()) {
+                match launcher::start(&ctx, dc, ep, cmd, Vec::new()).await {
                     Err(message) => send(&mut w, &CtlResponse::Error { message }).await,
-                    Ok((pid, log)) => {
+                    Ok(mut launched) => {
                         let r = send(
                             &mut w,
                             &CtlResponse::Started {
-                                pid,
-                                log: log.display().to_string(),
+                                pid: launched.pid,
+                                log: launched.log.display().to_string(),
                             },
                         )
                         .await;
                         if wait && r.is_ok() {
-                            stream_until_exit(&state, pid, &log, &mut w).await
+                            stream_until_exit(&mut launched, &mut w).await
                         } else {
                             r
                         }
@@ -244,19 +256,22 @@ async fn connection(state: State, stream: UnixStream) {
 
 /// Streams what the process writes to its log until it ends, then its exit status.
 async fn stream_until_exit(
-    state: &State,
-    pid: i32,
-    log: &std::path::Path,
+    launched: &mut launcher::Launched,
     w: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<()> {
-    let mut file = std::fs::File::open(log)?;
+    // A tokio file: its reads run on the blocking pool.
+    let mut file = tokio::fs::File::open(&launched.log).await?;
     // Output of earlier runs with the same endpoint stays in the log; show only this run's.
-    file.seek(SeekFrom::End(0))?;
+    file.seek(SeekFrom::Start(launched.log_start)).await?;
     let mut buf = Vec::new();
     loop {
-        let ended = launcher::ended(state, pid);
+        let ended = match launched.exit.try_recv() {
+            Ok(e) => Some(e),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Ended::Code(-1)),
+        };
         buf.clear();
-        file.read_to_end(&mut buf)?;
+        file.read_to_end(&mut buf).await?;
         if !buf.is_empty() {
             send(
                 w,
@@ -277,11 +292,10 @@ async fn stream_until_exit(
     }
 }
 
-/// Which checkpoint backends work here.
-fn doctor(state: &State) -> Vec<DoctorCheck> {
-    let mut s = state.borrow_mut();
-    s.migrations.criu = None;
-    let criu = s.migrations.criu();
+/// Which checkpoint backends work here (criu is checked anew, and the event loop told).
+async fn doctor(ctx: &Ctx) -> Vec<DoctorCheck> {
+    let criu = blocking(migrate::check_criu).await.and_then(|c| c);
+    let _ = ctx.events.send(Event::CriuChecked(criu.clone())).await;
     vec![
         DoctorCheck {
             name: "criu".into(),
@@ -299,95 +313,22 @@ fn doctor(state: &State) -> Vec<DoctorCheck> {
     ]
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Starts the migration `req` and streams its progress to the requester until it ends.
 async fn migrate(
-    state: &State,
-    dc: DcId,
-    ep: Ep,
-    to: NodeId,
-    backend: Option<Backend>,
-    fail_at: Option<FailAt>,
-    quiesce_ms: Option<u64>,
+    ctx: &Ctx,
+    req: MigrationRequest,
+    note: Option<String>,
     w: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<()> {
-    let prepared = (|| -> Result<(MigrationRequest, Option<String>), String> {
-        let mut s = state.borrow_mut();
-        let pid = s
-            .core
-            .local_pid(dc, ep)
-            .ok_or_else(|| format!("endpoint {dc}/{ep} does not run on this node"))?;
-        let cmd = s
-            .procs
-            .cmd_of(dc, ep)
-            .or_else(|| s.migrations.cmd_of(dc, ep));
-        let mut note = None;
-        let backend = match backend {
-            Some(Backend::Criu) => {
-                s.migrations
-                    .criu()
-                    .map_err(|e| format!("the criu backend does not work on this node: {e}"))?;
-                Backend::Criu
-            }
-            Some(Backend::Cooperative) => Backend::Cooperative,
-            None => match s.migrations.criu() {
-                Ok(_) => Backend::Criu,
-                Err(e) => {
-                    note = Some(format!(
-                        "criu does not work here ({e}); using the cooperative backend"
-                    ));
-                    Backend::Cooperative
-                }
-            },
-        };
-        match backend {
-            // CRIU restores a whole PID namespace; the process must be its init.
-            Backend::Criu if dvs_checkpoint::ns_pid(pid).ok().flatten() != Some(1) => {
-                return Err(format!("process {pid} of {dc}/{ep} is not in its own PID namespace: start it with `dvs run` to migrate it with criu"))
-            }
-            Backend::Cooperative if cmd.is_none() => {
-                return Err(format!("the cooperative backend restarts the program on the destination: start {dc}/{ep} with `dvs run`"))
-            }
-            _ => {}
-        }
-        let req = MigrationRequest {
-            dc,
-            ep,
-            to,
-            backend,
-            fail_at,
-            quiesce_timeout: Duration::from_millis(quiesce_ms.unwrap_or(2000)),
-        };
-        Ok((req, note))
-    })();
-    let (req, note) = match prepared {
-        Ok(p) => p,
-        Err(message) => return send(w, &CtlResponse::Error { message }).await,
-    };
     let backend = req.backend.to_string();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let started = {
-        let mut s = state.borrow_mut();
-        let ticket = s.ticket();
-        s.core.handle(
-            Instant::now(),
-            Input::Migration(MigrationInput::Start { ticket, req }),
-        );
-        // The acceptance comes before anything else the start queued: register the
-        // requester before progress reports are carried out.
-        let r = match s.core.poll_action() {
-            Some(Action::Report(Report::MigrationAccepted { result, .. })) => {
-                result.map_err(|e| e.to_string())
-            }
-            other => Err(format!(
-                "the node kernel did not answer the request: {other:?}"
-            )),
-        };
-        if let Ok(id) = r {
-            s.migrations.requesters.insert(id, (Instant::now(), tx));
-        }
-        s.drive();
-        r
-    };
+    let (progress, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let started = ask(ctx, |reply| Query::StartMigration {
+        req,
+        progress,
+        reply,
+    })
+    .await
+    .unwrap_or_else(|| Err("the node kernel did not answer the request".into()));
     let id = match started {
         Ok(id) => id,
         Err(message) => return send(w, &CtlResponse::Error { message }).await,
@@ -403,67 +344,184 @@ async fn migrate(
     Ok(())
 }
 
-fn all_procs(state: &State) -> Vec<crate::ctl::ProcStatus> {
-    let s = state.borrow();
-    let mut p = s.procs.status();
-    p.extend(s.migrations.restored_status());
-    p
+/// Chooses the backend of a migration of `{dc, ep}` and checks that it can work: the request
+/// for the core, and a note for the operator when the choice was not theirs.
+async fn prepare_migration(
+    ctx: &Ctx,
+    dc: DcId,
+    ep: Ep,
+    to: NodeId,
+    backend: Option<Backend>,
+    fail_at: Option<FailAt>,
+    quiesce_ms: Option<u64>,
+) -> Result<(MigrationRequest, Option<String>), String> {
+    let source = ask(ctx, |reply| Query::MigrationSource { dc, ep, reply })
+        .await
+        .ok_or(STOPPING)??;
+    let mut note = None;
+    let backend = match backend {
+        Some(Backend::Criu) => {
+            migrate::criu(&ctx.events, source.criu)
+                .await
+                .map_err(|e| format!("the criu backend does not work on this node: {e}"))?;
+            Backend::Criu
+        }
+        Some(Backend::Cooperative) => Backend::Cooperative,
+        None => match migrate::criu(&ctx.events, source.criu).await {
+            Ok(_) => Backend::Criu,
+            Err(e) => {
+                note = Some(format!(
+                    "criu does not work here ({e}); using the cooperative backend"
+                ));
+                Backend::Cooperative
+            }
+        },
+    };
+    let pid = source.pid;
+    match backend {
+        // CRIU restores a whole PID namespace; the process must be its init.
+        Backend::Criu => {
+            let ns_pid = blocking(move || dvs_checkpoint::ns_pid(pid).ok().flatten()).await;
+            if ns_pid != Ok(Some(1)) {
+                return Err(format!("process {pid} of {dc}/{ep} is not in its own PID namespace: start it with `dvs run` to migrate it with criu"));
+            }
+        }
+        Backend::Cooperative if source.cmd.is_none() => {
+            return Err(format!("the cooperative backend restarts the program on the destination: start {dc}/{ep} with `dvs run`"))
+        }
+        _ => {}
+    }
+    let req = MigrationRequest {
+        dc,
+        ep,
+        to,
+        backend,
+        fail_at,
+        quiesce_timeout: Duration::from_millis(quiesce_ms.unwrap_or(2000)),
+    };
+    Ok((req, note))
 }
 
-fn status(state: &State) -> NodeStatus {
-    let s = state.borrow();
-    let me = s.core.node_id();
-    let links = s
-        .links
-        .iter()
-        .map(|(node, l)| {
-            let wire = s.peers.get(node);
-            LinkStatus {
-                node: *node,
-                name: s
-                    .cfg
-                    .node_by_id(*node)
-                    .map(|n| n.name.clone())
-                    .unwrap_or_default(),
-                up: l.up,
-                since_ms: l.since.elapsed().as_millis() as u64,
-                last_error: l.last_error.clone(),
-                max_silence_ms: l.max_silence.as_secs_f64() * 1e3,
-                frames_out: wire.map(|w| w.frames_out.get()).unwrap_or(0),
-                bytes_out: wire.map(|w| w.bytes_out.get()).unwrap_or(0),
+impl Node {
+    /// Answers a control request.
+    pub(crate) fn query(&mut self, q: Query) {
+        match q {
+            Query::Status(reply) => {
+                let _ = reply.send(self.status());
             }
-        })
-        .collect::<Vec<_>>();
-    let mut links = links;
-    links.sort_by_key(|l| l.node);
-    let endpoints = s
-        .core
-        .registrations()
-        .into_iter()
-        .map(|(dc, ep, r)| {
-            let (state, node) = match r.kind() {
-                RegistrationKind::Running => (EndpointState::Running, me),
-                RegistrationKind::Remote(n) => (EndpointState::Remote, n),
-                RegistrationKind::Backup(n) => (EndpointState::Backup, n),
-            };
-            EndpointStatus {
+            Query::Ps(reply) => {
+                let _ = reply.send(self.all_procs());
+            }
+            Query::Register {
                 dc,
                 ep,
-                state,
-                node,
-                pid: s.core.local_pid(dc, ep),
-                migrating: s.core.migrating(dc, ep),
+                at,
+                backup,
+                reply,
+            } => {
+                let ticket = self.ticket();
+                self.waiting.insert(ticket, Waiting::Registered(reply));
+                self.input(Input::Directory(DirectoryInput::RegisterRemote {
+                    ticket,
+                    dc,
+                    ep,
+                    node: at,
+                    backup,
+                }));
+                // The core answers at once; an unanswered request gets none.
+                self.waiting.remove(&ticket);
             }
-        })
-        .collect();
-    NodeStatus {
-        node: me,
-        name: s.me.name.clone(),
-        pid: std::process::id(),
-        uptime_ms: s.started.elapsed().as_millis() as u64,
-        links,
-        endpoints,
-        procs: all_procs(state),
+            Query::MigrationSource { dc, ep, reply } => {
+                let source = match self.core.local_pid(dc, ep) {
+                    None => Err(format!("endpoint {dc}/{ep} does not run on this node")),
+                    Some(pid) => Ok(MigrationSource {
+                        pid,
+                        cmd: self
+                            .procs
+                            .cmd_of(dc, ep)
+                            .or_else(|| self.migrations.cmd_of(dc, ep)),
+                        criu: self.migrations.criu.clone(),
+                    }),
+                };
+                let _ = reply.send(source);
+            }
+            Query::StartMigration {
+                req,
+                progress,
+                reply,
+            } => {
+                let ticket = self.ticket();
+                self.waiting
+                    .insert(ticket, Waiting::Migration { reply, progress });
+                self.input(Input::Migration(MigrationInput::Start { ticket, req }));
+                self.waiting.remove(&ticket);
+            }
+        }
+    }
+
+    fn all_procs(&self) -> Vec<crate::ctl::ProcStatus> {
+        let mut p = self.procs.status();
+        p.extend(self.migrations.restored_status());
+        p
+    }
+
+    fn status(&self) -> NodeStatus {
+        let me = self.core.node_id();
+        let mut links = self
+            .links
+            .iter()
+            .map(|(node, l)| {
+                let link = self.peers.get(node);
+                LinkStatus {
+                    node: *node,
+                    name: self
+                        .ctx
+                        .cfg
+                        .node_by_id(*node)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_default(),
+                    up: l.up,
+                    since_ms: l.since.elapsed().as_millis() as u64,
+                    last_error: l.last_error.clone(),
+                    max_silence_ms: link
+                        .map_or(l.max_silence, |p| p.max_silence())
+                        .as_secs_f64()
+                        * 1e3,
+                    frames_out: link.map(|p| p.wire.frames_out.get()).unwrap_or(0),
+                    bytes_out: link.map(|p| p.wire.bytes_out.get()).unwrap_or(0),
+                }
+            })
+            .collect::<Vec<_>>();
+        links.sort_by_key(|l| l.node);
+        let endpoints = self
+            .core
+            .registrations()
+            .into_iter()
+            .map(|(dc, ep, r)| {
+                let (state, node) = match r.kind() {
+                    RegistrationKind::Running => (EndpointState::Running, me),
+                    RegistrationKind::Remote(n) => (EndpointState::Remote, n),
+                    RegistrationKind::Backup(n) => (EndpointState::Backup, n),
+                };
+                EndpointStatus {
+                    dc,
+                    ep,
+                    state,
+                    node,
+                    pid: self.core.local_pid(dc, ep),
+                    migrating: self.core.migrating(dc, ep),
+                }
+            })
+            .collect();
+        NodeStatus {
+            node: me,
+            name: self.ctx.me.name.clone(),
+            pid: std::process::id(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            links,
+            endpoints,
+            procs: self.all_procs(),
+        }
     }
 }
 

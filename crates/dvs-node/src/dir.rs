@@ -1,78 +1,280 @@
-//! Glue between the core and the [`Directory`]: registrations, lookups and the watch.
+//! Glue between the core and the [`Directory`]: the core's [`DirRequest`]s, the launch
+//! records, and the watch.
 //!
 //! Keys (named in [`dvs_directory::keys`]) are `ep/{dc}/{ep}`, values the id of the node
 //! running the endpoint; `launch/{dc}/{ep}` holds the command line (JSON) the endpoint's
 //! program was launched with, the only place a cooperative restore learns what to start
-//! (never from a peer). Operations run one at a time, in the order the core asked for them,
-//! so a register followed by an unregister of the same endpoint cannot land in the other
-//! order.
+//! (never from a peer). Jobs run one at a time, in the order the event loop queued them, so a
+//! register followed by an unregister of the same endpoint cannot land in the other order.
+//!
+//! The directory client runs on a thread of its own, with its own runtime: a slow directory
+//! (or the embedded directory's file I/O) never holds up the event loop. Answers and changes
+//! reach the loop as [`Input::Directory`] events.
 
-use dvs_core::{DirectoryInput, Input};
+use dvs_core::{DirRequest, DirectoryInput, Input};
 use std::sync::Arc;
-use std::time::Instant;
 
-use dvs_core::{ConnId, MigrRecord, Require};
+use dvs_core::{MigrRecord, Require};
 use dvs_directory::keys::{
     endpoint_key, launch_key, migr_key, parse_endpoint_key, parse_migr_key, ENDPOINT_PREFIX,
     MIGR_PREFIX,
 };
-use dvs_directory::{CasOutcome, DirEvent, Directory};
-use dvs_wire::peer::MigrationId;
+use dvs_directory::{CasOutcome, DirEvent, Directory, Versioned};
 use dvs_wire::{DcId, Ep, Errno, NodeId};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::{NodeError, State};
+use crate::event_loop::{Event, Events};
+use crate::NodeError;
 
-/// A directory operation the core asked for.
-pub(crate) enum DirOp {
-    Register {
-        conn: ConnId,
-        dc: DcId,
-        ep: Ep,
-    },
-    Unregister {
-        dc: DcId,
-        ep: Ep,
-    },
-    Lookup {
-        dc: DcId,
-        ep: Ep,
-    },
-    MigrRecord {
-        id: MigrationId,
-        dc: DcId,
-        ep: Ep,
-        record: MigrRecord,
-        require: Require,
-    },
-    Relocate {
-        dc: DcId,
-        ep: Ep,
-        node: NodeId,
-    },
-    /// Read the migration record of `{dc, ep}` for migration `id`.
-    ReadMigr {
-        id: MigrationId,
-        dc: DcId,
-        ep: Ep,
-    },
-    /// Answered once every operation queued before it is done (operations run in order).
-    Sync {
-        conn: ConnId,
-    },
+/// A job for the directory thread.
+pub(crate) enum DirJob {
+    /// One of the core's requests; its answer, if it has one, goes to the event loop.
+    Core(DirRequest),
+    /// A launch record, which only the shell uses.
+    Launch(LaunchRecord),
+}
+
+/// The launch record of `{dc, ep}`: the command line it was launched with.
+pub(crate) enum LaunchRecord {
     /// Record the command line `{dc, ep}` was launched with on this node.
-    PutLaunch {
-        dc: DcId,
-        ep: Ep,
-        cmd: Vec<String>,
-    },
-    /// Read the launch record of `{dc, ep}`; `Err` names what is missing.
-    GetLaunch {
+    Put { dc: DcId, ep: Ep, cmd: Vec<String> },
+    /// Read it; `Err` names what is missing.
+    Get {
         dc: DcId,
         ep: Ep,
         reply: oneshot::Sender<Result<Vec<String>, String>>,
     },
+}
+
+/// Cleans what a previous run of this node left, takes the current registrations (returned as
+/// inputs for the core, to give it before anything else), and starts the directory thread
+/// with the watches. Returns the thread's job queue.
+pub(crate) async fn start(
+    dir: Arc<dyn Directory>,
+    me: NodeId,
+    events: Events,
+) -> Result<(mpsc::UnboundedSender<DirJob>, Vec<Input>), NodeError> {
+    // Nothing runs here yet: every key naming this node is stale.
+    for (k, v) in dir.get_prefix(ENDPOINT_PREFIX).await? {
+        if v.value == me.to_string() {
+            let _ = dir.cas(&k, Some(v.version), None).await?;
+            info!("removed stale registration {k} left by a previous run");
+        }
+    }
+    let (snapshot, ep_events) = dir.watch(ENDPOINT_PREFIX).await?;
+    let (_, migr_events) = dir.watch(MIGR_PREFIX).await?;
+    let (jobs, rx) = mpsc::unbounded_channel();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(crate::io_err("cannot start the directory runtime"))?;
+    std::thread::Builder::new()
+        .name("dvs-directory".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                tokio::spawn(watch(dir.clone(), ep_events, events.clone()));
+                tokio::spawn(watch_migrations(migr_events, events.clone()));
+                worker(dir, me, rx, events).await;
+            })
+        })
+        .map_err(crate::io_err("cannot start the directory thread"))?;
+    Ok((jobs, changes(snapshot)))
+}
+
+/// The registrations of an `ep/` snapshot, as inputs for the core.
+fn changes(snapshot: Vec<(String, Versioned)>) -> Vec<Input> {
+    snapshot
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let (dc, ep) = parse_endpoint_key(&k)?;
+            let node = v.value.parse::<NodeId>().ok()?;
+            Some(Input::Directory(DirectoryInput::Changed {
+                dc,
+                ep,
+                node: Some(node),
+            }))
+        })
+        .collect()
+}
+
+/// Follows `ep/`; watches again when the watch ends.
+async fn watch(
+    dir: Arc<dyn Directory>,
+    mut changes_rx: mpsc::UnboundedReceiver<DirEvent>,
+    events: Events,
+) {
+    loop {
+        while let Some(ev) = changes_rx.recv().await {
+            let (k, node) = match &ev {
+                DirEvent::Put { key, value, .. } => (key, value.parse::<NodeId>().ok()),
+                DirEvent::Delete { key } => (key, None),
+            };
+            if let Some((dc, ep)) = parse_endpoint_key(k) {
+                let input = Input::Directory(DirectoryInput::Changed { dc, ep, node });
+                if events.send(Event::Input(input)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        warn!("directory watch ended; watching again");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        match dir.watch(ENDPOINT_PREFIX).await {
+            Ok((snap, ev)) => {
+                for input in changes(snap) {
+                    if events.send(Event::Input(input)).await.is_err() {
+                        return;
+                    }
+                }
+                changes_rx = ev;
+            }
+            Err(e) => error!("directory watch failed: {e}"),
+        }
+    }
+}
+
+/// Applies decided migrations this node may have missed the broadcast of.
+async fn watch_migrations(mut changes_rx: mpsc::UnboundedReceiver<DirEvent>, events: Events) {
+    while let Some(ev) = changes_rx.recv().await {
+        let DirEvent::Put { key, value, .. } = ev else {
+            continue;
+        };
+        let Some((dc, ep)) = parse_migr_key(&key) else {
+            continue;
+        };
+        if let Some(record) = MigrRecord::parse(&value) {
+            let input = Input::Directory(DirectoryInput::MigrRecordChanged { dc, ep, record });
+            if events.send(Event::Input(input)).await.is_err() {
+                return;
+            }
+        }
+    }
+    warn!("directory watch of migration records ended");
+}
+
+/// Runs the jobs in order until the event loop drops the queue.
+async fn worker(
+    dir: Arc<dyn Directory>,
+    me: NodeId,
+    mut jobs: mpsc::UnboundedReceiver<DirJob>,
+    events: Events,
+) {
+    let me = me.to_string();
+    while let Some(job) = jobs.recv().await {
+        let answer = match job {
+            DirJob::Core(req) => execute(dir.as_ref(), &me, req).await,
+            DirJob::Launch(record) => {
+                launch_record(dir.as_ref(), record).await;
+                None
+            }
+        };
+        if let Some(answer) = answer {
+            if events
+                .send(Event::Input(Input::Directory(answer)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Carries out one of the core's requests; returns the answer the core waits for, if any.
+async fn execute(dir: &dyn Directory, me: &str, req: DirRequest) -> Option<DirectoryInput> {
+    match req {
+        DirRequest::Register { conn, dc, ep } => {
+            let k = endpoint_key(dc, ep);
+            let result = match dir.cas(&k, None, Some(me.to_string())).await {
+                Ok(CasOutcome::Done { .. }) => Ok(()),
+                // Named this node: a local race the core resolves itself.
+                Ok(CasOutcome::Conflict { current: Some(v) }) if v.value == me => Ok(()),
+                Ok(CasOutcome::Conflict { current }) => {
+                    let holder = current.map(|v| v.value).unwrap_or_default();
+                    info!("bind of {k} refused: already bound on node {holder}");
+                    Err(Errno::AlreadyBound)
+                }
+                Err(e) => {
+                    error!("directory: cannot register {k}: {e}");
+                    Err(Errno::Shutdown)
+                }
+            };
+            Some(DirectoryInput::Registered { conn, result })
+        }
+        DirRequest::Unregister { dc, ep } => {
+            let k = endpoint_key(dc, ep);
+            match dir.get(&k).await {
+                Ok(Some(v)) if v.value == me => {
+                    if let Err(e) = dir.cas(&k, Some(v.version), None).await {
+                        error!("directory: cannot unregister {k}: {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => error!("directory: cannot read {k}: {e}"),
+            }
+            None
+        }
+        // Answered once every job queued before it is done (jobs run in order).
+        DirRequest::Sync { conn } => Some(DirectoryInput::Synced { conn }),
+        DirRequest::Lookup { dc, ep } => {
+            let k = endpoint_key(dc, ep);
+            let node = match dir.get(&k).await {
+                Ok(v) => v.and_then(|v| v.value.parse::<NodeId>().ok()),
+                Err(e) => {
+                    error!("directory: cannot look up {k}: {e}");
+                    None
+                }
+            };
+            Some(DirectoryInput::Located { dc, ep, node })
+        }
+        DirRequest::Relocate { dc, ep, node } => {
+            let k = endpoint_key(dc, ep);
+            if let Err(e) = put(dir, &k, node.to_string()).await {
+                error!("directory: cannot relocate {k}: {e}");
+            }
+            None
+        }
+        DirRequest::WriteMigrRecord {
+            id,
+            dc,
+            ep,
+            record,
+            require,
+        } => {
+            let result = write_record(dir, dc, ep, record, require).await;
+            Some(DirectoryInput::MigrRecordWritten { id, result })
+        }
+        DirRequest::ReadMigrRecord { id, dc, ep } => {
+            let k = migr_key(dc, ep);
+            match dir.get(&k).await {
+                Ok(v) => {
+                    let record = v.and_then(|v| MigrRecord::parse(&v.value));
+                    Some(DirectoryInput::MigrRecordRead { id, dc, ep, record })
+                }
+                Err(e) => {
+                    // Unknown is not "absent": keep holding, the next check asks again.
+                    error!("directory: cannot read {k}: {e}");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Writes or reads a launch record.
+async fn launch_record(dir: &dyn Directory, record: LaunchRecord) {
+    match record {
+        LaunchRecord::Put { dc, ep, cmd } => {
+            let k = launch_key(dc, ep);
+            let value = serde_json::to_string(&cmd).expect("strings encode");
+            if let Err(e) = put(dir, &k, value).await {
+                error!("directory: cannot write {k}: {e}");
+            }
+        }
+        LaunchRecord::Get { dc, ep, reply } => {
+            let _ = reply.send(get_launch(dir, dc, ep).await);
+        }
+    }
 }
 
 /// Writes `value` at `k` whatever is there (a few rounds of compare-and-set).
@@ -143,245 +345,4 @@ async fn write_record(
         }
     }
     Err(None)
-}
-
-/// Cleans what a previous run of this node left, loads the current registrations, and starts
-/// the worker and the watch.
-pub(crate) async fn start(
-    state: State,
-    dir: Arc<dyn Directory>,
-    rx: mpsc::UnboundedReceiver<DirOp>,
-) -> Result<(), NodeError> {
-    let me = state.borrow().me.id;
-    // Nothing runs here yet: every key naming this node is stale.
-    for (k, v) in dir.get_prefix(ENDPOINT_PREFIX).await? {
-        if v.value == me.to_string() {
-            let _ = dir.cas(&k, Some(v.version), None).await?;
-            info!("removed stale registration {k} left by a previous run");
-        }
-    }
-    let (snapshot, events) = dir.watch(ENDPOINT_PREFIX).await?;
-    {
-        let mut s = state.borrow_mut();
-        for (k, v) in snapshot {
-            if let (Some((dc, ep)), Ok(node)) = (parse_endpoint_key(&k), v.value.parse::<NodeId>())
-            {
-                s.core.handle(
-                    Instant::now(),
-                    Input::Directory(DirectoryInput::Changed {
-                        dc,
-                        ep,
-                        node: Some(node),
-                    }),
-                );
-            }
-        }
-        s.drive();
-    }
-    tokio::task::spawn_local(watch(state.clone(), dir.clone(), events));
-    let (_, migr_events) = dir.watch(MIGR_PREFIX).await?;
-    tokio::task::spawn_local(watch_migrations(state.clone(), migr_events));
-    tokio::task::spawn_local(worker(state, dir, rx));
-    Ok(())
-}
-
-async fn watch(
-    state: State,
-    dir: Arc<dyn Directory>,
-    mut events: mpsc::UnboundedReceiver<DirEvent>,
-) {
-    loop {
-        while let Some(ev) = events.recv().await {
-            let (k, node) = match &ev {
-                DirEvent::Put { key, value, .. } => (key, value.parse::<NodeId>().ok()),
-                DirEvent::Delete { key } => (key, None),
-            };
-            if let Some((dc, ep)) = parse_endpoint_key(k) {
-                let mut s = state.borrow_mut();
-                s.core.handle(
-                    Instant::now(),
-                    Input::Directory(DirectoryInput::Changed { dc, ep, node }),
-                );
-                s.drive();
-            }
-        }
-        warn!("directory watch ended; watching again");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        match dir.watch(ENDPOINT_PREFIX).await {
-            Ok((snap, ev)) => {
-                let mut s = state.borrow_mut();
-                for (k, v) in snap {
-                    if let (Some((dc, ep)), Ok(node)) =
-                        (parse_endpoint_key(&k), v.value.parse::<NodeId>())
-                    {
-                        s.core.handle(
-                            Instant::now(),
-                            Input::Directory(DirectoryInput::Changed {
-                                dc,
-                                ep,
-                                node: Some(node),
-                            }),
-                        );
-                    }
-                }
-                s.drive();
-                events = ev;
-            }
-            Err(e) => error!("directory watch failed: {e}"),
-        }
-    }
-}
-
-/// Applies decided migrations this node may have missed the broadcast of.
-async fn watch_migrations(state: State, mut events: mpsc::UnboundedReceiver<DirEvent>) {
-    while let Some(ev) = events.recv().await {
-        let DirEvent::Put { key, value, .. } = ev else {
-            continue;
-        };
-        let Some((dc, ep)) = parse_migr_key(&key) else {
-            continue;
-        };
-        if let Some(record) = MigrRecord::parse(&value) {
-            let mut s = state.borrow_mut();
-            s.core.handle(
-                Instant::now(),
-                Input::Directory(DirectoryInput::MigrRecordChanged { dc, ep, record }),
-            );
-            s.drive();
-        }
-    }
-    warn!("directory watch of migration records ended");
-}
-
-async fn worker(state: State, dir: Arc<dyn Directory>, mut rx: mpsc::UnboundedReceiver<DirOp>) {
-    let me = state.borrow().me.id;
-    let me_s = me.to_string();
-    while let Some(op) = rx.recv().await {
-        match op {
-            DirOp::Register { conn, dc, ep } => {
-                let k = endpoint_key(dc, ep);
-                let result = match dir.cas(&k, None, Some(me_s.clone())).await {
-                    Ok(CasOutcome::Done { .. }) => Ok(()),
-                    // Named this node: a local race the core resolves itself.
-                    Ok(CasOutcome::Conflict { current: Some(v) }) if v.value == me_s => Ok(()),
-                    Ok(CasOutcome::Conflict { current }) => {
-                        let holder = current.map(|v| v.value).unwrap_or_default();
-                        info!("bind of {k} refused: already bound on node {holder}");
-                        Err(Errno::AlreadyBound)
-                    }
-                    Err(e) => {
-                        error!("directory: cannot register {k}: {e}");
-                        Err(Errno::Shutdown)
-                    }
-                };
-                let mut s = state.borrow_mut();
-                s.core.handle(
-                    Instant::now(),
-                    Input::Directory(DirectoryInput::Registered { conn, result }),
-                );
-                s.drive();
-            }
-            DirOp::Unregister { dc, ep } => {
-                let k = endpoint_key(dc, ep);
-                match dir.get(&k).await {
-                    Ok(Some(v)) if v.value == me_s => {
-                        if let Err(e) = dir.cas(&k, Some(v.version), None).await {
-                            error!("directory: cannot unregister {k}: {e}");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => error!("directory: cannot read {k}: {e}"),
-                }
-            }
-            DirOp::MigrRecord {
-                id,
-                dc,
-                ep,
-                record,
-                require,
-            } => {
-                let result = write_record(dir.as_ref(), dc, ep, record, require).await;
-                let mut s = state.borrow_mut();
-                s.core.handle(
-                    Instant::now(),
-                    Input::Directory(DirectoryInput::MigrRecordWritten { id, result }),
-                );
-                s.drive();
-            }
-            DirOp::ReadMigr { id, dc, ep } => {
-                let k = migr_key(dc, ep);
-                let record = match dir.get(&k).await {
-                    Ok(v) => v.and_then(|v| MigrRecord::parse(&v.value)),
-                    Err(e) => {
-                        // Unknown is not "absent": keep holding, the next check asks again.
-                        error!("directory: cannot read {k}: {e}");
-                        continue;
-                    }
-                };
-                let mut s = state.borrow_mut();
-                s.core.handle(
-                    Instant::now(),
-                    Input::Directory(DirectoryInput::MigrRecordRead { id, dc, ep, record }),
-                );
-                s.drive();
-            }
-            DirOp::Sync { conn } => {
-                let mut s = state.borrow_mut();
-                s.core.handle(
-                    Instant::now(),
-                    Input::Directory(DirectoryInput::Synced { conn }),
-                );
-                s.drive();
-            }
-            DirOp::Relocate { dc, ep, node } => {
-                let k = endpoint_key(dc, ep);
-                for _ in 0..5 {
-                    let current = match dir.get(&k).await {
-                        Ok(v) => v,
-                        Err(e) => {
-                            error!("directory: cannot read {k}: {e}");
-                            break;
-                        }
-                    };
-                    match dir
-                        .cas(&k, current.map(|v| v.version), Some(node.to_string()))
-                        .await
-                    {
-                        Ok(CasOutcome::Conflict { .. }) => continue,
-                        Ok(CasOutcome::Done { .. }) => break,
-                        Err(e) => {
-                            error!("directory: cannot relocate {k}: {e}");
-                            break;
-                        }
-                    }
-                }
-            }
-            DirOp::PutLaunch { dc, ep, cmd } => {
-                let k = launch_key(dc, ep);
-                let value = serde_json::to_string(&cmd).expect("strings encode");
-                if let Err(e) = put(dir.as_ref(), &k, value).await {
-                    error!("directory: cannot write {k}: {e}");
-                }
-            }
-            DirOp::GetLaunch { dc, ep, reply } => {
-                let _ = reply.send(get_launch(dir.as_ref(), dc, ep).await);
-            }
-            DirOp::Lookup { dc, ep } => {
-                let k = endpoint_key(dc, ep);
-                let node = match dir.get(&k).await {
-                    Ok(v) => v.and_then(|v| v.value.parse::<NodeId>().ok()),
-                    Err(e) => {
-                        error!("directory: cannot look up {k}: {e}");
-                        None
-                    }
-                };
-                let mut s = state.borrow_mut();
-                s.core.handle(
-                    Instant::now(),
-                    Input::Directory(DirectoryInput::Located { dc, ep, node }),
-                );
-                s.drive();
-            }
-        }
-    }
 }

@@ -1,18 +1,23 @@
 //! Launching application processes as endpoints: each in its own PID namespace, as a session
 //! leader, with stdio in a log file and no inherited descriptors, so that CRIU can later
 //! checkpoint it (docs/ARCHITECTURE.md §7.3).
+//!
+//! [`start`] checks the request and opens the log off the event loop; the event loop then
+//! starts the program ([`Node::launch`]) and keeps it in its process table.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
 
 use dvs_wire::{DcId, Ep};
+use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::ctl::{ProcState, ProcStatus};
-use crate::State;
+use crate::dir::{DirJob, LaunchRecord};
+use crate::event_loop::{blocking, Ctx, Event, Node};
 
 /// How a launched process ended.
 #[derive(Clone, Copy, Debug)]
@@ -51,12 +56,25 @@ impl Procs {
         }
     }
 
-    /// Marks the process whose namespace init is `pid` as migrated to `to`.
-    pub fn migrated_away(&mut self, pid: i32, to: dvs_wire::NodeId) {
-        for (launcher, p) in self.by_pid.iter_mut() {
-            if *launcher == pid || dvs_checkpoint::children_of(*launcher).contains(&pid) {
+    /// The pids of every process launched here (their launchers').
+    pub fn launchers(&self) -> Vec<i32> {
+        self.by_pid.keys().copied().collect()
+    }
+
+    /// Marks the processes of `launchers` (whose trees held the migrated process) as migrated
+    /// to `to`.
+    pub fn migrated_away(&mut self, launchers: &[i32], to: dvs_wire::NodeId) {
+        for l in launchers {
+            if let Some(p) = self.by_pid.get_mut(l) {
                 p.migrated_to = Some(to);
             }
+        }
+    }
+
+    /// Records how the process with launcher pid `pid` ended.
+    pub fn ended(&mut self, pid: i32, ended: Ended) {
+        if let Some(p) = self.by_pid.get_mut(&pid) {
+            p.ended = Some(ended);
         }
     }
 
@@ -99,18 +117,73 @@ impl Procs {
     }
 }
 
-/// Starts `cmd` as endpoint `{dc, ep}` of this node; returns its launcher's pid and log path.
-pub(crate) fn launch(
-    state: &State,
+/// A program to start, its log open.
+pub(crate) struct LaunchJob {
+    program: Program,
+    log: PathBuf,
+    /// The log's length before the program starts: where its output begins.
+    log_start: u64,
+    reply: oneshot::Sender<Result<Launched, String>>,
+}
+
+/// What runs as `{dc, ep}`, and where its output goes.
+struct Program {
     dc: DcId,
     ep: Ep,
     cmd: Vec<String>,
     env: Vec<(String, String)>,
-) -> Result<(i32, PathBuf), String> {
-    let (me, cfg, umask) = {
-        let s = state.borrow();
-        (s.me.clone(), s.cfg.clone(), s.app_umask)
+    out: std::fs::File,
+}
+
+/// A program the node started.
+pub(crate) struct Launched {
+    /// Its launcher's pid.
+    pub pid: i32,
+    /// Its log.
+    pub log: PathBuf,
+    /// Where its output begins in the log (earlier runs of the endpoint wrote before).
+    pub log_start: u64,
+    /// How it ends, once it does.
+    pub exit: oneshot::Receiver<Ended>,
+}
+
+/// Starts `cmd` as endpoint `{dc, ep}` of this node: checks the request, opens the log on the
+/// blocking pool, then has the event loop start the program.
+pub(crate) async fn start(
+    ctx: &Ctx,
+    dc: DcId,
+    ep: Ep,
+    cmd: Vec<String>,
+    env: Vec<(String, String)>,
+) -> Result<Launched, String> {
+    let name = check(ctx, dc, ep, &cmd)?;
+    let logs = ctx.me.runtime_dir.join("logs");
+    let (log, out, log_start) = blocking(move || open_log(&logs, &name, ep)).await??;
+    let (reply, answer) = oneshot::channel();
+    let program = Program {
+        dc,
+        ep,
+        cmd,
+        env,
+        out,
     };
+    let job = LaunchJob {
+        program,
+        log,
+        log_start,
+        reply,
+    };
+    let stopping = || "the node kernel is stopping".to_string();
+    ctx.events
+        .send(Event::Launch(job))
+        .await
+        .map_err(|_| stopping())?;
+    answer.await.map_err(|_| stopping())?
+}
+
+/// Whether `cmd` may run as `{dc, ep}` here; the DC's name if so.
+fn check(ctx: &Ctx, dc: DcId, ep: Ep, cmd: &[String]) -> Result<String, String> {
+    let (cfg, me) = (&ctx.cfg, &ctx.me);
     let dcc = cfg
         .dc_by_id(dc)
         .ok_or_else(|| format!("no DC {dc} in the cluster config"))?;
@@ -129,93 +202,131 @@ pub(crate) fn launch(
     if cmd.is_empty() {
         return Err("no command given".into());
     }
-    let logs = me.runtime_dir.join("logs");
-    std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
-    let log = logs.join(format!("{}-{ep}.log", dcc.name));
+    Ok(dcc.name.clone())
+}
+
+/// Opens (appending) the log of `{dc, ep}` in `logs`; also returns its length.
+fn open_log(logs: &Path, dc_name: &str, ep: Ep) -> Result<(PathBuf, std::fs::File, u64), String> {
+    std::fs::create_dir_all(logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
+    let log = logs.join(format!("{dc_name}-{ep}.log"));
     let out = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log)
         .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
-    let err = out.try_clone().map_err(|e| e.to_string())?;
-    // unshare forks the program as pid 1 of a new PID namespace; setsid makes it a session
-    // leader. Not --kill-child: CRIU would restore that parent-death signal and the restored
-    // process would die with its restorer.
-    let mut command = tokio::process::Command::new("unshare");
-    command
-        .args(["--pid", "--fork", "setsid", "--"])
-        .args(&cmd)
-        .env("DVS_SOCKET", me.ipc_socket())
-        .env("DVS_DC", dc.to_string())
-        .env("DVS_EP", ep.to_string())
-        .env("DVS_NODE", me.id.to_string())
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .current_dir(&me.runtime_dir);
-    // The node runs with umask 077; the program gets the umask the node was started with.
-    // SAFETY: umask(2) is async-signal-safe and touches no memory.
-    unsafe {
-        command.pre_exec(move || {
-            libc::umask(umask as libc::mode_t);
-            Ok(())
-        });
+    let len = out.metadata().map_err(|e| e.to_string())?.len();
+    Ok((log, out, len))
+}
+
+impl Node {
+    /// Starts a program whose log is open, and answers whoever asked.
+    pub(crate) fn launch(&mut self, job: LaunchJob) {
+        let LaunchJob {
+            program,
+            log,
+            log_start,
+            reply,
+        } = job;
+        let r = self
+            .spawn_program(program, &log)
+            .map(|(pid, exit)| Launched {
+                pid,
+                log,
+                log_start,
+                exit,
+            });
+        let _ = reply.send(r);
     }
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start {:?}: {e}", cmd[0]))?;
-    let pid = child
-        .id()
-        .map(|p| p as i32)
-        .ok_or("the process ended at once")?;
-    info!(pid, dc, ep, cmd = ?cmd, "launched");
-    // The launch record: what a cooperative migration restarts on its destination.
-    let record = crate::dir::DirOp::PutLaunch {
-        dc,
-        ep,
-        cmd: cmd.clone(),
-    };
-    if state.borrow().dir_tx.send(record).is_err() {
-        warn!("directory worker is gone; no launch record for {dc}/{ep}");
-    }
-    state.borrow_mut().procs.by_pid.insert(
-        pid,
-        Proc {
+
+    /// Forks and execs the program (a short syscall pair, done on the loop like a vcopy),
+    /// records it, and watches for its end: its pid, and how it ends once it does.
+    fn spawn_program(
+        &mut self,
+        program: Program,
+        log: &Path,
+    ) -> Result<(i32, oneshot::Receiver<Ended>), String> {
+        let Program {
             dc,
             ep,
             cmd,
-            log: log.clone(),
-            started: Instant::now(),
-            ended: None,
-            migrated_to: None,
-        },
-    );
-    let st = state.clone();
-    tokio::task::spawn_local(async move {
-        let ended = match child.wait().await {
-            Ok(s) => {
-                use std::os::unix::process::ExitStatusExt;
-                match (s.code(), s.signal()) {
-                    (Some(c), _) => Ended::Code(c),
-                    (_, Some(sig)) => Ended::Signal(sig),
-                    _ => Ended::Code(-1),
-                }
-            }
-            Err(e) => {
-                warn!(pid, "cannot wait for the process: {e}");
-                Ended::Code(-1)
-            }
-        };
-        info!(pid, ?ended, "process ended");
-        if let Some(p) = st.borrow_mut().procs.by_pid.get_mut(&pid) {
-            p.ended = Some(ended);
+            env,
+            out,
+        } = program;
+        let me = &self.ctx.me;
+        let umask = self.ctx.app_umask;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        // unshare forks the program as pid 1 of a new PID namespace; setsid makes it a session
+        // leader. Not --kill-child: CRIU would restore that parent-death signal and the restored
+        // process would die with its restorer.
+        let mut command = tokio::process::Command::new("unshare");
+        command
+            .args(["--pid", "--fork", "setsid", "--"])
+            .args(&cmd)
+            .env("DVS_SOCKET", me.ipc_socket())
+            .env("DVS_DC", dc.to_string())
+            .env("DVS_EP", ep.to_string())
+            .env("DVS_NODE", me.id.to_string())
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .current_dir(&me.runtime_dir);
+        // The node runs with umask 077; the program gets the umask the node was started with.
+        // SAFETY: umask(2) is async-signal-safe and touches no memory.
+        unsafe {
+            command.pre_exec(move || {
+                libc::umask(umask as libc::mode_t);
+                Ok(())
+            });
         }
-    });
-    Ok((pid, log))
-}
-
-/// How the process with launcher pid `pid` ended, if it did.
-pub(crate) fn ended(state: &State, pid: i32) -> Option<Ended> {
-    state.borrow().procs.by_pid.get(&pid).and_then(|p| p.ended)
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {:?}: {e}", cmd[0]))?;
+        let pid = child
+            .id()
+            .map(|p| p as i32)
+            .ok_or("the process ended at once")?;
+        info!(pid, dc, ep, cmd = ?cmd, "launched");
+        // The launch record: what a cooperative migration restarts on its destination.
+        self.directory(DirJob::Launch(LaunchRecord::Put {
+            dc,
+            ep,
+            cmd: cmd.clone(),
+        }));
+        self.procs.by_pid.insert(
+            pid,
+            Proc {
+                dc,
+                ep,
+                cmd,
+                log: log.to_path_buf(),
+                started: Instant::now(),
+                ended: None,
+                migrated_to: None,
+            },
+        );
+        let (ended_tx, exit) = oneshot::channel();
+        let events = self.ctx.events.clone();
+        tokio::task::spawn_local(async move {
+            let ended = match child.wait().await {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    match (s.code(), s.signal()) {
+                        (Some(c), _) => Ended::Code(c),
+                        (_, Some(sig)) => Ended::Signal(sig),
+                        _ => Ended::Code(-1),
+                    }
+                }
+                Err(e) => {
+                    warn!(pid, "cannot wait for the process: {e}");
+                    Ended::Code(-1)
+                }
+            };
+            info!(pid, ?ended, "process ended");
+            // The process table learns it first: a `ps` after the waiter's answer sees it.
+            let _ = events.send(Event::ProcEnded { pid, ended }).await;
+            let _ = ended_tx.send(ended);
+        });
+        Ok((pid, exit))
+    }
 }

@@ -1,30 +1,30 @@
 //! The local socket server: one Unix-socket connection per application process.
+//!
+//! The accept task reads who connected (and walks `/proc` for the launched-for check off the
+//! loop); the event loop registers the connection, owns its writer and starts its reader,
+//! which hands every request to the loop in order.
 
-use dvs_core::Input;
+use dvs_core::{ConnId, Input, LocalPeer};
 use std::rc::Rc;
-use std::time::Instant;
 
 use dvs_wire::local::LocalRequest;
-use dvs_wire::FrameDecoder;
+use dvs_wire::{DcId, Ep, FrameDecoder};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
-use dvs_core::LocalPeer;
-use dvs_wire::{DcId, Ep};
-
-use crate::access;
+use crate::access::{self, PeerCred};
+use crate::event_loop::{blocking, Ctx, Event, Events, Node};
 use crate::wire::{Sock, Wire};
-use crate::State;
 
 /// Bytes asked for per read: requests are under 100 bytes, so one read takes many.
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Accepts process connections forever.
-pub(crate) async fn serve(state: State, listener: UnixListener) {
+pub(crate) async fn serve(ctx: Rc<Ctx>, listener: UnixListener) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::task::spawn_local(connection(state.clone(), stream));
+                tokio::task::spawn_local(accepted(ctx.clone(), stream));
             }
             Err(e) => {
                 warn!("accept on the local socket failed: {e}");
@@ -34,71 +34,85 @@ pub(crate) async fn serve(state: State, listener: UnixListener) {
     }
 }
 
-/// Serves a connection made by the node itself for a process it restores as `{dc, ep}` (a
-/// criu migration's new connection); the core learns the process's pid when it is restored.
-pub(crate) fn adopt(
-    state: &State,
-    stream: std::os::unix::net::UnixStream,
-    dc: DcId,
-    ep: Ep,
-) -> std::io::Result<dvs_core::ConnId> {
-    stream.set_nonblocking(true)?;
-    let stream = UnixStream::from_std(stream)?;
-    let peer = LocalPeer {
-        pid: 0,
-        uid: nix::unistd::geteuid().as_raw(),
-        launched_for: Some((dc, ep)),
-    };
-    let (conn, wire) = register(state, stream, peer)?;
-    tokio::task::spawn_local(serve_conn(state.clone(), conn, wire, 0));
-    Ok(conn)
-}
-
-fn register(
-    state: &State,
-    stream: UnixStream,
-    peer: LocalPeer,
-) -> std::io::Result<(dvs_core::ConnId, Rc<Wire>)> {
-    let wire = Rc::new(Wire::new(Sock::Unix(stream), false)?);
-    let mut s = state.borrow_mut();
-    let id = s.next_conn;
-    s.next_conn += 1;
-    s.conns.insert(id, wire.clone());
-    s.core
-        .handle(Instant::now(), Input::LocalConnect { conn: id, peer });
-    Ok((id, wire))
-}
-
-async fn connection(state: State, stream: UnixStream) {
+/// Reads the credentials and ancestry of a new connection, then hands it to the event loop.
+async fn accepted(ctx: Rc<Ctx>, stream: UnixStream) {
     let cred = match access::peer_cred(&stream) {
         Ok(c) => c,
         // Without credentials there is nothing to decide a bind on.
         Err(e) => return warn!("local connection without peer credentials refused: {e}"),
     };
-    let launched_for = {
-        let s = state.borrow();
-        access::launched_for(cred.pid, |p| s.launched_endpoint(p))
-    };
-    let peer = LocalPeer {
-        pid: cred.pid,
-        uid: cred.uid,
-        launched_for,
-    };
     let pid = cred.pid;
-    let (conn, wire) = match register(&state, stream, peer) {
-        Ok(r) => r,
-        Err(e) => return warn!(pid, "cannot register a local connection: {e}"),
+    let ancestors = blocking(move || access::ancestors(pid))
+        .await
+        .unwrap_or_default();
+    let ev = Event::LocalAccepted {
+        stream,
+        cred,
+        ancestors,
     };
-    debug!(conn, pid, uid = cred.uid, ?launched_for, "local connection");
-    serve_conn(state, conn, wire, pid).await;
+    let _ = ctx.events.send(ev).await;
 }
 
-async fn serve_conn(state: State, conn: dvs_core::ConnId, wire: Rc<Wire>, pid: i32) {
+impl Node {
+    /// Registers a process's connection: it may bind what it (or an ancestor) was launched or
+    /// restored here for.
+    pub(crate) fn local_accepted(&mut self, stream: UnixStream, cred: PeerCred, ancestors: &[i32]) {
+        let launched_for = ancestors.iter().find_map(|p| self.launched_endpoint(*p));
+        let peer = LocalPeer {
+            pid: cred.pid,
+            uid: cred.uid,
+            launched_for,
+        };
+        let pid = cred.pid;
+        match self.open_local(stream, peer) {
+            Ok(conn) => debug!(conn, pid, uid = cred.uid, ?launched_for, "local connection"),
+            Err(e) => warn!(pid, "cannot register a local connection: {e}"),
+        }
+    }
+
+    /// Serves a connection made by the node itself for a process it restored as `{dc, ep}` (a
+    /// criu migration's new connection); the core learns the process's pid with `Restored`.
+    pub(crate) fn adopt(
+        &mut self,
+        stream: std::os::unix::net::UnixStream,
+        dc: DcId,
+        ep: Ep,
+    ) -> std::io::Result<ConnId> {
+        stream.set_nonblocking(true)?;
+        let stream = UnixStream::from_std(stream)?;
+        let peer = LocalPeer {
+            pid: 0,
+            uid: nix::unistd::geteuid().as_raw(),
+            launched_for: Some((dc, ep)),
+        };
+        self.open_local(stream, peer)
+    }
+
+    fn open_local(&mut self, stream: UnixStream, peer: LocalPeer) -> std::io::Result<ConnId> {
+        let wire = Rc::new(Wire::new(Sock::Unix(stream), false)?);
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(conn, wire.clone());
+        self.input(Input::LocalConnect { conn, peer });
+        let events = self.ctx.events.clone();
+        tokio::task::spawn_local(serve_conn(events, conn, wire, peer.pid));
+        Ok(conn)
+    }
+
+    /// The reader of `conn` stopped: the process is gone for the core.
+    pub(crate) fn local_closed(&mut self, conn: ConnId) {
+        self.conns.remove(&conn);
+        self.input(Input::LocalDisconnect { conn });
+    }
+}
+
+/// Reads a connection's requests until it ends, then reports it closed.
+async fn serve_conn(events: Events, conn: ConnId, wire: Rc<Wire>, pid: i32) {
     debug!(conn, pid, "process connected");
     let writer = wire.clone();
     tokio::task::spawn_local(async move { writer.writer().await });
     let mut dec = FrameDecoder::new();
-    'read: loop {
+    loop {
         match wire.read(dec.buffer(), READ_CHUNK).await {
             Ok(0) | Err(_) => {
                 // A request cut short by the end of the stream is logged like a malformed one.
@@ -114,26 +128,26 @@ async fn serve_conn(state: State, conn: dvs_core::ConnId, wire: Rc<Wire>, pid: i
             }
             Ok(_) => {}
         }
-        let now = Instant::now();
-        let mut s = state.borrow_mut();
-        loop {
+        let mut reqs = Vec::new();
+        let malformed = loop {
             match dec.next_frame::<LocalRequest>() {
-                Ok(Some((req, _))) => s.core.handle(now, Input::LocalRequest { conn, req }),
-                Ok(None) => break,
+                Ok(Some((req, _))) => reqs.push(Input::LocalRequest { conn, req }),
+                Ok(None) => break false,
                 Err(e) => {
                     warn!(conn, pid, "refusing a malformed frame from a local process, closing its connection: {e}");
-                    s.drive();
-                    break 'read;
+                    break true;
                 }
             }
+        };
+        // One read's requests go together, so that their answers leave together.
+        if !reqs.is_empty() && events.send(Event::Inputs(reqs)).await.is_err() {
+            break;
         }
-        s.drive();
+        if malformed {
+            break;
+        }
     }
     wire.close();
-    let mut s = state.borrow_mut();
-    s.conns.remove(&conn);
-    s.core
-        .handle(Instant::now(), Input::LocalDisconnect { conn });
-    s.drive();
+    let _ = events.send(Event::LocalClosed { conn }).await;
     debug!(conn, pid, "process disconnected");
 }

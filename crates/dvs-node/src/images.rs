@@ -1,0 +1,313 @@
+//! Checkpoint images on disk. The destination writes received chunks to their files on a
+//! thread of its own ([`ImageStore`]), in arrival order, so that the event loop never waits
+//! on a file; the source streams an image to a peer from a blocking reader
+//! ([`stream_image`]). Images live in one folder per migration under the images root.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::mpsc as std_mpsc;
+
+use bytes::Bytes;
+use dvs_wire::peer::{BulkFrame, ImageChunk, MigrationId, PeerFrame};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tracing::{info, warn};
+
+use crate::safe_fs;
+use crate::wire::Wire;
+
+/// Image chunk size on the peer link.
+const IMAGE_CHUNK: usize = 1 << 20;
+/// Image bytes queued on a link ahead of what the socket took, at most: frames queued behind
+/// an image (heartbeats, IPC) wait at most that long.
+const IMAGE_AHEAD: usize = 4 * IMAGE_CHUNK;
+/// Image bytes a link may have read that are not written to their files yet; past this its
+/// reader waits for the writer.
+pub(crate) const IMAGE_BACKLOG: usize = 16 << 20;
+
+/// A job for the image writer thread.
+enum Job {
+    /// Store a received chunk (the permit is released once it is written).
+    Write {
+        id: MigrationId,
+        file: String,
+        offset: u64,
+        data: Bytes,
+        last: bool,
+        _permit: OwnedSemaphorePermit,
+    },
+    /// Delete the image of `id` and criu's files beside it.
+    Drop { id: MigrationId },
+    /// Answer once every job before this one is done.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// The images of this node: their root folder, and the thread that writes and deletes them.
+pub(crate) struct ImageStore {
+    root: PathBuf,
+    jobs: Option<std_mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ImageStore {
+    /// Starts the writer thread for images under `root`.
+    pub fn start(root: PathBuf) -> std::io::Result<Self> {
+        let (jobs, rx) = std_mpsc::channel();
+        let r = root.clone();
+        let thread = std::thread::Builder::new()
+            .name("dvs-images".into())
+            .spawn(move || writer(&r, rx))?;
+        Ok(ImageStore {
+            root,
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    /// The folder of the images.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The folder of migration `id`'s image.
+    pub fn dir(&self, id: MigrationId) -> PathBuf {
+        image_dir(&self.root, id)
+    }
+
+    fn send(&self, job: Job) {
+        if self.jobs.as_ref().is_none_or(|j| j.send(job).is_err()) {
+            warn!("the image writer is gone");
+        }
+    }
+
+    /// Stores a chunk of file `file` (a name checked by the caller) of `id`'s image.
+    pub fn write(
+        &self,
+        id: MigrationId,
+        chunk: ImageChunk,
+        data: Bytes,
+        permit: OwnedSemaphorePermit,
+    ) {
+        self.send(Job::Write {
+            id,
+            file: chunk.file,
+            offset: chunk.offset,
+            data,
+            last: chunk.last,
+            _permit: permit,
+        });
+    }
+
+    /// Deletes the image of `id` and criu's files beside it (`ID.dump.log`,
+    /// `ID.restore.log`, `ID.restore.pid`): images are copies of process memory, and large.
+    pub fn drop_image(&self, id: MigrationId) {
+        self.send(Job::Drop { id });
+    }
+
+    /// Resolves once every chunk received so far is written: a restore waits for this.
+    pub fn barrier(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Barrier(tx));
+        rx
+    }
+
+    /// Finishes the jobs queued and stops the thread.
+    pub fn stop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn image_dir(root: &Path, id: MigrationId) -> PathBuf {
+    root.join(format!("{id:x}"))
+}
+
+/// The image writer thread: image files being received stay open between chunks.
+fn writer(root: &Path, jobs: std_mpsc::Receiver<Job>) {
+    let mut receiving: HashMap<(MigrationId, String), std::fs::File> = HashMap::new();
+    for job in jobs {
+        match job {
+            Job::Write {
+                id,
+                file,
+                offset,
+                data,
+                last,
+                _permit,
+            } => {
+                let key = (id, file);
+                let r = (|| -> std::io::Result<()> {
+                    if !receiving.contains_key(&key) {
+                        let dir = image_dir(root, id);
+                        safe_fs::secure_dir(&dir, safe_fs::PRIVATE_DIR, None)?;
+                        let f = safe_fs::open_private(&dir.join(&key.1))?;
+                        receiving.insert(key.clone(), f);
+                    }
+                    let f = &receiving[&key];
+                    std::os::unix::fs::FileExt::write_all_at(f, &data, offset)
+                })();
+                if let Err(e) = &r {
+                    warn!("cannot store image chunk of {}: {e}", key.1);
+                }
+                if last || r.is_err() {
+                    receiving.remove(&key);
+                }
+            }
+            Job::Drop { id } => {
+                receiving.retain(|(m, _), _| *m != id);
+                let dir = image_dir(root, id);
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => tracing::debug!("deleted image {}", dir.display()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => warn!("cannot delete image {}: {e}", dir.display()),
+                }
+                let prefix = format!("{id:x}.");
+                if let Ok(entries) = std::fs::read_dir(root) {
+                    for e in entries.flatten() {
+                        if e.file_name().to_string_lossy().starts_with(&prefix) {
+                            let _ = std::fs::remove_file(e.path());
+                        }
+                    }
+                }
+            }
+            Job::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Sends the image files of `dir` as `MigrImage` frames on `w`, the link's writer lent for
+/// the transfer: a blocking reader reads the files a chunk at a time, and no more than
+/// [`IMAGE_AHEAD`] is queued on the link at once, so control frames queued by the event loop
+/// wait a bounded time behind the image. Returns the bytes sent.
+pub(crate) async fn stream_image(
+    w: Rc<Wire>,
+    id: MigrationId,
+    dir: PathBuf,
+) -> Result<u64, String> {
+    let (tx, mut chunks) = mpsc::channel(IMAGE_AHEAD / IMAGE_CHUNK);
+    // Ends when the files are read, or when `chunks` is dropped.
+    let reader = tokio::task::spawn_blocking(move || read_image(id, &dir, &tx));
+    while let Some((frame, data)) = chunks.recv().await {
+        if w.is_closed() {
+            return Err("the link to the destination closed during the transfer".into());
+        }
+        w.queue(&PeerFrame::Bulk(BulkFrame::ImageChunk(frame)), &data)
+            .map_err(|e| e.to_string())?;
+        w.flush();
+        w.wait_pending_below(IMAGE_AHEAD).await;
+    }
+    reader.await.map_err(|e| e.to_string())?
+}
+
+/// Reads the image files of `dir` (sorted by name) a chunk at a time into `out`; returns the
+/// bytes read. Blocking: runs on the blocking pool.
+fn read_image(
+    id: MigrationId,
+    dir: &Path,
+    out: &mpsc::Sender<(ImageChunk, Vec<u8>)>,
+) -> Result<u64, String> {
+    use std::io::Read;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut total = 0u64;
+    for f in files {
+        let name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or("non-UTF-8 image file name")?
+            .to_string();
+        let cannot = |e: std::io::Error| format!("cannot read {}: {e}", f.display());
+        let mut file = std::fs::File::open(&f).map_err(cannot)?;
+        let len = file.metadata().map_err(cannot)?.len();
+        let mut off = 0u64;
+        loop {
+            let want = (len - off).min(IMAGE_CHUNK as u64) as usize;
+            let mut data = vec![0u8; want];
+            file.read_exact(&mut data).map_err(cannot)?;
+            let last = off + want as u64 == len;
+            let chunk = ImageChunk {
+                id,
+                file: name.clone(),
+                offset: off,
+                last,
+            };
+            if out.blocking_send((chunk, data)).is_err() {
+                return Err("the transfer stopped".into());
+            }
+            off += want as u64;
+            if last {
+                break;
+            }
+        }
+        total += len;
+    }
+    Ok(total)
+}
+
+/// Where this node keeps checkpoint images: they are transient (deleted once the outcome is
+/// decided), so on a tmpfs when the machine has one (`/dev/shm/dvs/CLUSTER/NODE`), else under
+/// the node's runtime dir. Every level is a private folder of this uid (images hold process
+/// memory); a `/dev/shm/dvs` that someone else owns makes the node use its runtime dir.
+/// Images left by an earlier run of this node are deleted.
+pub(crate) fn prepare_images_root(
+    cluster_id: &str,
+    node: &str,
+    runtime_dir: &Path,
+) -> Result<PathBuf, String> {
+    let shm = Path::new("/dev/shm");
+    let on_tmpfs = nix::sys::statfs::statfs(shm)
+        .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    let root = if on_tmpfs {
+        // Names are validated by the config (no '/', no leading dot), so these stay below
+        // /dev/shm/dvs.
+        let levels = [
+            shm.join("dvs"),
+            shm.join("dvs").join(cluster_id),
+            shm.join("dvs").join(cluster_id).join(node),
+        ];
+        match levels
+            .iter()
+            .try_for_each(|d| safe_fs::secure_dir(d, safe_fs::PRIVATE_DIR, None))
+        {
+            Ok(()) => Some(levels[2].clone()),
+            Err(e) => {
+                warn!("not keeping images under /dev/shm: {e}; using the runtime dir");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let root = match root {
+        Some(r) => r,
+        None => {
+            let r = runtime_dir.join("migrations");
+            safe_fs::secure_dir(&r, safe_fs::PRIVATE_DIR, None)
+                .map_err(|e| format!("images folder {}: {e}", r.display()))?;
+            r
+        }
+    };
+    // Stale images of migrations this node never saw decided (it stopped or crashed).
+    let entries =
+        std::fs::read_dir(&root).map_err(|e| format!("cannot read {}: {e}", root.display()))?;
+    for e in entries.flatten() {
+        let p = e.path();
+        let r = match e.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+            _ => std::fs::remove_file(&p),
+        };
+        match r {
+            Ok(()) => info!("deleted stale migration file {}", p.display()),
+            Err(err) => warn!("cannot delete stale {}: {err}", p.display()),
+        }
+    }
+    Ok(root)
+}
