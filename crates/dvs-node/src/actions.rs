@@ -7,12 +7,12 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use dvs_core::{Action, Input, LocalAction, MemoryAction, PeerAction, ProcessAction, Report};
-use dvs_wire::peer::{BulkFrame, PeerFrame, VcopyData};
+use dvs_wire::peer::{PeerFrame, VcopyData};
 use dvs_wire::{Errno, NodeId};
 use tracing::{error, warn};
 
 use crate::dir::DirJob;
-use crate::event_loop::{Node, Waiting};
+use crate::event_loop::{Event, Node, Waiting};
 use crate::vcopy;
 use crate::wire::{self, Wire};
 
@@ -162,54 +162,30 @@ impl Node {
                     );
                     return;
                 };
-                let mut off = 0u64;
-                while off < len {
-                    let n = ((len - off) as usize).min(vcopy::CHUNK);
-                    let f = PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData {
-                        op,
-                        caller_node,
-                        dc,
-                        caller,
-                        dst,
-                        dst_addr,
-                        offset: off,
-                        total: len,
-                    }));
-                    let at = src_addr + off;
-                    // Read the process's memory straight into the link's buffer when the link
-                    // does not compress; through the bounce buffer otherwise.
-                    let queued = match w.queue_filled(&f, n, |buf| vcopy::read(pid, at, buf)) {
-                        Some(r) => r,
-                        None => {
-                            self.bounce.resize(n, 0);
-                            match vcopy::read(pid, at, &mut self.bounce[..n]) {
-                                Ok(()) => w.queue(&f, &self.bounce[..n]).map(Ok),
-                                Err(e) => Ok(Err(e)),
-                            }
-                        }
-                    };
-                    match queued {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            self.core.handle(
-                                Instant::now(),
-                                Input::VcopyStreamFailed {
-                                    caller_node,
-                                    op,
-                                    error: e,
-                                },
-                            );
-                            break;
-                        }
-                        Err(e) => error!("cannot encode a vcopy chunk: {e}"),
+                // Streamed by a task of its own, paced by what the link has not sent yet, so
+                // that a big copy never queues more than `vcopy::STREAM_AHEAD` bytes ahead of
+                // the heartbeats and IPC frames that follow it on the link.
+                let head = VcopyData {
+                    op,
+                    caller_node,
+                    dc,
+                    caller,
+                    dst,
+                    dst_addr,
+                    offset: 0,
+                    total: len,
+                };
+                let events = self.ctx.events.clone();
+                tokio::task::spawn_local(async move {
+                    if let Err(error) = vcopy::stream(&w, pid, src_addr, head).await {
+                        let failed = Input::VcopyStreamFailed {
+                            caller_node,
+                            op,
+                            error,
+                        };
+                        let _ = events.send(Event::Input(failed)).await;
                     }
-                    off += n as u64;
-                    // Start writing big copies while reading the rest.
-                    if w.pending() >= 4 * vcopy::CHUNK {
-                        w.flush();
-                    }
-                }
-                mark(&mut self.dirty, &w);
+                });
             }
         }
     }

@@ -2,12 +2,65 @@
 
 use std::io::{IoSlice, IoSliceMut};
 
+use dvs_wire::peer::{BulkFrame, PeerFrame, VcopyData};
 use dvs_wire::Errno;
 use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 
+use crate::wire::Wire;
+
 /// Size of the chunks a vcopy moves in (locally through a bounce buffer, remotely per frame).
 pub const CHUNK: usize = 256 * 1024;
+
+/// Most bytes of a vcopy stream queued on a link and not sent yet: what a heartbeat or an IPC
+/// frame queued behind it waits for at worst.
+pub const STREAM_AHEAD: usize = 4 * CHUNK;
+
+/// Streams `head.total` bytes at `src_addr` of process `pid` to the link `w` as `VcopyData`
+/// frames (`head` with each chunk's offset), a chunk at a time, never more than
+/// [`STREAM_AHEAD`] bytes ahead of what the link has sent. A closed link ends the stream
+/// quietly: the core fails the copy when it learns the link is down.
+pub(crate) async fn stream(
+    w: &Wire,
+    pid: i32,
+    src_addr: u64,
+    head: VcopyData,
+) -> Result<(), Errno> {
+    let mut bounce = Vec::new();
+    let mut off = 0u64;
+    while off < head.total && !w.is_closed() {
+        let n = ((head.total - off) as usize).min(CHUNK);
+        let frame = PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData {
+            offset: off,
+            ..head.clone()
+        }));
+        let at = src_addr.wrapping_add(off);
+        // Read the process's memory straight into the link's buffer when the link does not
+        // compress; through a bounce buffer otherwise.
+        let queued = match w.queue_filled(&frame, n, |buf| read(pid, at, buf)) {
+            Some(r) => r,
+            None => {
+                bounce.resize(n, 0);
+                match read(pid, at, &mut bounce[..n]) {
+                    Ok(()) => w.queue(&frame, &bounce[..n]).map(Ok),
+                    Err(e) => Ok(Err(e)),
+                }
+            }
+        };
+        match queued {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => {
+                tracing::error!("cannot encode a vcopy chunk: {e}");
+                return Err(Errno::Invalid);
+            }
+        }
+        off += n as u64;
+        w.flush();
+        w.wait_pending_below(STREAM_AHEAD).await;
+    }
+    Ok(())
+}
 
 fn map_errno(e: nix::Error, died: Errno) -> Errno {
     match e {
