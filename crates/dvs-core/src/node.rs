@@ -35,6 +35,7 @@ use conn::{Blocked, Conn};
 pub use input::{DirectoryInput, Input, MigrationInput, Ticket};
 use ledger::RemoteCalls;
 use migration::MigrationState;
+use resolve::Waiters;
 use timers::{TimerKey, Timers};
 use vcopy::{Op, Vcopies};
 
@@ -105,8 +106,8 @@ pub struct NodeCore {
     next_op: OpId,
     /// Every call crossing a node boundary.
     calls: RemoteCalls,
-    lookups: Map<(DcId, Ep), Vec<ConnId>>,
-    bind_waiters: Map<(DcId, Ep), Vec<ConnId>>,
+    /// Processes waiting on the directory about an endpoint.
+    waiters: Waiters,
     /// Vcopies of local callers and vcopies streaming into this node.
     vcopies: Vcopies,
     /// Peers that sent a forged frame; their frames are dropped until the link is new.
@@ -133,8 +134,7 @@ impl NodeCore {
             links_up: Set::default(),
             next_op: 1,
             calls: RemoteCalls::default(),
-            lookups: Map::default(),
-            bind_waiters: Map::default(),
+            waiters: Waiters::default(),
             vcopies: Vcopies::default(),
             condemned: Set::default(),
             timers: Timers::default(),

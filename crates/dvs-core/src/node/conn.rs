@@ -279,10 +279,10 @@ impl NodeCore {
             Blocked::Held { .. } => self.migr.unhold_call(conn),
             Blocked::LookingUp { ep, .. } | Blocked::WaitingBind { ep } => {
                 if let Some(dc) = dc {
-                    if let Some(v) = self.lookups.get_mut(&(dc, ep)) {
+                    if let Some(v) = self.waiters.lookups.get_mut(&(dc, ep)) {
                         v.retain(|x| *x != conn);
                     }
-                    if let Some(v) = self.bind_waiters.get_mut(&(dc, ep)) {
+                    if let Some(v) = self.waiters.binds.get_mut(&(dc, ep)) {
                         v.retain(|x| *x != conn);
                     }
                 }

@@ -12,6 +12,16 @@ use super::conn::{Blocked, Incoming};
 use super::{err, Action, DcInfo, NodeCore};
 use crate::table::Registration;
 use crate::ConnId;
+use crate::Map;
+
+/// Local processes waiting on the directory about an endpoint, by endpoint.
+#[derive(Default)]
+pub(super) struct Waiters {
+    /// Calls parked until a lookup says where the endpoint runs (the first one asked).
+    pub(super) lookups: Map<(DcId, Ep), Vec<ConnId>>,
+    /// Processes in `wait_for_bind`, woken when the endpoint is bound anywhere.
+    pub(super) binds: Map<(DcId, Ep), Vec<ConnId>>,
+}
 
 impl NodeCore {
     pub(super) fn dc_check(&self, dc: DcId, ep: Ep) -> Result<&DcInfo, Errno> {
@@ -188,7 +198,7 @@ impl NodeCore {
     }
 
     pub(super) fn wake_bind_waiters(&mut self, dc: DcId, ep: Ep) {
-        for w in self.bind_waiters.remove(&(dc, ep)).unwrap_or_default() {
+        for w in self.waiters.binds.remove(&(dc, ep)).unwrap_or_default() {
             if matches!(self.conns.get(&w).map(|c| &c.blocked), Some(Blocked::WaitingBind { ep: e }) if *e == ep)
             {
                 self.respond(w, LocalResponse::Done);
@@ -214,7 +224,7 @@ impl NodeCore {
         if let Some(r) = self.table.get(dc, ep) {
             return Some(r);
         }
-        let waiters = self.lookups.entry((dc, ep)).or_default();
+        let waiters = self.waiters.lookups.entry((dc, ep)).or_default();
         if waiters.is_empty() {
             self.actions
                 .push_back(Action::Directory(DirRequest::Lookup { dc, ep }));
@@ -247,7 +257,7 @@ impl NodeCore {
         if known {
             self.wake_bind_waiters(dc, ep);
         }
-        for w in self.lookups.remove(&(dc, ep)).unwrap_or_default() {
+        for w in self.waiters.lookups.remove(&(dc, ep)).unwrap_or_default() {
             let Some(c) = self.conns.get_mut(&w) else {
                 continue;
             };
@@ -298,12 +308,12 @@ impl NodeCore {
         }
         // Ask the directory once in case a registration was missed; a watch or a peer's
         // `Bound` wakes us otherwise.
-        if let std::collections::hash_map::Entry::Vacant(e) = self.lookups.entry((dc, ep)) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.waiters.lookups.entry((dc, ep)) {
             e.insert(Vec::new());
             self.actions
                 .push_back(Action::Directory(DirRequest::Lookup { dc, ep }));
         }
-        self.bind_waiters.entry((dc, ep)).or_default().push(conn);
+        self.waiters.binds.entry((dc, ep)).or_default().push(conn);
         self.block(
             conn,
             Blocked::WaitingBind { ep },
