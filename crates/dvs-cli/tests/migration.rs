@@ -1019,3 +1019,30 @@ fn criu_a_256_mib_move_does_not_stop_other_traffic_on_the_source() {
         busy_result["max_stall_ms"].as_f64().unwrap_or(f64::NAN)
     );
 }
+
+/// A node kernel started in a mount namespace of its own (as systemd's `PrivateTmp=` or a
+/// container would run it), by a parent that leaked it a descriptor from the old namespace:
+/// a server it launched migrates away and back with criu, and its client sees every answer.
+/// (criu refused it while the server inherited that descriptor: "Can't lookup mount=N".)
+#[test]
+fn criu_a_node_in_its_own_mount_namespace_migrates_both_ways() {
+    let _turn = serial();
+    let name = "node in its own mount namespace";
+    if !criu_available(name) {
+        return;
+    }
+    let c = Cluster::start();
+    c.kill_node(1);
+    c.restart_node_in_private_mount_ns(1);
+    c.wait_all_links_up();
+    start_ballast_server(&c, 1, SERVER, 2);
+    let client = ClientRun::start(&c, 2, CLIENT, SERVER, 1000, BLOCK);
+    assert!(
+        wait_served(&c, &ep_log(&c, 1, SERVER), 1, &client),
+        "{name}: the client ended too early"
+    );
+    migrate(&c, SERVER, 0, Backend::Criu, None);
+    migrate(&c, SERVER, 1, Backend::Criu, None);
+    let result = client.finish(&c);
+    assert_client_ok(&c, name, &result, 1000);
+}

@@ -80,6 +80,7 @@ pub struct NodeOptions {
 
 /// Runs a node kernel until it is told to shut down (control `Shutdown`, SIGTERM or SIGINT).
 pub fn run(opts: NodeOptions) -> Result<(), NodeError> {
+    close_inherited_fds_on_exec();
     keep_big_buffers_on_the_heap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -87,6 +88,32 @@ pub fn run(opts: NodeOptions) -> Result<(), NodeError> {
         .map_err(io_err("cannot start the runtime"))?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, main_loop(opts))
+}
+
+/// Descriptors the node kernel inherited beyond stdin, stdout and stderr (a shell's or a
+/// service manager's) must not reach the programs it launches, nor criu: a program holding a
+/// file opened in another mount namespace cannot be checkpointed (criu: "Can't lookup
+/// mount=N for fd=M"), which is what happened to every node started in a private mount
+/// namespace from a shell that leaked one. Marked close-on-exec before the node opens
+/// anything of its own.
+fn close_inherited_fds_on_exec() {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets a flag on descriptors.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    if rc != 0 {
+        // Kernels before 5.11: mark them one by one.
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            let fds: Vec<i32> = fds
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .filter(|fd| *fd > 2)
+                .collect();
+            for fd in fds {
+                // SAFETY: setting FD_CLOEXEC on a descriptor of ours; a stale one fails harmlessly.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
+        }
+    }
 }
 
 /// Image and vcopy chunks are MiB-sized buffers that live a few milliseconds (read, handed

@@ -288,7 +288,33 @@ impl Cluster {
         });
     }
 
+    /// Starts node `id` again the way a service manager with `PrivateTmp=` or a container
+    /// would: in a mount namespace of its own (`unshare --mount --propagation private`). Its
+    /// parent also leaks it a descriptor opened in the old namespace, as a shell can.
+    pub fn restart_node_in_private_mount_ns(&self, id: NodeId) {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private"]).arg(DVS);
+        // SAFETY: open(2) is async-signal-safe; the descriptor is left open on purpose.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                Ok(())
+            });
+        }
+        self.spawn_node_with(id, cmd);
+        eventually(&format!("node {id} to write its pid file"), || {
+            let p = self.node(id).runtime_dir.join("node.pid");
+            p.exists().then_some(())
+        });
+    }
+
     fn spawn_node(&self, id: NodeId) {
+        self.spawn_node_with(id, Command::new(DVS));
+    }
+
+    /// Starts `dvs node` for node `id` with `cmd` (`dvs` itself, or a wrapper followed by it).
+    fn spawn_node_with(&self, id: NodeId, mut cmd: Command) {
         let node = self.node(id);
         std::fs::create_dir_all(&node.runtime_dir).expect("cannot create runtime dir");
         let log = OpenOptions::new()
@@ -296,7 +322,7 @@ impl Cluster {
             .append(true)
             .open(node.runtime_dir.join("node.log"))
             .expect("cannot open node log");
-        let mut child = Command::new(DVS)
+        let mut child = cmd
             .arg("--config")
             .arg(self.config_path())
             .args(["node", "--node", &id.to_string()])
