@@ -234,7 +234,12 @@ impl NodeCore {
                 if !self.peer_in_dc(from, dc) {
                     return;
                 }
-                self.absorb_remote(dc, src, from);
+                // A notification relayed by the node its destination migrated from says
+                // nothing of where its source runs: learning `from` as that place would make
+                // this node drop every later message from the source's real node.
+                if !self.migr.relayed_by(dc, dst, from, self.node) {
+                    self.absorb_remote(dc, src, from);
+                }
                 if self.migr.holds(dc, dst) {
                     return self.migr.hold_frame(
                         dc,

@@ -146,6 +146,12 @@ impl World {
     /// Moves a random server to another node (it must be in its receive: always, between
     /// steps); the migration goes on while the workload does.
     pub fn migrate(&mut self) {
+        self.try_migrate();
+    }
+
+    /// [`World::migrate`]; whether the migration started (it is refused while another one of
+    /// the same server is under way, or when the link to the destination is down).
+    pub fn try_migrate(&mut self) -> bool {
         let eps: Vec<Ep> = self.servers.keys().copied().collect();
         let ep = eps[self.rng.usize(..eps.len())];
         let from = self.servers[&ep].node;
@@ -158,7 +164,7 @@ impl World {
             fail_at: None,
             quiesce_timeout: Duration::from_secs(2),
         };
-        let _ = self.sim.start_migration(from, req);
+        self.sim.start_migration(from, req).is_ok()
     }
 
     /// Takes every response: servers reply to what they took and receive again, clients
