@@ -58,11 +58,7 @@ fn run(seed: u64) -> Result<(), String> {
                     w.sim.link_up(a, b);
                 }
             }
-            15 => {
-                if w.try_migrate() {
-                    migrations += 1;
-                }
-            }
+            15 if w.try_migrate() => migrations += 1,
             _ => {}
         }
         w.serve();
