@@ -11,7 +11,9 @@
 //!
 //! Found this way: a notification relayed by the node its destination had migrated from made
 //! the destination take the relaying node for the place its *source* runs, after which it
-//! dropped every message from the source's real node (calls hung).
+//! dropped every message from the source's real node (calls hung); and a `Bound` sent by an
+//! endpoint's old node before a migration, landing after the directory's newer word while the
+//! link to the new node was down, made the node refuse the new owner (1 seed in ~650).
 
 mod workload;
 
