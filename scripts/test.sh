@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: installs what the tests need (a working
-# criu for the migration tests), then checks formatting and lints and runs every test.
+# criu for the migration tests; etcd for the etcd-directory tests, which start their own
+# servers, and protoc, which building the etcd client needs), then checks formatting and lints
+# and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +28,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 scripts/install-criu.sh
+scripts/install-etcd.sh
 
 log "format and lints"
 cargo fmt --all -- --check
