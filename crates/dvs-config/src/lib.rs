@@ -141,6 +141,19 @@ impl TlsConfig {
 }
 
 /// Where endpoint locations, node membership and migration records live.
+///
+/// ```toml
+/// [directory]
+/// kind = "etcd"
+/// endpoints = ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
+/// prefix = "/dvs/prod/"         # default "/dvs/CLUSTER_ID/"
+/// dial_timeout_ms = 2000        # connecting to one member
+/// request_timeout_ms = 5000     # one directory operation, retries included
+/// [directory.tls]               # required by https:// endpoints, refused with http://
+/// ca = "/etc/dvs/tls/ca.crt"    # the CA that signed etcd's server certificate
+/// cert = "/etc/dvs/tls/node0.crt"
+/// key = "/etc/dvs/tls/node0.key"
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum DirectoryConfig {
@@ -151,16 +164,95 @@ pub enum DirectoryConfig {
     },
     /// An etcd cluster.
     Etcd {
-        /// Client URLs of the etcd members.
+        /// Client URLs of the etcd members: `http://HOST:PORT`, `https://HOST:PORT` or
+        /// `HOST:PORT` (https with `tls`, http without).
         endpoints: Vec<String>,
-        /// Key prefix of this cluster.
-        #[serde(default = "default_etcd_prefix")]
+        /// Every key of this cluster lives under this prefix, which starts and ends with
+        /// `/`. Empty in a config file means `/dvs/CLUSTER_ID/` ([`ClusterConfig::parse`]
+        /// fills it in), so that clusters sharing one etcd never see each other's keys.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         prefix: String,
+        /// Longest wait for a connection to one member, in milliseconds.
+        #[serde(default = "default_etcd_dial_timeout_ms")]
+        dial_timeout_ms: u64,
+        /// Longest wait for one directory operation (with its retries on other members),
+        /// in milliseconds; past it the operation fails with an error naming the endpoints.
+        #[serde(default = "default_etcd_request_timeout_ms")]
+        request_timeout_ms: u64,
+        /// Client TLS towards etcd; `None` talks plaintext.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<EtcdTlsConfig>,
     },
 }
 
-fn default_etcd_prefix() -> String {
-    "/dvs".into()
+/// The files a node presents to and checks etcd with: certificates of the cluster CA
+/// (`dvs tls`), or of whatever CA the etcd operators use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsConfig {
+    /// The CA certificate (PEM) that etcd's server certificates must chain to.
+    pub ca: PathBuf,
+    /// The client certificate (PEM) presented to etcd.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Default of `[directory] dial_timeout_ms` for etcd.
+pub const DEFAULT_ETCD_DIAL_TIMEOUT_MS: u64 = 2000;
+/// Default of `[directory] request_timeout_ms` for etcd.
+pub const DEFAULT_ETCD_REQUEST_TIMEOUT_MS: u64 = 5000;
+/// Largest accepted etcd timeout (10 minutes): beyond it a typo is likelier than intent.
+pub const MAX_ETCD_TIMEOUT_MS: u64 = 600_000;
+
+fn default_etcd_dial_timeout_ms() -> u64 {
+    DEFAULT_ETCD_DIAL_TIMEOUT_MS
+}
+fn default_etcd_request_timeout_ms() -> u64 {
+    DEFAULT_ETCD_REQUEST_TIMEOUT_MS
+}
+
+/// The etcd key prefix a cluster uses when its config names none.
+pub fn default_etcd_prefix(cluster_id: &str) -> String {
+    format!("/dvs/{cluster_id}/")
+}
+
+/// Why `prefix` cannot be an etcd key prefix of a cluster, or `None` if it can.
+///
+/// It must start with `/` and end with `/`: with the trailing slash, one cluster's prefix can
+/// never be the beginning of another's (`/dvs/a` would also cover `/dvs/ab/...`).
+pub fn check_etcd_prefix(prefix: &str) -> Option<&'static str> {
+    if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 2 {
+        Some("must start and end with '/' and name a folder below the root, e.g. \"/dvs/prod/\"")
+    } else if prefix.len() > 256 {
+        Some("longer than 256 bytes")
+    } else if !prefix.bytes().all(|b| b.is_ascii_graphic()) {
+        Some("only printable ASCII without spaces is allowed")
+    } else {
+        None
+    }
+}
+
+/// Why `url` is not an etcd client URL, or `None` if it is: `http://HOST:PORT`,
+/// `https://HOST:PORT` or `HOST:PORT`, with no path.
+pub fn check_etcd_endpoint(url: &str) -> Option<&'static str> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url);
+    if rest.contains("://") {
+        return Some("the scheme must be http:// or https://");
+    }
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Some("must be HOST:PORT, with an optional http:// or https://");
+    };
+    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+        return Some("the host is missing or has characters a host cannot have");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => None,
+        _ => Some("the port must be a number from 1 to 65535, with no path after it"),
+    }
 }
 
 /// One node of the cluster.
@@ -300,10 +392,15 @@ impl ClusterConfig {
 
     /// Parses and validates config text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let cfg: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut cfg: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.into(),
             message: e.to_string().trim_end().replace('\n', " | "),
         })?;
+        if let DirectoryConfig::Etcd { prefix, .. } = &mut cfg.directory {
+            if prefix.is_empty() {
+                *prefix = default_etcd_prefix(&cfg.cluster_id);
+            }
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -332,6 +429,74 @@ impl ClusterConfig {
                     "access.admin_group".into(),
                     format!("{g:?} is not a valid group name"),
                 ));
+            }
+        }
+        if let DirectoryConfig::Etcd {
+            endpoints,
+            prefix,
+            dial_timeout_ms,
+            request_timeout_ms,
+            tls,
+        } = &self.directory
+        {
+            if endpoints.is_empty() {
+                return Err(bad(
+                    "directory.endpoints".into(),
+                    "at least one etcd client URL is required".into(),
+                ));
+            }
+            let mut seen = HashSet::new();
+            for (i, url) in endpoints.iter().enumerate() {
+                let key = format!("directory.endpoints[{i}]");
+                if let Some(why) = check_etcd_endpoint(url) {
+                    return Err(bad(
+                        key,
+                        format!("{url:?} is not an etcd client URL: {why}"),
+                    ));
+                }
+                if !seen.insert(url.as_str()) {
+                    return Err(bad(key, format!("{url:?} is listed twice")));
+                }
+                if tls.is_some() && url.starts_with("http://") {
+                    return Err(bad(
+                        key,
+                        format!("{url:?} is plaintext but [directory.tls] is set: use https://"),
+                    ));
+                }
+                if tls.is_none() && url.starts_with("https://") {
+                    return Err(bad(
+                        key,
+                        format!("{url:?} needs [directory.tls] (ca, cert, key) to talk TLS"),
+                    ));
+                }
+            }
+            if let Some(why) = check_etcd_prefix(prefix) {
+                return Err(bad(
+                    "directory.prefix".into(),
+                    format!("{prefix:?} is not a valid key prefix: {why}"),
+                ));
+            }
+            for (key, ms) in [
+                ("directory.dial_timeout_ms", dial_timeout_ms),
+                ("directory.request_timeout_ms", request_timeout_ms),
+            ] {
+                if *ms == 0 || *ms > MAX_ETCD_TIMEOUT_MS {
+                    return Err(bad(
+                        key.into(),
+                        format!("must be between 1 and {MAX_ETCD_TIMEOUT_MS} (ms)"),
+                    ));
+                }
+            }
+            if let Some(t) = tls {
+                for (key, p) in [
+                    ("directory.tls.ca", &t.ca),
+                    ("directory.tls.cert", &t.cert),
+                    ("directory.tls.key", &t.key),
+                ] {
+                    if !p.is_absolute() {
+                        return Err(bad(key.into(), "must be an absolute path".into()));
+                    }
+                }
             }
         }
         if self.nodes.is_empty() {
@@ -693,6 +858,154 @@ nodes = [0, "b"]
         assert_eq!(back, c);
         let e = err(&format!("{GOOD}[access]\nadmin_group = \"../etc\"\n"));
         assert!(e.contains("access.admin_group"), "{e}");
+    }
+
+    fn with_etcd(directory: &str) -> String {
+        GOOD.replace(
+            "[directory]\nkind = \"embedded\"\npath = \"/tmp/d\"\n",
+            &format!("[directory]\nkind = \"etcd\"\n{directory}"),
+        )
+    }
+
+    #[test]
+    fn etcd_directory_parses_with_defaults_and_round_trips() {
+        let c = ClusterConfig::parse(
+            &with_etcd("endpoints = [\"http://127.0.0.1:2379\", \"10.0.0.2:2379\"]\n"),
+            Path::new("x"),
+        )
+        .unwrap();
+        let DirectoryConfig::Etcd {
+            endpoints,
+            prefix,
+            dial_timeout_ms,
+            request_timeout_ms,
+            tls,
+        } = &c.directory
+        else {
+            panic!("{:?}", c.directory)
+        };
+        assert_eq!(endpoints.len(), 2);
+        // The cluster id keeps clusters that share one etcd apart.
+        assert_eq!(prefix, "/dvs/t/");
+        assert_eq!(*dial_timeout_ms, DEFAULT_ETCD_DIAL_TIMEOUT_MS);
+        assert_eq!(*request_timeout_ms, DEFAULT_ETCD_REQUEST_TIMEOUT_MS);
+        assert_eq!(tls, &None);
+        let back = ClusterConfig::parse(&c.to_toml(), Path::new("x")).unwrap();
+        assert_eq!(back, c);
+
+        let text = with_etcd(
+            "endpoints = [\"https://etcd0:2379\"]\nprefix = \"/other/\"\n\
+             dial_timeout_ms = 100\nrequest_timeout_ms = 300\n\
+             [directory.tls]\nca = \"/t/ca.crt\"\ncert = \"/t/n.crt\"\nkey = \"/t/n.key\"\n",
+        );
+        let c = ClusterConfig::parse(&text, Path::new("x")).unwrap();
+        let DirectoryConfig::Etcd { prefix, tls, .. } = &c.directory else {
+            panic!()
+        };
+        assert_eq!(prefix, "/other/");
+        assert_eq!(tls.as_ref().unwrap().key, PathBuf::from("/t/n.key"));
+        assert_eq!(
+            ClusterConfig::parse(&c.to_toml(), Path::new("x")).unwrap(),
+            c
+        );
+    }
+
+    #[test]
+    fn bad_etcd_settings_name_the_key() {
+        let tls = "[directory.tls]\nca = \"/c\"\ncert = \"/d\"\nkey = \"/e\"\n";
+        for (directory, key, says) in [
+            (
+                "endpoints = []\n".to_string(),
+                "`directory.endpoints`",
+                "at least one",
+            ),
+            (
+                "endpoints = [\"http://a:1\", \"a:bc\"]\n".into(),
+                "`directory.endpoints[1]`",
+                "port",
+            ),
+            (
+                "endpoints = [\"a\"]\n".into(),
+                "`directory.endpoints[0]`",
+                "HOST:PORT",
+            ),
+            (
+                "endpoints = [\"ftp://a:1\"]\n".into(),
+                "`directory.endpoints[0]`",
+                "scheme",
+            ),
+            (
+                "endpoints = [\"http://a:1/v3\"]\n".into(),
+                "`directory.endpoints[0]`",
+                "port",
+            ),
+            (
+                "endpoints = [\"a:1\", \"a:1\"]\n".into(),
+                "`directory.endpoints[1]`",
+                "twice",
+            ),
+            (
+                "endpoints = [\"https://a:1\"]\n".into(),
+                "`directory.endpoints[0]`",
+                "[directory.tls]",
+            ),
+            (
+                format!("endpoints = [\"http://a:1\"]\n{tls}"),
+                "`directory.endpoints[0]`",
+                "https://",
+            ),
+            (
+                "endpoints = [\"a:1\"]\nprefix = \"dvs\"\n".into(),
+                "`directory.prefix`",
+                "start and end with '/'",
+            ),
+            (
+                "endpoints = [\"a:1\"]\nprefix = \"/dvs\"\n".into(),
+                "`directory.prefix`",
+                "start and end with '/'",
+            ),
+            (
+                "endpoints = [\"a:1\"]\nprefix = \"/\"\n".into(),
+                "`directory.prefix`",
+                "below the root",
+            ),
+            (
+                "endpoints = [\"a:1\"]\nprefix = \"/a b/\"\n".into(),
+                "`directory.prefix`",
+                "spaces",
+            ),
+            (
+                "endpoints = [\"a:1\"]\ndial_timeout_ms = 0\n".into(),
+                "`directory.dial_timeout_ms`",
+                "between 1 and",
+            ),
+            (
+                "endpoints = [\"a:1\"]\nrequest_timeout_ms = 3600000\n".into(),
+                "`directory.request_timeout_ms`",
+                "between 1 and",
+            ),
+            (
+                format!(
+                    "endpoints = [\"https://a:1\"]\n{}",
+                    tls.replace("\"/d\"", "\"d\"")
+                ),
+                "`directory.tls.cert`",
+                "absolute",
+            ),
+        ] {
+            let e = err(&with_etcd(&directory));
+            assert!(
+                e.contains("/etc/x.toml") && e.contains(key) && e.contains(says),
+                "{directory:?}: {e}"
+            );
+        }
+        // Unknown keys and a TLS table missing a file are refused by the parser, by name.
+        let e = err(&with_etcd("endpoints = [\"a:1\"]\nendpoint = \"a:2\"\n"));
+        assert!(e.contains("endpoint"), "{e}");
+        let e = err(&with_etcd(
+            "endpoints = [\"https://a:1\"]\n[directory.tls]\nca = \"/c\"\ncert = \"/d\"\n",
+        ));
+        assert!(e.contains("key"), "{e}");
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //! watch a prefix — because that is exactly what both backends can do atomically:
 //!
 //! - [`EmbeddedDirectory`]: a folder on the local file system, shared by the node processes of
-//!   a cluster that runs on one machine. No external service.
-//! - etcd (later): `version` maps to a key's `mod_revision`, [`Directory::cas`] to a `Txn`
-//!   comparing `mod_revision` (or `version == 0` for "absent"), [`Directory::watch`] to a range
-//!   read followed by a prefix watch starting at the read's revision + 1.
+//!   a cluster that runs on one machine. No external service; the default.
+//! - [`EtcdDirectory`]: an etcd cluster, for nodes on several machines. `version` is a key's
+//!   `mod_revision`, [`Directory::cas`] a `Txn` comparing `mod_revision` (or
+//!   `create_revision == 0` for "absent"), [`Directory::watch`] a range read followed by a
+//!   prefix watch starting at the read's revision + 1.
 //!
 //! Versions are store-wide revisions (like etcd's), so a key's version only ever grows, also
 //! across delete and re-create; this is what lets a CAS never confuse an old incarnation of a
@@ -24,16 +25,24 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 mod embedded;
+mod etcd;
 pub mod keys;
 
 pub use embedded::EmbeddedDirectory;
+pub use etcd::{EtcdDirectory, EtcdSettings};
 
 /// Opens the directory that a cluster config's `[directory]` section names: the one way
 /// node kernels and the CLI reach it, so both always look at the same store.
+///
+/// An etcd directory is not dialed here: if etcd is down, the operations fail (naming the
+/// endpoints), so a caller can start and retry.
 pub fn open(config: &DirectoryConfig) -> Result<Arc<dyn Directory>, DirError> {
     match config {
         DirectoryConfig::Embedded { path } => Ok(Arc::new(EmbeddedDirectory::open(path)?)),
-        DirectoryConfig::Etcd { .. } => Err(DirError::Unsupported { kind: "etcd" }),
+        DirectoryConfig::Etcd { .. } => {
+            let settings = EtcdSettings::from_config(config).expect("an etcd config");
+            Ok(Arc::new(EtcdDirectory::connect(settings)?))
+        }
     }
 }
 
@@ -97,8 +106,8 @@ impl DirEvent {
 
 /// Why a directory operation failed.
 ///
-/// Non-exhaustive so that the etcd backend can add its own failure kinds (unreachable
-/// endpoints, lost leases) without breaking callers.
+/// Non-exhaustive so that backends can add their own failure kinds (lost leases, ...)
+/// without breaking callers.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DirError {
@@ -130,11 +139,54 @@ pub enum DirError {
         /// Why it was rejected.
         reason: &'static str,
     },
-    /// The config names a kind of directory this build cannot use.
+    /// The config names a kind of directory this build cannot use. (Every kind is supported
+    /// now; kept for callers that match on it.)
     #[error("directory kind {kind:?} is not supported by this build yet; use kind = \"embedded\"")]
     Unsupported {
         /// The configured kind.
         kind: &'static str,
+    },
+    /// etcd did not answer in time: no member could be reached, or none answered within the
+    /// request timeout. For a compare-and-set, the change may or may not have been applied.
+    #[error("directory: etcd at {endpoints} unavailable for {op} of key {key:?}: {reason}")]
+    Unavailable {
+        /// The configured endpoints.
+        endpoints: String,
+        /// The operation ("get", "compare-and-set", "watch", ...).
+        op: &'static str,
+        /// The key (or prefix) the operation was about, without the directory's prefix.
+        key: String,
+        /// What went wrong, with the last error seen.
+        reason: String,
+    },
+    /// etcd answered the operation with an error that a retry would not change (a refused
+    /// certificate, a permission, a request too large, ...).
+    #[error("directory: etcd at {endpoints} refused {op} of key {key:?}: {message}")]
+    Refused {
+        /// The configured endpoints.
+        endpoints: String,
+        /// The operation.
+        op: &'static str,
+        /// The key (or prefix), without the directory's prefix.
+        key: String,
+        /// etcd's error.
+        message: String,
+    },
+    /// An entry under the directory's prefix is not something dvs wrote: a value or key that
+    /// is not UTF-8 text, for instance one written by hand.
+    #[error("directory: etcd key {key:?} is unusable: {reason}; fix or delete it")]
+    BadEntry {
+        /// The whole etcd key, prefix included (as `etcdctl` shows it).
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The directory settings cannot work (a config built in code, which skipped the config
+    /// file's checks, or TLS material the client cannot use).
+    #[error("directory: {message}")]
+    BadConfig {
+        /// What is wrong.
+        message: String,
     },
     /// The operation on `key` could not run because the async runtime is shutting down.
     #[error("directory: operation on key {key:?} was cancelled (runtime shutting down)")]
@@ -195,11 +247,19 @@ mod tests {
         // Two opens of one config are one store.
         a.cas("k", None, Some("v".into())).await.unwrap();
         assert_eq!(b.get("k").await.unwrap().unwrap().value, "v");
-        let etcd = DirectoryConfig::Etcd {
-            endpoints: vec!["http://127.0.0.1:2379".into()],
-            prefix: "/dvs".into(),
+        // An etcd directory opens without dialing (none runs here); a bad one is refused.
+        let etcd = |prefix: &str| DirectoryConfig::Etcd {
+            endpoints: vec!["http://127.0.0.1:1".into()],
+            prefix: prefix.into(),
+            dial_timeout_ms: 100,
+            request_timeout_ms: 100,
+            tls: None,
         };
-        let e = open(&etcd).err().expect("etcd is not supported yet");
-        assert!(matches!(e, DirError::Unsupported { kind: "etcd" }), "{e}");
+        open(&etcd("/dvs/t/")).unwrap();
+        let e = open(&etcd("/dvs"))
+            .err()
+            .expect("a prefix without its slash");
+        assert!(matches!(e, DirError::BadConfig { .. }), "{e}");
+        assert!(e.to_string().contains("\"/dvs\""), "{e}");
     }
 }
