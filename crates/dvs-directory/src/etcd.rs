@@ -326,6 +326,11 @@ fn classify(e: &etcd_client::Error) -> Failure {
                 }
                 source = s.source();
             }
+            // With `require_leader`, a member without a leader refuses a request before it
+            // does anything with it (etcd's own client matches this message too).
+            if status.code() == Code::Unavailable && status.message() == "etcdserver: no leader" {
+                return Failure::NotSent;
+            }
             match status.code() {
                 Code::Unavailable
                 | Code::DeadlineExceeded

@@ -249,6 +249,26 @@ impl Member {
         let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
         // SAFETY: a signal to a child process this handle owns.
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal to etcd {pid}");
+        if frozen {
+            // The signal reaches a thread running on another CPU a moment later: wait until
+            // every thread is stopped, or a request sent right now may still be answered.
+            let all_stopped = || {
+                std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+                    .all(|stat| {
+                        // The state follows the command name, which is in parentheses.
+                        stat.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| rest.starts_with('T'))
+                    })
+            };
+            let deadline = Instant::now() + PATIENCE;
+            while !all_stopped() {
+                assert!(Instant::now() < deadline, "etcd {pid} does not stop");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     /// The end of the member's log, for failure messages.
