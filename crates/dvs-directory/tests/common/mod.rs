@@ -390,7 +390,7 @@ impl Etcd {
     pub fn settings(&self, prefix: &str) -> EtcdSettings {
         let mut s = EtcdSettings::new(self.endpoints(), prefix);
         s.dial_timeout = Duration::from_millis(1000);
-        s.request_timeout = Duration::from_millis(5000);
+        s.request_timeout = Duration::from_millis(2000);
         s.tls = self.members[0].tls.as_ref().map(TlsFiles::client);
         s
     }
