@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
-use crate::{CasOutcome, DirError, DirEvent, Directory, Versioned};
+use crate::{check_key, CasOutcome, DirError, DirEvent, Directory, Versioned};
 
 const STATE_FILE: &str = "directory.json";
 const TMP_FILE: &str = "directory.json.tmp";
@@ -288,17 +288,6 @@ fn parse_state(path: &Path, bytes: Option<&[u8]>) -> Result<State, DirError> {
     }
 }
 
-fn check_key(key: &str) -> Result<(), DirError> {
-    // etcd rejects empty keys too; refusing them here keeps both backends alike.
-    if key.is_empty() {
-        return Err(DirError::InvalidKey {
-            key: key.to_owned(),
-            reason: "keys must not be empty",
-        });
-    }
-    Ok(())
-}
-
 /// The state a watch thread carries between polls.
 struct Watcher {
     path: PathBuf,
@@ -433,24 +422,9 @@ impl Watcher {
                 }
             }
         } else {
-            // Fell behind the log (or the state file was reset): report the net difference,
-            // deletes first, then puts in the order they were made.
+            // Fell behind the log (or the state file was reset): report the net difference.
             let new_view = state.prefix(&self.prefix);
-            for key in self.view.keys() {
-                if !new_view.contains_key(key) {
-                    events.push(DirEvent::Delete { key: key.clone() });
-                }
-            }
-            let mut puts: Vec<_> = new_view
-                .iter()
-                .filter(|(k, v)| self.view.get(*k) != Some(v))
-                .collect();
-            puts.sort_by_key(|(_, v)| v.version);
-            events.extend(puts.into_iter().map(|(k, v)| DirEvent::Put {
-                key: k.clone(),
-                value: v.value.clone(),
-                version: v.version,
-            }));
+            events = crate::net_difference(&self.view, &new_view);
             self.view = new_view;
         }
         self.revision = state.revision;

@@ -33,7 +33,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::{CasOutcome, DirError, DirEvent, Directory, Versioned};
+use crate::{check_key, CasOutcome, DirError, DirEvent, Directory, Versioned};
 
 /// First pause before retrying an operation that did not reach etcd; doubles up to
 /// [`MAX_RETRY_PAUSE`]. Short, because with several members another one is usually there.
@@ -389,18 +389,6 @@ fn entry(prefix: &str, kv: &KeyValue) -> Result<(String, Versioned), DirError> {
             version,
         },
     ))
-}
-
-fn check_key(key: &str) -> Result<(), DirError> {
-    // As the embedded backend: etcd rejects empty keys, and under a prefix an empty key
-    // would be the prefix itself.
-    if key.is_empty() {
-        return Err(DirError::InvalidKey {
-            key: key.to_owned(),
-            reason: "keys must not be empty",
-        });
-    }
-    Ok(())
 }
 
 impl Shared {
@@ -862,23 +850,7 @@ impl Follower {
             .read_prefix("watch (re-read)", &self.full_prefix)
             .await?;
         let now: BTreeMap<String, Versioned> = entries.into_iter().collect();
-        let mut events = Vec::new();
-        for key in self.view.keys() {
-            if !now.contains_key(key) {
-                events.push(DirEvent::Delete { key: key.clone() });
-            }
-        }
-        let mut puts: Vec<_> = now
-            .iter()
-            .filter(|(k, v)| self.view.get(*k) != Some(v))
-            .collect();
-        puts.sort_by_key(|(_, v)| v.version);
-        events.extend(puts.into_iter().map(|(k, v)| DirEvent::Put {
-            key: k.clone(),
-            value: v.value.clone(),
-            version: v.version,
-        }));
-        for event in events {
+        for event in crate::net_difference(&self.view, &now) {
             if self.tx.send(event).is_err() {
                 break;
             }

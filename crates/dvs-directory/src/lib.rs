@@ -17,6 +17,7 @@
 
 #![warn(missing_docs)]
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -44,6 +45,40 @@ pub fn open(config: &DirectoryConfig) -> Result<Arc<dyn Directory>, DirError> {
             Ok(Arc::new(EtcdDirectory::connect(settings)?))
         }
     }
+}
+
+/// Refuses the empty key, in every backend alike: etcd rejects it, and under a prefix it
+/// would be the prefix itself.
+fn check_key(key: &str) -> Result<(), DirError> {
+    if key.is_empty() {
+        return Err(DirError::InvalidKey {
+            key: key.to_owned(),
+            reason: "keys must not be empty",
+        });
+    }
+    Ok(())
+}
+
+/// The events that take a watcher from `old` to `new` when the changes in between are not
+/// known one by one (a watcher that fell behind): deletes first, then puts in the order they
+/// were made. Changes that came and went in between leave no trace.
+fn net_difference(
+    old: &BTreeMap<String, Versioned>,
+    new: &BTreeMap<String, Versioned>,
+) -> Vec<DirEvent> {
+    let mut events: Vec<DirEvent> = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .map(|k| DirEvent::Delete { key: k.clone() })
+        .collect();
+    let mut puts: Vec<_> = new.iter().filter(|(k, v)| old.get(*k) != Some(v)).collect();
+    puts.sort_by_key(|(_, v)| v.version);
+    events.extend(puts.into_iter().map(|(k, v)| DirEvent::Put {
+        key: k.clone(),
+        value: v.value.clone(),
+        version: v.version,
+    }));
+    events
 }
 
 /// A value together with the revision at which it was last written.
