@@ -239,11 +239,6 @@ impl NodeCore {
         self.last_now.expect("set by handle before anything runs")
     }
 
-    /// The time of the latest event handled, if any.
-    pub fn last_event_time(&self) -> Option<Instant> {
-        self.last_now
-    }
-
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.node

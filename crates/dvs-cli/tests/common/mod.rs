@@ -273,7 +273,7 @@ impl Cluster {
         let pid = self.node_pid(id);
         kill(pid, libc::SIGKILL);
         eventually(&format!("node {id} (pid {pid}) to die"), || {
-            (!process_running(pid)).then_some(())
+            (!dvs_checkpoint::process_alive(pid)).then_some(())
         });
         let _ = std::fs::remove_file(self.node(id).runtime_dir.join("node.pid"));
     }
@@ -386,12 +386,6 @@ pub fn kill(pid: i32, sig: i32) {
     unsafe {
         libc::kill(pid, sig);
     }
-}
-
-/// Whether any thread of `pid` still runs (see [`dvs_checkpoint::process_alive`]: a
-/// killed process's files are closed only once all its threads are gone).
-pub fn process_running(pid: i32) -> bool {
-    dvs_checkpoint::process_alive(pid)
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), so that "random" inputs are the same on

@@ -211,20 +211,6 @@ pub enum MigrFrame {
 }
 
 impl MigrFrame {
-    /// The migration the frame is about.
-    pub fn id(&self) -> MigrationId {
-        match self {
-            MigrFrame::Start(f) => f.id,
-            MigrFrame::StartAck(f) => f.id,
-            MigrFrame::Prepare(f) => f.id,
-            MigrFrame::Restore(f) => f.id,
-            MigrFrame::Restored(f) => f.id,
-            MigrFrame::Commit(f) => f.id,
-            MigrFrame::Rollback(f) => f.id,
-            MigrFrame::Done(f) => f.id,
-        }
-    }
-
     /// The frame's name, for logs (never its contents).
     pub fn kind(&self) -> &'static str {
         match self {
