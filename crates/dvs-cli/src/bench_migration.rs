@@ -129,7 +129,7 @@ pub fn migration(opts: &MigrationOptions) -> Result<ExitCode> {
         dir.display()
     ));
     let (backends, criu_unavailable) = with_cluster(&dir, 3, BENCH_BASE_PORT, true, |cfg| {
-        let (criu_ok, detail) = criu_on(&cfg.nodes[0]);
+        let (criu_ok, detail) = criu_on(cfg, &cfg.nodes[0]);
         let wanted: Vec<&str> = match opts.backend.as_deref() {
             Some(b) => vec![b],
             None if criu_ok => vec!["criu", "cooperative"],
@@ -309,7 +309,7 @@ fn bench_backend(
     let max_link_silence_ms = cfg
         .nodes
         .iter()
-        .filter_map(|n| node_status(n).ok())
+        .filter_map(|n| node_status(cfg, n).ok())
         .flat_map(|s| s.links.into_iter().map(|l| l.max_silence_ms))
         .fold(0.0, f64::max);
     Ok(BackendReport {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use dvs_config::{ClusterConfig, Compression, NodeConfig};
-use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse};
+use dvs_node::ctl::{CtlRequest, CtlResponse};
 
 use crate::helpers::{
     ctl_connect, find_dc, find_node, node_status, parse_target, stop_cluster, wait_until,
@@ -98,7 +98,7 @@ pub fn start_opts(
     }
     if config_path.exists() {
         if let Ok(old) = ClusterConfig::load(&config_path) {
-            if old.nodes.iter().any(|node| node_status(node).is_ok()) {
+            if old.nodes.iter().any(|node| node_status(&old, node).is_ok()) {
                 bail!(
                     "a cluster is already running under {}: stop it with `dvs down` first",
                     dir.display()
@@ -156,12 +156,12 @@ pub fn start_opts(
     let ready = wait_until(Duration::from_secs(15), Duration::from_millis(20), || {
         cfg.nodes
             .iter()
-            .all(|n| node_status(n).is_ok_and(|s| s.links.iter().all(|l| l.up)))
+            .all(|n| node_status(&cfg, n).is_ok_and(|s| s.links.iter().all(|l| l.up)))
     });
     if !ready {
         let mut msg = String::from("the cluster did not come up within 15 s:");
         for node in &cfg.nodes {
-            match node_status(node) {
+            match node_status(&cfg, node) {
                 Ok(s) => {
                     let down: Vec<String> = s
                         .links
@@ -215,12 +215,16 @@ pub fn run(
     if p.components().count() > 1 && p.exists() {
         cmd[0] = p.canonicalize()?.display().to_string();
     }
-    let mut c = CtlClient::connect(&nodec.ctl_socket()).with_context(|| {
+    let mut c = ctl_connect(cfg, nodec, Duration::from_secs(10)).with_context(|| {
         format!(
             "node {} is not running: start the cluster with `dvs up`",
             nodec.name
         )
     })?;
+    if wait {
+        // The program's output comes whenever it writes.
+        c.set_timeout(None)?;
+    }
     let started = c.call(&CtlRequest::Run {
         dc: dcc.id,
         ep,
@@ -282,7 +286,7 @@ pub fn register(
     };
     let kind = if backup { "BACKUP" } else { "REMOTE" };
     for node in nodes {
-        let mut c = ctl_connect(node, Duration::from_secs(3))
+        let mut c = ctl_connect(cfg, node, Duration::from_secs(3))
             .with_context(|| format!("node {} is not running", node.name))?;
         c.call(&CtlRequest::Register {
             dc,

@@ -128,7 +128,7 @@ fn scenarios(cfg: &ClusterConfig, o: &DemoOptions, t0: Instant) -> Result<ExitCo
     for n in &cfg.nodes {
         println!("   {} (id {}) peer {}", n.name, n.id, n.peer_addr);
     }
-    let (criu_ok, detail) = criu_on(&cfg.nodes[0]);
+    let (criu_ok, detail) = criu_on(cfg, &cfg.nodes[0]);
     let backend = match o.backend.as_deref() {
         Some(b) => {
             println!("== backend {b} (forced with --backend)");

@@ -55,9 +55,9 @@ pub fn with_cluster<T>(
 }
 
 /// Whether the criu backend works on `node` (its `dvs doctor` check), with the detail.
-pub fn criu_on(node: &NodeConfig) -> (bool, String) {
-    let answer =
-        ctl_connect(node, Duration::from_secs(30)).and_then(|mut c| c.call(&CtlRequest::Doctor));
+pub fn criu_on(cfg: &ClusterConfig, node: &NodeConfig) -> (bool, String) {
+    let answer = ctl_connect(cfg, node, Duration::from_secs(30))
+        .and_then(|mut c| c.call(&CtlRequest::Doctor));
     match answer {
         Ok(CtlResponse::Doctor { checks }) => checks
             .into_iter()
@@ -70,8 +70,14 @@ pub fn criu_on(node: &NodeConfig) -> (bool, String) {
 }
 
 /// Launches `cmd` as endpoint `ep` of `dc` on `node`, detached.
-fn launch(node: &NodeConfig, dc: DcId, ep: Ep, cmd: Vec<String>) -> Result<()> {
-    let mut c = ctl_connect(node, Duration::from_secs(10))?;
+fn launch(
+    cfg: &ClusterConfig,
+    node: &NodeConfig,
+    dc: DcId,
+    ep: Ep,
+    cmd: Vec<String>,
+) -> Result<()> {
+    let mut c = ctl_connect(cfg, node, Duration::from_secs(10))?;
     match c.call(&CtlRequest::Run {
         dc,
         ep,
@@ -113,13 +119,14 @@ pub struct ClientReport {
 /// Runs `cmd` as endpoint `ep` of `dc` on `node`, waits for it (killing it if it has not
 /// ended after `limit`) and parses the JSON line of its output.
 fn run_client(
+    cfg: &ClusterConfig,
     node: &NodeConfig,
     dc: DcId,
     ep: Ep,
     cmd: Vec<String>,
     limit: Duration,
 ) -> Result<ClientReport> {
-    let mut c = ctl_connect(node, Duration::from_secs(10))?;
+    let mut c = ctl_connect(cfg, node, Duration::from_secs(10))?;
     let started = c.call(&CtlRequest::Run {
         dc,
         ep,
@@ -273,6 +280,7 @@ impl<'a> Harness<'a> {
             let _ = std::fs::remove_file(other.runtime_dir.join("logs").join(self.log_name()));
         }
         launch(
+            self.cfg,
             n,
             self.dc,
             self.server_ep,
@@ -366,7 +374,8 @@ impl<'a> Harness<'a> {
         let limit = Duration::from_secs(30) + Duration::from_millis(u64::from(self.iterations));
         let client: JoinHandle<Result<ClientReport>> = {
             let node = cnode.clone();
-            thread::spawn(move || run_client(&node, dc, client_ep, cmd, limit))
+            let cfg = self.cfg.clone();
+            thread::spawn(move || run_client(&cfg, &node, dc, client_ep, cmd, limit))
         };
         if step == 0 {
             if !client.is_finished() {

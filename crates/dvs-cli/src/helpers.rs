@@ -20,15 +20,46 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 // ----- nodes ---------------------------------------------------------------------------------
 
 /// A control connection to `node` whose answers are awaited at most `timeout` each.
-pub fn ctl_connect(node: &NodeConfig, timeout: Duration) -> Result<CtlClient, CtlError> {
-    let mut c = CtlClient::connect(&node.ctl_socket())?;
+///
+/// A node of this host is reached at its `ctl.sock`. A node whose runtime folder is not on
+/// this host (hosts share no file) is reached through the node of this host, which relays
+/// the requests over its peer link: `$DVS_NODE` (a name or id) names that node, else it is
+/// the first node of the config whose control socket is here.
+pub fn ctl_connect(
+    cfg: &ClusterConfig,
+    node: &NodeConfig,
+    timeout: Duration,
+) -> Result<CtlClient, CtlError> {
+    let sock = node.ctl_socket();
+    let mut c = match CtlClient::connect(&sock) {
+        Ok(c) => c,
+        Err(direct) => {
+            if sock.exists() {
+                return Err(direct);
+            }
+            let Some(local) = local_node(cfg, node) else {
+                return Err(direct);
+            };
+            CtlClient::relayed(&local.ctl_socket(), node.id)?
+        }
+    };
     c.set_timeout(Some(timeout))?;
     Ok(c)
 }
 
+/// The node of this host that relays requests to `target` (see [`ctl_connect`]).
+fn local_node<'a>(cfg: &'a ClusterConfig, target: &NodeConfig) -> Option<&'a NodeConfig> {
+    if let Ok(name) = std::env::var("DVS_NODE") {
+        return cfg.find_node(&name).filter(|n| n.id != target.id);
+    }
+    cfg.nodes
+        .iter()
+        .find(|n| n.id != target.id && n.ctl_socket().exists())
+}
+
 /// Asks one node for its status, with a short timeout.
-pub fn node_status(node: &NodeConfig) -> Result<NodeStatus> {
-    match ctl_connect(node, Duration::from_secs(3))?.call(&CtlRequest::Status)? {
+pub fn node_status(cfg: &ClusterConfig, node: &NodeConfig) -> Result<NodeStatus> {
+    match ctl_connect(cfg, node, Duration::from_secs(3))?.call(&CtlRequest::Status)? {
         CtlResponse::Status(s) => Ok(s),
         other => bail!("unexpected answer from node {}: {other:?}", node.name),
     }
@@ -37,7 +68,7 @@ pub fn node_status(node: &NodeConfig) -> Result<NodeStatus> {
 /// The node that reports `{dc, ep}` RUNNING, asking every node in turn.
 pub fn running_on(cfg: &ClusterConfig, dc: DcId, ep: Ep) -> Option<&NodeConfig> {
     cfg.nodes.iter().find(|n| {
-        node_status(n).is_ok_and(|s| {
+        node_status(cfg, n).is_ok_and(|s| {
             s.endpoints
                 .iter()
                 .any(|e| e.dc == dc && e.ep == ep && e.state == EndpointState::Running)
@@ -54,7 +85,7 @@ pub fn stop_cluster(cfg: &ClusterConfig) -> usize {
         let pid: Option<i32> = std::fs::read_to_string(node.runtime_dir.join("node.pid"))
             .ok()
             .and_then(|s| s.trim().parse().ok());
-        let asked = ctl_connect(node, Duration::from_secs(3))
+        let asked = ctl_connect(cfg, node, Duration::from_secs(3))
             .and_then(|mut c| c.call(&CtlRequest::Shutdown));
         let Some(pid) = pid else {
             if asked.is_ok() {

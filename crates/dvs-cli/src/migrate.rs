@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use dvs_config::{ClusterConfig, DcConfig, NodeConfig};
 use dvs_directory::keys;
-use dvs_node::ctl::{CtlClient, CtlRequest, CtlResponse, MigrationReport};
+use dvs_node::ctl::{CtlRequest, CtlResponse, MigrationReport};
 use dvs_wire::peer::{Backend, FailAt};
 use dvs_wire::{Ep, NodeId};
 
@@ -65,7 +65,7 @@ pub fn run_migration(
             dcc.name
         )
     })?;
-    let mut c = ctl_connect(source, Duration::from_secs(60)).with_context(|| {
+    let mut c = ctl_connect(cfg, source, Duration::from_secs(60)).with_context(|| {
         format!(
             "endpoint {}/{ep} runs on node {}, which does not answer",
             dcc.name, source.name
@@ -248,7 +248,7 @@ pub fn doctor(cfg: Option<&ClusterConfig>) -> Result<ExitCode> {
     println!("{:<14} {:<4} always: programs that register m3ipc snapshot/restore hooks, started with `dvs run`", "cooperative", "yes");
     if let Some(cfg) = cfg {
         for n in &cfg.nodes {
-            let Ok(mut c) = CtlClient::connect(&n.ctl_socket()) else {
+            let Ok(mut c) = ctl_connect(cfg, n, Duration::from_secs(30)) else {
                 continue;
             };
             if let Ok(CtlResponse::Doctor { checks }) = c.call(&CtlRequest::Doctor) {

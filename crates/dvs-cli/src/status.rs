@@ -30,7 +30,7 @@ struct NodeEntry {
 fn gather(cfg: &ClusterConfig) -> Vec<NodeEntry> {
     cfg.nodes
         .iter()
-        .map(|n| match node_status(n) {
+        .map(|n| match node_status(cfg, n) {
             Ok(s) => NodeEntry {
                 id: n.id,
                 name: n.name.clone(),

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::{dvs, errno, eventually, Cluster, DVS};
+use common::examples::example_bin;
+use common::{dvs, errno, eventually, Cluster};
 use dvs_config::{ClusterConfig, NodeConfig};
 use m3ipc::Errno;
 use serde_json::Value;
@@ -280,18 +281,6 @@ fn a_non_root_caller_cannot_run_shut_down_or_bind() {
     assert!(Cluster::registrations(&c.status(), 0, 4).is_empty());
     // Root (the default bind_uids) still binds.
     let _ep = c.bind(0, 4);
-}
-
-/// The path of example program `name`, next to the `dvs` binary (built by `cargo test
-/// --workspace`, or `cargo build -p dvs-examples`).
-fn example_bin(name: &str) -> PathBuf {
-    let p = Path::new(DVS).parent().unwrap().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build -p dvs-examples`",
-        p.display()
-    );
-    p
 }
 
 #[test]

@@ -41,6 +41,10 @@
 //!   restored there by a migration), and its descendants, may bind only the endpoint it was
 //!   launched for, whatever its uid. A non-root uid listed here also needs `admin_group`
 //!   membership to reach `ipc.sock` at all.
+//! - `[access] remote_control` (default `true`): the node serves operator requests that
+//!   another node relays for its own operator (root or `admin_group` there), so that the CLI
+//!   of any host acts on the whole cluster. Only over links authenticated by the cluster's
+//!   certificates; a plaintext cluster (`[link] tls = false`) never relays.
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -315,13 +319,26 @@ fn default_bind_uids() -> Vec<u32> {
     vec![0]
 }
 
-/// Who may use a node's local sockets.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Who may use a node's local sockets, and whether other nodes may relay operator requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
     /// Group (name) that may use the sockets besides root; `None`: root only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_group: Option<String>,
+    /// Whether this node serves operator requests (status, ps, run, migrate, ...) relayed by
+    /// another node of the cluster for an operator on that node's host. Only over links
+    /// authenticated with the cluster's certificates: never with `[link] tls = false`.
+    pub remote_control: bool,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            admin_group: None,
+            remote_control: true,
+        }
+    }
 }
 
 /// Longest node name, DC name or cluster id.

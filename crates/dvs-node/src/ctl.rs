@@ -52,6 +52,12 @@ pub enum CtlRequest {
         at: NodeId,
         backup: bool,
     },
+    /// Have node `to` answer `request`: this node relays it over its peer link and passes
+    /// the answers back (the CLI talks only to the node of its own host).
+    Forward {
+        to: NodeId,
+        request: Box<CtlRequest>,
+    },
 }
 
 /// One line of the node's answer. `Run` with `wait` gets `Started`, any number of `Output`
@@ -301,6 +307,9 @@ pub struct CtlClient {
     path: String,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// The node that answers, when it is not the one whose socket this is: every request
+    /// is sent as a [`CtlRequest::Forward`] to it.
+    relay_to: Option<NodeId>,
 }
 
 impl CtlClient {
@@ -319,7 +328,17 @@ impl CtlClient {
             path: p,
             reader: BufReader::new(s),
             writer,
+            relay_to: None,
         })
+    }
+
+    /// Connects to the control socket of one node (`path`) to talk to node `to` through
+    /// it: the way to a node on another host.
+    pub fn relayed(path: &Path, to: NodeId) -> Result<Self, CtlError> {
+        let mut c = CtlClient::connect(path)?;
+        c.path = format!("{} (relaying to node {to})", c.path);
+        c.relay_to = Some(to);
+        Ok(c)
     }
 
     /// Sets how long to wait for each answer line (`None`: forever).
@@ -334,7 +353,14 @@ impl CtlClient {
 
     /// Sends a request.
     pub fn send(&mut self, req: &CtlRequest) -> Result<(), CtlError> {
-        let mut line = serde_json::to_vec(req).expect("requests serialize");
+        let mut line = match self.relay_to {
+            None => serde_json::to_vec(req),
+            Some(to) => serde_json::to_vec(&CtlRequest::Forward {
+                to,
+                request: Box::new(req.clone()),
+            }),
+        }
+        .expect("requests serialize");
         line.push(b'\n');
         self.writer.write_all(&line).map_err(|source| CtlError::Io {
             path: self.path.clone(),

@@ -51,10 +51,23 @@ pub(crate) async fn serve(ctx: Rc<Ctx>, listener: UnixListener) {
     }
 }
 
-async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, r: &CtlResponse) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(r).expect("responses serialize");
-    line.push(b'\n');
-    w.write_all(&line).await
+/// Where the answers to one control request go: the CLI's socket, or (for a request that
+/// another node relayed) back over the peer link.
+pub(crate) trait Responder {
+    /// Sends one answer; an error means nobody listens any more.
+    async fn send(&mut self, r: &CtlResponse) -> std::io::Result<()>;
+}
+
+impl Responder for tokio::net::unix::OwnedWriteHalf {
+    async fn send(&mut self, r: &CtlResponse) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(r).expect("responses serialize");
+        line.push(b'\n');
+        self.write_all(&line).await
+    }
+}
+
+async fn send(w: &mut impl Responder, r: &CtlResponse) -> std::io::Result<()> {
+    w.send(r).await
 }
 
 /// What [`read_line`] got.
@@ -99,6 +112,9 @@ async fn read_line<R: AsyncBufRead + Unpin>(
         }
     }
 }
+
+/// Most log bytes in one `Output` answer.
+const OUTPUT_CHUNK: u64 = 64 * 1024;
 
 /// What a connection answers when the event loop is gone.
 const STOPPING: &str = "the node kernel is stopping";
@@ -179,74 +195,8 @@ async fn connection(ctx: Rc<Ctx>, stream: UnixStream) {
             continue;
         }
         let result = match req {
-            CtlRequest::Status => match ask(&ctx, Query::Status).await {
-                Some(status) => send(&mut w, &CtlResponse::Status(status)).await,
-                None => return,
-            },
-            CtlRequest::Ps => match ask(&ctx, Query::Ps).await {
-                Some(procs) => send(&mut w, &CtlResponse::Ps { procs }).await,
-                None => return,
-            },
-            CtlRequest::Shutdown => {
-                let r = send(&mut w, &CtlResponse::Ok).await;
-                let _ = ctx.events.send(Event::Shutdown).await;
-                r
-            }
-            CtlRequest::Migrate {
-                dc,
-                ep,
-                to,
-                backend,
-                fail_at,
-                quiesce_ms,
-            } => match prepare_migration(&ctx, dc, ep, to, backend, fail_at, quiesce_ms).await {
-                Ok((req, note)) => migrate(&ctx, req, note, &mut w).await,
-                Err(message) => send(&mut w, &CtlResponse::Error { message }).await,
-            },
-            CtlRequest::Register { dc, ep, at, backup } => {
-                let answer = ask(&ctx, |reply| Query::Register {
-                    dc,
-                    ep,
-                    at,
-                    backup,
-                    reply,
-                })
-                .await;
-                let resp = match answer {
-                    Some(Ok(())) => CtlResponse::Ok,
-                    Some(Err(e)) => CtlResponse::Error {
-                        message: format!("cannot register {dc}/{ep} at node {at}: {e}"),
-                    },
-                    None => CtlResponse::Error {
-                        message: "the node kernel did not answer the request".into(),
-                    },
-                };
-                send(&mut w, &resp).await
-            }
-            CtlRequest::Doctor => {
-                let checks = doctor(&ctx).await;
-                send(&mut w, &CtlResponse::Doctor { checks }).await
-            }
-            CtlRequest::Run { dc, ep, cmd, wait } => {
-                match launcher::start(&ctx, dc, ep, cmd, Vec::new()).await {
-                    Err(message) => send(&mut w, &CtlResponse::Error { message }).await,
-                    Ok(mut launched) => {
-                        let r = send(
-                            &mut w,
-                            &CtlResponse::Started {
-                                pid: launched.pid,
-                                log: launched.log.display().to_string(),
-                            },
-                        )
-                        .await;
-                        if wait && r.is_ok() {
-                            stream_until_exit(&mut launched, &mut w).await
-                        } else {
-                            r
-                        }
-                    }
-                }
-            }
+            CtlRequest::Forward { to, request } => relay(&ctx, to, *request, &mut w).await,
+            req => handle(&ctx, req, &mut w).await,
         };
         if result.is_err() {
             return;
@@ -254,24 +204,151 @@ async fn connection(ctx: Rc<Ctx>, stream: UnixStream) {
     }
 }
 
+/// Answers one control request (other than `Forward`) on `w`: the CLI's socket, or the
+/// link back to the node that relayed it. An error means nobody listens any more.
+pub(crate) async fn handle(
+    ctx: &Rc<Ctx>,
+    req: CtlRequest,
+    w: &mut impl Responder,
+) -> std::io::Result<()> {
+    match req {
+        CtlRequest::Status => match ask(ctx, Query::Status).await {
+            Some(status) => send(w, &CtlResponse::Status(status)).await,
+            None => Ok(()),
+        },
+        CtlRequest::Ps => match ask(ctx, Query::Ps).await {
+            Some(procs) => send(w, &CtlResponse::Ps { procs }).await,
+            None => Ok(()),
+        },
+        CtlRequest::Shutdown => {
+            let r = send(w, &CtlResponse::Ok).await;
+            let _ = ctx.events.send(Event::Shutdown).await;
+            r
+        }
+        CtlRequest::Migrate {
+            dc,
+            ep,
+            to,
+            backend,
+            fail_at,
+            quiesce_ms,
+        } => match prepare_migration(ctx, dc, ep, to, backend, fail_at, quiesce_ms).await {
+            Ok((req, note)) => migrate(ctx, req, note, w).await,
+            Err(message) => send(w, &CtlResponse::Error { message }).await,
+        },
+        CtlRequest::Register { dc, ep, at, backup } => {
+            let answer = ask(ctx, |reply| Query::Register {
+                dc,
+                ep,
+                at,
+                backup,
+                reply,
+            })
+            .await;
+            let resp = match answer {
+                Some(Ok(())) => CtlResponse::Ok,
+                Some(Err(e)) => CtlResponse::Error {
+                    message: format!("cannot register {dc}/{ep} at node {at}: {e}"),
+                },
+                None => CtlResponse::Error {
+                    message: "the node kernel did not answer the request".into(),
+                },
+            };
+            send(w, &resp).await
+        }
+        CtlRequest::Doctor => {
+            let checks = doctor(ctx).await;
+            send(w, &CtlResponse::Doctor { checks }).await
+        }
+        CtlRequest::Run { dc, ep, cmd, wait } => {
+            match launcher::start(ctx, dc, ep, cmd, Vec::new()).await {
+                Err(message) => send(w, &CtlResponse::Error { message }).await,
+                Ok(mut launched) => {
+                    let r = send(
+                        w,
+                        &CtlResponse::Started {
+                            pid: launched.pid,
+                            log: launched.log.display().to_string(),
+                        },
+                    )
+                    .await;
+                    if wait && r.is_ok() {
+                        stream_until_exit(&mut launched, w).await
+                    } else {
+                        r
+                    }
+                }
+            }
+        }
+        CtlRequest::Forward { .. } => {
+            send(
+                w,
+                &CtlResponse::Error {
+                    message: "a relayed request cannot be relayed again".into(),
+                },
+            )
+            .await
+        }
+    }
+}
+
+/// Relays `request` to node `to` (the CLI talks only to its own node) and passes its
+/// answers on until the last.
+async fn relay(
+    ctx: &Rc<Ctx>,
+    to: NodeId,
+    request: CtlRequest,
+    w: &mut impl Responder,
+) -> std::io::Result<()> {
+    if to == ctx.me.id {
+        return handle(ctx, request, w).await;
+    }
+    let (answers, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sent = ctx
+        .events
+        .send(Event::Control(Query::Forward {
+            to,
+            request,
+            answers,
+        }))
+        .await;
+    if sent.is_err() {
+        return send(
+            w,
+            &CtlResponse::Error {
+                message: STOPPING.into(),
+            },
+        )
+        .await;
+    }
+    while let Some(r) = rx.recv().await {
+        send(w, &r).await?;
+    }
+    Ok(())
+}
+
 /// Streams what the process writes to its log until it ends, then its exit status.
 async fn stream_until_exit(
     launched: &mut launcher::Launched,
-    w: &mut tokio::net::unix::OwnedWriteHalf,
+    w: &mut impl Responder,
 ) -> std::io::Result<()> {
     // A tokio file: its reads run on the blocking pool.
     let mut file = tokio::fs::File::open(&launched.log).await?;
     // Output of earlier runs with the same endpoint stays in the log; show only this run's.
     file.seek(SeekFrom::Start(launched.log_start)).await?;
     let mut buf = Vec::new();
+    let mut ended = None;
     loop {
-        let ended = match launched.exit.try_recv() {
-            Ok(e) => Some(e),
-            Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => Some(Ended::Code(-1)),
-        };
+        if ended.is_none() {
+            ended = match launched.exit.try_recv() {
+                Ok(e) => Some(e),
+                Err(oneshot::error::TryRecvError::Empty) => None,
+                Err(oneshot::error::TryRecvError::Closed) => Some(Ended::Code(-1)),
+            };
+        }
         buf.clear();
-        file.read_to_end(&mut buf).await?;
+        // At most OUTPUT_CHUNK per answer, so that a relayed answer stays a small frame.
+        (&mut file).take(OUTPUT_CHUNK).read_to_end(&mut buf).await?;
         if !buf.is_empty() {
             send(
                 w,
@@ -280,6 +357,9 @@ async fn stream_until_exit(
                 },
             )
             .await?;
+        }
+        if buf.len() as u64 == OUTPUT_CHUNK {
+            continue;
         }
         if let Some(e) = ended {
             let (code, signal) = match e {
@@ -318,7 +398,7 @@ async fn migrate(
     ctx: &Ctx,
     req: MigrationRequest,
     note: Option<String>,
-    w: &mut tokio::net::unix::OwnedWriteHalf,
+    w: &mut impl Responder,
 ) -> std::io::Result<()> {
     let backend = req.backend.to_string();
     let (progress, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -456,6 +536,11 @@ impl Node {
                 self.input(Input::Migration(MigrationInput::Start { ticket, req }));
                 self.waiting.remove(&ticket);
             }
+            Query::Forward {
+                to,
+                request,
+                answers,
+            } => self.relay_request(to, request, answers),
         }
     }
 

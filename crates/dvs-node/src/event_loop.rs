@@ -16,17 +16,18 @@ use std::time::{Duration, Instant};
 use dvs_checkpoint::Criu;
 use dvs_config::{ClusterConfig, NodeConfig};
 use dvs_core::{ConnId, Input, MigrationRequest, NodeCore, Ticket};
-use dvs_wire::peer::MigrationId;
+use dvs_wire::peer::{CtlFrame, MigrationId};
 use dvs_wire::{DcId, Ep, Errno, NodeId};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::access::{AdminGroup, PeerCred};
-use crate::ctl::{CtlResponse, NodeStatus, ProcStatus};
+use crate::ctl::{CtlRequest, CtlResponse, NodeStatus, ProcStatus};
 use crate::dir::DirJob;
 use crate::launcher::{Ended, LaunchJob, Procs};
 use crate::migrate::{Migrations, RestoreResult};
 use crate::peer::{LinkEvent, LinkId, LinkInfo, PeerLink};
+use crate::relay::Relays;
 use crate::tls::PeerAuth;
 use crate::wire::Wire;
 
@@ -95,6 +96,8 @@ pub(crate) enum Event {
     MigratedAway { launchers: Vec<i32>, to: NodeId },
     /// The deny list changed: close the links whose certificate it revokes now.
     DenyListChanged,
+    /// An answer to a request another node relayed here, to send back to it.
+    Relayed { to: NodeId, frame: CtlFrame },
     /// Stop the node (control `shutdown`).
     Shutdown,
 }
@@ -125,6 +128,13 @@ pub(crate) enum Query {
         req: MigrationRequest,
         progress: mpsc::UnboundedSender<CtlResponse>,
         reply: oneshot::Sender<Result<MigrationId, String>>,
+    },
+    /// Relay `request` to node `to`; its answers go to `answers`, which closes after the
+    /// last.
+    Forward {
+        to: NodeId,
+        request: CtlRequest,
+        answers: mpsc::UnboundedSender<CtlResponse>,
     },
 }
 
@@ -172,6 +182,8 @@ pub(crate) struct Node {
     /// Control requests waiting for the core's report, by ticket.
     pub waiting: HashMap<Ticket, Waiting>,
     pub next_ticket: Ticket,
+    /// Operator requests relayed to other nodes or served here for them.
+    pub relays: Relays,
     pub started: Instant,
     /// Set by [`Event::Shutdown`].
     stop: bool,
@@ -207,6 +219,7 @@ impl Node {
             migrations,
             waiting: HashMap::new(),
             next_ticket: 0,
+            relays: Relays::default(),
             started: Instant::now(),
             stop: false,
         }
@@ -270,6 +283,7 @@ impl Node {
             Event::CriuRestored { id, dc, ep, result } => self.criu_restored(id, dc, ep, result),
             Event::MigratedAway { launchers, to } => self.procs.migrated_away(&launchers, to),
             Event::DenyListChanged => self.close_revoked_links(),
+            Event::Relayed { to, frame } => self.relayed_answer(to, frame),
             Event::Shutdown => self.stop = true,
         }
     }

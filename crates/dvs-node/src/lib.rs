@@ -21,6 +21,7 @@ mod launcher;
 mod local;
 mod migrate;
 mod peer;
+mod relay;
 mod safe_fs;
 mod tls;
 pub mod vcopy;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dvs_wire::peer::{BulkFrame, ImageChunk, LinkFrame, PeerFrame};
+use dvs_wire::peer::{BulkFrame, CtlFrame, ImageChunk, LinkFrame, PeerFrame};
 use dvs_wire::{FrameDecoder, NodeId};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -78,6 +78,8 @@ pub(crate) enum Incoming {
     Ping,
     /// Anything for the core (vcopy chunks included: the core checks them).
     Input(Input),
+    /// An operator request relayed between nodes, or its answer (see `relay.rs`).
+    Ctl(CtlFrame),
     /// A chunk of a migration image; `permit` holds its share of the link's
     /// [`IMAGE_BACKLOG`] until the chunk is written.
     Image {
@@ -317,6 +319,7 @@ async fn read_link(
                             permit,
                         }
                     }
+                    PeerFrame::Ctl(f) => Incoming::Ctl(f),
                     frame => Incoming::Input(Input::PeerFrame { from: node, frame }),
                 },
                 Ok(None) => break None,
@@ -418,6 +421,7 @@ impl Node {
             match f {
                 Incoming::Ping => self.send_peer(node, &PeerFrame::Link(LinkFrame::Pong), &[]),
                 Incoming::Input(input) => self.core.handle(now, input),
+                Incoming::Ctl(f) => self.relay_frame(node, f),
                 Incoming::Image {
                     chunk,
                     data,
@@ -460,6 +464,7 @@ impl Node {
             // depended on it failed) before the new one carries anything.
             warn!("node {node} opened a new link while the old one was up: closing the old one");
             old.wire.close();
+            self.relays_link_down(node);
             self.input(Input::LinkDown { node });
         }
         self.peers.insert(node, link.clone());
@@ -492,6 +497,7 @@ impl Node {
             l.last_error = Some(reason.clone());
             l.max_silence = old.max_silence();
         }
+        self.relays_link_down(node);
         self.input(Input::LinkDown { node });
         warn!("link to node {node} down: {reason}");
     }

@@ -14,10 +14,10 @@ use dvs_wire::peer::{
     Backend, DeliverKind, MigratedCall, MigratedEndpoint, PeerFrame, RestoreInfo,
 };
 use dvs_wire::peer::{
-    Bound, BulkFrame, Cancel, Deliver, Delivered, Hello, ImageChunk, IpcFrame, LinkFrame,
-    MigrCommit, MigrDone, MigrFrame, MigrPrepare, MigrRestore, MigrRestored, MigrRollback,
-    MigrStart, MigrStartAck, Notify, Redirect, Refuse, Reply, Unbound, VcopyData, VcopyDone,
-    VcopyPull, Welcome,
+    Bound, BulkFrame, Cancel, CtlAnswer, CtlForward, CtlFrame, Deliver, Delivered, Hello,
+    ImageChunk, IpcFrame, LinkFrame, MigrCommit, MigrDone, MigrFrame, MigrPrepare, MigrRestore,
+    MigrRestored, MigrRollback, MigrStart, MigrStartAck, Notify, Redirect, Refuse, Reply, Unbound,
+    VcopyData, VcopyDone, VcopyPull, Welcome,
 };
 use dvs_wire::{FrameDecoder, MAX_FRAME};
 use proptest::prelude::*;
@@ -136,7 +136,7 @@ fn deliver_kind() -> impl Strategy<Value = DeliverKind> {
 
 /// Every `PeerFrame` variant.
 fn peer_frame() -> impl Strategy<Value = PeerFrame> {
-    prop_oneof![ipc_peer_frame(), migration_peer_frame()]
+    prop_oneof![ipc_peer_frame(), migration_peer_frame(), ctl_peer_frame()]
 }
 
 /// The handshake, liveness, IPC and vcopy frames.
@@ -335,6 +335,19 @@ fn migration_peer_frame() -> impl Strategy<Value = PeerFrame> {
     ]
 }
 
+fn ctl_peer_frame() -> impl Strategy<Value = PeerFrame> {
+    prop_oneof![
+        (any::<u64>(), ".{0,60}").prop_map(|(id, request)| PeerFrame::Ctl(CtlFrame::Forward(
+            CtlForward { id, request }
+        ))),
+        (any::<u64>(), ".{0,60}").prop_map(|(id, response)| PeerFrame::Ctl(CtlFrame::Answer(
+            CtlAnswer { id, response }
+        ))),
+        any::<u64>().prop_map(|id| PeerFrame::Ctl(CtlFrame::End(id))),
+        any::<u64>().prop_map(|id| PeerFrame::Ctl(CtlFrame::Cancel(id))),
+    ]
+}
+
 /// Which `PeerFrame` variant `f` is. No wildcard: a new variant fails to compile here until
 /// the strategies above generate it too.
 fn peer_variant(f: &PeerFrame) -> usize {
@@ -364,9 +377,13 @@ fn peer_variant(f: &PeerFrame) -> usize {
         PeerFrame::Migr(MigrFrame::Commit(MigrCommit { .. })) => 22,
         PeerFrame::Migr(MigrFrame::Rollback(MigrRollback { .. })) => 23,
         PeerFrame::Migr(MigrFrame::Done(MigrDone { .. })) => 24,
+        PeerFrame::Ctl(CtlFrame::Forward(CtlForward { .. })) => 25,
+        PeerFrame::Ctl(CtlFrame::Answer(CtlAnswer { .. })) => 26,
+        PeerFrame::Ctl(CtlFrame::End(_)) => 27,
+        PeerFrame::Ctl(CtlFrame::Cancel(_)) => 28,
     }
 }
-const PEER_VARIANTS: usize = 25;
+const PEER_VARIANTS: usize = 29;
 
 /// Which `LocalRequest` variant `r` is (exhaustive, like [`peer_variant`]).
 fn request_variant(r: &LocalRequest) -> usize {

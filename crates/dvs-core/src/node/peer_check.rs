@@ -325,6 +325,8 @@ impl NodeCore {
                 Ignore("VcopyData outside on_vcopy_chunk")
             }
             PeerFrame::Link(_) => Accept,
+            // The daemon answers these itself and never hands them over.
+            PeerFrame::Ctl(_) => Ignore("control frame outside the daemon"),
         }
     }
 

@@ -275,8 +275,8 @@ impl NodeCore {
                     self.fail_local_receivers_from(dc, ep, Errno::SrcDied);
                 }
             }
-            // Handshake and liveness frames are the daemon's business.
-            PeerFrame::Link(_) => {}
+            // Handshake, liveness and operator frames are the daemon's business.
+            PeerFrame::Link(_) | PeerFrame::Ctl(_) => {}
             PeerFrame::Bulk(BulkFrame::VcopyData(VcopyData { .. })) => {}
             f @ (PeerFrame::Ipc(IpcFrame::Redirect(Redirect { .. }))
             | PeerFrame::Migr(MigrFrame::Start(MigrStart { .. }))

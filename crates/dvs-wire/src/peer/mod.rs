@@ -1,18 +1,21 @@
 //! Frames exchanged by node kernels over a peer link (one connection per node pair).
 //!
-//! A frame is one of four families, each in its own module: [`link`] (handshake and
-//! heartbeat), [`ipc`] (M3-IPC calls between nodes), [`migration`] (the migration protocol)
-//! and [`bulk`] (vcopy and image bytes, which travel in the frame's tail). Every variant wraps
+//! A frame is one of five families, each in its own module: [`link`] (handshake and
+//! heartbeat), [`ipc`] (M3-IPC calls between nodes), [`migration`] (the migration protocol),
+//! [`bulk`] (vcopy and image bytes, which travel in the frame's tail) and [`ctl`] (operator
+//! requests forwarded to the node they concern; never seen by the core). Every variant wraps
 //! a named struct, so code that handles one frame can take exactly that frame.
 
 use serde::{Deserialize, Serialize};
 
 pub mod bulk;
+pub mod ctl;
 pub mod ipc;
 pub mod link;
 pub mod migration;
 
 pub use bulk::{BulkFrame, ImageChunk, VcopyData};
+pub use ctl::{CtlAnswer, CtlForward, CtlFrame, CtlId};
 pub use ipc::{
     Bound, Cancel, Deliver, DeliverKind, Delivered, IpcFrame, Notify, Redirect, Reply, Unbound,
     VcopyDone, VcopyPull,
@@ -35,6 +38,8 @@ pub enum PeerFrame {
     Migr(MigrFrame),
     /// Vcopy and image bytes.
     Bulk(BulkFrame),
+    /// Operator requests between nodes (handled by the node kernel, not the core).
+    Ctl(CtlFrame),
 }
 
 impl PeerFrame {
@@ -45,6 +50,7 @@ impl PeerFrame {
             PeerFrame::Ipc(f) => f.kind(),
             PeerFrame::Migr(f) => f.kind(),
             PeerFrame::Bulk(f) => f.kind(),
+            PeerFrame::Ctl(f) => f.kind(),
         }
     }
 }
