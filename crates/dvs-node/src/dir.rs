@@ -74,7 +74,7 @@ pub(crate) async fn start(
         .spawn(move || {
             rt.block_on(async move {
                 tokio::spawn(watch(dir.clone(), ep_events, events.clone()));
-                tokio::spawn(watch_migrations(migr_events, events.clone()));
+                tokio::spawn(watch_migrations(dir.clone(), migr_events, events.clone()));
                 worker(dir, me, rx, events).await;
             })
         })
@@ -88,7 +88,7 @@ fn changes(snapshot: Vec<(String, Versioned)>) -> Vec<Input> {
         .into_iter()
         .filter_map(|(k, v)| {
             let (dc, ep) = parse_endpoint_key(&k)?;
-            let node = v.value.parse::<NodeId>().ok()?;
+            let node = node_of(&k, &v.value)?;
             Some(Input::Directory(DirectoryInput::Changed {
                 dc,
                 ep,
@@ -96,6 +96,26 @@ fn changes(snapshot: Vec<(String, Versioned)>) -> Vec<Input> {
             }))
         })
         .collect()
+}
+
+/// The node an `ep/` entry names; `None`, with the key logged, if its value is no node id
+/// (written by hand, or by something that is not dvs): such an entry routes nothing.
+fn node_of(key: &str, value: &str) -> Option<NodeId> {
+    let node = value.parse::<NodeId>().ok();
+    if node.is_none() {
+        error!("directory entry {key} holds {value:?}, which is not a node id; ignored");
+    }
+    node
+}
+
+/// The migration record of a `migr/` entry; `None`, with the key logged, if it is garbage.
+fn record_of(key: &str, value: &str) -> Option<(DcId, Ep, MigrRecord)> {
+    let (dc, ep) = parse_migr_key(key)?;
+    let record = MigrRecord::parse(value);
+    if record.is_none() {
+        error!("directory entry {key} holds {value:?}, which is not a migration record; ignored");
+    }
+    Some((dc, ep, record?))
 }
 
 /// Follows `ep/`; watches again when the watch ends.
@@ -107,7 +127,10 @@ async fn watch(
     loop {
         while let Some(ev) = changes_rx.recv().await {
             let (k, node) = match &ev {
-                DirEvent::Put { key, value, .. } => (key, value.parse::<NodeId>().ok()),
+                DirEvent::Put { key, value, .. } => match node_of(key, value) {
+                    Some(n) => (key, Some(n)),
+                    None => continue,
+                },
                 DirEvent::Delete { key } => (key, None),
             };
             if let Some((dc, ep)) = parse_endpoint_key(k) {
@@ -117,39 +140,77 @@ async fn watch(
                 }
             }
         }
-        warn!("directory watch ended; watching again");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        match dir.watch(ENDPOINT_PREFIX).await {
-            Ok((snap, ev)) => {
-                for input in changes(snap) {
-                    if events.send(Event::Input(input)).await.is_err() {
-                        return;
-                    }
-                }
-                changes_rx = ev;
-            }
-            Err(e) => error!("directory watch failed: {e}"),
-        }
-    }
-}
-
-/// Applies decided migrations this node may have missed the broadcast of.
-async fn watch_migrations(mut changes_rx: mpsc::UnboundedReceiver<DirEvent>, events: Events) {
-    while let Some(ev) = changes_rx.recv().await {
-        let DirEvent::Put { key, value, .. } = ev else {
-            continue;
+        let Some((snap, ev)) = rewatch(dir.as_ref(), ENDPOINT_PREFIX, &events).await else {
+            return;
         };
-        let Some((dc, ep)) = parse_migr_key(&key) else {
-            continue;
-        };
-        if let Some(record) = MigrRecord::parse(&value) {
-            let input = Input::Directory(DirectoryInput::MigrRecordChanged { dc, ep, record });
+        for input in changes(snap) {
             if events.send(Event::Input(input)).await.is_err() {
                 return;
             }
         }
+        changes_rx = ev;
     }
-    warn!("directory watch of migration records ended");
+}
+
+/// Watches `prefix` again after its watch ended, retrying until it works (the directory may
+/// be away for a while); `None` once the event loop is gone.
+async fn rewatch(dir: &dyn Directory, prefix: &str, events: &Events) -> Option<Snapshot> {
+    warn!("directory watch of {prefix} ended; watching again");
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        tokio::time::sleep(pause).await;
+        if events.is_closed() {
+            return None;
+        }
+        match dir.watch(prefix).await {
+            Ok(w) => {
+                info!("watching {prefix} again");
+                return Some(w);
+            }
+            Err(e) => error!("directory watch of {prefix} failed: {e}; retrying"),
+        }
+        pause = (pause * 2).min(std::time::Duration::from_secs(2));
+    }
+}
+
+/// What a watch starts with: the entries, then the changes after them.
+type Snapshot = (Vec<(String, Versioned)>, mpsc::UnboundedReceiver<DirEvent>);
+
+/// Applies decided migrations this node may have missed the broadcast of; watches again when
+/// the watch ends (then every record is read anew: applying a known outcome twice is a no-op).
+async fn watch_migrations(
+    dir: Arc<dyn Directory>,
+    mut changes_rx: mpsc::UnboundedReceiver<DirEvent>,
+    events: Events,
+) {
+    loop {
+        while let Some(ev) = changes_rx.recv().await {
+            let DirEvent::Put { key, value, .. } = ev else {
+                continue;
+            };
+            if !send_record(&events, &key, &value).await {
+                return;
+            }
+        }
+        let Some((snap, ev)) = rewatch(dir.as_ref(), MIGR_PREFIX, &events).await else {
+            return;
+        };
+        for (key, v) in snap {
+            if !send_record(&events, &key, &v.value).await {
+                return;
+            }
+        }
+        changes_rx = ev;
+    }
+}
+
+/// Gives the core the migration record of entry `key`; `false` once the event loop is gone.
+async fn send_record(events: &Events, key: &str, value: &str) -> bool {
+    let Some((dc, ep, record)) = record_of(key, value) else {
+        return true;
+    };
+    let input = Input::Directory(DirectoryInput::MigrRecordChanged { dc, ep, record });
+    events.send(Event::Input(input)).await.is_ok()
 }
 
 /// Runs the jobs in order until the event loop drops the queue.

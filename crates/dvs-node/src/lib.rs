@@ -48,13 +48,14 @@ pub enum NodeError {
     #[error("node {0} is not defined in the cluster config")]
     UnknownNode(String),
     /// A socket or folder could not be set up.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         what: String,
-        source: std::io::Error,
+        /// Not a `source`: the message already says it, and the CLI prints the chain.
+        error: std::io::Error,
     },
-    /// The directory could not be opened.
-    #[error("directory: {0}")]
+    /// The directory could not be opened (its errors say "directory: ...").
+    #[error(transparent)]
     Directory(#[from] dvs_directory::DirError),
     /// The node's TLS material does not load.
     #[error("TLS: {0}")]
@@ -66,7 +67,7 @@ pub enum NodeError {
 
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
     let what = what.into();
-    move |source| NodeError::Io { what, source }
+    move |error| NodeError::Io { what, error }
 }
 
 /// Options of `dvs node`.
@@ -265,7 +266,7 @@ fn bind_unix(path: &Path, admin_gid: Option<u32>) -> Result<tokio::net::UnixList
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(NodeError::Io {
             what: format!("another node kernel already listens on {}", path.display()),
-            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            error: std::io::Error::from(std::io::ErrorKind::AddrInUse),
         });
     }
     let _ = std::fs::remove_file(path);

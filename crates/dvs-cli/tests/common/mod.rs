@@ -9,6 +9,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 pub mod attack;
+pub mod etcd;
 pub mod examples;
 
 use std::fs::OpenOptions;
