@@ -211,7 +211,20 @@ impl NodeCore {
             DirectoryInput::MigrRecordChanged { dc, ep, record } => {
                 self.on_migr_record(dc, ep, record, now)
             }
+            DirectoryInput::DcNodes { dc, nodes } => {
+                // Checks against the DC's nodes read this set from now on; what runs is left
+                // as it is (the operator's command refuses to drop a node that runs endpoints
+                // of the DC).
+                if let Some(info) = self.dcs.get_mut(&dc) {
+                    info.nodes = nodes;
+                }
+            }
         }
+    }
+
+    /// The nodes DC `dc` spans now, if it exists.
+    pub fn dc_nodes(&self, dc: DcId) -> Option<&BTreeSet<NodeId>> {
+        self.dcs.get(&dc).map(|d| &d.nodes)
     }
 
     fn handle_migration(&mut self, now: Instant, input: MigrationInput) {

@@ -3,6 +3,8 @@
 //!
 //! [`NodeCore::handle`]: crate::NodeCore::handle
 
+use std::collections::BTreeSet;
+
 use bytes::Bytes;
 use dvs_wire::local::LocalRequest;
 use dvs_wire::peer::{MigrationId, PeerFrame};
@@ -114,6 +116,9 @@ pub enum DirectoryInput {
         ep: Ep,
         record: MigrRecord,
     },
+    /// The directory sets the nodes DC `dc` spans (an operator's `dvs dc add-node` or
+    /// `remove-node`); unknown DCs are ignored.
+    DcNodes { dc: DcId, nodes: BTreeSet<NodeId> },
 }
 
 /// A migration request or the outcome of one of its steps.
