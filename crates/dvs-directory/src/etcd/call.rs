@@ -3,11 +3,14 @@
 
 use std::future::Future;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
 use tokio::time::Instant;
 
+use super::lease::lease_not_found;
 use super::{Shared, FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE};
-use crate::{CasOutcome, DirError, Versioned};
+use crate::{CasOutcome, DirError, LeaseId, Versioned};
 
 /// How an etcd-client error bears on retrying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,11 +228,14 @@ impl Shared {
         }
     }
 
+    /// A compare-and-set; a put is attached to `lease` if one is given (a put without one
+    /// detaches the key from any lease it had, as etcd does).
     pub(super) async fn cas(
         &self,
         key: String,
         expect: Option<u64>,
         value: Option<String>,
+        lease: Option<LeaseId>,
     ) -> Result<CasOutcome, DirError> {
         let full = self.full_key(&key);
         let compare = match expect {
@@ -246,7 +252,11 @@ impl Shared {
             },
         };
         let change = match &value {
-            Some(v) => TxnOp::put(full.clone(), v.clone(), None),
+            Some(v) => TxnOp::put(
+                full.clone(),
+                v.clone(),
+                lease.map(|l| PutOptions::new().with_lease(l.0)),
+            ),
             None => TxnOp::delete(full.clone(), None),
         };
         let txn = Txn::new()
@@ -256,9 +266,20 @@ impl Shared {
         let resp = self
             .call("compare-and-set", &key, false, |mut c| {
                 let t = txn.clone();
-                async move { c.txn(t).await }
+                async move {
+                    match c.txn(t).await {
+                        // The comparison held but the put's lease is gone: nothing written.
+                        Err(e) if lease_not_found(&e) => Ok(None),
+                        r => r.map(Some),
+                    }
+                }
             })
             .await?;
+        let Some(resp) = resp else {
+            return Err(DirError::LeaseExpired {
+                lease: lease.expect("only a leased put fails for its lease"),
+            });
+        };
         if resp.succeeded() {
             // The txn's revision: the put's new mod_revision, the delete's revision, or for a
             // delete of an absent key (no change) the store's current revision.

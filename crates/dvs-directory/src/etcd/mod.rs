@@ -8,6 +8,8 @@
 //! - [`Directory::cas`] is one `Txn`: compare `mod_revision == expected` (or
 //!   `create_revision == 0` for "absent"), then put or delete, else read the key back so a
 //!   conflict reports what is there now;
+//! - leases are etcd's leases, and [`Directory::cas_leased`] puts with the lease in the `Txn`
+//!   (see `lease.rs`);
 //! - [`Directory::watch`] is a range read, then a watch starting at the read's revision + 1, so
 //!   nothing that happens between the two is lost. After a lost connection the watch resumes
 //!   from the revision after the last one it saw; if etcd has compacted that revision away, the
@@ -27,9 +29,10 @@ use dvs_config::{check_etcd_endpoint, check_etcd_prefix, DirectoryConfig, EtcdTl
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::{check_key, CasOutcome, DirError, DirEvent, Directory, Versioned};
+use crate::{check_key, CasOutcome, DirError, DirEvent, Directory, LeaseId, Versioned};
 
 mod call;
+mod lease;
 mod watch;
 
 use watch::Follower;
@@ -299,6 +302,7 @@ fn check_pem(path: &Path, pem: &[u8], key: bool) -> Result<(), DirError> {
         }),
     }
 }
+
 #[async_trait::async_trait]
 impl Directory for EtcdDirectory {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, DirError> {
@@ -327,10 +331,9 @@ impl Directory for EtcdDirectory {
         check_key(key)?;
         let shared = self.shared.clone();
         let key = key.to_owned();
-        self.on_client_runtime(
-            &key.clone(),
-            async move { shared.cas(key, expect, value).await },
-        )
+        self.on_client_runtime(&key.clone(), async move {
+            shared.cas(key, expect, value, None).await
+        })
         .await
     }
 
@@ -344,6 +347,44 @@ impl Directory for EtcdDirectory {
             let (snapshot, revision) = shared.read_prefix("watch", &full).await?;
             let rx = Follower::start(shared, full, &snapshot, revision);
             Ok((snapshot, rx))
+        })
+        .await
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, DirError> {
+        let shared = self.shared.clone();
+        self.on_client_runtime("lease", async move { shared.grant_lease(ttl).await })
+            .await
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), DirError> {
+        let shared = self.shared.clone();
+        self.on_client_runtime(&format!("lease {lease}"), async move {
+            shared.keep_alive(lease).await
+        })
+        .await
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), DirError> {
+        let shared = self.shared.clone();
+        self.on_client_runtime(&format!("lease {lease}"), async move {
+            shared.revoke_lease(lease).await
+        })
+        .await
+    }
+
+    async fn cas_leased(
+        &self,
+        key: &str,
+        expect: Option<u64>,
+        value: String,
+        lease: LeaseId,
+    ) -> Result<CasOutcome, DirError> {
+        check_key(key)?;
+        let shared = self.shared.clone();
+        let key = key.to_owned();
+        self.on_client_runtime(&key.clone(), async move {
+            shared.cas(key, expect, Some(value), Some(lease)).await
         })
         .await
     }
