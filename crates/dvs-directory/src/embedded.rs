@@ -67,7 +67,7 @@ struct State {
     /// The live leases by id (expired ones are removed when reaped).
     #[serde(default)]
     leases: BTreeMap<i64, Lease>,
-    /// The last lease id handed out; ids are never reused.
+    /// The last lease id handed out; ids only grow (see [`Directory::grant_lease`]).
     #[serde(default)]
     last_lease: i64,
     /// Whether this state differs from the file it was loaded from (so must be stored).
@@ -100,6 +100,13 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The wall clock in microseconds since the Unix epoch, the lower bound of new lease ids.
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// A TTL in whole milliseconds, rounded up, at least 1.
@@ -319,7 +326,8 @@ impl EmbeddedDirectory {
     /// reaped first (so a read never shows a key whose lease has expired).
     async fn read(&self) -> Result<State, DirError> {
         let state = self.load()?;
-        if !state.next_expiry().is_some_and(|t| t <= now_ms()) {
+        let due = matches!(state.next_expiry(), Some(t) if t <= now_ms());
+        if !due {
             return Ok(state);
         }
         self.blocking("", |d| d.update(|state, _| Ok(state.clone())))
@@ -632,8 +640,9 @@ impl Directory for EmbeddedDirectory {
         let ttl_ms = ttl_ms(ttl);
         self.blocking("", move |d| {
             d.update(|state, now| {
-                // Also above every earlier id if the state file was removed since.
-                let id = (state.last_lease + 1).max(i64::try_from(now).unwrap_or(i64::MAX));
+                // Not below the clock in microseconds, so that ids are not reused even if the
+                // state file was removed since (no two grants happen within 1 µs).
+                let id = (state.last_lease + 1).max(now_us());
                 state.last_lease = id;
                 state.leases.insert(
                     id,

@@ -15,7 +15,9 @@ use crate::{DirError, LeaseId};
 
 /// A TTL in whole seconds, as etcd takes it: rounded up, at least 1.
 pub(super) fn ttl_seconds(ttl: Duration) -> i64 {
-    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    let secs = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0));
     i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
 }
 
