@@ -529,6 +529,11 @@ impl Watcher {
                 }
             };
             if bytes == self.last_bytes {
+                if self.next_expiry.is_some_and(|t| t <= now_ms()) {
+                    // A lease due that the reap did not end: the clock went back. Wait for
+                    // the next change instead of trying again at once.
+                    self.next_expiry = None;
+                }
                 continue;
             }
             let state = match parse_state(&path, bytes.as_deref()) {

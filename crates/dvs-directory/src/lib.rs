@@ -102,8 +102,9 @@ pub struct Versioned {
 /// A lease of the directory: while it lives, the keys attached to it live; when it expires
 /// (nobody renewed it within its TTL) or is revoked, they are deleted.
 ///
-/// Ids are not reused by either backend, so an old lease id never names a newer lease.
-/// Shown in hexadecimal, as `etcdctl` shows etcd's lease ids.
+/// Ids are positive and not reused by either backend, so an old lease id never names a newer
+/// lease; an id that no grant returned (such as 0) is treated as a lease that is gone. Shown
+/// in hexadecimal, as `etcdctl` shows etcd's lease ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LeaseId(pub i64);
 

@@ -255,7 +255,9 @@ impl Shared {
             Some(v) => TxnOp::put(
                 full.clone(),
                 v.clone(),
-                lease.map(|l| PutOptions::new().with_lease(l.0)),
+                // etcd reads lease 0 as "no lease"; -1, which no lease has (etcd's ids are
+                // positive), makes it report the lease not found, as for any unknown id.
+                lease.map(|l| PutOptions::new().with_lease(if l.0 == 0 { -1 } else { l.0 })),
             ),
             None => TxnOp::delete(full.clone(), None),
         };

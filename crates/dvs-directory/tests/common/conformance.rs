@@ -668,6 +668,13 @@ pub async fn leased_cas_respects_versions(store: &dyn Store) {
         d.cas_leased("nodes/1", Some(v2), "x".into(), old).await,
         old,
     );
+    // So is an id that no grant returned.
+    assert_lease_gone(
+        d.cas_leased("nodes/1", Some(v2), "x".into(), LeaseId(0))
+            .await,
+        LeaseId(0),
+    );
+    assert_lease_gone(d.keep_alive(LeaseId(0)).await, LeaseId(0));
     assert_eq!(d.get("nodes/1").await.unwrap(), entry("new", v2));
 
     // A plain put detaches the key from its lease.
