@@ -10,20 +10,28 @@
 //!
 //! No `fsync`: the folder lives in the cluster's runtime dir and the cluster does not outlive
 //! the machine, so durability across power loss buys nothing.
+//!
+//! Leases are kept in the state file with their absolute expiry time (wall clock, ms since
+//! the epoch: every user of the folder runs on one machine, so shares one clock) and the keys
+//! attached to them. Nothing runs in the background to expire them: whoever takes the lock
+//! first reaps the leases that are due (deleting their keys, logged like any delete so that
+//! watchers see them), reads reap before reading when a lease is due, and every watcher
+//! thread wakes up when the next lease is due and reaps it, so that an expiry is seen at
+//! once even if nobody writes.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
-use crate::{check_key, CasOutcome, DirError, DirEvent, Directory, Versioned};
+use crate::{check_key, CasOutcome, DirError, DirEvent, Directory, LeaseId, Versioned};
 
 const STATE_FILE: &str = "directory.json";
 const TMP_FILE: &str = "directory.json.tmp";
@@ -45,7 +53,9 @@ const NOTIFY_TIMEOUT_MS: i32 = 200;
 type Snapshot = Vec<(String, Versioned)>;
 
 /// The content of `directory.json`.
-#[derive(Debug, Default, Serialize, Deserialize)]
+///
+/// Fields added later are `#[serde(default)]`, so that a file written before them loads.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct State {
     /// Revision of the last change; the next change gets `revision + 1`.
     revision: u64,
@@ -54,6 +64,26 @@ struct State {
     /// The most recent changes, oldest first, one per revision, ending at `revision`.
     #[serde(default)]
     log: VecDeque<Change>,
+    /// The live leases by id (expired ones are removed when reaped).
+    #[serde(default)]
+    leases: BTreeMap<i64, Lease>,
+    /// The last lease id handed out; ids only grow (see [`Directory::grant_lease`]).
+    #[serde(default)]
+    last_lease: i64,
+    /// Whether this state differs from the file it was loaded from (so must be stored).
+    #[serde(skip)]
+    dirty: bool,
+}
+
+/// A lease in the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Lease {
+    /// The TTL it was granted with, which each keep-alive renews.
+    ttl_ms: u64,
+    /// When it expires: wall clock, milliseconds since the Unix epoch.
+    expires_ms: u64,
+    /// The keys attached to it.
+    keys: BTreeSet<String>,
 }
 
 /// One entry of the recent-change log.
@@ -65,7 +95,93 @@ struct Change {
     value: Option<String>,
 }
 
+/// The wall clock in milliseconds since the Unix epoch, the time base of lease expiries.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The wall clock in microseconds since the Unix epoch, the lower bound of new lease ids.
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// A TTL in whole milliseconds, rounded up, at least 1.
+fn ttl_ms(ttl: Duration) -> u64 {
+    let ms = ttl.as_nanos().div_ceil(1_000_000).max(1);
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
 impl State {
+    /// Puts (`Some`) or deletes (`None`) `key` as a new revision, logged for watchers, and
+    /// detaches the key from the lease it had (a put with a lease attaches it again after).
+    /// Returns the revision.
+    fn apply(&mut self, key: &str, value: Option<String>) -> u64 {
+        let revision = self.revision + 1;
+        self.revision = revision;
+        match &value {
+            Some(v) => {
+                self.entries.insert(
+                    key.to_owned(),
+                    Versioned {
+                        value: v.clone(),
+                        version: revision,
+                    },
+                );
+            }
+            None => {
+                self.entries.remove(key);
+            }
+        }
+        for lease in self.leases.values_mut() {
+            lease.keys.remove(key);
+        }
+        self.log.push_back(Change {
+            revision,
+            key: key.to_owned(),
+            value,
+        });
+        while self.log.len() > LOG_CAP {
+            self.log.pop_front();
+        }
+        self.dirty = true;
+        revision
+    }
+
+    /// Ends `lease` (if it lives), deleting its keys in key order, one revision each.
+    fn end_lease(&mut self, lease: i64) {
+        let Some(ended) = self.leases.remove(&lease) else {
+            return;
+        };
+        self.dirty = true;
+        for key in ended.keys {
+            if self.entries.contains_key(&key) {
+                self.apply(&key, None);
+            }
+        }
+    }
+
+    /// Ends every lease that expired by `now` (in id order).
+    fn reap(&mut self, now: u64) {
+        let due: Vec<i64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires_ms <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.end_lease(id);
+        }
+    }
+
+    /// When the next lease expires, if any lives.
+    fn next_expiry(&self) -> Option<u64> {
+        self.leases.values().map(|l| l.expires_ms).min()
+    }
+
     fn prefix(&self, prefix: &str) -> BTreeMap<String, Versioned> {
         self.entries
             .range(prefix.to_owned()..)
@@ -173,58 +289,89 @@ impl EmbeddedDirectory {
         })
     }
 
-    /// The blocking body of [`Directory::cas`].
+    /// Under the lock: loads the state, reaps the leases that are due, runs `op` on it, and
+    /// stores the result if anything changed (also when `op` fails after a reap).
+    fn update<T>(
+        &self,
+        op: impl FnOnce(&mut State, u64) -> Result<T, DirError>,
+    ) -> Result<T, DirError> {
+        let _lock = self.lock_exclusive()?;
+        let mut state = self.load()?;
+        let now = now_ms();
+        state.reap(now);
+        let result = op(&mut state, now);
+        if state.dirty {
+            self.store(&state)?;
+        }
+        result
+    }
+
+    /// Runs `job` (which may wait for the lock) on tokio's blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        key: &str,
+        job: impl FnOnce(&EmbeddedDirectory) -> Result<T, DirError> + Send + 'static,
+    ) -> Result<T, DirError> {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || job(&this)).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(DirError::Cancelled {
+                key: key.to_owned(),
+            }),
+        }
+    }
+
+    /// The current state, for a read: without the lock, unless a lease is due, which is
+    /// reaped first (so a read never shows a key whose lease has expired).
+    async fn read(&self) -> Result<State, DirError> {
+        let state = self.load()?;
+        let due = matches!(state.next_expiry(), Some(t) if t <= now_ms());
+        if !due {
+            return Ok(state);
+        }
+        self.blocking("", |d| d.update(|state, _| Ok(state.clone())))
+            .await
+    }
+
+    /// The blocking body of [`Directory::cas`] and [`Directory::cas_leased`].
     fn cas_blocking(
         &self,
         key: &str,
         expect: Option<u64>,
         value: Option<String>,
+        lease: Option<LeaseId>,
     ) -> Result<CasOutcome, DirError> {
-        let _lock = self.lock_exclusive()?;
-        let mut state = self.load()?;
-        let current = state.entries.get(key);
-        let holds = match (expect, current) {
-            (None, None) => true,
-            (Some(want), Some(cur)) => cur.version == want,
-            _ => false,
-        };
-        if !holds {
-            return Ok(CasOutcome::Conflict {
-                current: current.cloned(),
-            });
-        }
-        if value.is_none() && current.is_none() {
-            // Nothing to delete: no new revision, so watchers see no phantom event.
-            return Ok(CasOutcome::Done {
-                version: state.revision,
-            });
-        }
-        let revision = state.revision + 1;
-        state.revision = revision;
-        match &value {
-            Some(v) => {
-                state.entries.insert(
-                    key.to_owned(),
-                    Versioned {
-                        value: v.clone(),
-                        version: revision,
-                    },
-                );
+        self.update(|state, _| {
+            let current = state.entries.get(key);
+            let holds = match (expect, current) {
+                (None, None) => true,
+                (Some(want), Some(cur)) => cur.version == want,
+                _ => false,
+            };
+            if !holds {
+                return Ok(CasOutcome::Conflict {
+                    current: current.cloned(),
+                });
             }
-            None => {
-                state.entries.remove(key);
+            if let Some(lease) = lease {
+                if !state.leases.contains_key(&lease.0) {
+                    return Err(DirError::LeaseExpired { lease });
+                }
             }
-        }
-        state.log.push_back(Change {
-            revision,
-            key: key.to_owned(),
-            value,
-        });
-        while state.log.len() > LOG_CAP {
-            state.log.pop_front();
-        }
-        self.store(&state)?;
-        Ok(CasOutcome::Done { version: revision })
+            if value.is_none() && current.is_none() {
+                // Nothing to delete: no new revision, so watchers see no phantom event.
+                return Ok(CasOutcome::Done {
+                    version: state.revision,
+                });
+            }
+            let revision = state.apply(key, value);
+            if let Some(lease) = lease {
+                let record = state.leases.get_mut(&lease.0).expect("checked above");
+                record.keys.insert(key.to_owned());
+            }
+            Ok(CasOutcome::Done { version: revision })
+        })
     }
 
     /// [`Directory::watch`], also returning the watcher thread so tests can see it stop.
@@ -246,10 +393,11 @@ impl EmbeddedDirectory {
         let snapshot = view.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let (tx, rx) = mpsc::unbounded_channel();
         let watcher = Watcher {
-            path: self.paths.state.clone(),
+            dir: self.clone(),
             prefix: prefix.to_owned(),
             last_bytes: bytes,
             revision: state.revision,
+            next_expiry: state.next_expiry(),
             view,
             tx,
         };
@@ -290,13 +438,16 @@ fn parse_state(path: &Path, bytes: Option<&[u8]>) -> Result<State, DirError> {
 
 /// The state a watch thread carries between polls.
 struct Watcher {
-    path: PathBuf,
+    /// The directory watched: its state file is read, and its leases reaped when due.
+    dir: EmbeddedDirectory,
     prefix: String,
     /// The file content last looked at; comparing bytes (not mtime/inode, which can repeat
     /// within a clock tick after renames) is what makes change detection exact.
     last_bytes: Option<Vec<u8>>,
     /// Revision of `last_bytes`.
     revision: u64,
+    /// When the next lease of `last_bytes` expires: the watcher reaps it then.
+    next_expiry: Option<u64>,
     /// Entries under `prefix` as of `revision`, for the diff fallback.
     view: BTreeMap<String, Versioned>,
     tx: UnboundedSender<DirEvent>,
@@ -328,8 +479,8 @@ impl FolderNotify {
         Some(FolderNotify { fd })
     }
 
-    /// Waits for a change (or the timeout), then drains the pending events.
-    fn wait(&self) {
+    /// Waits for a change (or `timeout_ms`), then drains the pending events.
+    fn wait(&self, timeout_ms: i32) {
         use std::os::fd::AsRawFd;
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
@@ -338,7 +489,7 @@ impl FolderNotify {
         };
         // SAFETY: one valid pollfd; a buffer of its stated length for read.
         unsafe {
-            libc::poll(&mut pfd, 1, NOTIFY_TIMEOUT_MS);
+            libc::poll(&mut pfd, 1, timeout_ms);
             let mut buf = [0u8; 4096];
             while libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) > 0 {}
         }
@@ -347,16 +498,30 @@ impl FolderNotify {
 
 impl Watcher {
     fn run(mut self) {
-        let notify = self.path.parent().and_then(FolderNotify::new);
+        let path = self.dir.paths.state.clone();
+        let notify = path.parent().and_then(FolderNotify::new);
         loop {
+            // Until the next change, or the next lease expiry, whichever comes first.
+            let until_expiry = self.next_expiry.map(|t| t.saturating_sub(now_ms()));
             match &notify {
-                Some(n) => n.wait(),
-                None => thread::sleep(POLL_INTERVAL),
+                Some(n) => n.wait(until_expiry.map_or(NOTIFY_TIMEOUT_MS, |ms| {
+                    i32::try_from(ms).map_or(NOTIFY_TIMEOUT_MS, |ms| ms.min(NOTIFY_TIMEOUT_MS))
+                })),
+                None => thread::sleep(until_expiry.map_or(POLL_INTERVAL, |ms| {
+                    POLL_INTERVAL.min(Duration::from_millis(ms))
+                })),
             }
             if self.tx.is_closed() {
                 return;
             }
-            let bytes = match read_state_bytes(&self.path) {
+            if self.next_expiry.is_some_and(|t| t <= now_ms()) {
+                // Reaping writes the state file, which the read below then reports.
+                if let Err(e) = self.dir.update(|_, _| Ok(())) {
+                    tracing::warn!("directory watch on {:?} ends: {e}", self.prefix);
+                    return;
+                }
+            }
+            let bytes = match read_state_bytes(&path) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!("directory watch on {:?} ends: {e}", self.prefix);
@@ -364,9 +529,14 @@ impl Watcher {
                 }
             };
             if bytes == self.last_bytes {
+                if self.next_expiry.is_some_and(|t| t <= now_ms()) {
+                    // A lease due that the reap did not end: the clock went back. Wait for
+                    // the next change instead of trying again at once.
+                    self.next_expiry = None;
+                }
                 continue;
             }
-            let state = match parse_state(&self.path, bytes.as_deref()) {
+            let state = match parse_state(&path, bytes.as_deref()) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!("directory watch on {:?} ends: {e}", self.prefix);
@@ -374,6 +544,7 @@ impl Watcher {
                 }
             };
             self.last_bytes = bytes;
+            self.next_expiry = state.next_expiry();
             for event in self.advance(&state) {
                 if self.tx.send(event).is_err() {
                     return;
@@ -436,12 +607,13 @@ impl Watcher {
 impl Directory for EmbeddedDirectory {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, DirError> {
         check_key(key)?;
-        // No lock: the state file is replaced atomically, so one read is one snapshot.
-        Ok(self.load()?.entries.remove(key))
+        // No lock (unless a lease is due): the state file is replaced atomically, so one read
+        // is one snapshot.
+        Ok(self.read().await?.entries.remove(key))
     }
 
     async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, DirError> {
-        Ok(self.load()?.prefix(prefix).into_iter().collect())
+        Ok(self.read().await?.prefix(prefix).into_iter().collect())
     }
 
     async fn cas(
@@ -451,25 +623,84 @@ impl Directory for EmbeddedDirectory {
         value: Option<String>,
     ) -> Result<CasOutcome, DirError> {
         check_key(key)?;
-        let this = self.clone();
         let owned_key = key.to_owned();
-        match tokio::task::spawn_blocking(move || this.cas_blocking(&owned_key, expect, value))
-            .await
-        {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(DirError::Cancelled {
-                key: key.to_owned(),
-            }),
-        }
+        self.blocking(key, move |d| {
+            d.cas_blocking(&owned_key, expect, value, None)
+        })
+        .await
     }
 
     async fn watch(
         &self,
         prefix: &str,
     ) -> Result<(Vec<(String, Versioned)>, UnboundedReceiver<DirEvent>), DirError> {
+        // Reap what is due, so the snapshot shows no key of an expired lease (one that
+        // expires right after is reaped by the watcher, and reported as a delete).
+        self.read().await?;
         let (snapshot, rx, _thread) = self.watch_inner(prefix)?;
         Ok((snapshot, rx))
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, DirError> {
+        let ttl_ms = ttl_ms(ttl);
+        self.blocking("", move |d| {
+            d.update(|state, now| {
+                // Not below the clock in microseconds, so that ids are not reused even if the
+                // state file was removed since (no two grants happen within 1 µs).
+                let id = (state.last_lease + 1).max(now_us());
+                state.last_lease = id;
+                state.leases.insert(
+                    id,
+                    Lease {
+                        ttl_ms,
+                        expires_ms: now.saturating_add(ttl_ms),
+                        keys: BTreeSet::new(),
+                    },
+                );
+                state.dirty = true;
+                Ok(LeaseId(id))
+            })
+        })
+        .await
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), DirError> {
+        self.blocking("", move |d| {
+            d.update(|state, now| match state.leases.get_mut(&lease.0) {
+                Some(record) => {
+                    record.expires_ms = now.saturating_add(record.ttl_ms);
+                    state.dirty = true;
+                    Ok(())
+                }
+                None => Err(DirError::LeaseExpired { lease }),
+            })
+        })
+        .await
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), DirError> {
+        self.blocking("", move |d| {
+            d.update(|state, _| {
+                state.end_lease(lease.0);
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn cas_leased(
+        &self,
+        key: &str,
+        expect: Option<u64>,
+        value: String,
+        lease: LeaseId,
+    ) -> Result<CasOutcome, DirError> {
+        check_key(key)?;
+        let owned_key = key.to_owned();
+        self.blocking(key, move |d| {
+            d.cas_blocking(&owned_key, expect, Some(value), Some(lease))
+        })
+        .await
     }
 }
 

@@ -4,8 +4,10 @@
 //! - `ep/{dc}/{ep}`: the id of the node that runs endpoint `{dc, ep}`.
 //! - `launch/{dc}/{ep}`: the command line (JSON) the endpoint's program was launched with.
 //! - `migr/{dc}/{ep}`: the record of the endpoint's latest migration decision.
+//! - `nodes/{node}`: the membership of node `{node}`, attached to the node's lease, so that it
+//!   is deleted when the node stops renewing the lease (or leaves and revokes it).
 
-use dvs_wire::{DcId, Ep};
+use dvs_wire::{DcId, Ep, NodeId};
 
 /// Prefix of the endpoint registrations (`ep/{dc}/{ep}` → node id).
 pub const ENDPOINT_PREFIX: &str = "ep/";
@@ -13,6 +15,9 @@ pub const ENDPOINT_PREFIX: &str = "ep/";
 pub const LAUNCH_PREFIX: &str = "launch/";
 /// Prefix of the migration records (`migr/{dc}/{ep}` → encoded record).
 pub const MIGR_PREFIX: &str = "migr/";
+
+/// Prefix of the node memberships (`nodes/{node}` → the node's entry, attached to its lease).
+pub const NODE_PREFIX: &str = "nodes/";
 
 /// The key naming the node that runs `{dc, ep}`.
 pub fn endpoint_key(dc: DcId, ep: Ep) -> String {
@@ -27,6 +32,18 @@ pub fn launch_key(dc: DcId, ep: Ep) -> String {
 /// The key of the migration record of `{dc, ep}`.
 pub fn migr_key(dc: DcId, ep: Ep) -> String {
     format!("{MIGR_PREFIX}{dc}/{ep}")
+}
+
+/// The membership key of node `node`, which the node writes attached to its lease.
+pub fn node_key(node: NodeId) -> String {
+    format!("{NODE_PREFIX}{node}")
+}
+
+/// The node a [`node_key`] names; `None` for any other key.
+pub fn parse_node_key(key: &str) -> Option<NodeId> {
+    let node: NodeId = key.strip_prefix(NODE_PREFIX)?.parse().ok()?;
+    // `parse` also takes `+1` or `01`: only the key `node_key` makes names a node.
+    (node_key(node) == key).then_some(node)
 }
 
 /// The endpoint an [`endpoint_key`] names; `None` for any other key.
@@ -61,5 +78,21 @@ mod tests {
         assert_eq!(parse_endpoint_key("ep/1"), None);
         assert_eq!(parse_endpoint_key("ep/x/1"), None);
         assert_eq!(parse_endpoint_key("ep/1/1/2"), None);
+        assert_eq!(node_key(7), "nodes/7");
+        assert_eq!(parse_node_key(&node_key(0)), Some(0));
+        assert_eq!(parse_node_key(&node_key(NodeId::MAX)), Some(NodeId::MAX));
+        assert_eq!(parse_node_key(&endpoint_key(1, 1)), None);
+        assert_eq!(parse_endpoint_key(&node_key(1)), None);
+        for bad in [
+            "nodes/",
+            "nodes/x",
+            "nodes/-1",
+            "nodes/+1",
+            "nodes/01",
+            "nodes/1/2",
+            "nodes/65536",
+        ] {
+            assert_eq!(parse_node_key(bad), None, "{bad}");
+        }
     }
 }

@@ -14,12 +14,20 @@
 //! Versions are store-wide revisions (like etcd's), so a key's version only ever grows, also
 //! across delete and re-create; this is what lets a CAS never confuse an old incarnation of a
 //! key with a new one.
+//!
+//! Leases give node membership its liveness: a node grants itself a lease
+//! ([`Directory::grant_lease`]), writes its `nodes/{id}` key attached to it
+//! ([`Directory::cas_leased`]) and renews it ([`Directory::keep_alive`]) well within its TTL.
+//! If the node stops renewing, the lease expires and its keys are deleted; watchers see
+//! ordinary [`DirEvent::Delete`]s, in order with every other change. A node that is told its
+//! lease is gone ([`DirError::LeaseExpired`]) has lost its membership and must fence itself.
 
 #![warn(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dvs_config::DirectoryConfig;
 use serde::{Deserialize, Serialize};
@@ -91,7 +99,22 @@ pub struct Versioned {
     pub version: u64,
 }
 
-/// The result of [`Directory::cas`].
+/// A lease of the directory: while it lives, the keys attached to it live; when it expires
+/// (nobody renewed it within its TTL) or is revoked, they are deleted.
+///
+/// Ids are positive and not reused by either backend, so an old lease id never names a newer
+/// lease; an id that no grant returned (such as 0) is treated as a lease that is gone. Shown
+/// in hexadecimal, as `etcdctl` shows etcd's lease ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LeaseId(pub i64);
+
+impl std::fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
+/// The result of [`Directory::cas`] and [`Directory::cas_leased`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CasOutcome {
     /// The expectation held and the change was applied.
@@ -223,6 +246,14 @@ pub enum DirError {
         /// What is wrong.
         message: String,
     },
+    /// The lease has expired or was revoked (or never existed): the keys attached to it are
+    /// gone. A node that gets this for its membership lease has lost its membership and must
+    /// stop acting as a member (fence itself) before it joins again with a new lease.
+    #[error("directory: lease {lease} has expired or was revoked; its keys are deleted")]
+    LeaseExpired {
+        /// The lease that is gone.
+        lease: LeaseId,
+    },
     /// The operation on `key` could not run because the async runtime is shutting down.
     #[error("directory: operation on key {key:?} was cancelled (runtime shutting down)")]
     Cancelled {
@@ -267,6 +298,44 @@ pub trait Directory: Send + Sync + 'static {
         &self,
         prefix: &str,
     ) -> Result<(Vec<(String, Versioned)>, UnboundedReceiver<DirEvent>), DirError>;
+
+    /// A new lease that expires `ttl` from now unless renewed by [`Directory::keep_alive`].
+    ///
+    /// The TTL is rounded up to the backend's granularity: whole seconds, at least 1 s, in
+    /// etcd (which may also raise it to its own minimum, 1.5 election timeouts); milliseconds,
+    /// at least 1 ms, in the embedded directory. Keys attached to the lease may outlive the
+    /// TTL by a moment (etcd checks for expired leases every 500 ms), never by much.
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, DirError>;
+
+    /// Renews `lease`: it now expires its (rounded) TTL from now.
+    ///
+    /// [`DirError::LeaseExpired`] if the lease is gone (expired or revoked): its keys are
+    /// deleted, and the caller must act as if it never had them. Other errors (etcd
+    /// unreachable) say nothing about the lease; retry within the TTL.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), DirError>;
+
+    /// Ends `lease` now, deleting every key attached to it (watchers see the deletes at
+    /// once). Revoking a lease that is already gone is not an error: its keys are gone too.
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), DirError>;
+
+    /// [`Directory::cas`] that puts `value` attached to `lease`: the key is deleted when the
+    /// lease expires or is revoked.
+    ///
+    /// `expect` as for [`Directory::cas`]: `None` creates the key only if it is absent,
+    /// `Some(v)` replaces version `v` (for instance one's own stale entry of an earlier lease,
+    /// which is thereby moved to `lease`). A plain [`Directory::cas`] put or delete of a
+    /// leased key detaches it from its lease, as in etcd.
+    ///
+    /// The expectation is checked first: if it does not hold, the outcome is a
+    /// [`CasOutcome::Conflict`] whether or not the lease lives; if it holds but `lease` is
+    /// gone, [`DirError::LeaseExpired`] and nothing is written.
+    async fn cas_leased(
+        &self,
+        key: &str,
+        expect: Option<u64>,
+        value: String,
+        lease: LeaseId,
+    ) -> Result<CasOutcome, DirError>;
 }
 
 #[cfg(test)]

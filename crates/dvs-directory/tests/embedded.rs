@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::conformance::Store;
 use dvs_directory::{Directory, EmbeddedDirectory};
@@ -15,6 +16,10 @@ struct Embedded(tempfile::TempDir);
 impl Store for Embedded {
     fn handle(&self) -> Arc<dyn Directory> {
         Arc::new(EmbeddedDirectory::open(self.0.path()).unwrap())
+    }
+
+    fn short_ttl(&self) -> Duration {
+        Duration::from_millis(500)
     }
 }
 

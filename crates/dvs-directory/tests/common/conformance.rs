@@ -1,12 +1,13 @@
 //! What every [`Directory`] backend must do, written against the trait only, so that the
 //! embedded store and etcd are held to the same semantics (versions, CAS outcomes, prefix
-//! listings, watch order). `conformance_tests!` instantiates every case for one backend.
+//! listings, watch order, leases). `conformance_tests!` instantiates every case for one
+//! backend.
 
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use dvs_directory::{CasOutcome, DirError, DirEvent, Directory, Versioned};
+use dvs_directory::{CasOutcome, DirError, DirEvent, Directory, LeaseId, Versioned};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::timeout;
 
@@ -16,6 +17,12 @@ use super::PATIENCE;
 pub trait Store: Send + Sync {
     /// A new handle on the store, as another process would open it.
     fn handle(&self) -> Arc<dyn Directory>;
+
+    /// The TTL of the short leases the lease cases grant: as short as the backend allows,
+    /// to keep the tests quick.
+    fn short_ttl(&self) -> Duration {
+        Duration::from_secs(1)
+    }
 }
 
 /// One test function per case, for the store that `$make` returns (`None`: skip).
@@ -88,6 +95,34 @@ macro_rules! conformance_tests {
                     return;
                 };
                 c::watch_started_during_writes_loses_and_repeats_nothing(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn lease_kept_alive_outlives_its_ttl() {
+                let Some(s) = ($make)("lease_kept_alive_outlives_its_ttl") else {
+                    return;
+                };
+                c::lease_kept_alive_outlives_its_ttl(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn expired_lease_deletes_only_its_keys_and_watchers_see_it() {
+                let Some(s) = ($make)("expired_lease_deletes_only_its_keys") else {
+                    return;
+                };
+                c::expired_lease_deletes_only_its_keys_and_watchers_see_it(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn revoked_lease_deletes_its_keys_at_once() {
+                let Some(s) = ($make)("revoked_lease_deletes_its_keys_at_once") else {
+                    return;
+                };
+                c::revoked_lease_deletes_its_keys_at_once(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn leased_cas_respects_versions() {
+                let Some(s) = ($make)("leased_cas_respects_versions") else {
+                    return;
+                };
+                c::leased_cas_respects_versions(&s).await;
             }
             #[test]
             fn concurrent_cas_from_several_handles_loses_no_update() {
@@ -449,4 +484,201 @@ pub fn concurrent_cas_from_several_handles_loses_no_update(store: &dyn Store) {
     // Every successful CAS consumed exactly one revision, and no failed one did.
     assert_eq!(final_value.version, base + (THREADS * INCREMENTS) as u64);
     eprintln!("conflicts retried: {conflicts}");
+}
+
+/// A lease that outlives every test.
+const LONG_TTL: Duration = Duration::from_secs(120);
+
+/// Creates `key` (which must be absent) attached to `lease`; returns its version.
+pub async fn put_new_leased(d: &dyn Directory, key: &str, value: &str, lease: LeaseId) -> u64 {
+    match d.cas_leased(key, None, value.into(), lease).await.unwrap() {
+        CasOutcome::Done { version } => version,
+        other => panic!("leased put of new key {key} failed: {other:?}"),
+    }
+}
+
+/// Asserts that `result` is the error of a lease that is gone, naming `lease`.
+#[track_caller]
+pub fn assert_lease_gone<T: std::fmt::Debug>(result: Result<T, DirError>, lease: LeaseId) {
+    match result {
+        Err(DirError::LeaseExpired { lease: gone }) => assert_eq!(gone, lease),
+        other => panic!("expected LeaseExpired for lease {lease}, got {other:?}"),
+    }
+}
+
+/// `n` events, sorted by key (for changes that one operation makes at once, whose order
+/// among themselves the trait does not promise).
+async fn events_sorted(rx: &mut UnboundedReceiver<DirEvent>, n: usize) -> Vec<DirEvent> {
+    let mut seen = events(rx, n).await;
+    seen.sort_by(|a, b| a.key().cmp(b.key()));
+    seen
+}
+
+fn delete(key: &str) -> DirEvent {
+    DirEvent::Delete { key: key.into() }
+}
+
+pub async fn lease_kept_alive_outlives_its_ttl(store: &dyn Store) {
+    let d = store.handle();
+    let ttl = store.short_ttl();
+    let lease = d.grant_lease(ttl).await.unwrap();
+    let v = put_new_leased(d.as_ref(), "nodes/1", "me", lease).await;
+    // Renewed five times per TTL, for three TTLs: the key stays, unchanged (a keep-alive is
+    // no write).
+    let until = Instant::now() + ttl * 3;
+    while Instant::now() < until {
+        tokio::time::sleep(ttl / 5).await;
+        d.keep_alive(lease).await.unwrap();
+        assert_eq!(
+            d.get("nodes/1").await.unwrap().map(|e| e.version),
+            Some(v),
+            "the key of a lease kept alive went away"
+        );
+    }
+    d.revoke_lease(lease).await.unwrap();
+    assert_eq!(d.get("nodes/1").await.unwrap(), None);
+}
+
+pub async fn expired_lease_deletes_only_its_keys_and_watchers_see_it(store: &dyn Store) {
+    let d = store.handle();
+    let (_, mut rx) = store.handle().watch("nodes/").await.unwrap();
+    let short = d.grant_lease(store.short_ttl()).await.unwrap();
+    let long = d.grant_lease(LONG_TTL).await.unwrap();
+    assert_ne!(short, long);
+    put_new_leased(d.as_ref(), "nodes/a", "short 1", short).await;
+    put_new_leased(d.as_ref(), "nodes/b", "short 2", short).await;
+    let vc = put_new_leased(d.as_ref(), "nodes/c", "long", long).await;
+    let vd = put_new(d.as_ref(), "nodes/d", "no lease").await;
+    let keys: Vec<String> = events(&mut rx, 4)
+        .await
+        .iter()
+        .map(|e| e.key().to_owned())
+        .collect();
+    assert_eq!(keys, ["nodes/a", "nodes/b", "nodes/c", "nodes/d"]);
+
+    // Nobody renews `short`: its keys are deleted, and only they; the watcher sees ordinary
+    // deletes (waited for with the harness's patience, not timed).
+    assert_eq!(
+        events_sorted(&mut rx, 2).await,
+        [delete("nodes/a"), delete("nodes/b")]
+    );
+    no_more_events(&mut rx).await;
+    let other = store.handle();
+    assert_eq!(other.get("nodes/a").await.unwrap(), None);
+    assert_eq!(other.get("nodes/b").await.unwrap(), None);
+    assert_eq!(other.get("nodes/c").await.unwrap().unwrap().version, vc);
+    assert_eq!(other.get("nodes/d").await.unwrap().unwrap().version, vd);
+
+    // Its holder learns that it is gone, and cannot write with it any more.
+    assert_lease_gone(d.keep_alive(short).await, short);
+    assert_lease_gone(
+        d.cas_leased("nodes/a", None, "again".into(), short).await,
+        short,
+    );
+    assert_eq!(d.get("nodes/a").await.unwrap(), None);
+    d.keep_alive(long).await.unwrap();
+    d.revoke_lease(long).await.unwrap();
+    assert_eq!(next_event(&mut rx).await, delete("nodes/c"));
+    assert_eq!(other.get("nodes/d").await.unwrap().unwrap().version, vd);
+}
+
+pub async fn revoked_lease_deletes_its_keys_at_once(store: &dyn Store) {
+    let d = store.handle();
+    let lease = d.grant_lease(LONG_TTL).await.unwrap();
+    put_new_leased(d.as_ref(), "nodes/1", "x", lease).await;
+    put_new_leased(d.as_ref(), "ep/0/1", "1", lease).await;
+    let kept = put_new(d.as_ref(), "ep/0/2", "1").await;
+    let (snapshot, mut rx) = store.handle().watch("").await.unwrap();
+    assert_eq!(snapshot.len(), 3);
+
+    d.revoke_lease(lease).await.unwrap();
+    // Gone when the revoke returns, no waiting.
+    assert_eq!(d.get("nodes/1").await.unwrap(), None);
+    assert_eq!(d.get("ep/0/1").await.unwrap(), None);
+    assert_eq!(d.get("ep/0/2").await.unwrap().unwrap().version, kept);
+    assert_eq!(
+        events_sorted(&mut rx, 2).await,
+        [delete("ep/0/1"), delete("nodes/1")]
+    );
+    no_more_events(&mut rx).await;
+
+    assert_lease_gone(d.keep_alive(lease).await, lease);
+    // Revoking again is fine: a clean leave may follow a lost lease.
+    d.revoke_lease(lease).await.unwrap();
+}
+
+pub async fn leased_cas_respects_versions(store: &dyn Store) {
+    let d = store.handle();
+    let old = d.grant_lease(LONG_TTL).await.unwrap();
+    let v1 = put_new_leased(d.as_ref(), "nodes/1", "old", old).await;
+    let entry = |value: &str, version| {
+        Some(Versioned {
+            value: value.into(),
+            version,
+        })
+    };
+    let conflict = |value: &str, version| CasOutcome::Conflict {
+        current: entry(value, version),
+    };
+
+    // Create-if-absent fails on an existing key; a stale version fails.
+    assert_eq!(
+        d.cas_leased("nodes/1", None, "x".into(), old)
+            .await
+            .unwrap(),
+        conflict("old", v1)
+    );
+    assert_eq!(
+        d.cas_leased("nodes/1", Some(v1 + 100), "x".into(), old)
+            .await
+            .unwrap(),
+        conflict("old", v1)
+    );
+    assert_eq!(
+        d.cas_leased("absent", Some(v1), "x".into(), old)
+            .await
+            .unwrap(),
+        CasOutcome::Conflict { current: None }
+    );
+
+    // A node replaces its own stale entry, moving it to its new lease: ending the old lease
+    // no longer touches it.
+    let new = d.grant_lease(LONG_TTL).await.unwrap();
+    let v2 = match d
+        .cas_leased("nodes/1", Some(v1), "new".into(), new)
+        .await
+        .unwrap()
+    {
+        CasOutcome::Done { version } => version,
+        other => panic!("replace of nodes/1@{v1} failed: {other:?}"),
+    };
+    assert!(v2 > v1);
+    d.revoke_lease(old).await.unwrap();
+    assert_eq!(d.get("nodes/1").await.unwrap(), entry("new", v2));
+
+    // With a lease that is gone, the expectation is checked first; if it holds, nothing is
+    // written.
+    assert_eq!(
+        d.cas_leased("nodes/1", Some(v1), "x".into(), old)
+            .await
+            .unwrap(),
+        conflict("new", v2)
+    );
+    assert_lease_gone(
+        d.cas_leased("nodes/1", Some(v2), "x".into(), old).await,
+        old,
+    );
+    // So is an id that no grant returned.
+    assert_lease_gone(
+        d.cas_leased("nodes/1", Some(v2), "x".into(), LeaseId(0))
+            .await,
+        LeaseId(0),
+    );
+    assert_lease_gone(d.keep_alive(LeaseId(0)).await, LeaseId(0));
+    assert_eq!(d.get("nodes/1").await.unwrap(), entry("new", v2));
+
+    // A plain put detaches the key from its lease.
+    let v3 = replace(d.as_ref(), "nodes/1", v2, Some("plain")).await;
+    d.revoke_lease(new).await.unwrap();
+    assert_eq!(d.get("nodes/1").await.unwrap(), entry("plain", v3));
 }
