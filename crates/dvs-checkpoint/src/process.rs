@@ -202,6 +202,16 @@ pub fn resume_tree(root: i32) -> Result<(), CheckpointError> {
     Ok(())
 }
 
+/// Stops every process of a tree (SIGSTOP): a fenced node keeps its endpoints' processes
+/// from running until it proves again that they are its own; [`resume_tree`] continues them.
+/// A process that is already gone is not an error.
+pub fn stop_tree(root: i32) -> Result<(), CheckpointError> {
+    for pid in tree_pids(root) {
+        signal_one(pid, libc::SIGSTOP, "SIGSTOP")?;
+    }
+    Ok(())
+}
+
 /// Kills a tree (typically the stopped source after a committed migration): SIGKILL to every
 /// process of it. A process that is already gone is not an error. The caller still has to reap
 /// the root if it is the caller's child.

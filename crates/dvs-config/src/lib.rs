@@ -319,6 +319,23 @@ fn default_bind_uids() -> Vec<u32> {
     vec![0]
 }
 
+/// Membership: while it runs, each node holds a lease in the directory (`nodes/{id}`,
+/// deleted when the lease ends), renewed every quarter of `lease_ms`. A node that cannot
+/// renew it within `lease_ms` has lost it: it fences itself (stops its endpoints' processes
+/// and closes its links) until it holds a new one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MembershipConfig {
+    /// Time to live of a node's lease, in milliseconds (etcd rounds it up to whole seconds).
+    pub lease_ms: u64,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        MembershipConfig { lease_ms: 2000 }
+    }
+}
+
 /// Who may use a node's local sockets, and whether other nodes may relay operator requests.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -389,6 +406,9 @@ pub struct ClusterConfig {
     /// Who may use the nodes' local sockets.
     #[serde(default)]
     pub access: AccessConfig,
+    /// How nodes prove to the directory that they are alive.
+    #[serde(default)]
+    pub membership: MembershipConfig,
     /// The nodes.
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
@@ -635,6 +655,15 @@ impl ClusterConfig {
                 ));
             }
         }
+        if self.membership.lease_ms < 500 {
+            return Err(bad(
+                "membership.lease_ms".into(),
+                format!(
+                    "{} ms is too short to renew a lease over a network (at least 500)",
+                    self.membership.lease_ms
+                ),
+            ));
+        }
         if self.link.heartbeat_ms == 0 || self.link.dead_after_ms <= self.link.heartbeat_ms {
             return Err(bad(
                 "link.dead_after_ms".into(),
@@ -712,6 +741,7 @@ impl ClusterConfig {
                 revoked: Vec::new(),
             },
             access: AccessConfig::default(),
+            membership: MembershipConfig::default(),
             dcs: vec![DcConfig {
                 id: 0,
                 name: "dc0".into(),

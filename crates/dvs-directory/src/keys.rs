@@ -34,6 +34,38 @@ pub fn migr_key(dc: DcId, ep: Ep) -> String {
     format!("{MIGR_PREFIX}{dc}/{ep}")
 }
 
+/// The nodes a DC spans, when an operator changed them at runtime (`dcs/{dc}`: node ids
+/// separated by commas); without it, the DC spans the nodes its config names.
+pub const DC_PREFIX: &str = "dcs/";
+
+/// The key of DC `dc`'s node set.
+pub fn dc_key(dc: DcId) -> String {
+    format!("{DC_PREFIX}{dc}")
+}
+
+/// The DC a [`dc_key`] names; `None` for any other key.
+pub fn parse_dc_key(key: &str) -> Option<DcId> {
+    let dc: DcId = key.strip_prefix(DC_PREFIX)?.parse().ok()?;
+    (dc_key(dc) == key).then_some(dc)
+}
+
+/// A DC's node set as [`dc_key`] stores it; `None` if the value is not one.
+pub fn parse_dc_nodes(value: &str) -> Option<std::collections::BTreeSet<NodeId>> {
+    if value.trim().is_empty() {
+        return Some(Default::default());
+    }
+    value.split(',').map(|n| n.trim().parse().ok()).collect()
+}
+
+/// The value [`dc_key`] stores for `nodes`.
+pub fn dc_nodes_value(nodes: &std::collections::BTreeSet<NodeId>) -> String {
+    nodes
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The membership key of node `node`, which the node writes attached to its lease.
 pub fn node_key(node: NodeId) -> String {
     format!("{NODE_PREFIX}{node}")
@@ -93,6 +125,22 @@ mod tests {
             "nodes/65536",
         ] {
             assert_eq!(parse_node_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn dc_node_sets_round_trip() {
+        assert_eq!(dc_key(3), "dcs/3");
+        assert_eq!(parse_dc_key("dcs/3"), Some(3));
+        assert_eq!(parse_dc_key("dcs/03"), None);
+        assert_eq!(parse_dc_key(&node_key(3)), None);
+        let nodes: std::collections::BTreeSet<NodeId> = [2, 0, 5].into();
+        assert_eq!(dc_nodes_value(&nodes), "0,2,5");
+        assert_eq!(parse_dc_nodes("0,2,5"), Some(nodes));
+        assert_eq!(parse_dc_nodes(" 1 , 2"), Some([1, 2].into()));
+        assert_eq!(parse_dc_nodes(""), Some(Default::default()));
+        for bad in ["x", "1,,2", "1;2", "-1", "70000"] {
+            assert_eq!(parse_dc_nodes(bad), None, "{bad}");
         }
     }
 }
