@@ -584,13 +584,12 @@ fn lab_runs_a_cluster_on_hosts_that_share_nothing() {
             thread::sleep(Duration::from_millis(50));
         }
     }
+    // Where each server runs (indexed by its endpoint); each client run takes a new endpoint.
     let mut at = [0, 1, 1];
-    let mut client_ep = 10;
-    for (server_ep, backend, to, fail_at) in plan {
+    for (client_ep, (server_ep, backend, to, fail_at)) in (10..).zip(plan) {
         let from = at[server_ep as usize];
         at[server_ep as usize] =
             migrate_under_load(&lab, server_ep, from, to, backend, fail_at, client_ep);
-        client_ep += 1;
     }
 
     // Down leaves nothing behind, and a second down is no error.
