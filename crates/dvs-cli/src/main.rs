@@ -7,6 +7,7 @@ mod cluster_dir;
 mod demo;
 mod harness;
 mod helpers;
+mod lab;
 mod migrate;
 mod status;
 mod tls;
@@ -142,6 +143,12 @@ enum Cmd {
     Tls {
         #[command(subcommand)]
         what: tls::TlsCmd,
+    },
+    /// Simulated hosts that share nothing (network and mount namespaces) running a dvs
+    /// cluster with etcd on this machine.
+    Lab {
+        #[command(subcommand)]
+        what: lab::LabCmd,
     },
     /// Benchmarks on a temporary local cluster, with raw baselines measured in the same run.
     Bench {
@@ -328,6 +335,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = load_config(&cli.dir, &cli.config).ok().map(|(c, _)| c);
             migrate::doctor(cfg.as_ref())
         }
+        Cmd::Lab { what } => lab::run(what),
         Cmd::Bench { what } => match what {
             BenchWhat::Ipc {
                 iterations,

@@ -10,7 +10,7 @@ use dvs_core::{Input, MigrationInput};
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,10 @@ use crate::safe_fs;
 
 /// File in an image folder naming the socket inode the process's node connection had.
 const SOCKET_FILE: &str = "dvs-socket-inode";
+/// The file in a criu image folder naming, at the dump, the process's stdout (its log on the
+/// source node) when that was a regular file, and its working folder: `stdout PATH`,
+/// `cwd PATH`, a line each.
+const LOCAL_PATHS_FILE: &str = "dvs-local-paths";
 /// File of a cooperative snapshot.
 pub(crate) const SNAPSHOT_FILE: &str = "snapshot.bin";
 
@@ -272,11 +276,16 @@ impl Node {
             }
             Backend::Criu => {
                 let cached = self.migrations.criu.clone();
+                let log = self.ctx.cfg.dc_by_id(dc).map(|d| {
+                    let rt = self.ctx.me.runtime_dir.clone();
+                    let file = rt.join("logs").join(format!("{}-{ep}.log", d.name));
+                    (rt, file)
+                });
                 tokio::task::spawn_local(async move {
                     let _ = written.await;
                     let result = match criu(&events, cached).await {
                         Err(e) => Err((format!("criu does not work on this node: {e}"), None)),
-                        Ok(criu) => blocking(move || restore(&criu, &dir, fail))
+                        Ok(criu) => blocking(move || restore(&criu, &dir, log, fail))
                             .await
                             .unwrap_or_else(|e| Err((e, None))),
                     };
@@ -387,15 +396,21 @@ fn save_snapshot(dir: &Path, data: &[u8], fail: bool) -> Result<u64, String> {
 }
 
 /// Restores the image in `dir` with a new connection to this node in place of the one the
-/// process had (blocking: runs criu). With `fail`, kills the restored copy and fails.
-fn restore(criu: &Criu, dir: &Path, fail: bool) -> RestoreResult {
+/// process had (blocking: runs criu). `log` is this node's (runtime folder, log file of the
+/// endpoint). With `fail`, kills the restored copy and fails.
+fn restore(criu: &Criu, dir: &Path, log: Option<(PathBuf, PathBuf)>, fail: bool) -> RestoreResult {
     let inode: u64 = std::fs::read_to_string(dir.join(SOCKET_FILE))
         .map_err(|e| (format!("image has no {SOCKET_FILE}: {e}"), None))?
         .trim()
         .parse()
         .map_err(|_| (format!("bad {SOCKET_FILE}"), None))?;
     let (node_end, proc_end) = UnixStream::pair().map_err(|e| (e.to_string(), None))?;
-    let req = RestoreRequest::new(dir).inherit_unix_socket(proc_end.as_raw_fd(), inode);
+    let mut req = RestoreRequest::new(dir).inherit_unix_socket(proc_end.as_raw_fd(), inode);
+    // Kept open until criu has run: criu dups them into the process.
+    let _local = match log {
+        Some((runtime_dir, file)) => local_files_in_place_of(dir, &runtime_dir, &file, &mut req)?,
+        None => Vec::new(),
+    };
     let pid = criu
         .restore(&req)
         .map(|r| r.pid)
@@ -409,6 +424,55 @@ fn restore(criu: &Criu, dir: &Path, fail: bool) -> RestoreResult {
         ));
     }
     Ok((node_end, pid))
+}
+
+/// The node-local files an image refers to by path that a host without the source node's
+/// runtime folder (another machine) lacks, so that criu could not reopen them: the restored
+/// process gets this node's own in their place, passed to criu under the dumped names. On one
+/// machine the source's files exist and the process keeps them, as before. Returns the files
+/// to keep open until criu has run.
+fn local_files_in_place_of(
+    dir: &Path,
+    runtime_dir: &Path,
+    log: &Path,
+    req: &mut RestoreRequest,
+) -> Result<Vec<std::fs::File>, (String, Option<i32>)> {
+    let Ok(list) = std::fs::read_to_string(dir.join(LOCAL_PATHS_FILE)) else {
+        return Ok(Vec::new());
+    };
+    let mut open = Vec::new();
+    for line in list.lines() {
+        let Some((what, dumped)) = line.split_once(' ') else {
+            continue;
+        };
+        // criu names a file by its path without the leading '/'; a name with blanks cannot
+        // be passed, and criu then fails on it as it would have anyway.
+        let Some(key) = dumped.strip_prefix('/') else {
+            continue;
+        };
+        if Path::new(dumped).exists() || key.is_empty() || key.contains(char::is_whitespace) {
+            continue;
+        }
+        let opened = match what {
+            "stdout" => {
+                if let Some(logs) = log.parent() {
+                    std::fs::create_dir_all(logs)
+                        .map_err(|e| (format!("cannot create {}: {e}", logs.display()), None))?;
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .map_err(|e| (format!("cannot open {}: {e}", log.display()), None))?
+            }
+            "cwd" => std::fs::File::open(runtime_dir)
+                .map_err(|e| (format!("cannot open {}: {e}", runtime_dir.display()), None))?,
+            _ => continue,
+        };
+        req.inherit_fds.push((opened.as_raw_fd(), key.to_string()));
+        open.push(opened);
+    }
+    Ok(open)
 }
 
 /// Dumps `pid`'s tree into `dir`, leaving it stopped; returns the image size.
@@ -434,6 +498,20 @@ fn checkpoint(criu: &Criu, pid: i32, dir: &Path, fail: bool) -> Result<u64, Stri
     // criu runs under the node's umask 077 already; this holds whatever criu does.
     safe_fs::private_files_in(dir).map_err(|e| format!("cannot chmod the image: {e}"))?;
     safe_fs::write_private(&dir.join(SOCKET_FILE), inode.to_string().as_bytes())
+        .map_err(|e| e.to_string())?;
+    // Its node-local paths, for a destination that has no such files (see `restore`).
+    let mut local = String::new();
+    for (what, link, is) in [
+        ("stdout", "fd/1", Path::is_file as fn(&Path) -> bool),
+        ("cwd", "cwd", Path::is_dir),
+    ] {
+        if let Ok(p) = std::fs::read_link(format!("/proc/{pid}/{link}")) {
+            if p.is_absolute() && is(&p) {
+                local += &format!("{what} {}\n", p.display());
+            }
+        }
+    }
+    safe_fs::write_private(&dir.join(LOCAL_PATHS_FILE), local.as_bytes())
         .map_err(|e| e.to_string())?;
     if fail {
         return Err("injected failure (--fail-at checkpoint)".into());

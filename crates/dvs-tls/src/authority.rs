@@ -199,6 +199,49 @@ pub fn issue_between(
     Ok(out)
 }
 
+/// Issues `dir/NAME.crt` and `dir/NAME.key`: a server certificate for a service the nodes
+/// reach by address, such as etcd, signed by the CA of `dir`. It names `ips` as IP SANs, since
+/// clients check a server by the address they dialed, and it carries the client usage too:
+/// etcd also presents it when it calls itself (its gRPC gateway).
+pub fn issue_server_cert(
+    dir: &Path,
+    name: &str,
+    ips: &[std::net::IpAddr],
+    valid_for: Duration,
+) -> Result<IssuedCert, TlsError> {
+    let issuer = ca_issuer(dir)?;
+    let key = KeyPair::generate().map_err(gen)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn.push(DnType::OrganizationName, "dvs");
+    params.distinguished_name = dn;
+    params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let serial = random_serial()?;
+    let serial_hex = hex(serial.as_ref());
+    params.serial_number = Some(serial);
+    validity(&mut params, valid_for);
+    let cert = params.signed_by(&key, &issuer).map_err(gen)?;
+    let out = IssuedCert {
+        cert: dir.join(format!("{name}.crt")),
+        key: dir.join(format!("{name}.key")),
+        serial: serial_hex,
+    };
+    write_file(&out.key, key.serialize_pem().as_bytes(), 0o600, true)?;
+    write_file(&out.cert, cert.pem().as_bytes(), 0o644, true)?;
+    Ok(out)
+}
+
 /// Lower-case hex of `bytes`, without leading zero bytes (how serials are compared).
 pub fn hex(bytes: &[u8]) -> String {
     let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
@@ -232,5 +275,23 @@ mod tests {
         assert_eq!(id.cluster, "prod");
         assert_eq!(id.node, 7);
         assert_eq!(id.serial, c.serial);
+    }
+
+    #[test]
+    fn server_certificate_names_its_addresses() {
+        let d = tempfile::tempdir().unwrap();
+        init_ca(d.path(), "prod", false).unwrap();
+        let ip: std::net::IpAddr = "10.77.1.250".parse().unwrap();
+        let c = issue_server_cert(d.path(), "etcd", &[ip], NODE_VALIDITY).unwrap();
+        let mode = std::fs::metadata(&c.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let pem = std::fs::read(&c.cert).unwrap();
+        let der = crate::verifier::load_certs(&c.cert, &pem)
+            .unwrap()
+            .remove(0);
+        // The address is in the certificate as its four raw bytes (an iPAddress SAN).
+        assert!(der.windows(4).any(|w| w == [10, 77, 1, 250]));
+        // It is no node certificate: a peer presenting it is refused as one.
+        assert!(NodeIdentity::from_der(&der).is_err());
     }
 }
