@@ -68,6 +68,7 @@ pub fn cluster_config(lab: &LabState, host: Option<&Host>) -> ClusterConfig {
             revoked: Vec::new(),
         },
         access: AccessConfig::default(),
+        membership: Default::default(),
         dcs: vec![DcConfig {
             id: 0,
             name: "dc0".into(),
