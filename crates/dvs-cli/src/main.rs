@@ -8,6 +8,7 @@ mod demo;
 mod harness;
 mod helpers;
 mod lab;
+mod members;
 mod migrate;
 mod status;
 mod tls;
@@ -35,11 +36,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run one node kernel in the foreground.
+    /// Run one node kernel in the foreground (`dvs node --node N`), or make a running node
+    /// leave the cluster (`dvs node leave`).
+    #[command(args_conflicts_with_subcommands = true)]
     Node {
         /// This node's id or name in the config.
         #[arg(long)]
-        node: String,
+        node: Option<String>,
+        #[command(subcommand)]
+        action: Option<NodeCmd>,
+    },
+    /// Change the nodes a DC spans while the cluster runs.
+    Dc {
+        #[command(subcommand)]
+        what: members::DcCmd,
     },
     /// Start a local cluster on this machine (writes DIR/cluster.toml, starts the nodes).
     Up {
@@ -157,6 +167,21 @@ enum Cmd {
     },
 }
 
+/// What `dvs node` does besides running a node kernel.
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// The node revokes its membership lease (the others see it leave at once) and stops.
+    /// Refused while endpoints run on it, unless --force.
+    Leave {
+        /// The node (id or name). Default: the node of this host.
+        #[arg(long)]
+        node: Option<String>,
+        /// Leave even though endpoints run there (they stop with the node).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 /// What `dvs bench` measures.
 #[derive(Subcommand)]
 enum BenchWhat {
@@ -231,7 +256,21 @@ fn load_config(
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Node { node } => {
+        Cmd::Node {
+            action: Some(NodeCmd::Leave { node, force }),
+            ..
+        } => {
+            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            members::leave(&cfg, node.as_deref(), force)
+        }
+        Cmd::Dc { what } => {
+            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            members::dc(&cfg, what)
+        }
+        Cmd::Node { node, action: None } => {
+            let Some(node) = node else {
+                bail!("dvs node: name the node to run with --node N (or use `dvs node leave`)");
+            };
             let (config, path) = load_config(&cli.dir, &cli.config)?;
             tracing_subscriber::fmt()
                 .with_env_filter(

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use dvs_config::ClusterConfig;
-use dvs_node::ctl::{EndpointState, NodeStatus};
+use dvs_node::ctl::{DcSpan, EndpointState, MemberStatus, NodeStatus};
 use serde::Serialize;
 
 use crate::helpers::{node_name, node_status};
@@ -24,11 +24,14 @@ struct NodeEntry {
     name: String,
     reachable: bool,
     error: Option<String>,
+    /// Its membership as the directory shows it (seen by the first node that answered).
+    member: Option<MemberStatus>,
     status: Option<NodeStatus>,
 }
 
 fn gather(cfg: &ClusterConfig) -> Vec<NodeEntry> {
-    cfg.nodes
+    let mut nodes: Vec<NodeEntry> = cfg
+        .nodes
         .iter()
         .map(|n| match node_status(cfg, n) {
             Ok(s) => NodeEntry {
@@ -36,6 +39,7 @@ fn gather(cfg: &ClusterConfig) -> Vec<NodeEntry> {
                 name: n.name.clone(),
                 reachable: true,
                 error: None,
+                member: None,
                 status: Some(s),
             },
             Err(e) => NodeEntry {
@@ -43,10 +47,30 @@ fn gather(cfg: &ClusterConfig) -> Vec<NodeEntry> {
                 name: n.name.clone(),
                 reachable: false,
                 error: Some(format!("{e:#}")),
+                member: None,
                 status: None,
             },
         })
-        .collect()
+        .collect();
+    let view: Vec<MemberStatus> = nodes
+        .iter()
+        .find_map(|n| n.status.as_ref().map(|s| s.members.clone()))
+        .unwrap_or_default();
+    for n in &mut nodes {
+        n.member = view.iter().find(|m| m.node == n.id).cloned();
+    }
+    nodes
+}
+
+/// A node's membership in words, for the table.
+fn lease_text(n: &NodeEntry) -> String {
+    let fenced = n.status.as_ref().is_some_and(|s| s.fenced);
+    match &n.member {
+        _ if fenced => "FENCED".into(),
+        Some(m) if m.alive => "alive".into(),
+        Some(m) => format!("gone {} ago", secs(m.since_ms)),
+        None => "never".into(),
+    }
 }
 
 fn secs(ms: u64) -> String {
@@ -82,8 +106,8 @@ pub fn status(cfg: &ClusterConfig, path: &Path, json: bool) -> Result<ExitCode> 
     );
     println!();
     println!(
-        "{:<4} {:<10} {:<8} {:<8} LINKS",
-        "ID", "NODE", "PID", "UPTIME"
+        "{:<4} {:<10} {:<14} {:<8} {:<8} LINKS",
+        "ID", "NODE", "LEASE", "PID", "UPTIME"
     );
     for n in &nodes {
         match &n.status {
@@ -94,18 +118,20 @@ pub fn status(cfg: &ClusterConfig, path: &Path, json: bool) -> Result<ExitCode> 
                     .map(|l| format!("{} {}", l.name, if l.up { "up" } else { "DOWN" }))
                     .collect();
                 println!(
-                    "{:<4} {:<10} {:<8} {:<8} {}",
+                    "{:<4} {:<10} {:<14} {:<8} {:<8} {}",
                     n.id,
                     n.name,
+                    lease_text(n),
                     s.pid,
                     secs(s.uptime_ms),
                     links.join(", ")
                 );
             }
             None => println!(
-                "{:<4} {:<10} {:<8} {:<8} unreachable: {}",
+                "{:<4} {:<10} {:<14} {:<8} {:<8} unreachable: {}",
                 n.id,
                 n.name,
+                lease_text(n),
                 "-",
                 "-",
                 n.error.clone().unwrap_or_default()
@@ -135,9 +161,18 @@ pub fn status(cfg: &ClusterConfig, path: &Path, json: bool) -> Result<ExitCode> 
         }
     }
     println!();
+    // The DCs' node sets as the nodes hold them (changed at runtime by `dvs dc`).
+    let spans: Vec<DcSpan> = nodes
+        .iter()
+        .find_map(|n| n.status.as_ref().map(|s| s.dcs.clone()))
+        .unwrap_or_default();
     for dc in &cfg.dcs {
-        let span: Vec<String> = cfg
-            .dc_nodes(dc)
+        let span_ids = spans
+            .iter()
+            .find(|s| s.dc == dc.id)
+            .map(|s| s.nodes.clone())
+            .unwrap_or_else(|| cfg.dc_nodes(dc));
+        let span: Vec<String> = span_ids
             .iter()
             .filter_map(|id| cfg.node_by_id(*id).map(|n| n.name.clone()))
             .collect();

@@ -52,6 +52,9 @@ pub enum CtlRequest {
         at: NodeId,
         backup: bool,
     },
+    /// Leave the cluster: revoke this node's membership lease, then stop. Refused while
+    /// endpoints run here, unless `force` (they are stopped with the node).
+    Leave { force: bool },
     /// Have node `to` answer `request`: this node relays it over its peer link and passes
     /// the answers back (the CLI talks only to the node of its own host).
     Forward {
@@ -94,6 +97,8 @@ pub enum CtlResponse {
     Migrated(MigrationReport),
     /// Answer to `Doctor`.
     Doctor { checks: Vec<DoctorCheck> },
+    /// Answer to `Leave`: the node left the cluster and stops.
+    Left { message: String },
 }
 
 /// One line of `dvs doctor`.
@@ -277,6 +282,38 @@ pub struct NodeStatus {
     pub endpoints: Vec<EndpointStatus>,
     /// Launched processes.
     pub procs: Vec<ProcStatus>,
+    /// Every node's membership as this node sees the directory's `nodes/`.
+    #[serde(default)]
+    pub members: Vec<MemberStatus>,
+    /// This node lost its membership lease: its endpoints are stopped and it has no link.
+    #[serde(default)]
+    pub fenced: bool,
+    /// The nodes each DC spans now (the config's, or what `dvs dc add-node` /
+    /// `remove-node` set).
+    #[serde(default)]
+    pub dcs: Vec<DcSpan>,
+}
+
+/// A node's membership as the directory shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// The node.
+    pub node: NodeId,
+    /// Whether it holds its membership lease.
+    pub alive: bool,
+    /// Milliseconds since that changed (as this node saw it).
+    pub since_ms: u64,
+    /// The pid of its node kernel, while alive.
+    pub pid: Option<u32>,
+}
+
+/// The nodes a DC spans.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DcSpan {
+    /// The DC.
+    pub dc: DcId,
+    /// Its nodes.
+    pub nodes: Vec<NodeId>,
 }
 
 /// Errors of a control call.

@@ -31,7 +31,8 @@ use dvs_wire::peer::Backend;
 use dvs_wire::{DcId, Ep, NodeId};
 
 use crate::ctl::{
-    CtlRequest, CtlResponse, DoctorCheck, EndpointState, EndpointStatus, LinkStatus, NodeStatus,
+    CtlRequest, CtlResponse, DcSpan, DoctorCheck, EndpointState, EndpointStatus, LinkStatus,
+    MemberStatus, NodeStatus,
 };
 use crate::event_loop::{blocking, Ctx, Event, MigrationSource, Node, Query, Waiting};
 use crate::launcher::{self, Ended};
@@ -279,6 +280,16 @@ pub(crate) async fn handle(
                     }
                 }
             }
+        }
+        CtlRequest::Leave { force } => {
+            let resp = match ask(ctx, |reply| Query::Leave { force, reply }).await {
+                Some(Ok(done)) => CtlResponse::Left { message: done },
+                Some(Err(message)) => CtlResponse::Error { message },
+                None => CtlResponse::Error {
+                    message: STOPPING.into(),
+                },
+            };
+            send(w, &resp).await
         }
         CtlRequest::Forward { .. } => {
             send(
@@ -541,6 +552,7 @@ impl Node {
                 request,
                 answers,
             } => self.relay_request(to, request, answers),
+            Query::Leave { force, reply } => self.leave_request(force, reply),
         }
     }
 
@@ -606,6 +618,31 @@ impl Node {
             links,
             endpoints,
             procs: self.all_procs(),
+            members: self
+                .members
+                .iter()
+                .map(|(node, m)| MemberStatus {
+                    node: *node,
+                    alive: m.record.is_some(),
+                    since_ms: m.since.elapsed().as_millis() as u64,
+                    pid: m.record.as_ref().map(|r| r.pid),
+                })
+                .collect(),
+            fenced: self.fenced,
+            dcs: self
+                .ctx
+                .cfg
+                .dcs
+                .iter()
+                .map(|d| DcSpan {
+                    dc: d.id,
+                    nodes: self
+                        .core
+                        .dc_nodes(d.id)
+                        .map(|n| n.iter().copied().collect())
+                        .unwrap_or_default(),
+                })
+                .collect(),
         }
     }
 }

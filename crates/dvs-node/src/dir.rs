@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use dvs_core::{MigrRecord, Require};
 use dvs_directory::keys::{
-    endpoint_key, launch_key, migr_key, parse_endpoint_key, parse_migr_key, ENDPOINT_PREFIX,
-    MIGR_PREFIX,
+    endpoint_key, launch_key, migr_key, parse_dc_key, parse_dc_nodes, parse_endpoint_key,
+    parse_migr_key, parse_node_key, DC_PREFIX, ENDPOINT_PREFIX, MIGR_PREFIX, NODE_PREFIX,
 };
 use dvs_directory::{CasOutcome, DirEvent, Directory, Versioned};
 use dvs_wire::{DcId, Ep, Errno, NodeId};
@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::event_loop::{Event, Events};
+use crate::membership::{self, MemberCmd, MemberRecord};
 use crate::NodeError;
 
 /// A job for the directory thread.
@@ -33,7 +34,15 @@ pub(crate) enum DirJob {
     Core(DirRequest),
     /// A launch record, which only the shell uses.
     Launch(LaunchRecord),
+    /// Which node the directory records for each of `endpoints` (after a fence).
+    Owners {
+        endpoints: Vec<(DcId, Ep)>,
+        reply: oneshot::Sender<Owners>,
+    },
 }
+
+/// Each endpoint asked about, and the node the directory records it on.
+pub(crate) type Owners = Vec<((DcId, Ep), Option<NodeId>)>;
 
 /// The launch record of `{dc, ep}`: the command line it was launched with.
 pub(crate) enum LaunchRecord {
@@ -47,14 +56,27 @@ pub(crate) enum LaunchRecord {
     },
 }
 
-/// Cleans what a previous run of this node left, takes the current registrations (returned as
-/// inputs for the core, to give it before anything else), and starts the directory thread
-/// with the watches. Returns the thread's job queue.
+/// What the directory thread gives the node at start.
+pub(crate) struct Started {
+    /// The thread's job queue.
+    pub jobs: mpsc::UnboundedSender<DirJob>,
+    /// The registrations and the DCs' node sets, as inputs for the core, to give it before
+    /// anything else.
+    pub inputs: Vec<Input>,
+    /// The way to the membership lease holder.
+    pub membership: mpsc::UnboundedSender<MemberCmd>,
+}
+
+/// Cleans what a previous run of this node left, takes the current registrations and DC
+/// node sets, and starts the directory thread with the watches and the membership lease
+/// holder (see `membership.rs`).
 pub(crate) async fn start(
     dir: Arc<dyn Directory>,
     me: NodeId,
+    member: MemberRecord,
+    lease_ttl: std::time::Duration,
     events: Events,
-) -> Result<(mpsc::UnboundedSender<DirJob>, Vec<Input>), NodeError> {
+) -> Result<Started, NodeError> {
     // Nothing runs here yet: every key naming this node is stale.
     for (k, v) in dir.get_prefix(ENDPOINT_PREFIX).await? {
         if v.value == me.to_string() {
@@ -64,7 +86,12 @@ pub(crate) async fn start(
     }
     let (snapshot, ep_events) = dir.watch(ENDPOINT_PREFIX).await?;
     let (_, migr_events) = dir.watch(MIGR_PREFIX).await?;
+    let (dcs, dc_events) = dir.watch(DC_PREFIX).await?;
+    let (members, member_events) = dir.watch(NODE_PREFIX).await?;
+    let mut inputs = changes(snapshot);
+    inputs.extend(dcs.iter().filter_map(|(k, v)| dc_nodes_input(k, &v.value)));
     let (jobs, rx) = mpsc::unbounded_channel();
+    let (membership, cmds) = mpsc::unbounded_channel();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -75,11 +102,138 @@ pub(crate) async fn start(
             rt.block_on(async move {
                 tokio::spawn(watch(dir.clone(), ep_events, events.clone()));
                 tokio::spawn(watch_migrations(dir.clone(), migr_events, events.clone()));
+                tokio::spawn(watch_dcs(dir.clone(), dc_events, events.clone()));
+                tokio::spawn(watch_members(
+                    dir.clone(),
+                    members,
+                    member_events,
+                    events.clone(),
+                ));
+                tokio::spawn(membership::hold(
+                    dir.clone(),
+                    me,
+                    member,
+                    lease_ttl,
+                    events.clone(),
+                    cmds,
+                ));
                 worker(dir, me, rx, events).await;
             })
         })
         .map_err(crate::io_err("cannot start the directory thread"))?;
-    Ok((jobs, changes(snapshot)))
+    Ok(Started {
+        jobs,
+        inputs,
+        membership,
+    })
+}
+
+/// The core's input for entry `key` of `dcs/`; `None`, with the key logged, if it is garbage.
+fn dc_nodes_input(key: &str, value: &str) -> Option<Input> {
+    let dc = parse_dc_key(key)?;
+    let Some(nodes) = parse_dc_nodes(value) else {
+        error!("directory entry {key} holds {value:?}, which is not a list of node ids; ignored");
+        return None;
+    };
+    Some(Input::Directory(DirectoryInput::DcNodes { dc, nodes }))
+}
+
+/// Follows `dcs/`: an operator's `dvs dc add-node` / `remove-node`. A deleted entry leaves
+/// the DC as it was (the operator commands never delete one).
+async fn watch_dcs(
+    dir: Arc<dyn Directory>,
+    mut changes_rx: mpsc::UnboundedReceiver<DirEvent>,
+    events: Events,
+) {
+    loop {
+        while let Some(ev) = changes_rx.recv().await {
+            let DirEvent::Put { key, value, .. } = ev else {
+                continue;
+            };
+            if let Some(input) = dc_nodes_input(&key, &value) {
+                if events.send(Event::Input(input)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let Some((snap, ev)) = rewatch(dir.as_ref(), DC_PREFIX, &events).await else {
+            return;
+        };
+        for (k, v) in snap {
+            if let Some(input) = dc_nodes_input(&k, &v.value) {
+                if events.send(Event::Input(input)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        changes_rx = ev;
+    }
+}
+
+/// The member entry `key` = `value` of `nodes/` (`None` for a bad one, logged).
+fn member_of(key: &str, value: &str) -> Option<(NodeId, MemberRecord)> {
+    let node = parse_node_key(key)?;
+    match serde_json::from_str(value) {
+        Ok(r) => Some((node, r)),
+        Err(e) => {
+            error!("directory entry {key} holds {value:?}, which is not a member record ({e}); ignored");
+            None
+        }
+    }
+}
+
+/// Follows `nodes/`: which nodes hold a lease, for status. A watch that ends is reopened,
+/// and its snapshot replaces what the node knew.
+async fn watch_members(
+    dir: Arc<dyn Directory>,
+    mut snapshot: Vec<(String, Versioned)>,
+    mut changes_rx: mpsc::UnboundedReceiver<DirEvent>,
+    events: Events,
+) {
+    loop {
+        let all: Vec<(NodeId, MemberRecord)> = snapshot
+            .iter()
+            .filter_map(|(k, v)| member_of(k, &v.value))
+            .collect();
+        if events
+            .send(Event::Members(MembersChange::All(all)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        while let Some(ev) = changes_rx.recv().await {
+            let change = match ev {
+                DirEvent::Put { key, value, .. } => match member_of(&key, &value) {
+                    Some((node, r)) => MembersChange::Alive(node, r),
+                    None => continue,
+                },
+                DirEvent::Delete { key } => match parse_node_key(&key) {
+                    Some(node) => MembersChange::Gone(node),
+                    None => continue,
+                },
+            };
+            if events.send(Event::Members(change)).await.is_err() {
+                return;
+            }
+        }
+        let Some((snap, ev)) = rewatch(dir.as_ref(), NODE_PREFIX, &events).await else {
+            return;
+        };
+        snapshot = snap;
+        changes_rx = ev;
+    }
+}
+
+/// A change of the nodes holding a membership lease.
+#[derive(Debug)]
+pub(crate) enum MembersChange {
+    /// Every node that holds one now (a watch's snapshot).
+    All(Vec<(NodeId, MemberRecord)>),
+    /// This node holds one (again).
+    Alive(NodeId, MemberRecord),
+    /// This node's lease ended (expired, revoked when it left).
+    Gone(NodeId),
 }
 
 /// The registrations of an `ep/` snapshot, as inputs for the core.
@@ -228,6 +382,23 @@ async fn worker(
                 launch_record(dir.as_ref(), record).await;
                 None
             }
+            DirJob::Owners { endpoints, reply } => {
+                let mut owners = Vec::with_capacity(endpoints.len());
+                for (dc, ep) in endpoints {
+                    let owner = match dir.get(&endpoint_key(dc, ep)).await {
+                        Ok(v) => v.and_then(|v| v.value.parse::<NodeId>().ok()),
+                        // Unknown: keep the copy (the lease is held again, so nobody else
+                        // took over the node's endpoints through it).
+                        Err(e) => {
+                            warn!("cannot read the owner of {dc}/{ep}: {e}");
+                            Some(me.parse().unwrap_or_default())
+                        }
+                    };
+                    owners.push(((dc, ep), owner));
+                }
+                let _ = reply.send(owners);
+                None
+            }
         };
         if let Some(answer) = answer {
             if events
@@ -257,7 +428,7 @@ async fn execute(dir: &dyn Directory, me: &str, req: DirRequest) -> Option<Direc
                 }
                 Err(e) => {
                     error!("directory: cannot register {k}: {e}");
-                    Err(Errno::Shutdown)
+                    Err(Errno::DirectoryUnavailable)
                 }
             };
             Some(DirectoryInput::Registered { conn, result })

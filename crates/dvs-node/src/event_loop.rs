@@ -8,7 +8,8 @@
 //! what the round queued and re-arms the timer from `poll_timeout`. Nothing blocking runs
 //! here.
 
-use std::collections::HashMap;
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +25,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::access::{AdminGroup, PeerCred};
 use crate::ctl::{CtlRequest, CtlResponse, NodeStatus, ProcStatus};
 use crate::dir::DirJob;
+use crate::dir::MembersChange;
 use crate::launcher::{Ended, LaunchJob, Procs};
+use crate::membership::{Member, MemberCmd, MembershipEvent};
 use crate::migrate::{Migrations, RestoreResult};
 use crate::peer::{LinkEvent, LinkId, LinkInfo, PeerLink};
 use crate::relay::Relays;
@@ -57,6 +60,8 @@ pub(crate) struct Ctx {
     pub events: Events,
     /// TLS material and deny list of the peer links, as last loaded.
     pub auth: watch::Receiver<Arc<PeerAuth>>,
+    /// The node lost its membership lease: no peer link until it holds one again.
+    pub fenced: Cell<bool>,
 }
 
 /// What an I/O task or a finished job tells the event loop.
@@ -96,6 +101,12 @@ pub(crate) enum Event {
     MigratedAway { launchers: Vec<i32>, to: NodeId },
     /// The deny list changed: close the links whose certificate it revokes now.
     DenyListChanged,
+    /// The membership lease was taken or lost.
+    Membership(MembershipEvent),
+    /// The nodes holding a membership lease changed.
+    Members(MembersChange),
+    /// Who owns this node's endpoints now, read after a fence (see `membership.rs`).
+    Reconciled(crate::dir::Owners),
     /// An answer to a request another node relayed here, to send back to it.
     Relayed { to: NodeId, frame: CtlFrame },
     /// Stop the node (control `shutdown`).
@@ -128,6 +139,11 @@ pub(crate) enum Query {
         req: MigrationRequest,
         progress: mpsc::UnboundedSender<CtlResponse>,
         reply: oneshot::Sender<Result<MigrationId, String>>,
+    },
+    /// Leave the cluster (see `CtlRequest::Leave`); the answer says what was done.
+    Leave {
+        force: bool,
+        reply: oneshot::Sender<Result<String, String>>,
     },
     /// Relay `request` to node `to`; its answers go to `answers`, which closes after the
     /// last.
@@ -184,6 +200,14 @@ pub(crate) struct Node {
     pub next_ticket: Ticket,
     /// Operator requests relayed to other nodes or served here for them.
     pub relays: Relays,
+    /// The membership lease holder (on the directory thread).
+    pub membership: mpsc::UnboundedSender<MemberCmd>,
+    /// Whether this node holds its membership lease now.
+    pub lease_held: bool,
+    /// Lost its lease: its endpoints are stopped and it has no link (membership.rs).
+    pub fenced: bool,
+    /// Every node whose membership the directory shows, and since when that holds.
+    pub members: BTreeMap<NodeId, Member>,
     pub started: Instant,
     /// Set by [`Event::Shutdown`].
     stop: bool,
@@ -195,6 +219,7 @@ impl Node {
         core: NodeCore,
         ctx: Rc<Ctx>,
         dir: mpsc::UnboundedSender<DirJob>,
+        membership: mpsc::UnboundedSender<MemberCmd>,
         migrations: Migrations,
     ) -> Self {
         let links = ctx
@@ -220,6 +245,10 @@ impl Node {
             waiting: HashMap::new(),
             next_ticket: 0,
             relays: Relays::default(),
+            membership,
+            lease_held: false,
+            fenced: false,
+            members: BTreeMap::new(),
             started: Instant::now(),
             stop: false,
         }
@@ -284,6 +313,9 @@ impl Node {
             Event::MigratedAway { launchers, to } => self.procs.migrated_away(&launchers, to),
             Event::DenyListChanged => self.close_revoked_links(),
             Event::Relayed { to, frame } => self.relayed_answer(to, frame),
+            Event::Membership(ev) => self.membership_event(ev),
+            Event::Members(change) => self.members_changed(change),
+            Event::Reconciled(owners) => self.reconciled(owners),
             Event::Shutdown => self.stop = true,
         }
     }

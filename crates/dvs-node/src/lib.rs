@@ -19,6 +19,7 @@ mod handshake;
 mod images;
 mod launcher;
 mod local;
+mod membership;
 mod migrate;
 mod peer;
 mod relay;
@@ -195,7 +196,14 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
     let (events, mut rx) = mpsc::channel(event_loop::EVENTS);
     let (publish_auth, auth) = watch::channel(security.current());
     let core = NodeCore::new(core_config(&cfg, me.id));
-    let (dir_jobs, registrations) = dir::start(directory, me.id, events.clone()).await?;
+    let member = membership::MemberRecord {
+        name: me.name.clone(),
+        addr: me.peer_addr.to_string(),
+        pid: std::process::id(),
+        since_ms: 0,
+    };
+    let lease_ttl = std::time::Duration::from_millis(cfg.membership.lease_ms);
+    let started = dir::start(directory, me.id, member, lease_ttl, events.clone()).await?;
     let ctx = Rc::new(Ctx {
         cfg,
         me: me.clone(),
@@ -203,10 +211,17 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
         app_umask,
         events: events.clone(),
         auth,
+        fenced: std::cell::Cell::new(false),
     });
-    let mut node = Node::new(core, ctx.clone(), dir_jobs, Migrations::new(images));
+    let mut node = Node::new(
+        core,
+        ctx.clone(),
+        started.jobs,
+        started.membership,
+        Migrations::new(images),
+    );
     // The directory's registrations come before anything a connection could ask.
-    for input in registrations {
+    for input in started.inputs {
         node.input(input);
     }
     tokio::task::spawn_local(local::serve(ctx.clone(), ipc));
@@ -224,6 +239,8 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
         _ = tokio::signal::ctrl_c() => info!("SIGINT"),
     }
     node.kill_all();
+    // Others see this node leave now, not when its lease would have run out.
+    node.leave_cluster().await;
     // Images of migrations cut short by the shutdown, and the folders that held only them
     // (remove_dir fails on a folder another node still uses).
     let root = node.migrations.images.root().to_path_buf();

@@ -177,6 +177,10 @@ async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener) {
 
 /// Runs the accepting handshake, holding one of the [`MAX_HANDSHAKES`] slots meanwhile.
 async fn accept_one(ctx: Rc<Ctx>, stream: TcpStream, addr: SocketAddr, slot: OwnedSemaphorePermit) {
+    if ctx.fenced.get() {
+        // A fenced node takes no link until it holds its lease again (membership.rs).
+        return;
+    }
     let _ = stream.set_nodelay(true);
     let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_handshake(&ctx, stream)).await;
     drop(slot);
@@ -201,6 +205,10 @@ async fn dial_loop(ctx: Rc<Ctx>, peer: NodeId, addr: SocketAddr) {
     let mut backoff = base;
     let mut last_logged: Option<String> = None;
     loop {
+        while ctx.fenced.get() {
+            // No link while fenced (membership.rs).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let attempt = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial_handshake(&ctx, peer, addr));
         let result = match attempt.await {
             Ok(r) => r,
@@ -444,6 +452,11 @@ impl Node {
             mut dec,
             serial,
         } = link;
+        if self.fenced {
+            // Finished its handshake while this node fenced itself: dropping it closes it
+            // (and makes a dialer dial again later).
+            return;
+        }
         dec.set_limit(dvs_wire::MAX_FRAME);
         let compress = self.ctx.cfg.link.compression == dvs_config::Compression::Lz4;
         let wire = match Wire::new(sock, compress) {

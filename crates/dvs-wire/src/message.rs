@@ -214,4 +214,7 @@ pub enum Errno {
     /// Queue limit reached.
     #[error("queue full")]
     QueueFull,
+    /// The cluster directory did not answer (a bind or unbind needs it); try again.
+    #[error("the cluster directory is unavailable")]
+    DirectoryUnavailable,
 }

@@ -89,6 +89,7 @@ fn errno() -> impl Strategy<Value = Errno> {
         Errno::TooBig,
         Errno::Invalid,
         Errno::Shutdown,
+        Errno::DirectoryUnavailable,
         Errno::QueueFull,
     ])
 }
