@@ -66,6 +66,15 @@ impl NodeCore {
         if let Some(a) = self.migr.arrivals.remove(&id) {
             if let Some(conn) = a.conn {
                 if commit {
+                    if !self.links_up.contains(&a.coordinator) {
+                        // The coordinator, which records where the endpoint runs, is gone
+                        // (this node decided the commit): record it here.
+                        self.actions.push_back(Action::Directory(DirRequest::Relocate {
+                            dc,
+                            ep,
+                            node: here,
+                        }));
+                    }
                     self.table.set(dc, ep, Registration::Local { conn });
                     self.install_arrival(conn, dc, ep, a.backend, &a.state, now);
                     self.wake_bind_waiters(dc, ep);
@@ -247,6 +256,42 @@ impl NodeCore {
                 self.enter_quiesce(id, now);
             }
             let _ = to;
+        }
+        // The destination that lost its coordinator (the source) decides at once, instead of
+        // waiting for the participant timeout: a commit if its copy is restored (the source's
+        // copy is stopped and resumes only on a recorded rollback), else a rollback. The CAS on
+        // the record makes this one decision with whatever the coordinator decides.
+        let orphaned: Vec<(MigrationId, DcId, Ep, bool)> = self
+            .migr
+            .arrivals
+            .iter()
+            .filter(|(_, a)| a.coordinator == node)
+            .map(|(id, a)| (*id, a.dc, a.ep, a.conn.is_some()))
+            .collect();
+        for (id, dc, ep, restored) in orphaned {
+            let record = MigrRecord {
+                id,
+                from: node,
+                to: self.node,
+                state: if restored {
+                    RecordState::Committed
+                } else {
+                    RecordState::RolledBack
+                },
+            };
+            tracing::warn!(
+                "lost the coordinator (node {node}) of migration {id:x} of {dc}/{ep}: recording a {} ({})",
+                if restored { "commit" } else { "rollback" },
+                if restored { "the copy here is restored" } else { "the copy here is not restored" }
+            );
+            self.actions
+                .push_back(Action::Directory(DirRequest::WriteMigrRecord {
+                    id,
+                    dc,
+                    ep,
+                    record,
+                    require: Require::Started(id),
+                }));
         }
         // Losing the destination before the decision means rolling back.
         let lost: Vec<MigrationId> = self
