@@ -24,12 +24,14 @@ use dvs_wire::NodeId;
 mod directory;
 mod exec;
 mod expect;
+mod faults;
 mod link;
 pub mod req;
 mod trace;
 
 pub use directory::{DirKind, Directory};
 pub use exec::{Outcomes, Restored};
+pub use faults::Invariant;
 pub use link::LinkConfig;
 pub use trace::Event;
 
@@ -85,6 +87,10 @@ pub struct Sim {
     next_conn: ConnId,
     tickets: dvs_core::Ticket,
     trace: Vec<Event>,
+    /// Checked after every input a core handled (see [`Sim::set_invariant`]).
+    invariant: Option<Invariant>,
+    /// The first time the invariant did not hold, and why.
+    violation: Option<String>,
 }
 
 impl Sim {
@@ -114,6 +120,8 @@ impl Sim {
             next_conn: 1,
             tickets: 0,
             trace: Vec::new(),
+            invariant: None,
+            violation: None,
         }
     }
 
@@ -159,6 +167,13 @@ impl Sim {
 
     fn offset(&self, t: Instant) -> Duration {
         t.saturating_duration_since(self.start)
+    }
+
+    /// When the next thing is due (a core's timer, a frame, a directory answer), as time
+    /// since the start; `None` if nothing is pending. A driver can jump the clock there
+    /// instead of stepping through idle time.
+    pub fn next_due(&self) -> Option<Duration> {
+        self.next_event(true)
     }
 
     /// The earliest thing due: a core's timer, a frame, a directory answer.
@@ -257,6 +272,7 @@ impl Sim {
             .get_mut(&node)
             .expect("checked")
             .handle(now, input);
+        self.check_invariant(node);
     }
 
     /// Takes the actions `node` queued, without carrying them out.
@@ -308,9 +324,14 @@ impl Sim {
         self.links.is_up(a, b)
     }
 
-    /// Brings the link between `a` and `b` up: both ends learn it.
+    /// Brings the link between `a` and `b` up: both ends learn it. With one end crashed,
+    /// nothing connects until it restarts ([`Sim::restart`] brings its links up then).
     pub fn link_up(&mut self, a: NodeId, b: NodeId) {
         self.links.set_up(a, b);
+        let crashed = |n| self.configs.contains_key(&n) && !self.cores.contains_key(&n);
+        if crashed(a) || crashed(b) {
+            return;
+        }
         self.input(a, Input::LinkUp { node: b });
         self.input(b, Input::LinkUp { node: a });
         self.pump();
@@ -476,55 +497,6 @@ impl Sim {
     /// Forgets the frames delivered to the phantom `node`.
     pub fn clear_received(&mut self, node: NodeId) {
         self.received.remove(&node);
-    }
-
-    // ----- crashes -------------------------------------------------------------------------
-
-    /// Crashes `node`: its core is dropped with its processes and what it had in flight, and
-    /// the nodes linked to it see the link go down.
-    pub fn crash(&mut self, node: NodeId) {
-        if self.cores.remove(&node).is_none() {
-            return;
-        }
-        if self.tracing {
-            self.trace.push(Event::Crash {
-                at: self.elapsed,
-                node,
-            });
-        }
-        let lost = self.links.lose_node(node);
-        self.lost(lost);
-        self.dir.queues.remove(&node);
-        self.responses.retain(|p, _| p.node != node);
-        for peer in self.links.peers_of(node) {
-            self.input(peer, Input::LinkDown { node });
-        }
-        self.pump();
-    }
-
-    /// Restarts the crashed `node` with a fresh core (new migration ids); its links that are
-    /// up come back.
-    pub fn restart(&mut self, node: NodeId) {
-        if self.cores.contains_key(&node) {
-            return;
-        }
-        let mut cfg = self.configs[&node].clone();
-        let run = self.restarts.entry(node).or_default();
-        *run += 1;
-        // A restarted node must not reuse the migration ids of its previous run.
-        cfg.migration_seed += *run << 32;
-        self.cores.insert(node, NodeCore::new(cfg));
-        if self.tracing {
-            self.trace.push(Event::Restart {
-                at: self.elapsed,
-                node,
-            });
-        }
-        for peer in self.links.peers_of(node) {
-            self.input(node, Input::LinkUp { node: peer });
-            self.input(peer, Input::LinkUp { node });
-        }
-        self.pump();
     }
 
     // ----- processes -----------------------------------------------------------------------
