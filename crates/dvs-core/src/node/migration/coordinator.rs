@@ -38,7 +38,16 @@ pub(super) struct Coord {
     pub(super) image_bytes: u64,
     pub(super) info: Option<RestoreInfo>,
     pub(super) held: u32,
+    /// The decision's record write got no definite answer; it is written again when the
+    /// migration's timer fires.
+    pub(super) rewrite_decision: bool,
+    /// A stale started record was rolled back for this start (done once only).
+    pub(super) cleared_stale: bool,
 }
+
+/// How long the coordinator waits before writing its decision again after the directory gave
+/// no definite answer.
+pub(super) const DECISION_RETRY: Duration = Duration::from_millis(200);
 
 /// Where the outcome of a coordinated migration stands: a state, not a pair of flags, so
 /// that "decided but not recorded yet" and "recorded" cannot be confused.
@@ -144,6 +153,8 @@ impl NodeCore {
             image_bytes: 0,
             info: None,
             held: 0,
+            rewrite_decision: false,
+            cleared_stale: false,
             req,
         };
         self.migr.coords.insert(id, coord);
@@ -191,6 +202,10 @@ impl NodeCore {
         let Some(c) = self.migr.coords.get(&id) else {
             return;
         };
+        if c.outcome.decided_at().is_some() {
+            // A second answer (to a decision written again): the outcome is applied already.
+            return;
+        }
         let (dc, ep, conn, to) = (c.req.dc, c.req.ep, c.conn, c.req.to);
         match (c.outcome.commit(), result) {
             (None, Ok(())) => {
@@ -214,6 +229,55 @@ impl NodeCore {
                 c.acks = nodes.into_iter().collect();
                 if c.acks.is_empty() {
                     self.enter_quiesce(id, now);
+                }
+            }
+            (None, Err(Some(r)))
+                if r.state == RecordState::Started
+                    && !c.cleared_stale
+                    && !self.migr.coords.contains_key(&r.id)
+                    && self.table.get(dc, ep) == Some(Registration::Local { conn }) =>
+            {
+                // A migration recorded as started that nobody runs: the endpoint runs here
+                // and this node does not coordinate it, and only the node an endpoint runs
+                // on coordinates its migration; so its coordinator died (a crashed node, a
+                // previous run of this one) before deciding, and no participant holding
+                // calls was left to time out and roll it back. It can never commit (only a
+                // coordinator records a commit): record its rollback, which the nodes that
+                // still know of it apply from the watch, then record this start again.
+                let stale = r.id;
+                let c = self.migr.coords.get_mut(&id).expect("present");
+                c.cleared_stale = true;
+                let (from, to_then) = (r.from, r.to);
+                for (mid, record, require) in [
+                    (
+                        stale,
+                        MigrRecord {
+                            id: stale,
+                            from,
+                            to: to_then,
+                            state: RecordState::RolledBack,
+                        },
+                        Require::Started(stale),
+                    ),
+                    (
+                        id,
+                        MigrRecord {
+                            id,
+                            from: self.node,
+                            to,
+                            state: RecordState::Started,
+                        },
+                        Require::NotRunning,
+                    ),
+                ] {
+                    self.actions
+                        .push_back(Action::Directory(DirRequest::WriteMigrRecord {
+                            id: mid,
+                            dc,
+                            ep,
+                            record,
+                            require,
+                        }));
                 }
             }
             (None, Err(current)) => {
@@ -243,8 +307,21 @@ impl NodeCore {
                 }
                 self.apply_decision(id, commit, now);
             }
+            (Some(_), Err(None)) => {
+                // No definite answer (the directory is down, or the write's fate is unknown):
+                // the decision may be recorded after all. Deciding anything here could
+                // contradict the record (a commit that landed while this node resumes the
+                // source: the endpoint would run twice), and leaving the record started
+                // would block every later migration of the endpoint: write it again until
+                // the directory answers. The record is never deleted, so `None` is never a
+                // definite "absent".
+                if let Some(c) = self.migr.coords.get_mut(&id) {
+                    c.rewrite_decision = true;
+                }
+                self.add_timer(now + DECISION_RETRY, TimerKey::Migration { id });
+            }
             (Some(commit), Err(_)) => {
-                // The record is gone or foreign: the safe outcome is the one that keeps the
+                // The record is foreign: the safe outcome is the one that keeps the
                 // source, unless the destination already runs it and the record says so.
                 let _ = commit;
                 if let Some(c) = self.migr.coords.get_mut(&id) {
@@ -438,6 +515,38 @@ impl NodeCore {
             }
             Err(e) => self.decide(id, false, Some(MigrationError::Transfer { reason: e }), now),
         }
+    }
+
+    /// Writes the decision again (see [`DECISION_RETRY`]).
+    pub(super) fn rewrite_decision(&mut self, id: MigrationId) {
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return;
+        };
+        let Outcome::Deciding { commit } = c.outcome else {
+            return;
+        };
+        if !std::mem::take(&mut c.rewrite_decision) {
+            return;
+        }
+        let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
+        let state = if commit {
+            RecordState::Committed
+        } else {
+            RecordState::RolledBack
+        };
+        self.actions
+            .push_back(Action::Directory(DirRequest::WriteMigrRecord {
+                id,
+                dc,
+                ep,
+                record: MigrRecord {
+                    id,
+                    from,
+                    to,
+                    state,
+                },
+                require: Require::Started(id),
+            }));
     }
 
     pub(in crate::node) fn decide(

@@ -175,12 +175,15 @@ impl NodeCore {
                 .holds
                 .iter()
                 .find(|(_, h)| h.id == Some(id))
-                .map(|(k, h)| (*k, h.route));
-            if let Some(((dc, ep), Some((from, to)))) = held {
-                if self.links_up.contains(&from) {
+                .map(|(k, h)| (*k, h.route, h.coordinator_lost));
+            if let Some(((dc, ep), Some((from, to)), lost)) = held {
+                if self.links_up.contains(&from) && !lost {
                     // The coordinator (the source) is reachable: it is still at work (a big
                     // image takes a while) and decides itself, as long as the directory
-                    // still records the migration as started. Losing its link ends this wait.
+                    // still records the migration as started. Losing its link ends this
+                    // wait, even if it comes back: behind the new link may be a restarted
+                    // node that will never decide (a rollback that the coordinator did not
+                    // need is safe: the record's compare-and-set decides either way).
                     self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
                     self.actions
                         .push_back(Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }));
@@ -216,6 +219,7 @@ impl NodeCore {
                 };
                 self.decide(id, false, Some(why), now);
             }
+            (_, None) if c.rewrite_decision => self.rewrite_decision(id),
             (_, Some(_)) => {
                 // Stop waiting for outcome acks.
                 if let Some(c) = self.migr.coords.get_mut(&id) {
@@ -230,6 +234,11 @@ impl NodeCore {
     /// A link went down: a migration does not wait for that node's acks.
     pub(in crate::node) fn migration_link_down(&mut self, node: NodeId) {
         let now = self.now();
+        for h in self.migr.holds.values_mut() {
+            if h.route.is_some_and(|(from, _)| from == node) {
+                h.coordinator_lost = true;
+            }
+        }
         let ids: Vec<MigrationId> = self
             .migr
             .coords
