@@ -18,6 +18,7 @@ impl Sim {
         if self.cores.remove(&node).is_none() {
             return;
         }
+        self.disruptions += 1;
         if self.tracing {
             self.trace.push(Event::Crash {
                 at: self.elapsed,
