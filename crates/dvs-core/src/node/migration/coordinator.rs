@@ -38,15 +38,15 @@ pub(super) struct Coord {
     pub(super) image_bytes: u64,
     pub(super) info: Option<RestoreInfo>,
     pub(super) held: u32,
-    /// The decision's record write got no definite answer; it is written again when the
-    /// migration's timer fires.
-    pub(super) rewrite_decision: bool,
+    /// The record's last write (the start or the decision) got no definite answer: the
+    /// record is read when the migration's timer fires, until the directory answers.
+    pub(super) unsure: bool,
     /// A stale started record was rolled back for this start (done once only).
     pub(super) cleared_stale: bool,
 }
 
-/// How long the coordinator waits before writing its decision again after the directory gave
-/// no definite answer.
+/// How long the coordinator waits before reading its record after the directory gave no
+/// definite answer to a write (and between reads the directory does not answer).
 pub(super) const DECISION_RETRY: Duration = Duration::from_millis(200);
 
 /// Where the outcome of a coordinated migration stands: a state, not a pair of flags, so
@@ -153,7 +153,7 @@ impl NodeCore {
             image_bytes: 0,
             info: None,
             held: 0,
-            rewrite_decision: false,
+            unsure: false,
             cleared_stale: false,
             req,
         };
@@ -230,6 +230,19 @@ impl NodeCore {
                 if c.acks.is_empty() {
                     self.enter_quiesce(id, now);
                 }
+            }
+            // An earlier write of this start landed after all (its answer was lost).
+            (None, Err(Some(r))) if r.id == id && r.state == RecordState::Started => {
+                self.on_migr_record_result(id, Ok(()), now)
+            }
+            // No definite answer: as for a decision (below), the start may be recorded; a
+            // record left started with nobody to decide it would block the endpoint. Write it
+            // again until the directory answers (nothing is stopped or held meanwhile).
+            (None, Err(None)) => {
+                if let Some(c) = self.migr.coords.get_mut(&id) {
+                    c.unsure = true;
+                }
+                self.add_timer(now + DECISION_RETRY, TimerKey::Migration { id });
             }
             (None, Err(Some(r)))
                 if r.state == RecordState::Started
@@ -316,7 +329,7 @@ impl NodeCore {
                 // the directory answers. The record is never deleted, so `None` is never a
                 // definite "absent".
                 if let Some(c) = self.migr.coords.get_mut(&id) {
-                    c.rewrite_decision = true;
+                    c.unsure = true;
                 }
                 self.add_timer(now + DECISION_RETRY, TimerKey::Migration { id });
             }
@@ -517,23 +530,72 @@ impl NodeCore {
         }
     }
 
-    /// Writes the decision again (see [`DECISION_RETRY`]).
-    pub(super) fn rewrite_decision(&mut self, id: MigrationId) {
+    /// The migration's timer, with the record's state unsure: read it (again: a read the
+    /// directory fails is not answered).
+    pub(super) fn check_record(&mut self, id: MigrationId, now: Instant) {
+        let Some(c) = self.migr.coords.get(&id) else {
+            return;
+        };
+        let (dc, ep) = (c.req.dc, c.req.ep);
+        self.actions
+            .push_back(Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }));
+        self.add_timer(now + DECISION_RETRY, TimerKey::Migration { id });
+    }
+
+    /// The record, read because the coordinator was unsure of it: `false` if this node does
+    /// not coordinate `id` or was not unsure (a participant's read, or a late answer).
+    pub(in crate::node) fn coord_record_read(
+        &mut self,
+        id: MigrationId,
+        record: Option<MigrRecord>,
+        now: Instant,
+    ) -> bool {
         let Some(c) = self.migr.coords.get_mut(&id) else {
-            return;
+            return false;
         };
-        let Outcome::Deciding { commit } = c.outcome else {
-            return;
-        };
-        if !std::mem::take(&mut c.rewrite_decision) {
-            return;
+        if !std::mem::take(&mut c.unsure) {
+            return true;
         }
-        let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
-        let state = if commit {
-            RecordState::Committed
-        } else {
-            RecordState::RolledBack
+        let (outcome, dc, ep) = (c.outcome, c.req.dc, c.req.ep);
+        let mine = record.filter(|r| r.id == id);
+        match (outcome, mine) {
+            // The start landed.
+            (Outcome::Open, Some(r)) if r.state == RecordState::Started => {
+                self.on_migr_record_result(id, Ok(()), now)
+            }
+            // It did not (or was decided: only this node decides a start it never saw
+            // recorded, so that cannot be): write it again.
+            (Outcome::Open, _) => self.write_record_again(id),
+            // The decision did not land: write it again.
+            (Outcome::Deciding { .. }, Some(r)) if r.state == RecordState::Started => {
+                self.write_record_again(id)
+            }
+            // It landed (or a participant's rollback did): follow the record.
+            (Outcome::Deciding { .. }, Some(r)) => self.on_migr_record(dc, ep, r, now),
+            // The start never landed, so nobody can have committed: roll back here.
+            (Outcome::Deciding { .. }, None) => {
+                let c = self.migr.coords.get_mut(&id).expect("present");
+                c.outcome = Outcome::Deciding { commit: false };
+                c.error.get_or_insert(MigrationError::RecordChanged);
+                self.apply_decision(id, false, now);
+            }
+            (Outcome::Decided { .. }, _) => {}
+        }
+        true
+    }
+
+    /// Writes the start or the decision again.
+    fn write_record_again(&mut self, id: MigrationId) {
+        let Some(c) = self.migr.coords.get(&id) else {
+            return;
         };
+        let (state, require) = match c.outcome {
+            Outcome::Open => (RecordState::Started, Require::NotRunning),
+            Outcome::Deciding { commit: true } => (RecordState::Committed, Require::Started(id)),
+            Outcome::Deciding { commit: false } => (RecordState::RolledBack, Require::Started(id)),
+            Outcome::Decided { .. } => return,
+        };
+        let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
         self.actions
             .push_back(Action::Directory(DirRequest::WriteMigrRecord {
                 id,
@@ -545,7 +607,7 @@ impl NodeCore {
                     to,
                     state,
                 },
-                require: Require::Started(id),
+                require,
             }));
     }
 

@@ -111,6 +111,9 @@ impl NodeCore {
         record: Option<MigrRecord>,
         now: Instant,
     ) {
+        if self.coord_record_read(id, record, now) {
+            return;
+        }
         match record {
             Some(r) if r.id == id && r.state == RecordState::Started => {}
             Some(r) if r.id == id => self.on_migr_record(dc, ep, r, now),
@@ -142,12 +145,13 @@ impl NodeCore {
         }
         if let Some(c) = self.migr.coords.get_mut(&record.id) {
             // A participant recorded a rollback while this coordinator was still at work
-            // (it thought the coordinator gone): follow the record at once, so that the
-            // source resumes and no restored copy survives.
-            if c.outcome.is_open() {
+            // (it thought the coordinator gone), or this coordinator's own decision landed
+            // while its answer was lost: follow the record at once, so that the source
+            // resumes (or hands over) and no restored copy survives a rollback.
+            if c.outcome.decided_at().is_none() {
                 let commit = record.state == RecordState::Committed;
                 c.outcome = Outcome::Deciding { commit };
-                if !commit {
+                if !commit && c.error.is_none() {
                     c.error = Some(MigrationError::RolledBackElsewhere);
                 }
                 self.apply_decision(record.id, commit, now);
@@ -219,7 +223,7 @@ impl NodeCore {
                 };
                 self.decide(id, false, Some(why), now);
             }
-            (_, None) if c.rewrite_decision => self.rewrite_decision(id),
+            (_, None) if c.unsure => self.check_record(id, now),
             (_, Some(_)) => {
                 // Stop waiting for outcome acks.
                 if let Some(c) = self.migr.coords.get_mut(&id) {
