@@ -68,6 +68,10 @@ pub struct Directory {
     pub(crate) held: BTreeSet<NodeId>,
     /// Nodes whose requests fail (an outage of the directory for them).
     pub(crate) failing: BTreeSet<NodeId>,
+    /// During an outage, a migration record write still lands but its answer is lost: the
+    /// node gets the failure answer (`Err(None)`), as from etcd when a write times out after
+    /// it was applied (its fate is unknown to the writer).
+    pub ambiguous_writes: bool,
     /// Requests not landed yet, per node, with when they are due.
     pub(crate) queues: BTreeMap<NodeId, VecDeque<(Duration, DirRequest)>>,
 }
@@ -161,8 +165,26 @@ impl Directory {
     /// Carries out `req` from `node`.
     pub(crate) fn land(&mut self, node: NodeId, req: DirRequest) -> Landed {
         if self.failing.contains(&node) {
+            if self.ambiguous_writes && matches!(req, DirRequest::WriteMigrRecord { .. }) {
+                let landed = self.land_now(node, req);
+                let answer = landed.answer.map(|a| match a {
+                    DirectoryInput::MigrRecordWritten { id, .. } => {
+                        DirectoryInput::MigrRecordWritten {
+                            id,
+                            result: Err(None),
+                        }
+                    }
+                    other => other,
+                });
+                return Landed { answer, ..landed };
+            }
             return Self::fail(req);
         }
+        self.land_now(node, req)
+    }
+
+    /// Carries out `req` from `node`, the directory up.
+    fn land_now(&mut self, node: NodeId, req: DirRequest) -> Landed {
         let mut watch = Vec::new();
         let answer = match req {
             DirRequest::Register { conn, dc, ep } => {
