@@ -450,7 +450,7 @@ fn seed_20_a_restarted_coordinator_does_not_leave_calls_held() {
 /// recording anything: the record stayed started, blocking the endpoint's migrations (and,
 /// had the write landed after all, the endpoint would have run on two nodes).
 #[test]
-fn seed_102_a_decision_without_an_answer_is_written_again() {
+fn seed_102_a_decision_without_an_answer_is_resolved_from_the_record() {
     assert_eq!(run_caught(102, None), Ok(()));
 }
 
