@@ -37,7 +37,8 @@
 //!
 //! Commands:
 //! - CI: `cargo test -p dvs-sim --test fault_seeds` runs seeds 0..5000 (`DVS_SIM_SEEDS=N`
-//!   for another count) on every core: about 17 s in a debug build on 2 busy cores.
+//!   for another count) on every core: 8 to 36 s in a debug build on 2 cores shared with
+//!   other builds.
 //! - Long run: `DVS_SIM_SEEDS=100000 cargo test --release -p dvs-sim --test fault_seeds --
 //!   --nocapture` (30 to 45 s on 2 busy cores, plus the release build).
 //! - Replay one seed: `DVS_SIM_SEED=S cargo test -p dvs-sim --test fault_seeds --
