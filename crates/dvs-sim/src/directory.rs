@@ -45,7 +45,11 @@ impl DirKind {
 ///
 /// Each node's requests land in the order the node made them (one connection to the
 /// directory per node). By default a request lands and is answered as soon as the node asks;
-/// [`Directory::delay`] and [`crate::Sim::hold_directory`] make it slower.
+/// [`Directory::delay`] and [`crate::Sim::hold_directory`] make it slower, and
+/// [`crate::Sim::fail_directory`] makes it fail. A failed request is answered as the daemon
+/// (`dvs-node/src/dir.rs`) answers when its directory operation fails: a register is refused
+/// (`Shutdown`), a lookup finds nothing, a migration record write reports `Err(None)`, and an
+/// unregister, a relocate or a record read has no effect and no answer.
 #[derive(Default)]
 pub struct Directory {
     endpoints: BTreeMap<(DcId, Ep), NodeId>,
@@ -62,6 +66,12 @@ pub struct Directory {
     /// How long a request takes to land.
     pub delay: Duration,
     pub(crate) held: BTreeSet<NodeId>,
+    /// Nodes whose requests fail (an outage of the directory for them).
+    pub(crate) failing: BTreeSet<NodeId>,
+    /// During an outage, a migration record write still lands but its answer is lost: the
+    /// node gets the failure answer (`Err(None)`), as from etcd when a write times out after
+    /// it was applied (its fate is unknown to the writer).
+    pub ambiguous_writes: bool,
     /// Requests not landed yet, per node, with when they are due.
     pub(crate) queues: BTreeMap<NodeId, VecDeque<(Duration, DirRequest)>>,
 }
@@ -111,8 +121,70 @@ impl Directory {
             .flat_map(|(n, q)| q.iter().map(move |(_, r)| (*n, r)))
     }
 
+    /// Removes every registration naming `node`, as a starting daemon does with what its
+    /// previous run left; returns the watch notifications.
+    pub(crate) fn remove_node(&mut self, node: NodeId) -> Vec<DirectoryInput> {
+        let stale: Vec<(DcId, Ep)> = self
+            .endpoints
+            .iter()
+            .filter(|(_, n)| **n == node)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut watch = Vec::new();
+        for (dc, ep) in stale {
+            self.endpoints.remove(&(dc, ep));
+            self.changed(&mut watch, dc, ep, None);
+        }
+        watch
+    }
+
+    /// `req` from `node` fails, with the daemon's answer to a failed operation.
+    fn fail(req: DirRequest) -> Landed {
+        let answer = match req {
+            DirRequest::Register { conn, .. } => Some(DirectoryInput::Registered {
+                conn,
+                result: Err(Errno::Shutdown),
+            }),
+            // The daemon answers a sync from its queue, without the directory.
+            DirRequest::Sync { conn } => Some(DirectoryInput::Synced { conn }),
+            DirRequest::Lookup { dc, ep } => Some(DirectoryInput::Located { dc, ep, node: None }),
+            DirRequest::WriteMigrRecord { id, .. } => Some(DirectoryInput::MigrRecordWritten {
+                id,
+                result: Err(None),
+            }),
+            DirRequest::Unregister { .. }
+            | DirRequest::Relocate { .. }
+            | DirRequest::ReadMigrRecord { .. } => None,
+        };
+        Landed {
+            answer,
+            watch: Vec::new(),
+        }
+    }
+
     /// Carries out `req` from `node`.
     pub(crate) fn land(&mut self, node: NodeId, req: DirRequest) -> Landed {
+        if self.failing.contains(&node) {
+            if self.ambiguous_writes && matches!(req, DirRequest::WriteMigrRecord { .. }) {
+                let landed = self.land_now(node, req);
+                let answer = landed.answer.map(|a| match a {
+                    DirectoryInput::MigrRecordWritten { id, .. } => {
+                        DirectoryInput::MigrRecordWritten {
+                            id,
+                            result: Err(None),
+                        }
+                    }
+                    other => other,
+                });
+                return Landed { answer, ..landed };
+            }
+            return Self::fail(req);
+        }
+        self.land_now(node, req)
+    }
+
+    /// Carries out `req` from `node`, the directory up.
+    fn land_now(&mut self, node: NodeId, req: DirRequest) -> Landed {
         let mut watch = Vec::new();
         let answer = match req {
             DirRequest::Register { conn, dc, ep } => {

@@ -68,6 +68,10 @@ impl Sim {
             Action::Memory(m) if self.auto_memory => self.memory(node, m),
             Action::Process(p) if self.auto_process => self.process(node, p),
             Action::Report(r) => self.report(node, r),
+            Action::Peer(PeerAction::Condemn { node: peer, .. }) if self.close_condemned => {
+                self.condemned.push((node, peer));
+                self.noted.push((node, a));
+            }
             // A close or a condemned link is the test's to see and act on.
             other => self.noted.push((node, other)),
         }

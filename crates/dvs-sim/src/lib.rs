@@ -24,12 +24,14 @@ use dvs_wire::NodeId;
 mod directory;
 mod exec;
 mod expect;
+mod faults;
 mod link;
 pub mod req;
 mod trace;
 
 pub use directory::{DirKind, Directory};
 pub use exec::{Outcomes, Restored};
+pub use faults::Invariant;
 pub use link::LinkConfig;
 pub use trace::Event;
 
@@ -75,6 +77,13 @@ pub struct Sim {
     pub hold_checkpoints: bool,
     /// Keep the trace (on by default).
     pub tracing: bool,
+    /// Close a link whose core condemned the peer, and connect it again at once, as the
+    /// daemon does (its dialer reconnects); else the `Condemn` is only noted for the test.
+    pub close_condemned: bool,
+    /// Links condemned, to close and reconnect once the current actions are carried out.
+    condemned: Vec<(NodeId, NodeId)>,
+    /// Links that went down (cut, condemned, or with a node that crashed) so far.
+    disruptions: u64,
     /// Every frame sent, also those lost, as `(from, to, frame)`.
     frames: Vec<(NodeId, NodeId, PeerFrame)>,
     received: BTreeMap<NodeId, Vec<PeerFrame>>,
@@ -85,6 +94,10 @@ pub struct Sim {
     next_conn: ConnId,
     tickets: dvs_core::Ticket,
     trace: Vec<Event>,
+    /// Checked after every input a core handled (see [`Sim::set_invariant`]).
+    invariant: Option<Invariant>,
+    /// The first time the invariant did not hold, and why.
+    violation: Option<String>,
 }
 
 impl Sim {
@@ -106,6 +119,9 @@ impl Sim {
             auto_process: true,
             hold_checkpoints: false,
             tracing: true,
+            close_condemned: false,
+            condemned: Vec::new(),
+            disruptions: 0,
             frames: Vec::new(),
             received: BTreeMap::new(),
             responses: BTreeMap::new(),
@@ -114,6 +130,8 @@ impl Sim {
             next_conn: 1,
             tickets: 0,
             trace: Vec::new(),
+            invariant: None,
+            violation: None,
         }
     }
 
@@ -159,6 +177,13 @@ impl Sim {
 
     fn offset(&self, t: Instant) -> Duration {
         t.saturating_duration_since(self.start)
+    }
+
+    /// When the next thing is due (a core's timer, a frame, a directory answer), as time
+    /// since the start; `None` if nothing is pending. A driver can jump the clock there
+    /// instead of stepping through idle time.
+    pub fn next_due(&self) -> Option<Duration> {
+        self.next_event(true)
     }
 
     /// The earliest thing due: a core's timer, a frame, a directory answer.
@@ -257,6 +282,7 @@ impl Sim {
             .get_mut(&node)
             .expect("checked")
             .handle(now, input);
+        self.check_invariant(node);
     }
 
     /// Takes the actions `node` queued, without carrying them out.
@@ -290,6 +316,10 @@ impl Sim {
                 }
                 continue;
             }
+            if let Some((a, b)) = self.condemned.pop() {
+                self.reconnect(a, b);
+                continue;
+            }
             if self.land_one_due() {
                 continue;
             }
@@ -308,16 +338,42 @@ impl Sim {
         self.links.is_up(a, b)
     }
 
-    /// Brings the link between `a` and `b` up: both ends learn it.
+    /// Brings the link between `a` and `b` up: both ends learn it. With one end crashed,
+    /// nothing connects until it restarts ([`Sim::restart`] brings its links up then).
     pub fn link_up(&mut self, a: NodeId, b: NodeId) {
         self.links.set_up(a, b);
+        let crashed = |n| self.configs.contains_key(&n) && !self.cores.contains_key(&n);
+        if crashed(a) || crashed(b) {
+            return;
+        }
         self.input(a, Input::LinkUp { node: b });
         self.input(b, Input::LinkUp { node: a });
         self.pump();
     }
 
+    /// How many times a link went down so far: cut, closed after a condemnation, or lost
+    /// with a node that crashed. Between two equal counts every link kept its order and lost
+    /// nothing.
+    pub fn disruptions(&self) -> u64 {
+        self.disruptions
+    }
+
+    /// A condemned link closes (what was in flight is lost) and the dialer connects again.
+    fn reconnect(&mut self, a: NodeId, b: NodeId) {
+        if !self.links.is_up(a, b) {
+            return;
+        }
+        self.disruptions += 1;
+        let lost = self.links.set_down(a, b);
+        self.lost(lost);
+        self.input(a, Input::LinkDown { node: b });
+        self.input(b, Input::LinkDown { node: a });
+        self.link_up(a, b);
+    }
+
     /// Cuts the link between `a` and `b`: what was in flight on it is lost, both ends learn.
     pub fn link_down(&mut self, a: NodeId, b: NodeId) {
+        self.disruptions += 1;
         let lost = self.links.set_down(a, b);
         self.lost(lost);
         self.input(a, Input::LinkDown { node: b });
@@ -476,55 +532,6 @@ impl Sim {
     /// Forgets the frames delivered to the phantom `node`.
     pub fn clear_received(&mut self, node: NodeId) {
         self.received.remove(&node);
-    }
-
-    // ----- crashes -------------------------------------------------------------------------
-
-    /// Crashes `node`: its core is dropped with its processes and what it had in flight, and
-    /// the nodes linked to it see the link go down.
-    pub fn crash(&mut self, node: NodeId) {
-        if self.cores.remove(&node).is_none() {
-            return;
-        }
-        if self.tracing {
-            self.trace.push(Event::Crash {
-                at: self.elapsed,
-                node,
-            });
-        }
-        let lost = self.links.lose_node(node);
-        self.lost(lost);
-        self.dir.queues.remove(&node);
-        self.responses.retain(|p, _| p.node != node);
-        for peer in self.links.peers_of(node) {
-            self.input(peer, Input::LinkDown { node });
-        }
-        self.pump();
-    }
-
-    /// Restarts the crashed `node` with a fresh core (new migration ids); its links that are
-    /// up come back.
-    pub fn restart(&mut self, node: NodeId) {
-        if self.cores.contains_key(&node) {
-            return;
-        }
-        let mut cfg = self.configs[&node].clone();
-        let run = self.restarts.entry(node).or_default();
-        *run += 1;
-        // A restarted node must not reuse the migration ids of its previous run.
-        cfg.migration_seed += *run << 32;
-        self.cores.insert(node, NodeCore::new(cfg));
-        if self.tracing {
-            self.trace.push(Event::Restart {
-                at: self.elapsed,
-                node,
-            });
-        }
-        for peer in self.links.peers_of(node) {
-            self.input(node, Input::LinkUp { node: peer });
-            self.input(peer, Input::LinkUp { node });
-        }
-        self.pump();
     }
 
     // ----- processes -----------------------------------------------------------------------

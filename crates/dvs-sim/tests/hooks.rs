@@ -5,7 +5,7 @@ mod workload;
 
 use std::time::Duration;
 
-use dvs_core::{Action, Input, PeerAction};
+use dvs_core::{Action, Input, PeerAction, Registration};
 use dvs_sim::req::{any, bind, notify, sendrec, FOREVER};
 use dvs_sim::{Event, LinkConfig, Sim};
 use dvs_wire::local::LocalResponse;
@@ -101,8 +101,14 @@ fn a_crashed_node_is_gone_until_it_restarts_with_a_fresh_core() {
     s.restart(2);
     assert!(s.core(1).link_up(2) && s.core(2).link_up(1) && s.core(2).link_up(3));
     assert!(s.core(2).registrations().iter().all(|(_, ep, _)| *ep != 1));
-    // The directory still names node 2 (no lease here): a new bind of ep 1 elsewhere fails.
-    assert_eq!(s.directory().node_of(DC, 1), Some(2));
+    // As the daemon at start: what named node 2 in the directory was stale and is gone, and
+    // the fresh core knows the rest.
+    assert_eq!(s.directory().node_of(DC, 1), None);
+    assert_eq!(
+        s.core(2).registrations(),
+        [(DC, 2, Registration::Remote { node: 1 })]
+    );
+    s.bind(3, DC, 1);
 }
 
 #[test]

@@ -273,6 +273,14 @@ impl NodeCore {
                     return Refuse(Violation::BadEndpoint { dc, ep });
                 }
                 match self.table.get(dc, ep) {
+                    // The node the endpoint moved here from announced it before the move
+                    // (when a link came up); the frame arrives after the outcome that made
+                    // it local here. An honest race, not a claim.
+                    Some(Registration::Local { .. })
+                        if self.migr.relayed_by(dc, ep, from, self.node) =>
+                    {
+                        Ignore("Bound sent by the node the endpoint moved here from")
+                    }
                     Some(Registration::Local { .. }) => {
                         Refuse(Violation::EndpointIsLocal { dc, ep })
                     }
@@ -367,6 +375,14 @@ impl NodeCore {
                     }
                 }
                 match self.table.get(dc, ep) {
+                    // The node the endpoint moved here from announced it before the move
+                    // (when a link came up); the frame arrives after the outcome that made
+                    // it local here. An honest race, not a claim.
+                    Some(Registration::Local { .. })
+                        if self.migr.relayed_by(dc, ep, from, self.node) =>
+                    {
+                        Ignore("Bound sent by the node the endpoint moved here from")
+                    }
                     Some(Registration::Local { .. }) => {
                         Refuse(Violation::EndpointIsLocal { dc, ep })
                     }

@@ -38,7 +38,16 @@ pub(super) struct Coord {
     pub(super) image_bytes: u64,
     pub(super) info: Option<RestoreInfo>,
     pub(super) held: u32,
+    /// The record's last write (the start or the decision) got no definite answer: the
+    /// record is read when the migration's timer fires, until the directory answers.
+    pub(super) unsure: bool,
+    /// A stale started record was rolled back for this start (done once only).
+    pub(super) cleared_stale: bool,
 }
+
+/// How long the coordinator waits before reading its record after the directory gave no
+/// definite answer to a write (and between reads the directory does not answer).
+pub(super) const DECISION_RETRY: Duration = Duration::from_millis(200);
 
 /// Where the outcome of a coordinated migration stands: a state, not a pair of flags, so
 /// that "decided but not recorded yet" and "recorded" cannot be confused.
@@ -144,6 +153,8 @@ impl NodeCore {
             image_bytes: 0,
             info: None,
             held: 0,
+            unsure: false,
+            cleared_stale: false,
             req,
         };
         self.migr.coords.insert(id, coord);
@@ -191,6 +202,10 @@ impl NodeCore {
         let Some(c) = self.migr.coords.get(&id) else {
             return;
         };
+        if c.outcome.decided_at().is_some() {
+            // A second answer (to a decision written again): the outcome is applied already.
+            return;
+        }
         let (dc, ep, conn, to) = (c.req.dc, c.req.ep, c.conn, c.req.to);
         match (c.outcome.commit(), result) {
             (None, Ok(())) => {
@@ -214,6 +229,68 @@ impl NodeCore {
                 c.acks = nodes.into_iter().collect();
                 if c.acks.is_empty() {
                     self.enter_quiesce(id, now);
+                }
+            }
+            // An earlier write of this start landed after all (its answer was lost).
+            (None, Err(Some(r))) if r.id == id && r.state == RecordState::Started => {
+                self.on_migr_record_result(id, Ok(()), now)
+            }
+            // No definite answer: as for a decision (below), the start may be recorded; a
+            // record left started with nobody to decide it would block the endpoint. Write it
+            // again until the directory answers (nothing is stopped or held meanwhile).
+            (None, Err(None)) => {
+                if let Some(c) = self.migr.coords.get_mut(&id) {
+                    c.unsure = true;
+                }
+                self.add_timer(now + DECISION_RETRY, TimerKey::Migration { id });
+            }
+            (None, Err(Some(r)))
+                if r.state == RecordState::Started
+                    && !c.cleared_stale
+                    && !self.migr.coords.contains_key(&r.id)
+                    && self.table.get(dc, ep) == Some(Registration::Local { conn }) =>
+            {
+                // A migration recorded as started that nobody runs: the endpoint runs here
+                // and this node does not coordinate it, and only the node an endpoint runs
+                // on coordinates its migration; so its coordinator died (a crashed node, a
+                // previous run of this one) before deciding, and no participant holding
+                // calls was left to time out and roll it back. It can never commit (only a
+                // coordinator records a commit): record its rollback, which the nodes that
+                // still know of it apply from the watch, then record this start again.
+                let stale = r.id;
+                let c = self.migr.coords.get_mut(&id).expect("present");
+                c.cleared_stale = true;
+                let (from, to_then) = (r.from, r.to);
+                for (mid, record, require) in [
+                    (
+                        stale,
+                        MigrRecord {
+                            id: stale,
+                            from,
+                            to: to_then,
+                            state: RecordState::RolledBack,
+                        },
+                        Require::Started(stale),
+                    ),
+                    (
+                        id,
+                        MigrRecord {
+                            id,
+                            from: self.node,
+                            to,
+                            state: RecordState::Started,
+                        },
+                        Require::NotRunning,
+                    ),
+                ] {
+                    self.actions
+                        .push_back(Action::Directory(DirRequest::WriteMigrRecord {
+                            id: mid,
+                            dc,
+                            ep,
+                            record,
+                            require,
+                        }));
                 }
             }
             (None, Err(current)) => {
@@ -243,8 +320,21 @@ impl NodeCore {
                 }
                 self.apply_decision(id, commit, now);
             }
+            (Some(_), Err(None)) => {
+                // No definite answer (the directory is down, or the write's fate is unknown):
+                // the decision may be recorded after all. Deciding anything here could
+                // contradict the record (a commit that landed while this node resumes the
+                // source: the endpoint would run twice), and leaving the record started
+                // would block every later migration of the endpoint: write it again until
+                // the directory answers. The record is never deleted, so `None` is never a
+                // definite "absent".
+                if let Some(c) = self.migr.coords.get_mut(&id) {
+                    c.unsure = true;
+                }
+                self.add_timer(now + DECISION_RETRY, TimerKey::Migration { id });
+            }
             (Some(commit), Err(_)) => {
-                // The record is gone or foreign: the safe outcome is the one that keeps the
+                // The record is foreign: the safe outcome is the one that keeps the
                 // source, unless the destination already runs it and the record says so.
                 let _ = commit;
                 if let Some(c) = self.migr.coords.get_mut(&id) {

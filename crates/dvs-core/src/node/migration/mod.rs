@@ -73,6 +73,10 @@ struct Hold {
     frames: Vec<PeerFrame>,
     /// On the destination: messages for the endpoint (`Deliver`) and the node that sent each.
     delivers: Vec<(NodeId, PeerFrame)>,
+    /// The link to the coordinator went down since MIGR_START. A link up again later may
+    /// lead to a restarted coordinator, a fresh core that knows nothing of this migration
+    /// and will never decide it.
+    coordinator_lost: bool,
 }
 
 /// Migration state of one node.

@@ -120,6 +120,9 @@ impl NodeCore {
         record: Option<MigrRecord>,
         now: Instant,
     ) {
+        if self.coord_record_read(id, record, now) {
+            return;
+        }
         match record {
             Some(r) if r.id == id && r.state == RecordState::Started => {}
             Some(r) if r.id == id => self.on_migr_record(dc, ep, r, now),
@@ -151,12 +154,13 @@ impl NodeCore {
         }
         if let Some(c) = self.migr.coords.get_mut(&record.id) {
             // A participant recorded a rollback while this coordinator was still at work
-            // (it thought the coordinator gone): follow the record at once, so that the
-            // source resumes and no restored copy survives.
-            if c.outcome.is_open() {
+            // (it thought the coordinator gone), or this coordinator's own decision landed
+            // while its answer was lost: follow the record at once, so that the source
+            // resumes (or hands over) and no restored copy survives a rollback.
+            if c.outcome.decided_at().is_none() {
                 let commit = record.state == RecordState::Committed;
                 c.outcome = Outcome::Deciding { commit };
-                if !commit {
+                if !commit && c.error.is_none() {
                     c.error = Some(MigrationError::RolledBackElsewhere);
                 }
                 self.apply_decision(record.id, commit, now);
@@ -184,12 +188,15 @@ impl NodeCore {
                 .holds
                 .iter()
                 .find(|(_, h)| h.id == Some(id))
-                .map(|(k, h)| (*k, h.route));
-            if let Some(((dc, ep), Some((from, to)))) = held {
-                if self.links_up.contains(&from) {
+                .map(|(k, h)| (*k, h.route, h.coordinator_lost));
+            if let Some(((dc, ep), Some((from, to)), lost)) = held {
+                if self.links_up.contains(&from) && !lost {
                     // The coordinator (the source) is reachable: it is still at work (a big
                     // image takes a while) and decides itself, as long as the directory
-                    // still records the migration as started. Losing its link ends this wait.
+                    // still records the migration as started. Losing its link ends this
+                    // wait, even if it comes back: behind the new link may be a restarted
+                    // node that will never decide (a rollback that the coordinator did not
+                    // need is safe: the record's compare-and-set decides either way).
                     self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
                     self.actions
                         .push_back(Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }));
@@ -225,6 +232,7 @@ impl NodeCore {
                 };
                 self.decide(id, false, Some(why), now);
             }
+            (_, None) if c.unsure => self.check_record(id, now),
             (_, Some(_)) => {
                 // Stop waiting for outcome acks.
                 if let Some(c) = self.migr.coords.get_mut(&id) {
@@ -239,6 +247,11 @@ impl NodeCore {
     /// A link went down: a migration does not wait for that node's acks.
     pub(in crate::node) fn migration_link_down(&mut self, node: NodeId) {
         let now = self.now();
+        for h in self.migr.holds.values_mut() {
+            if h.route.is_some_and(|(from, _)| from == node) {
+                h.coordinator_lost = true;
+            }
+        }
         let ids: Vec<MigrationId> = self
             .migr
             .coords

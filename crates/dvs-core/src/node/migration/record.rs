@@ -1,8 +1,15 @@
 //! The migration record in the directory (`migr/{dc}/{ep}`): the single place where a
 //! migration's outcome is decided, by compare-and-set.
 
+use std::time::Instant;
+
 use dvs_wire::peer::MigrationId;
 use dvs_wire::NodeId;
+
+use super::super::action::DirRequest;
+use super::super::{Action, NodeCore, TimerKey};
+use super::coordinator::{Outcome, DECISION_RETRY};
+use super::MigrationError;
 
 /// State of a migration record in the directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,5 +99,90 @@ impl Require {
             (Require::Started(id), Some(r)) => r.id == *id && r.state == RecordState::Started,
             (Require::Started(_), None) => false,
         }
+    }
+}
+
+/// The coordinator's record when a write of it got no definite answer (`Err(None)`: the
+/// directory failed, and the write may or may not have landed).
+impl NodeCore {
+    /// The migration's timer, with the record's state unsure: read it (again: a read the
+    /// directory fails is not answered).
+    pub(super) fn check_record(&mut self, id: MigrationId, now: Instant) {
+        let Some(c) = self.migr.coords.get(&id) else {
+            return;
+        };
+        let (dc, ep) = (c.req.dc, c.req.ep);
+        self.actions
+            .push_back(Action::Directory(DirRequest::ReadMigrRecord { id, dc, ep }));
+        self.add_timer(now + DECISION_RETRY, TimerKey::Migration { id });
+    }
+
+    /// The record, read because the coordinator was unsure of it: `false` if this node does
+    /// not coordinate `id` or was not unsure (a participant's read, or a late answer).
+    pub(in crate::node) fn coord_record_read(
+        &mut self,
+        id: MigrationId,
+        record: Option<MigrRecord>,
+        now: Instant,
+    ) -> bool {
+        let Some(c) = self.migr.coords.get_mut(&id) else {
+            return false;
+        };
+        if !std::mem::take(&mut c.unsure) {
+            return true;
+        }
+        let (outcome, dc, ep) = (c.outcome, c.req.dc, c.req.ep);
+        let mine = record.filter(|r| r.id == id);
+        match (outcome, mine) {
+            // The start landed.
+            (Outcome::Open, Some(r)) if r.state == RecordState::Started => {
+                self.on_migr_record_result(id, Ok(()), now)
+            }
+            // It did not (or was decided: only this node decides a start it never saw
+            // recorded, so that cannot be): write it again.
+            (Outcome::Open, _) => self.write_record_again(id),
+            // The decision did not land: write it again.
+            (Outcome::Deciding { .. }, Some(r)) if r.state == RecordState::Started => {
+                self.write_record_again(id)
+            }
+            // It landed (or a participant's rollback did): follow the record.
+            (Outcome::Deciding { .. }, Some(r)) => self.on_migr_record(dc, ep, r, now),
+            // The start never landed, so nobody can have committed: roll back here.
+            (Outcome::Deciding { .. }, None) => {
+                let c = self.migr.coords.get_mut(&id).expect("present");
+                c.outcome = Outcome::Deciding { commit: false };
+                c.error.get_or_insert(MigrationError::RecordChanged);
+                self.apply_decision(id, false, now);
+            }
+            (Outcome::Decided { .. }, _) => {}
+        }
+        true
+    }
+
+    /// Writes the start or the decision again.
+    pub(super) fn write_record_again(&mut self, id: MigrationId) {
+        let Some(c) = self.migr.coords.get(&id) else {
+            return;
+        };
+        let (state, require) = match c.outcome {
+            Outcome::Open => (RecordState::Started, Require::NotRunning),
+            Outcome::Deciding { commit: true } => (RecordState::Committed, Require::Started(id)),
+            Outcome::Deciding { commit: false } => (RecordState::RolledBack, Require::Started(id)),
+            Outcome::Decided { .. } => return,
+        };
+        let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
+        self.actions
+            .push_back(Action::Directory(DirRequest::WriteMigrRecord {
+                id,
+                dc,
+                ep,
+                record: MigrRecord {
+                    id,
+                    from,
+                    to,
+                    state,
+                },
+                require,
+            }));
     }
 }
