@@ -28,6 +28,9 @@ use crate::event_loop::{Event, Events};
 use crate::membership::{self, MemberCmd, MemberRecord};
 use crate::NodeError;
 
+/// Tries of a relocation before giving up (about 30 s with the back-off).
+const RELOCATE_ATTEMPTS: u32 = 20;
+
 /// A job for the directory thread.
 pub(crate) enum DirJob {
     /// One of the core's requests; its answer, if it has one, goes to the event loop.
@@ -460,9 +463,23 @@ async fn execute(dir: &dyn Directory, me: &str, req: DirRequest) -> Option<Direc
             Some(DirectoryInput::Located { dc, ep, node })
         }
         DirRequest::Relocate { dc, ep, node } => {
+            // A decided move that the directory does not show would send callers to the old
+            // node (and a restart there would drop the key): retry while the directory is
+            // away, for a while. Later jobs wait behind it, which keeps their order.
             let k = endpoint_key(dc, ep);
-            if let Err(e) = put(dir, &k, node.to_string()).await {
-                error!("directory: cannot relocate {k}: {e}");
+            let mut pause = std::time::Duration::from_millis(100);
+            for attempt in 1..=RELOCATE_ATTEMPTS {
+                match put(dir, &k, node.to_string()).await {
+                    Ok(()) => break,
+                    Err(e) if attempt == RELOCATE_ATTEMPTS => {
+                        error!("directory: cannot relocate {k} to node {node}: {e}; giving up")
+                    }
+                    Err(e) => {
+                        warn!("directory: cannot relocate {k} to node {node} yet: {e}; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                    }
+                }
             }
             None
         }
