@@ -69,11 +69,12 @@ impl NodeCore {
                     if !self.links_up.contains(&a.coordinator) {
                         // The coordinator, which records where the endpoint runs, is gone
                         // (this node decided the commit): record it here.
-                        self.actions.push_back(Action::Directory(DirRequest::Relocate {
-                            dc,
-                            ep,
-                            node: here,
-                        }));
+                        self.actions
+                            .push_back(Action::Directory(DirRequest::Relocate {
+                                dc,
+                                ep,
+                                node: here,
+                            }));
                     }
                     self.table.set(dc, ep, Registration::Local { conn });
                     self.install_arrival(conn, dc, ep, a.backend, &a.state, now);
