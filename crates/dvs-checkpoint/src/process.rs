@@ -172,6 +172,19 @@ pub fn process_state(pid: i32) -> Result<char, CheckpointError> {
         })
 }
 
+/// When `pid` started, in clock ticks since boot (`/proc/PID/stat` field 22); with the pid,
+/// it names one process for good (a pid alone may be reused). `None` if it does not exist.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, start 22.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 fn signal_one(pid: i32, sig: libc::c_int, name: &'static str) -> Result<(), CheckpointError> {
     // SAFETY: kill(2) has no memory-safety preconditions.
     let rc = unsafe { libc::kill(pid, sig) };

@@ -141,8 +141,7 @@ fn crash_run(victim: Victim, phase: &str) {
         wait_served(&c, &ep_log(&c, 0, SERVER), 1, &client),
         "{name}: the client ended too early"
     );
-    // The server's process tree (its launcher's pid), to clean up if its node dies with it
-    // still there: a killed node kernel leaves the processes it launched behind.
+    // The server's process tree (its launcher's pid): a killed node kernel leaves it behind.
     let launcher = eventually("the server in dvs ps", || {
         let procs = c.dvs(&["ps", "--json"]);
         let procs: Value = serde_json::from_slice(&procs.stdout).ok()?;
@@ -225,9 +224,19 @@ fn crash_run(victim: Victim, phase: &str) {
         }
     }
     if victim == Victim::Source {
-        // Known: the original stays behind, stopped, when its node is killed (see
-        // docs/ARCHITECTURE.md, known debts). Nothing serves it; remove it.
-        let _ = dvs_checkpoint::kill_tree(launcher as i32);
+        // The original stays behind, stopped, with its node gone. The node that comes back
+        // kills it (it is no endpoint any more), rejoins and serves again.
+        c.restart_node(0);
+        c.wait_all_links_up();
+        eventually(
+            &format!("{name}: the restarted node to kill the orphan"),
+            || (!dvs_checkpoint::process_alive(launcher as i32)).then_some(()),
+        );
+        assert!(
+            c.log(0).contains("left by the previous run"),
+            "{name}: the restarted node did not say it killed the orphan"
+        );
+        assert!(running(&c).len() <= 1, "{name}: {:?}", running(&c));
     }
     println!("{name}: {decided}; running on {run_on:?}");
 }

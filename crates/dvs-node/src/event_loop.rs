@@ -27,6 +27,7 @@ use crate::ctl::{CtlRequest, CtlResponse, NodeStatus, ProcStatus};
 use crate::dir::DirJob;
 use crate::dir::MembersChange;
 use crate::launcher::{Ended, LaunchJob, Procs};
+use crate::leftovers;
 use crate::membership::{Member, MemberCmd, MembershipEvent};
 use crate::migrate::{Migrations, RestoreResult};
 use crate::peer::{LinkEvent, LinkId, LinkInfo, PeerLink};
@@ -208,6 +209,10 @@ pub(crate) struct Node {
     pub fenced: bool,
     /// Every node whose membership the directory shows, and since when that holds.
     pub members: BTreeMap<NodeId, Member>,
+    /// The roots of the endpoint trees last recorded for a later run (`leftovers.rs`), and
+    /// the thread that writes them.
+    pub recorded_trees: Vec<i32>,
+    pub tree_recorder: std::sync::mpsc::Sender<Vec<i32>>,
     pub started: Instant,
     /// Set by [`Event::Shutdown`].
     stop: bool,
@@ -222,6 +227,7 @@ impl Node {
         membership: mpsc::UnboundedSender<MemberCmd>,
         migrations: Migrations,
     ) -> Self {
+        let ctx_runtime_dir = ctx.me.runtime_dir.clone();
         let links = ctx
             .cfg
             .nodes
@@ -249,6 +255,8 @@ impl Node {
             lease_held: false,
             fenced: false,
             members: BTreeMap::new(),
+            recorded_trees: Vec::new(),
+            tree_recorder: leftovers::recorder(ctx_runtime_dir),
             started: Instant::now(),
             stop: false,
         }
@@ -295,6 +303,23 @@ impl Node {
     }
 
     fn event(&mut self, ev: Event) {
+        // Events that can launch, restore or end an endpoint's process tree (the hot ones,
+        // IPC and link traffic, cannot).
+        let trees_may_change = matches!(
+            ev,
+            Event::Launch(_)
+                | Event::ProcEnded { .. }
+                | Event::CriuRestored { .. }
+                | Event::MigratedAway { .. }
+                | Event::Reconciled(_)
+        );
+        self.handle_event(ev);
+        if trees_may_change {
+            self.record_trees();
+        }
+    }
+
+    fn handle_event(&mut self, ev: Event) {
         match ev {
             Event::Input(input) => self.input(input),
             Event::Inputs(inputs) => self.inputs(inputs),
@@ -354,6 +379,16 @@ impl Node {
         self.procs
             .endpoint_of(pid)
             .or_else(|| self.migrations.restored.get(&pid).map(|r| (r.dc, r.ep)))
+    }
+
+    /// Records the roots of the endpoint trees for a later run when they changed.
+    fn record_trees(&mut self) {
+        let mut roots: Vec<i32> = self.endpoint_trees().into_iter().map(|t| t.0).collect();
+        roots.sort_unstable();
+        if roots != self.recorded_trees {
+            self.recorded_trees = roots.clone();
+            let _ = self.tree_recorder.send(roots);
+        }
     }
 
     /// Kills the processes this node launched (on shutdown).

@@ -18,6 +18,7 @@ mod event_loop;
 mod handshake;
 mod images;
 mod launcher;
+mod leftovers;
 mod local;
 mod membership;
 mod migrate;
@@ -36,7 +37,7 @@ use dvs_config::{ClusterConfig, NodeConfig};
 use dvs_core::{CoreConfig, DcInfo, NodeCore};
 use dvs_wire::NodeId;
 use tokio::sync::{mpsc, watch};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::event_loop::{Ctx, Node};
 use crate::images::ImageStore;
@@ -167,6 +168,10 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
     let admin = access::AdminGroup::resolve(cfg.access.admin_group.as_deref())
         .map_err(NodeError::Access)?;
     prepare_runtime_dir(&me.runtime_dir, admin.gid())?;
+    let killed = leftovers::kill_previous(&me.runtime_dir);
+    if killed > 0 {
+        warn!("killed {killed} process trees left by the previous run of this node (it was not stopped cleanly)");
+    }
     let directory = dvs_directory::open(&cfg.directory)?;
     let security = tls::LinkSecurity::load(&cfg, me.id, &me.name, opts.config_path.clone())?;
     let ipc_path = me.ipc_socket();

@@ -232,7 +232,7 @@ impl Node {
 
     /// The process trees of this node's endpoints (launched or restored here), with the
     /// endpoint each holds.
-    fn endpoint_trees(&self) -> Vec<(i32, DcId, Ep)> {
+    pub(crate) fn endpoint_trees(&self) -> Vec<(i32, DcId, Ep)> {
         let launched = self
             .procs
             .launchers()
