@@ -184,6 +184,58 @@ pub fn directory_get(cfg: &ClusterConfig, key: &str) -> Result<Option<Versioned>
         .with_context(|| format!("cannot read {key} from the cluster directory"))
 }
 
+/// Adds to `cfg.nodes` the nodes that hold a membership lease in the directory but are not
+/// in the config (they joined later), so that commands can name and reach them (through the
+/// node of this host: their runtime folder is nowhere here). A directory that cannot be read
+/// adds nothing.
+pub fn add_joined_nodes(cfg: &mut ClusterConfig) {
+    let Ok(dir) = dvs_directory::open(&cfg.directory) else {
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let read = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            dir.get_prefix(dvs_directory::keys::NODE_PREFIX),
+        )
+        .await
+    });
+    let Ok(Ok(entries)) = read else {
+        return;
+    };
+    for (key, v) in entries {
+        let Some(id) = dvs_directory::keys::parse_node_key(&key) else {
+            continue;
+        };
+        if cfg.node_by_id(id).is_some() {
+            continue;
+        }
+        let Ok(record) = serde_json::from_str::<serde_json::Value>(&v.value) else {
+            continue;
+        };
+        let (Some(name), Some(addr)) = (
+            record["name"].as_str(),
+            record["addr"].as_str().and_then(|a| a.parse().ok()),
+        ) else {
+            continue;
+        };
+        if cfg.find_node(name).is_some() {
+            continue;
+        }
+        cfg.nodes.push(NodeConfig {
+            id,
+            name: name.to_owned(),
+            peer_addr: addr,
+            runtime_dir: PathBuf::from(format!("/nonexistent/dvs-joined-node/{name}")),
+        });
+    }
+}
+
 // ----- waiting -------------------------------------------------------------------------------
 
 /// Checks `done` every `step` until it holds or `timeout` has passed; whether it held.

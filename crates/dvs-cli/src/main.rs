@@ -237,6 +237,17 @@ fn main() -> ExitCode {
 }
 
 /// Loads the cluster config named on the command line, or the local cluster's.
+/// The config of a running cluster, with the nodes that joined it without being in the
+/// config (they hold a membership lease in the directory).
+fn cluster_view(
+    cli_dir: &std::path::Path,
+    config: &Option<PathBuf>,
+) -> Result<(ClusterConfig, PathBuf)> {
+    let (mut cfg, path) = load_config(cli_dir, config)?;
+    helpers::add_joined_nodes(&mut cfg);
+    Ok((cfg, path))
+}
+
 fn load_config(
     cli_dir: &std::path::Path,
     config: &Option<PathBuf>,
@@ -260,11 +271,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             action: Some(NodeCmd::Leave { node, force }),
             ..
         } => {
-            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            let (cfg, _) = cluster_view(&cli.dir, &cli.config)?;
             members::leave(&cfg, node.as_deref(), force)
         }
         Cmd::Dc { what } => {
-            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            let (cfg, _) = cluster_view(&cli.dir, &cli.config)?;
             members::dc(&cfg, what)
         }
         Cmd::Node { node, action: None } => {
@@ -303,11 +314,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { json } => {
-            let (cfg, path) = load_config(&cli.dir, &cli.config)?;
+            let (cfg, path) = cluster_view(&cli.dir, &cli.config)?;
             status::status(&cfg, &path, json)
         }
         Cmd::Ps { json } => {
-            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            let (cfg, _) = cluster_view(&cli.dir, &cli.config)?;
             status::ps(&cfg, json)
         }
         Cmd::Run {
@@ -317,7 +328,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             wait,
             cmd,
         } => {
-            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            let (cfg, _) = cluster_view(&cli.dir, &cli.config)?;
             cluster::run(&cfg, &dc, ep, &node, wait, cmd)
         }
         Cmd::Demo {
@@ -342,7 +353,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             quiesce_ms,
             json,
         } => {
-            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            let (cfg, _) = cluster_view(&cli.dir, &cli.config)?;
             migrate::migrate(
                 &cfg,
                 &migrate::MigrateOptions {
@@ -361,7 +372,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             on,
             backup,
         } => {
-            let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+            let (cfg, _) = cluster_view(&cli.dir, &cli.config)?;
             cluster::register(&cfg, &target, &at, &on, backup)?;
             Ok(ExitCode::SUCCESS)
         }

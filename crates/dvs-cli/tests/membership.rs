@@ -206,3 +206,97 @@ fn dcs_gain_and_lose_nodes_at_runtime() {
         printed(&s)
     );
 }
+
+/// Kills the node kernel it holds when dropped (a node the cluster's `dvs down` does not
+/// know, since its config does not name it).
+struct Joined(std::process::Child);
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_node_that_no_config_names_joins_and_leaves_a_running_cluster() {
+    let c = Cluster::start();
+    // The new host's config: the cluster's, plus itself.
+    let mut cfg = c.cfg.clone();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cfg.nodes.push(dvs_config::NodeConfig {
+        id: 3,
+        name: "node3".into(),
+        peer_addr: ([127, 0, 0, 1], port).into(),
+        runtime_dir: c.dir().join("node3"),
+    });
+    let config = c.dir().join("join.toml");
+    std::fs::write(&config, cfg.to_toml()).unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let out = common::dvs(&["--config", &config, "tls", "issue", "node3"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    std::fs::create_dir_all(c.dir().join("node3")).unwrap();
+    let log = std::fs::File::create(c.dir().join("node3.log")).unwrap();
+    let _node3 = Joined(
+        std::process::Command::new(common::DVS)
+            .args(["--config", &config, "node", "--node", "node3"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    // The others learn it from the directory and link to it; the CLI, whose config does not
+    // name it either, finds it there too and reaches it through a node of this host.
+    eventually("node3 linked to every node", || {
+        let s = c.status();
+        let n3 = s["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["id"] == 3)?
+            .clone();
+        (Cluster::all_links_up(&s) && n3["reachable"] == true && n3["member"]["alive"] == true)
+            .then_some(())
+    });
+    let out = c.dvs(&["dc", "add-node", "dc0", "node3"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    let sock = c.dir().join("node3").join("ipc.sock");
+    let mut server = eventually("dc0 to span node3", || {
+        m3ipc::Endpoint::bind_at(&sock, 0, 30).ok()
+    });
+    let t = thread::spawn(move || {
+        let m = server.receive_timeout(Source::Any, CALL_TIMEOUT).unwrap();
+        server.reply(m.source, &m).unwrap();
+        server
+    });
+    let mut client = c.bind(0, 31);
+    let r = client.sendrec_timeout(30, &Message::new(6), CALL_TIMEOUT);
+    assert_eq!(r.expect("a call to the joined node").mtype, 6);
+    drop(t.join().unwrap());
+    // It leaves (asked from another node's host), and the others see it go.
+    eventually("dc0/30 unregistered", || {
+        let out = c.dvs(&["node", "leave", "--node", "node3"]);
+        out.status.success().then_some(())
+    });
+    // Gone from the directory, it is no node of the cluster any more.
+    eventually("node3 gone", || {
+        let s = c.status();
+        let n3 = s["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["id"] == 3)
+            .cloned();
+        n3.is_none_or(|n| n["member"]["alive"] == false)
+            .then_some(())
+    });
+    // And the others forget it: no link to it left to redial.
+    eventually("node3 forgotten by the others", || {
+        let s = c.status();
+        let links = s["nodes"][0]["status"]["links"].as_array()?.clone();
+        links.iter().all(|l| l["node"] != 3).then_some(())
+    });
+}

@@ -299,6 +299,12 @@ pub struct NodeStatus {
 pub struct MemberStatus {
     /// The node.
     pub node: NodeId,
+    /// Its name (from the config, or from its membership record for a node that joined).
+    #[serde(default)]
+    pub name: String,
+    /// Its peer address, while alive.
+    #[serde(default)]
+    pub addr: Option<String>,
     /// Whether it holds its membership lease.
     pub alive: bool,
     /// Milliseconds since that changed (as this node saw it).

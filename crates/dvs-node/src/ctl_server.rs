@@ -571,12 +571,7 @@ impl Node {
                 let link = self.peers.get(node);
                 LinkStatus {
                     node: *node,
-                    name: self
-                        .ctx
-                        .cfg
-                        .node_by_id(*node)
-                        .map(|n| n.name.clone())
-                        .unwrap_or_default(),
+                    name: self.node_name(*node),
                     up: l.up,
                     since_ms: l.since.elapsed().as_millis() as u64,
                     last_error: l.last_error.clone(),
@@ -623,6 +618,8 @@ impl Node {
                 .iter()
                 .map(|(node, m)| MemberStatus {
                     node: *node,
+                    name: self.node_name(*node),
+                    addr: m.record.as_ref().map(|r| r.addr.clone()),
                     alive: m.record.is_some(),
                     since_ms: m.since.elapsed().as_millis() as u64,
                     pid: m.record.as_ref().map(|r| r.pid),

@@ -63,6 +63,9 @@ pub(crate) struct Ctx {
     pub auth: watch::Receiver<Arc<PeerAuth>>,
     /// The node lost its membership lease: no peer link until it holds one again.
     pub fenced: Cell<bool>,
+    /// Nodes not in the config that joined (hold a lease): dialers of such nodes stop once
+    /// they leave.
+    pub joined: std::cell::RefCell<std::collections::BTreeSet<NodeId>>,
 }
 
 /// What an I/O task or a finished job tells the event loop.

@@ -97,8 +97,10 @@ pub(crate) async fn accept_handshake(
                     cert_node.unwrap_or_default()
                 ))
             }
+            // With TLS the cluster's CA vouches for the node id (a node may join without
+            // being in this node's config); a plaintext link has only the config to go by.
             PeerFrame::Link(LinkFrame::Hello(Hello { node, .. }))
-                if *node == me || ctx.cfg.node_by_id(*node).is_none() =>
+                if *node == me || (cert_node.is_none() && ctx.cfg.node_by_id(*node).is_none()) =>
             {
                 Err(format!(
                     "node id {node} is not a peer in our cluster config"

@@ -217,6 +217,7 @@ async fn main_loop(opts: NodeOptions) -> Result<(), NodeError> {
         events: events.clone(),
         auth,
         fenced: std::cell::Cell::new(false),
+        joined: Default::default(),
     });
     let mut node = Node::new(
         core,

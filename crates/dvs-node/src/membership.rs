@@ -228,6 +228,52 @@ impl Node {
             MembersChange::Alive(node, r) => set(node, Some(r)),
             MembersChange::Gone(node) => set(node, None),
         }
+        let joined: Vec<(NodeId, String)> = self
+            .members
+            .iter()
+            .filter_map(|(n, m)| m.record.as_ref().map(|r| (*n, r.addr.clone())))
+            .filter(|(n, _)| !self.links.contains_key(n) && *n != self.ctx.me.id)
+            .collect();
+        for (node, addr) in joined {
+            self.peer_joined(node, &addr);
+        }
+        let gone: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.record.is_none())
+            .map(|(n, _)| *n)
+            .collect();
+        for node in gone {
+            self.forget_if_left(node);
+        }
+    }
+
+    /// Forgets node `node` if it is not in the config, holds no lease and has no link: a
+    /// node that joined and left (its dialer stops too).
+    pub(crate) fn forget_if_left(&mut self, node: NodeId) {
+        let alive = self.members.get(&node).is_some_and(|m| m.record.is_some());
+        if alive || self.ctx.cfg.node_by_id(node).is_some() || self.peers.contains_key(&node) {
+            return;
+        }
+        if self.ctx.joined.borrow_mut().remove(&node) {
+            info!("node {node} left the cluster");
+        }
+        self.links.remove(&node);
+    }
+
+    /// The name of node `id`: from the config, else from its membership record, else its
+    /// number.
+    pub(crate) fn node_name(&self, id: NodeId) -> String {
+        self.ctx
+            .cfg
+            .node_by_id(id)
+            .map(|n| n.name.clone())
+            .or_else(|| {
+                self.members
+                    .get(&id)
+                    .and_then(|m| m.record.as_ref().map(|r| r.name.clone()))
+            })
+            .unwrap_or_else(|| id.to_string())
     }
 
     /// The process trees of this node's endpoints (launched or restored here), with the

@@ -147,6 +147,29 @@ pub(crate) fn start(ctx: &Rc<Ctx>, listener: TcpListener) {
     }
 }
 
+impl Node {
+    /// A node that joined the cluster (it holds a membership lease) but is not in this node's
+    /// config: link to it like to a configured peer, the lower id dialing. Only with TLS,
+    /// where the cluster's CA vouches for its id.
+    pub(crate) fn peer_joined(&mut self, node: NodeId, addr: &str) {
+        if node == self.ctx.me.id || self.links.contains_key(&node) {
+            return;
+        }
+        if !self.ctx.cfg.link.tls {
+            return warn!("node {node} holds a membership lease but is not in the config, and plaintext links cannot authenticate it: not linking to it");
+        }
+        let Ok(addr) = addr.parse::<SocketAddr>() else {
+            return warn!("node {node} joined with a bad peer address {addr:?}");
+        };
+        info!("node {node} joined the cluster at {addr}");
+        self.ctx.joined.borrow_mut().insert(node);
+        self.links.insert(node, LinkInfo::new());
+        if node > self.ctx.me.id {
+            tokio::task::spawn_local(dial_loop(self.ctx.clone(), node, addr));
+        }
+    }
+}
+
 async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     let mut last_full_warning: Option<Instant> = None;
@@ -208,6 +231,10 @@ async fn dial_loop(ctx: Rc<Ctx>, peer: NodeId, addr: SocketAddr) {
         while ctx.fenced.get() {
             // No link while fenced (membership.rs).
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if ctx.cfg.node_by_id(peer).is_none() && !ctx.joined.borrow().contains(&peer) {
+            // A node that joined without being in the config, and left.
+            return;
         }
         let attempt = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial_handshake(&ctx, peer, addr));
         let result = match attempt.await {
@@ -481,13 +508,13 @@ impl Node {
             self.input(Input::LinkDown { node });
         }
         self.peers.insert(node, link.clone());
-        if let Some(l) = self.links.get_mut(&node) {
-            l.up = true;
-            l.since = Instant::now();
-            l.last_error = None;
-            l.serial = serial;
-            l.max_silence = Duration::ZERO;
-        }
+        // A node that joined after this one started (not in its config) gets an entry too.
+        let l = self.links.entry(node).or_insert_with(LinkInfo::new);
+        l.up = true;
+        l.since = Instant::now();
+        l.last_error = None;
+        l.serial = serial;
+        l.max_silence = Duration::ZERO;
         self.input(Input::LinkUp { node });
         info!("link to node {node} up");
         let writer = link.wire.clone();
@@ -513,6 +540,7 @@ impl Node {
         self.relays_link_down(node);
         self.input(Input::LinkDown { node });
         warn!("link to node {node} down: {reason}");
+        self.forget_if_left(node);
     }
 
     /// Closes every link whose peer certificate is on the deny list now.

@@ -75,8 +75,10 @@ impl Node {
         answers: mpsc::UnboundedSender<CtlResponse>,
     ) {
         let name = self.node_name(to);
-        if self.ctx.cfg.node_by_id(to).is_none() {
-            let _ = answers.send(refusal(format!("no node {to} in the cluster config")));
+        if !self.links.contains_key(&to) {
+            let _ = answers.send(refusal(format!(
+                "no node {to} in the cluster (neither in the config nor holding a membership lease)"
+            )));
             return;
         }
         if !self.ctx.cfg.link.tls {
@@ -228,13 +230,5 @@ impl Node {
             }
             *n != node
         });
-    }
-
-    /// The name of node `id` in the config (its number if it has none there).
-    fn node_name(&self, id: NodeId) -> String {
-        self.ctx
-            .cfg
-            .node_by_id(id)
-            .map_or_else(|| id.to_string(), |n| n.name.clone())
     }
 }
