@@ -16,6 +16,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+use common::etcd::Etcd;
 use common::examples::criu_available;
 use common::migr::*;
 use common::{eventually, Cluster, DVS};
@@ -264,4 +265,60 @@ fn criu_source_killed_during_the_restore() {
 #[test]
 fn criu_client_node_killed_during_the_checkpoint() {
     crash_run(Victim::ClientNode, "checkpoint");
+}
+
+/// etcd's leader is killed (SIGKILL) while a 200 MiB server is being checkpointed, on a
+/// cluster whose directory is a 3-member etcd: the members elect another leader, the
+/// migration still ends with one recorded decision, the server runs in exactly one place,
+/// and its client gets every block.
+#[test]
+fn criu_etcd_leader_killed_during_the_checkpoint() {
+    let _turn = serial();
+    let name = "etcd leader killed during the checkpoint";
+    if !criu_available(name) {
+        return;
+    }
+    let mut etcd = Etcd::start_members(3);
+    let dir = etcd.directory_config();
+    let c = Cluster::start_with(move |cfg| {
+        let mut dir = dir;
+        if let dvs_config::DirectoryConfig::Etcd { prefix, .. } = &mut dir {
+            *prefix = dvs_config::default_etcd_prefix(&cfg.cluster_id);
+        }
+        cfg.directory = dir;
+    });
+    start_ballast_server(&c, 0, SERVER, 200);
+    let client = ClientRun::start(&c, 1, CLIENT, SERVER, ITERATIONS, BLOCK);
+    assert!(
+        wait_served(&c, &ep_log(&c, 0, SERVER), 1, &client),
+        "{name}: the client ended too early"
+    );
+    let leader = eventually("an etcd leader", || etcd.leader());
+    let (migration, lines) = start_migration(&c);
+    loop {
+        let line = lines
+            .recv_timeout(HANG_GUARD)
+            .unwrap_or_else(|_| panic!("{name}: no checkpoint phase within {HANG_GUARD:?}"));
+        if line.split_whitespace().last() == Some("checkpoint") {
+            break;
+        }
+    }
+    etcd.kill(leader);
+    wait_bounded(migration);
+    let decided = eventually(&format!("{name}: the migration record decided"), || {
+        record(&c).filter(|r| !r.contains("state=started"))
+    });
+    let home = if decided.contains("state=committed") {
+        2
+    } else {
+        0
+    };
+    eventually(&format!("{name}: the server on node {home} only"), || {
+        (running(&c) == [home]).then_some(())
+    });
+    assert_none_stopped(&c, name);
+    let result = client.finish(&c);
+    assert_client_ok(&c, name, &result, ITERATIONS);
+    let new_leader = etcd.leader();
+    println!("{name}: {decided}; etcd leader {leader} killed, now {new_leader:?}");
 }

@@ -327,12 +327,14 @@ fn default_bind_uids() -> Vec<u32> {
 #[serde(deny_unknown_fields, default)]
 pub struct MembershipConfig {
     /// Time to live of a node's lease, in milliseconds (etcd rounds it up to whole seconds).
+    /// Longer than an etcd leader election (about 1 to 3 s), which must fence nobody; node
+    /// failures are noticed by the links, not by leases.
     pub lease_ms: u64,
 }
 
 impl Default for MembershipConfig {
     fn default() -> Self {
-        MembershipConfig { lease_ms: 2000 }
+        MembershipConfig { lease_ms: 5000 }
     }
 }
 
