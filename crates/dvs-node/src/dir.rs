@@ -462,14 +462,14 @@ async fn execute(dir: &dyn Directory, me: &str, req: DirRequest) -> Option<Direc
             };
             Some(DirectoryInput::Located { dc, ep, node })
         }
-        DirRequest::Relocate { dc, ep, node } => {
+        DirRequest::Relocate { id, dc, ep, node } => {
             // A decided move that the directory does not show would send callers to the old
             // node (and a restart there would drop the key): retry while the directory is
             // away, for a while. Later jobs wait behind it, which keeps their order.
             let k = endpoint_key(dc, ep);
             let mut pause = std::time::Duration::from_millis(100);
             for attempt in 1..=RELOCATE_ATTEMPTS {
-                match put(dir, &k, node.to_string()).await {
+                match relocate(dir, id, dc, ep, node).await {
                     Ok(()) => break,
                     Err(e) if attempt == RELOCATE_ATTEMPTS => {
                         error!("directory: cannot relocate {k} to node {node}: {e}; giving up")
@@ -537,6 +537,47 @@ async fn put(dir: &dyn Directory, k: &str, value: String) -> Result<(), String> 
             Ok(CasOutcome::Conflict { .. }) => continue,
             Ok(CasOutcome::Done { .. }) => return Ok(()),
             Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err("too many concurrent updates".into())
+}
+
+/// Records that `{dc, ep}` runs on `node` after migration `id` committed, unless a later
+/// migration of the endpoint has since been recorded (a relocation that lands late must not
+/// undo a later move). The endpoint's entry is read first and written with a compare-and-set
+/// on that version, so a move recorded in between is seen on the next try.
+async fn relocate(
+    dir: &dyn Directory,
+    id: dvs_wire::peer::MigrationId,
+    dc: DcId,
+    ep: Ep,
+    node: NodeId,
+) -> Result<(), String> {
+    let k = endpoint_key(dc, ep);
+    for _ in 0..5 {
+        let current = dir.get(&k).await.map_err(|e| e.to_string())?;
+        let record = dir
+            .get(&migr_key(dc, ep))
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|v| MigrRecord::parse(&v.value));
+        if !record.is_some_and(|r| r.id == id && r.state == dvs_core::RecordState::Committed) {
+            info!("not relocating {k} to node {node}: migration {id:x} is no longer its latest");
+            return Ok(());
+        }
+        if current
+            .as_ref()
+            .is_some_and(|v| v.value == node.to_string())
+        {
+            return Ok(());
+        }
+        match dir
+            .cas(&k, current.map(|v| v.version), Some(node.to_string()))
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            CasOutcome::Done { .. } => return Ok(()),
+            CasOutcome::Conflict { .. } => continue,
         }
     }
     Err("too many concurrent updates".into())

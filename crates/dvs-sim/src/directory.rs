@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use dvs_core::{DirRequest, DirectoryInput, MigrRecord};
+use dvs_core::{DirRequest, DirectoryInput, MigrRecord, RecordState};
 use dvs_wire::{DcId, Ep, Errno, NodeId};
 
 /// The kinds of [`DirRequest`], to choose which the simulation leaves to the test.
@@ -48,8 +48,9 @@ impl DirKind {
 /// [`Directory::delay`] and [`crate::Sim::hold_directory`] make it slower, and
 /// [`crate::Sim::fail_directory`] makes it fail. A failed request is answered as the daemon
 /// (`dvs-node/src/dir.rs`) answers when its directory operation fails: a register is refused
-/// (`Shutdown`), a lookup finds nothing, a migration record write reports `Err(None)`, and an
-/// unregister, a relocate or a record read has no effect and no answer.
+/// (`Shutdown`), a lookup finds nothing, a migration record write reports `Err(None)`, an
+/// unregister or a record read has no effect and no answer, and a relocate waits and lands
+/// when the outage ends (the daemon retries it), unless its node crashes first.
 #[derive(Default)]
 pub struct Directory {
     endpoints: BTreeMap<(DcId, Ep), NodeId>,
@@ -74,6 +75,8 @@ pub struct Directory {
     pub ambiguous_writes: bool,
     /// Requests not landed yet, per node, with when they are due.
     pub(crate) queues: BTreeMap<NodeId, VecDeque<(Duration, DirRequest)>>,
+    /// Relocations that failed during an outage, per node, to land again when it ends.
+    pub(crate) retry: BTreeMap<NodeId, Vec<DirRequest>>,
 }
 
 /// What a request that landed produced: the answer to the node that asked, and the watch
@@ -178,6 +181,13 @@ impl Directory {
                 });
                 return Landed { answer, ..landed };
             }
+            if matches!(req, DirRequest::Relocate { .. }) {
+                self.retry.entry(node).or_default().push(req);
+                return Landed {
+                    answer: None,
+                    watch: Vec::new(),
+                };
+            }
             return Self::fail(req);
         }
         self.land_now(node, req)
@@ -215,8 +225,18 @@ impl Directory {
                 ep,
                 node: self.node_of(dc, ep),
             }),
-            DirRequest::Relocate { dc, ep, node: to } => {
-                if self.endpoints.insert((dc, ep), to) != Some(to) {
+            DirRequest::Relocate {
+                id,
+                dc,
+                ep,
+                node: to,
+            } => {
+                // Only for the endpoint's latest migration, committed (as the daemon does).
+                let latest = self
+                    .records
+                    .get(&(dc, ep))
+                    .is_some_and(|r| r.id == id && r.state == RecordState::Committed);
+                if latest && self.endpoints.insert((dc, ep), to) != Some(to) {
                     self.changed(&mut watch, dc, ep, Some(to));
                 }
                 None

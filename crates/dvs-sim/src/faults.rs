@@ -28,6 +28,7 @@ impl Sim {
         let lost = self.links.lose_node(node);
         self.lost(lost);
         self.dir.queues.remove(&node);
+        self.dir.retry.remove(&node);
         self.responses.retain(|p, _| p.node != node);
         for peer in self.links.peers_of(node) {
             self.input(peer, Input::LinkDown { node });
@@ -100,6 +101,12 @@ impl Sim {
     /// Ends the outage [`Sim::fail_directory`] began.
     pub fn directory_back(&mut self, node: NodeId) {
         self.dir.failing.remove(&node);
+        // The relocations the daemon kept retrying land first, in their order.
+        let retry = self.dir.retry.remove(&node).unwrap_or_default();
+        let queue = self.dir.queues.entry(node).or_default();
+        for req in retry.into_iter().rev() {
+            queue.push_front((self.elapsed, req));
+        }
         self.pump();
     }
 

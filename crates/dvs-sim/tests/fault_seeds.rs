@@ -209,11 +209,10 @@ fn run(seed: u64, trace: Option<&str>) -> Result<(), String> {
     });
     // Not simulated: an outage that applies a migration record write and loses its answer
     // (`Directory::ambiguous_writes`, as etcd may). The core handles the unknown answer (it
-    // reads the record until the directory answers), but a commit that lands in an outage is
-    // followed by a `Relocate` that the outage loses, and the daemon drops a failed relocate:
-    // `ep/` keeps naming the old node, which deletes that key when it restarts, after which
-    // the endpoint can be bound a second time. Fixing that needs an answered relocate (the
-    // daemon's `dvs-node/src/dir.rs`); until then this fault would only find that again.
+    // reads the record until the directory answers), and relocations are now retried and
+    // apply only for the endpoint's latest committed migration, but with this fault on about
+    // 1 seed in 300 still ends with the directory naming another node than the one running
+    // the endpoint (e.g. seeds 283, 1373, 1792 of 3000): not yet understood, left for later.
     w.sim.directory_mut().ambiguous_writes = false;
     w.sim.reorder = true;
     w.sim.close_condemned = true;

@@ -76,8 +76,15 @@ pub enum DirRequest {
     Sync { conn: ConnId },
     /// Ask where `{dc, ep}` runs; answer `Located`.
     Lookup { dc: DcId, ep: Ep },
-    /// Migration committed: record that `{dc, ep}` runs on `node`.
-    Relocate { dc: DcId, ep: Ep, node: NodeId },
+    /// Migration `id` committed: record that `{dc, ep}` runs on `node`, as long as `id` is
+    /// still the endpoint's latest migration (its record says so): a relocation that lands
+    /// late must not undo a later move.
+    Relocate {
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        node: NodeId,
+    },
     /// Migration: write the migration record of `{dc, ep}` if the current one satisfies
     /// `require`, then answer `MigrRecordWritten`. This compare-and-set is the single place
     /// where a migration's outcome is decided.

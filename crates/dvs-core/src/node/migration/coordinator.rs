@@ -600,7 +600,12 @@ impl NodeCore {
         }
         if commit {
             self.actions
-                .push_back(Action::Directory(DirRequest::Relocate { dc, ep, node: to }));
+                .push_back(Action::Directory(DirRequest::Relocate {
+                    id,
+                    dc,
+                    ep,
+                    node: to,
+                }));
         }
         let c = self.migr.coords.get_mut(&id).expect("present");
         c.acks = nodes.into_iter().collect();

@@ -59,6 +59,11 @@ pub struct MigrationRequest {
 /// rollback itself (the coordinator may have died).
 pub const PARTICIPANT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a participant other than the destination waits, once its link to the
+/// coordinator is down, before it records a rollback: the destination, which decides at once
+/// (a commit if its copy is restored), goes first.
+pub const COORDINATOR_LOST_GRACE: Duration = Duration::from_millis(1000);
+
 /// Source and destination node of a migration.
 pub(crate) type Route = (NodeId, NodeId);
 

@@ -13,7 +13,9 @@ use super::super::action::{DirRequest, PeerAction, ProcessAction};
 use super::super::{Action, NodeCore, TimerKey};
 use super::coordinator::{Outcome, Source};
 use super::record::{MigrRecord, RecordState, Require};
-use super::{Applied, MigrationError, Phase, APPLIED_MEMORY, PARTICIPANT_TIMEOUT};
+use super::{
+    Applied, MigrationError, Phase, APPLIED_MEMORY, COORDINATOR_LOST_GRACE, PARTICIPANT_TIMEOUT,
+};
 use crate::table::Registration;
 
 impl NodeCore {
@@ -66,16 +68,17 @@ impl NodeCore {
         if let Some(a) = self.migr.arrivals.remove(&id) {
             if let Some(conn) = a.conn {
                 if commit {
-                    if !self.links_up.contains(&a.coordinator) {
-                        // The coordinator, which records where the endpoint runs, is gone
-                        // (this node decided the commit): record it here.
-                        self.actions
-                            .push_back(Action::Directory(DirRequest::Relocate {
-                                dc,
-                                ep,
-                                node: here,
-                            }));
-                    }
+                    // The coordinator records where the endpoint runs now; so does this node,
+                    // in case the coordinator dies (or loses its directory) before its write
+                    // lands: a directory still naming the old node would let that node, once
+                    // restarted, drop the entry and a second copy bind. Off the critical path.
+                    self.actions
+                        .push_back(Action::Directory(DirRequest::Relocate {
+                            id,
+                            dc,
+                            ep,
+                            node: here,
+                        }));
                     self.table.set(dc, ep, Registration::Local { conn });
                     self.install_arrival(conn, dc, ep, a.backend, &a.state, now);
                     self.wake_bind_waiters(dc, ep);
@@ -248,10 +251,23 @@ impl NodeCore {
     /// A link went down: a migration does not wait for that node's acks.
     pub(in crate::node) fn migration_link_down(&mut self, node: NodeId) {
         let now = self.now();
+        let here = self.node;
+        let mut soon = Vec::new();
         for h in self.migr.holds.values_mut() {
             if h.route.is_some_and(|(from, _)| from == node) {
                 h.coordinator_lost = true;
+                // Not the destination (which decides at once, below): give the destination
+                // a moment to record a commit, then record the rollback, instead of holding
+                // the calls for the whole participant timeout.
+                if let (Some(id), Some((_, to))) = (h.id, h.route) {
+                    if to != here {
+                        soon.push(id);
+                    }
+                }
             }
+        }
+        for id in soon {
+            self.add_timer(now + COORDINATOR_LOST_GRACE, TimerKey::Migration { id });
         }
         let ids: Vec<MigrationId> = self
             .migr
