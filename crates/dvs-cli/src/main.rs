@@ -5,6 +5,7 @@ mod bench_migration;
 mod cluster;
 mod cluster_dir;
 mod demo;
+mod demo_lab;
 mod harness;
 mod helpers;
 mod lab;
@@ -110,6 +111,12 @@ enum Cmd {
         /// Migration backend. Default: criu when it works, else cooperative.
         #[arg(long, value_parser = ["criu", "cooperative"])]
         backend: Option<String>,
+        /// Run it on a fresh 3-host lab with etcd (`dvs lab`), taken down at the end.
+        #[arg(long)]
+        lab: bool,
+        /// The part of `--lab` that runs inside a lab host, on the cluster of DVS_CONFIG.
+        #[arg(long, hide = true, conflicts_with = "lab")]
+        lab_inner: bool,
     },
     /// Migrate a running endpoint to another node while its clients keep calling it.
     Migrate {
@@ -325,15 +332,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             iterations,
             block_size,
             backend,
-        } => demo::demo(
-            &cli.dir,
-            &demo::DemoOptions {
+            lab,
+            lab_inner,
+        } => {
+            let o = demo::DemoOptions {
                 runs,
                 iterations,
                 block_size,
                 backend,
-            },
-        ),
+            };
+            if lab {
+                demo::check(&o)?;
+                demo_lab::demo_lab(&o)
+            } else if lab_inner {
+                let (cfg, path) = load_config(&cli.dir, &cli.config)?;
+                demo_lab::inner(&cfg, &path, &o)
+            } else {
+                demo::demo(&cli.dir, &o)
+            }
+        }
         Cmd::Migrate {
             target,
             to,
