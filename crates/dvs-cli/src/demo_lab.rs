@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use dvs_config::ClusterConfig;
 
 use crate::demo::{scenarios, DemoOptions};
-use crate::lab::{self, LabGuard};
+use crate::lab::{self, LabGuard, LabState};
 
 /// Node hosts of the demo's lab.
 const HOSTS: u16 = 3;
@@ -25,14 +25,53 @@ pub fn lab_name(prefix: &str) -> String {
     format!("{prefix}{}", std::process::id())
 }
 
+/// Builds a fresh lab of [`HOSTS`] node hosts and etcd named PREFIX+pid, runs `f` on it and
+/// always takes it down (also on error, panic, SIGINT or SIGTERM). Call it before any other
+/// thread starts (see [`LabGuard::new`]).
+pub fn with_lab(
+    prefix: &str,
+    f: impl FnOnce(&mut LabState) -> Result<ExitCode>,
+) -> Result<ExitCode> {
+    let name = lab_name(prefix);
+    let guard = LabGuard::new()?;
+    let mut lab = guard.up(&name, HOSTS)?;
+    let r = f(&mut lab);
+    drop(guard);
+    r
+}
+
+/// Runs `dvs ARGS` on host1 of `lab`, its output passed through; whether it succeeded.
+pub fn dvs_on_host1(lab: &LabState, args: &[String]) -> Result<ExitCode> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let status = lab::cli_on(lab.host("host1")?, &args)?
+        .stdin(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run `dvs {}` on host1", args.join(" ")))?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// `dvs demo --lab`: builds the lab, runs the demo on host1, takes the lab down.
 pub fn demo_lab(o: &DemoOptions) -> Result<ExitCode> {
     let t0 = Instant::now();
-    let name = lab_name("demo");
-    // Before any other thread starts (see LabGuard::new).
-    let guard = LabGuard::new()?;
-    println!("== starting a {HOSTS}-host lab {name} with etcd (`dvs lab up --name {name}`)");
-    let lab = guard.up(&name, HOSTS)?;
+    println!(
+        "== starting a {HOSTS}-host lab {} with etcd (`dvs lab up`)",
+        lab_name("demo")
+    );
+    let code = with_lab("demo", |lab| run_demo(lab, o, t0))?;
+    println!(
+        "lab {} taken down ({:.1} s in all)",
+        lab_name("demo"),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(code)
+}
+
+fn run_demo(lab: &LabState, o: &DemoOptions, t0: Instant) -> Result<ExitCode> {
+    let name = &lab.name;
     for h in &lab.hosts {
         println!(
             "   {:<6} {:<15} {}",
@@ -58,21 +97,7 @@ pub fn demo_lab(o: &DemoOptions) -> Result<ExitCode> {
     if let Some(b) = &o.backend {
         args.extend(["--backend".into(), b.clone()]);
     }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let status = lab::cli_on(lab.host("host1")?, &args)?
-        .stdin(std::process::Stdio::null())
-        .status()
-        .context("cannot run the demo on host1")?;
-    drop(guard);
-    println!(
-        "lab {name} taken down ({:.1} s in all)",
-        t0.elapsed().as_secs_f64()
-    );
-    Ok(if status.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    dvs_on_host1(lab, &args)
 }
 
 /// `dvs demo --lab-inner`: the demo on the running cluster `cfg` (a lab's, from inside one

@@ -326,6 +326,11 @@ impl<'a> Harness<'a> {
         Ok(())
     }
 
+    /// The ids of the cluster's nodes, in config order.
+    pub fn node_ids(&self) -> Vec<u16> {
+        self.cfg.nodes.iter().map(|n| n.id).collect()
+    }
+
     /// The node the server runs on (RUNNING there), if any.
     pub fn server_node(&self) -> Option<u16> {
         running_on(self.cfg, self.dc, self.server_ep).map(|n| n.id)

@@ -1,6 +1,7 @@
 //! `dvs`: the operator's command.
 
 mod bench;
+mod bench_lab;
 mod bench_migration;
 mod cluster;
 mod cluster_dir;
@@ -221,6 +222,13 @@ enum BenchWhat {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also on a fresh 3-host lab with etcd, beside a single-machine cluster with the
+        /// embedded directory measured in the same run (alternating blocks).
+        #[arg(long)]
+        lab: bool,
+        /// The part of `--lab` that runs inside a lab host, on the cluster of DVS_CONFIG.
+        #[arg(long, hide = true, conflicts_with = "lab")]
+        lab_inner: bool,
     },
 }
 
@@ -407,12 +415,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 backend,
                 ballast_mb,
                 json,
-            } => bench_migration::migration(&bench_migration::MigrationOptions {
-                runs,
-                backend,
-                ballast_mb,
-                json,
-            }),
+                lab,
+                lab_inner,
+            } => {
+                let o = bench_migration::MigrationOptions {
+                    runs,
+                    backend,
+                    ballast_mb,
+                    json,
+                };
+                if lab {
+                    bench_lab::migration_lab(&o)
+                } else if lab_inner {
+                    let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+                    bench_lab::migration_inner(&cfg, &o)
+                } else {
+                    bench_migration::migration(&o)
+                }
+            }
         },
     }
 }
