@@ -1,6 +1,7 @@
 //! `dvs`: the operator's command.
 
 mod bench;
+mod bench_failover;
 mod bench_lab;
 mod bench_migration;
 mod cluster;
@@ -193,6 +194,19 @@ enum NodeCmd {
 /// What `dvs bench` measures.
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// Node failure detection on a fresh 3-host lab with etcd: a node kernel killed with
+    /// SIGKILL, and a host's network cut, until every other node reports the link down.
+    Failover {
+        /// Failures of each kind (each repaired before the next).
+        #[arg(long, default_value_t = 10)]
+        trials: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Inside a lab host: report when every other node sees NODE's link down, then up.
+        #[arg(long, hide = true)]
+        watch: Option<String>,
+    },
     /// IPC latency and throughput (sendrec, send, vcopy; local and remote) beside raw
     /// Unix-socket and TCP loopback baselines, on its own 2-node cluster.
     Ipc {
@@ -401,6 +415,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Lab { what } => lab::run(what),
         Cmd::Bench { what } => match what {
+            BenchWhat::Failover {
+                watch: Some(node), ..
+            } => {
+                let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+                bench_failover::watch(&cfg, &node)
+            }
+            BenchWhat::Failover { trials, json, .. } => bench_failover::failover(trials, json),
             BenchWhat::Ipc {
                 iterations,
                 bulk_mib,
