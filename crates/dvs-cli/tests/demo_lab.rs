@@ -89,3 +89,49 @@ fn demo_runs_on_a_lab_and_takes_it_down() {
     );
     assert!(stderr.contains(&format!("lab {name} down")), "{stderr}");
 }
+
+/// SIGINT in the middle of the demo takes the lab down before the command exits.
+#[test]
+fn sigint_takes_the_demo_lab_down() {
+    let mut child = Command::new(DVS)
+        .args(["demo", "--lab", "--runs", "10", "--iterations", "1000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dvs demo --lab");
+    let out = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut name = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let l = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the demo did not reach its first scenario");
+        if let Some(r) = l.strip_prefix("== starting a 3-host lab ") {
+            name = r.split_whitespace().next().map(str::to_string);
+        }
+        if l.starts_with("== scenario") {
+            break;
+        }
+    }
+    let name = name.expect("the lab's name");
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+    let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains(&format!("dvs-lab-{name}-")),
+        "namespaces of lab {name} are left"
+    );
+    assert!(!std::path::Path::new("/var/lib/dvs/lab")
+        .join(&name)
+        .exists());
+}

@@ -29,9 +29,11 @@ impl LabGuard {
         let watched = built.clone();
         thread::spawn(move || {
             if let Ok(sig) = sigs.wait() {
-                // Waits for an `up` under way: the lab is whole (or gone) once it returns.
-                let name = watched.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let Some(name) = name {
+                // Waits for an `up` under way: the lab is whole (or gone) once it returns. The
+                // lock is held until the exit: the main thread, which the `down` may wake
+                // (its child killed), must not return and end the process before `down` ends.
+                let mut built = watched.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(name) = built.take() {
                     eprintln!("dvs: {sig}, taking lab {name} down");
                     if let Err(e) = super::down(&name) {
                         eprintln!("dvs: lab down {name}: {e:#}");
