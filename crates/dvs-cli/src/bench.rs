@@ -670,7 +670,8 @@ fn read_trimmed(path: &str) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-fn loadavg() -> String {
+/// The 1-, 5- and 15-minute load averages.
+pub(crate) fn loadavg() -> String {
     read_trimmed("/proc/loadavg")
         .split_whitespace()
         .take(3)
@@ -678,7 +679,8 @@ fn loadavg() -> String {
         .join(" ")
 }
 
-fn cpu_model() -> String {
+/// The CPU model, from /proc/cpuinfo.
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

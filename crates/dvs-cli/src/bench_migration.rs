@@ -22,11 +22,11 @@ use crate::harness::{
 use crate::helpers::node_status;
 
 /// First peer port tried for the bench's own cluster.
-const BENCH_BASE_PORT: u16 = 7800;
+pub(crate) const BENCH_BASE_PORT: u16 = 7800;
 /// Client iterations per migration in the bench (64 KiB blocks).
-const BENCH_ITERATIONS: u32 = 600;
+pub(crate) const BENCH_ITERATIONS: u32 = 600;
 /// Bytes per client iteration in the bench.
-const BENCH_BLOCK: &str = "65536";
+pub(crate) const BENCH_BLOCK: &str = "65536";
 
 // ----- raw baseline --------------------------------------------------------------------------
 
@@ -113,7 +113,8 @@ pub struct MigrationReport {
     pub targets: Vec<Target>,
 }
 
-fn progress(what: &str) {
+/// Progress goes to stderr: stdout holds only the report.
+pub(crate) fn progress(what: &str) {
     eprintln!("dvs bench: {what}");
 }
 
@@ -252,19 +253,30 @@ fn bench_backend(
     ));
     let mut samples = Vec::new();
     for i in 0..runs {
-        let from = match h.server_node() {
-            Some(n) => n,
-            None => {
-                // A failed migration lost the server: start a new one and go on.
-                h.start_server(a)?;
-                a
-            }
-        };
-        let to = if from == a { b } else { a };
-        let s = h.run_once(c, to, None)?;
+        samples.push(one_run(&mut h, backend, i, runs)?);
+    }
+    Ok(summarize(cfg, backend, samples))
+}
+
+/// One migration of the harness's server between the cluster's first two nodes (the other
+/// way from where it runs), under a client run on the third; prints a progress line.
+pub(crate) fn one_run(h: &mut Harness, label: &str, i: u32, runs: u32) -> Result<Sample> {
+    let ids: Vec<u16> = h.node_ids();
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    let from = match h.server_node() {
+        Some(n) => n,
+        None => {
+            // A failed migration lost the server: start a new one and go on.
+            h.start_server(a)?;
+            a
+        }
+    };
+    let to = if from == a { b } else { a };
+    let s = h.run_once(c, to, None)?;
+    {
         let m = s.summary.as_ref();
         eprintln!(
-            "  {backend:<11} {:>3}/{runs}  {} -> {}  migration {:>7.1} ms  stall {:>7.1} ms  {}",
+            "  {label:<11} {:>3}/{runs}  {} -> {}  migration {:>7.1} ms  stall {:>7.1} ms  {}",
             i + 1,
             s.from,
             s.to,
@@ -278,8 +290,13 @@ fn bench_backend(
                 "ok".to_string()
             }
         );
-        samples.push(s);
     }
+    Ok(s)
+}
+
+/// The figures of `backend` from its `samples`, on cluster `cfg` (asked for its links'
+/// longest silence).
+pub(crate) fn summarize(cfg: &ClusterConfig, backend: &str, samples: Vec<Sample>) -> BackendReport {
     let committed: Vec<&RunReport> = samples
         .iter()
         .filter_map(|s| s.summary.as_ref())
@@ -312,7 +329,7 @@ fn bench_backend(
         .filter_map(|n| node_status(cfg, n).ok())
         .flat_map(|s| s.links.into_iter().map(|l| l.max_silence_ms))
         .fold(0.0, f64::max);
-    Ok(BackendReport {
+    BackendReport {
         max_link_silence_ms,
         backend: backend.to_string(),
         runs: samples.len(),
@@ -324,7 +341,7 @@ fn bench_backend(
         phases_ms: phase_medians(&committed),
         violations,
         samples,
-    })
+    }
 }
 
 fn print_report(r: &MigrationReport) {

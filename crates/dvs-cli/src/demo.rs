@@ -6,6 +6,7 @@
 //! server while the server migrates, and every client run is checked (no iteration lost,
 //! duplicated or corrupt, the server's counter continuing across runs). Prints the figures
 //! beside the paper's published ones, shows `dvs status` and always stops the cluster.
+//! `dvs demo --lab` runs the same on a lab (see `crate::demo_lab`).
 
 use std::io::Write;
 use std::path::Path;
@@ -101,16 +102,22 @@ impl Scenario {
     }
 }
 
-/// Runs the demo under `dir/demo` and always stops its cluster.
-pub fn demo(dir: &Path, o: &DemoOptions) -> Result<ExitCode> {
+/// Refuses options that make no demo.
+pub fn check(o: &DemoOptions) -> Result<()> {
     if o.runs == 0 || o.iterations == 0 {
         bail!("--runs and --iterations must be at least 1");
     }
+    Ok(())
+}
+
+/// Runs the demo under `dir/demo` and always stops its cluster.
+pub fn demo(dir: &Path, o: &DemoOptions) -> Result<ExitCode> {
+    check(o)?;
     let dir = dir.join("demo");
     let t0 = Instant::now();
     println!("== starting a 3-node cluster under {}", dir.display());
     let out = with_cluster(&dir, 3, 7400, false, |cfg| {
-        let r = scenarios(cfg, o, t0);
+        let r = scenarios(cfg, o, t0, None);
         println!("\n== dvs status");
         let _ = crate::status::status(cfg, &dir.join("cluster.toml"), false);
         println!();
@@ -124,7 +131,14 @@ pub fn demo(dir: &Path, o: &DemoOptions) -> Result<ExitCode> {
     out
 }
 
-fn scenarios(cfg: &ClusterConfig, o: &DemoOptions, t0: Instant) -> Result<ExitCode> {
+/// Runs the scenarios on the running cluster `cfg` and prints the table; `place` says where
+/// the cluster runs, when that is not one machine's loopback.
+pub fn scenarios(
+    cfg: &ClusterConfig,
+    o: &DemoOptions,
+    t0: Instant,
+    place: Option<&str>,
+) -> Result<ExitCode> {
     for n in &cfg.nodes {
         println!("   {} (id {}) peer {}", n.name, n.id, n.peer_addr);
     }
@@ -174,7 +188,7 @@ fn scenarios(cfg: &ClusterConfig, o: &DemoOptions, t0: Instant) -> Result<ExitCo
         }
         all.push((sc, samples));
     }
-    print_table(&backend, &all);
+    print_table(&backend, &all, place);
     let violations: Vec<String> = all
         .iter()
         .flat_map(|(sc, v)| {
@@ -250,8 +264,11 @@ fn print_run(sc: Scenario, i: u32, o: &DemoOptions, s: &Sample) {
     let _ = std::io::stdout().flush();
 }
 
-fn print_table(backend: &str, all: &[(Scenario, Vec<Sample>)]) {
+fn print_table(backend: &str, all: &[(Scenario, Vec<Sample>)], place: Option<&str>) {
     println!("\n== results ({backend} backend) beside the paper's (3 VMs on a 2012 desktop, DMTCP, ssh transfer)");
+    if let Some(place) = place {
+        println!("   ran {place}");
+    }
     println!(
         "{:<28} {:-^40}   {:-^31}   {:-^14}   {:>16}",
         "", " migration (ms) ", " image transfer (ms) ", " image (MB) ", "client stall (ms)"

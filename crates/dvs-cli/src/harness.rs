@@ -2,14 +2,18 @@
 //!
 //! It drives the paper's test on a running cluster: a `migr-server` (with a few MiB of
 //! ballast, so that its checkpoint image has the paper's size) serves a `migr-client`
-//! launched in a thread; once the server has served some of the client's requests the server
-//! is migrated, the client is joined and its JSON report checked (every iteration ok, none
+//! launched in a thread; once the client has done some of its requests (it says so every 100
+//! in its output, which the node streams to the harness: this works from any host of a
+//! cluster, the server's log would be readable only on the server's host) the server is
+//! migrated, the client is joined and its JSON report checked (every iteration ok, none
 //! lost, duplicated or corrupt, the server's counter continuing where the previous client
 //! left it), and the server must run where the migration's outcome says.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -31,6 +35,8 @@ pub const EP_SERVER: Ep = 1;
 const EP_FIRST_CLIENT: Ep = 10;
 /// Number of client endpoints used in turn.
 const CLIENT_EPS: u32 = 200;
+/// The client reports its progress every this many iterations.
+const PROGRESS_EVERY: u32 = 100;
 /// Longest wait for the server to serve part of a client run before migrating anyway.
 const MID_RUN_WAIT: Duration = Duration::from_secs(10);
 // ----- the cluster ---------------------------------------------------------------------------
@@ -116,8 +122,17 @@ pub struct ClientReport {
     pub complaints: Vec<String>,
 }
 
+/// The progress line `migr-client --progress` writes: the iterations done.
+fn progress_line(line: &str) -> Option<u64> {
+    line.strip_prefix("migr-client: ")?
+        .strip_suffix(" iterations done")?
+        .parse()
+        .ok()
+}
+
 /// Runs `cmd` as endpoint `ep` of `dc` on `node`, waits for it (killing it if it has not
-/// ended after `limit`) and parses the JSON line of its output.
+/// ended after `limit`) and parses the JSON line of its output. Sets `done` to the
+/// iterations its progress lines report, as they come.
 fn run_client(
     cfg: &ClusterConfig,
     node: &NodeConfig,
@@ -125,6 +140,7 @@ fn run_client(
     ep: Ep,
     cmd: Vec<String>,
     limit: Duration,
+    done: &AtomicU64,
 ) -> Result<ClientReport> {
     let mut c = ctl_connect(cfg, node, Duration::from_secs(10))?;
     let started = c.call(&CtlRequest::Run {
@@ -138,11 +154,21 @@ fn run_client(
     };
     let deadline = Instant::now() + limit;
     let mut out = String::new();
+    // Where the first line not yet scanned for progress starts (chunks split lines).
+    let mut scanned = 0;
     let code = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         c.set_timeout(Some(left.max(Duration::from_millis(1))))?;
         match c.recv() {
-            Ok(CtlResponse::Output { data }) => out.push_str(&data),
+            Ok(CtlResponse::Output { data }) => {
+                out.push_str(&data);
+                if let Some(end) = out.rfind('\n') {
+                    if let Some(n) = out[scanned..end].lines().rev().find_map(progress_line) {
+                        done.store(n, Ordering::Relaxed);
+                    }
+                    scanned = end + 1;
+                }
+            }
             Ok(CtlResponse::Exited { code, .. }) => break code,
             Ok(other) => bail!("unexpected answer: {other:?}"),
             Err(e) if Instant::now() >= deadline => {
@@ -167,7 +193,8 @@ fn run_client(
     for line in out.lines() {
         if line.starts_with('{') {
             json = serde_json::from_str::<serde_json::Value>(line).ok();
-        } else if r.complaints.len() < 5 && !line.trim().is_empty() {
+        } else if r.complaints.len() < 5 && !line.trim().is_empty() && progress_line(line).is_none()
+        {
             r.complaints.push(line.to_string());
         }
     }
@@ -227,8 +254,8 @@ pub struct Sample {
     pub summary: Option<MigrationReport>,
     /// The client's report (None if it could not be read).
     pub client: Option<ClientReport>,
-    /// Requests the server had served in this client run when the migration started (from
-    /// its log, which has one line per 100).
+    /// Requests the client had done when the migration started (from its progress lines,
+    /// one per 100).
     pub served_before: u64,
     /// Whether the client was still running when the migration started.
     pub mid_run: bool,
@@ -274,11 +301,6 @@ impl<'a> Harness<'a> {
     /// Starts the server (with the ballast) on `node` and waits until it is bound.
     pub fn start_server(&mut self, node: u16) -> Result<()> {
         let n = self.node(node)?;
-        // A new server counts from 0: the logs of an earlier one (an earlier run in the same
-        // folder) would make `served_logged` wait for counts that never come.
-        for other in &self.cfg.nodes {
-            let _ = std::fs::remove_file(other.runtime_dir.join("logs").join(self.log_name()));
-        }
         launch(
             self.cfg,
             n,
@@ -304,38 +326,14 @@ impl<'a> Harness<'a> {
         Ok(())
     }
 
+    /// The ids of the cluster's nodes, in config order.
+    pub fn node_ids(&self) -> Vec<u16> {
+        self.cfg.nodes.iter().map(|n| n.id).collect()
+    }
+
     /// The node the server runs on (RUNNING there), if any.
     pub fn server_node(&self) -> Option<u16> {
         running_on(self.cfg, self.dc, self.server_ep).map(|n| n.id)
-    }
-
-    /// File name of the server's log in a node's `logs` folder.
-    fn log_name(&self) -> String {
-        format!("{}-{}.log", self.dc_name, self.server_ep)
-    }
-
-    /// The highest request count the server logged (one line per 100 requests), over the
-    /// logs of every node: a criu-restored server keeps writing its first log, a
-    /// cooperatively restarted one writes the destination node's.
-    fn served_logged(&self) -> u64 {
-        let name = self.log_name();
-        let mut best = 0;
-        for n in &self.cfg.nodes {
-            let Ok(text) = std::fs::read_to_string(n.runtime_dir.join("logs").join(&name)) else {
-                continue;
-            };
-            for line in text.lines().rev() {
-                let count = line
-                    .strip_prefix("migr-server: ")
-                    .and_then(|r| r.split_once(" requests served"))
-                    .and_then(|(c, _)| c.parse::<u64>().ok());
-                if let Some(c) = count {
-                    best = best.max(c);
-                    break;
-                }
-            }
-        }
-        best
     }
 
     /// Launches a client on `client_node`, migrates the server to `to` once it has served
@@ -349,8 +347,7 @@ impl<'a> Harness<'a> {
         let tnode = self.node(to)?;
         let client_ep = EP_FIRST_CLIENT + (self.runs % CLIENT_EPS) as Ep;
         self.runs += 1;
-        let base = self.served_logged();
-        // Migrate once 100 to 200 requests of this run are served (the log has a line per
+        // Migrate once 100 to 200 requests of this run are done (the client says so every
         // 100), or as soon as the client started for short runs.
         let step = match self.iterations {
             0..=199 => 0,
@@ -368,14 +365,18 @@ impl<'a> Harness<'a> {
             "--timeout-ms".into(),
             "10000".into(),
             "--json".into(),
+            "--progress".into(),
+            PROGRESS_EVERY.to_string(),
         ];
         let dc = self.dc;
         // Far beyond a healthy run (well under a millisecond per iteration here).
         let limit = Duration::from_secs(30) + Duration::from_millis(u64::from(self.iterations));
+        let done = Arc::new(AtomicU64::new(0));
         let client: JoinHandle<Result<ClientReport>> = {
             let node = cnode.clone();
             let cfg = self.cfg.clone();
-            thread::spawn(move || run_client(&cfg, &node, dc, client_ep, cmd, limit))
+            let done = done.clone();
+            thread::spawn(move || run_client(&cfg, &node, dc, client_ep, cmd, limit, &done))
         };
         if step == 0 {
             if !client.is_finished() {
@@ -383,10 +384,10 @@ impl<'a> Harness<'a> {
             }
         } else {
             wait_until(MID_RUN_WAIT, Duration::from_millis(1), || {
-                client.is_finished() || self.served_logged() >= base + step
+                client.is_finished() || done.load(Ordering::Relaxed) >= step
             });
         }
-        let served_before = self.served_logged().saturating_sub(base);
+        let served_before = done.load(Ordering::Relaxed);
         let mid_run = !client.is_finished();
         let target = format!("{}/{}", self.dc_name, self.server_ep);
         let migrated = run_migration(

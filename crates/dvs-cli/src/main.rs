@@ -1,10 +1,13 @@
 //! `dvs`: the operator's command.
 
 mod bench;
+mod bench_failover;
+mod bench_lab;
 mod bench_migration;
 mod cluster;
 mod cluster_dir;
 mod demo;
+mod demo_lab;
 mod harness;
 mod helpers;
 mod lab;
@@ -110,6 +113,12 @@ enum Cmd {
         /// Migration backend. Default: criu when it works, else cooperative.
         #[arg(long, value_parser = ["criu", "cooperative"])]
         backend: Option<String>,
+        /// Run it on a fresh 3-host lab with etcd (`dvs lab`), taken down at the end.
+        #[arg(long)]
+        lab: bool,
+        /// The part of `--lab` that runs inside a lab host, on the cluster of DVS_CONFIG.
+        #[arg(long, hide = true, conflicts_with = "lab")]
+        lab_inner: bool,
     },
     /// Migrate a running endpoint to another node while its clients keep calling it.
     Migrate {
@@ -185,6 +194,19 @@ enum NodeCmd {
 /// What `dvs bench` measures.
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// Node failure detection on a fresh 3-host lab with etcd: a node kernel killed with
+    /// SIGKILL, and a host's network cut, until every other node reports the link down.
+    Failover {
+        /// Failures of each kind (each repaired before the next).
+        #[arg(long, default_value_t = 10)]
+        trials: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Inside a lab host: report when every other node sees NODE's link down, then up.
+        #[arg(long, hide = true)]
+        watch: Option<String>,
+    },
     /// IPC latency and throughput (sendrec, send, vcopy; local and remote) beside raw
     /// Unix-socket and TCP loopback baselines, on its own 2-node cluster.
     Ipc {
@@ -214,6 +236,13 @@ enum BenchWhat {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also on a fresh 3-host lab with etcd, beside a single-machine cluster with the
+        /// embedded directory measured in the same run (alternating blocks).
+        #[arg(long)]
+        lab: bool,
+        /// The part of `--lab` that runs inside a lab host, on the cluster of DVS_CONFIG.
+        #[arg(long, hide = true, conflicts_with = "lab")]
+        lab_inner: bool,
     },
 }
 
@@ -336,15 +365,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             iterations,
             block_size,
             backend,
-        } => demo::demo(
-            &cli.dir,
-            &demo::DemoOptions {
+            lab,
+            lab_inner,
+        } => {
+            let o = demo::DemoOptions {
                 runs,
                 iterations,
                 block_size,
                 backend,
-            },
-        ),
+            };
+            if lab {
+                demo::check(&o)?;
+                demo_lab::demo_lab(&o)
+            } else if lab_inner {
+                let (cfg, path) = load_config(&cli.dir, &cli.config)?;
+                demo_lab::inner(&cfg, &path, &o)
+            } else {
+                demo::demo(&cli.dir, &o)
+            }
+        }
         Cmd::Migrate {
             target,
             to,
@@ -387,6 +426,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Lab { what } => lab::run(what),
         Cmd::Bench { what } => match what {
+            BenchWhat::Failover {
+                watch: Some(node), ..
+            } => {
+                let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+                bench_failover::watch(&cfg, &node)
+            }
+            BenchWhat::Failover { trials, json, .. } => bench_failover::failover(trials, json),
             BenchWhat::Ipc {
                 iterations,
                 bulk_mib,
@@ -401,12 +447,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 backend,
                 ballast_mb,
                 json,
-            } => bench_migration::migration(&bench_migration::MigrationOptions {
-                runs,
-                backend,
-                ballast_mb,
-                json,
-            }),
+                lab,
+                lab_inner,
+            } => {
+                let o = bench_migration::MigrationOptions {
+                    runs,
+                    backend,
+                    ballast_mb,
+                    json,
+                };
+                if lab {
+                    bench_lab::migration_lab(&o)
+                } else if lab_inner {
+                    let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+                    bench_lab::migration_inner(&cfg, &o)
+                } else {
+                    bench_migration::migration(&o)
+                }
+            }
         },
     }
 }

@@ -12,6 +12,7 @@
 //! host) and one state folder per host.
 
 mod etcd;
+mod guard;
 mod hosts;
 mod netns;
 mod provision;
@@ -29,6 +30,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::helpers::wait_until;
+pub use guard::LabGuard;
 use hosts::HOST_STATE;
 
 /// Where labs keep their state on the machine.
@@ -155,7 +157,7 @@ impl LabState {
     }
 
     /// The host named `s`: hostI, nodeI, I or etcd.
-    fn host(&self, s: &str) -> Result<&Host> {
+    pub fn host(&self, s: &str) -> Result<&Host> {
         self.hosts
             .iter()
             .find(|h| h.name == s || h.node.as_deref() == Some(s) || h.name == format!("host{s}"))
@@ -271,7 +273,9 @@ fn pick_subnet(name: &str) -> Result<u8> {
 
 // ----- up ------------------------------------------------------------------------------------
 
-fn up(name: &str, n: u16) -> Result<LabState> {
+/// Builds lab `name` with `n` node hosts and etcd, and waits until every link is up; a lab
+/// that cannot be built whole is taken down.
+pub fn up(name: &str, n: u16) -> Result<LabState> {
     check_name(name)?;
     if n == 0 || n > MAX_HOSTS {
         bail!("--hosts must be 1 to {MAX_HOSTS}");
@@ -360,17 +364,8 @@ fn build(lab: &mut LabState) -> Result<()> {
     let pid = etcd::start(&lab.name, holder, addr, &dir.join("etcd").join("etcd.log"))?;
     lab.hosts[etcd].pid = Some(pid);
     save(lab)?;
-    let exe = std::env::current_exe().context("cannot find the dvs executable")?;
     for i in 0..etcd {
-        let h = &lab.hosts[i];
-        let mut cmd = hosts::enter(h.holder.expect("started"), &exe);
-        cmd.arg("--config")
-            .arg(Path::new(HOST_STATE).join("cluster.toml"))
-            .args(["node", "--node"])
-            .arg(h.node.as_deref().expect("a node host"));
-        let pid = hosts::spawn_daemon(cmd, &dir.join(&h.name).join("node.log"))?;
-        lab.hosts[i].pid = Some(pid);
-        save(lab)?;
+        start_node(lab, i)?;
     }
     let mut last = Vec::new();
     let ready = wait_until(LINKS_TIMEOUT, Duration::from_millis(200), || {
@@ -395,6 +390,29 @@ fn build(lab: &mut LabState) -> Result<()> {
         bail!(msg);
     }
     Ok(())
+}
+
+/// Starts the node kernel of host `i` (a node host) in the background, its output appended
+/// to the host's `node.log`, and records its pid in `lab.json`.
+pub fn start_node(lab: &mut LabState, i: usize) -> Result<i32> {
+    let exe = std::env::current_exe().context("cannot find the dvs executable")?;
+    let h = &lab.hosts[i];
+    let holder = h
+        .holder
+        .ok_or_else(|| anyhow!("host {} has no holder", h.name))?;
+    let node = h
+        .node
+        .as_deref()
+        .ok_or_else(|| anyhow!("host {} runs no node", h.name))?;
+    let mut cmd = hosts::enter(holder, &exe);
+    cmd.arg("--config")
+        .arg(Path::new(HOST_STATE).join("cluster.toml"))
+        .args(["node", "--node", node]);
+    let log = lab_dir(&lab.name).join(&h.name).join("node.log");
+    let pid = hosts::spawn_daemon(cmd, &log)?;
+    lab.hosts[i].pid = Some(pid);
+    save(lab)?;
+    Ok(pid)
 }
 
 /// The last `lines` lines of a log file.
@@ -426,10 +444,10 @@ struct HostStatus {
     ok: bool,
 }
 
-/// A `dvs` command run on `host`, with the host's config: every CLI command the lab runs
-/// goes through here. Today each node's control socket exists only on its own host, so a
-/// command about a node must run on that node's host.
-fn cli_on(host: &Host, args: &[&str]) -> Result<std::process::Command> {
+/// A `dvs` command run on `host`, with the host's config (and, on a node host, `DVS_NODE`
+/// naming its node): every CLI command the lab runs goes through here. Any node host
+/// reaches the whole cluster: the CLI's requests are relayed by the host's node.
+pub fn cli_on(host: &Host, args: &[&str]) -> Result<std::process::Command> {
     let holder = host
         .holder
         .ok_or_else(|| anyhow!("host {} has no holder", host.name))?;
@@ -437,6 +455,9 @@ fn cli_on(host: &Host, args: &[&str]) -> Result<std::process::Command> {
     let mut cmd = hosts::enter(holder, exe);
     cmd.env("DVS_CONFIG", Path::new(HOST_STATE).join("cluster.toml"))
         .args(args);
+    if let Some(node) = &host.node {
+        cmd.env("DVS_NODE", node);
+    }
     Ok(cmd)
 }
 

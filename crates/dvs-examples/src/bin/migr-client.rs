@@ -33,6 +33,10 @@ struct Args {
     /// Print the result as a JSON object instead of the summary line
     #[arg(long)]
     json: bool,
+    /// Write `migr-client: N iterations done` to stderr every N iterations, so that a
+    /// watcher of the output (`dvs run --wait`, from any host) sees how far the run is
+    #[arg(long)]
+    progress: Option<u64>,
     #[command(flatten)]
     bind: BindArgs,
 }
@@ -87,6 +91,9 @@ fn main() -> ExitCode {
             }
         };
         report(&outcome);
+        if args.progress.is_some_and(|p| p > 0 && done % p == 0) {
+            eprintln!("migr-client: {done} iterations done");
+        }
     }
     let elapsed = start.elapsed();
     let _ = ep.unbind();
