@@ -44,7 +44,8 @@ impl Phase {
 
 impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        // `pad`, so that table columns (`{:<10}`) line up.
+        f.pad(self.name())
     }
 }
 

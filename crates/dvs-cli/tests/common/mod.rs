@@ -11,6 +11,7 @@
 pub mod attack;
 pub mod etcd;
 pub mod examples;
+pub mod lab;
 pub mod migr;
 
 use std::fs::OpenOptions;
