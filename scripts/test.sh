@@ -38,6 +38,9 @@ log "build"
 cargo build --workspace --all-targets --quiet
 
 log "tests"
-cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+# Every test binary runs even when one fails, so that one run shows every failure.
+status=0
+cargo test --workspace --quiet --no-fail-fast 2>&1 | tee target/test-output.txt || status=$?
 # One closing line for the whole suite, summed over every test binary.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test-output.txt
+exit "$status"

@@ -1,7 +1,8 @@
-//! Crash-safe migration: a node kernel is killed (SIGKILL) in the middle of a criu migration
-//! of a 200 MiB server (big enough for each phase to last a while), once per role and phase:
-//! the destination, the source (which coordinates) and the client's node, during the
-//! transfer of the image or the restore.
+//! Crash-safe migration: a node kernel is killed (SIGKILL) in the middle of a criu migration,
+//! once per role (the destination, the source, which coordinates, and the client's node) and
+//! phase: start and commit (held open by freezing the cluster's etcd while the record's
+//! write is under way), quiesce (held open by a server that is slow to reply), checkpoint,
+//! transfer and restore (a 200 MiB server, whose phases last a while).
 //!
 //! Whatever dies, on every surviving node: the migration ends (its record in the directory is
 //! decided, never left `started`), at most one copy of the server runs and none is left
@@ -129,19 +130,81 @@ fn assert_none_stopped(c: &Cluster, name: &str) {
     }
 }
 
-fn crash_run(victim: Victim, phase: &str) {
+/// When, during the move, the victim is killed.
+#[derive(Clone, Copy, Debug)]
+enum When {
+    /// As soon as `dvs migrate` reports this phase (long enough with a 200 MiB image:
+    /// checkpoint, transfer, restore).
+    Phase(&'static str),
+    /// In the quiesce phase, held open by a server that waits 1.5 s before each reply.
+    Quiesce,
+    /// While the coordinator waits for the START acknowledgements: the client's node kernel
+    /// is stopped (SIGSTOP) meanwhile, for less than it takes to declare its link dead.
+    Start,
+    /// While the directory (etcd, frozen once the restore begins) holds the decision's write.
+    Commit,
+}
+
+impl When {
+    fn name(self) -> &'static str {
+        match self {
+            When::Phase(p) => p,
+            When::Quiesce => "quiesce",
+            When::Start => "start",
+            When::Commit => "commit",
+        }
+    }
+}
+
+/// Waits for the line of `dvs migrate` that reports `phase`.
+fn wait_phase(lines: &mpsc::Receiver<String>, phase: &str, seen: &mut Vec<String>, name: &str) {
+    loop {
+        let line = lines
+            .recv_timeout(HANG_GUARD)
+            .unwrap_or_else(|_| panic!("{name}: no {phase} phase within {HANG_GUARD:?}: {seen:?}"));
+        let reached = line.split_whitespace().last() == Some(phase);
+        seen.push(line);
+        if reached {
+            return;
+        }
+    }
+}
+
+/// A migration of a server on node0 (its client on node1) to node2, on a cluster whose
+/// directory is a real etcd, with `victim` killed `when`; then the checks of the module
+/// documentation.
+fn crash_run(victim: Victim, when: When) {
     let _turn = serial();
+    let phase = when.name();
     let name = format!("{victim:?} killed during the {phase}");
     if !criu_available(&name) {
         return;
     }
-    let c = Cluster::start();
-    start_ballast_server(&c, 0, SERVER, 200);
-    let client = ClientRun::start(&c, 1, CLIENT, SERVER, ITERATIONS, BLOCK);
-    assert!(
-        wait_served(&c, &ep_log(&c, 0, SERVER), 1, &client),
-        "{name}: the client ended too early"
-    );
+    let etcd = Etcd::start();
+    let dir = etcd.directory_config();
+    let c = Cluster::start_with(move |cfg| {
+        let mut dir = dir;
+        if let dvs_config::DirectoryConfig::Etcd { prefix, .. } = &mut dir {
+            *prefix = dvs_config::default_etcd_prefix(&cfg.cluster_id);
+        }
+        cfg.directory = dir;
+    });
+    let slow = matches!(when, When::Quiesce);
+    let iterations = if slow { 12 } else { ITERATIONS };
+    if slow {
+        start_server_with(&c, 0, SERVER, &["--delay-ms", "1500"]);
+    } else {
+        start_ballast_server(&c, 0, SERVER, 200);
+    }
+    let client = ClientRun::start(&c, 1, CLIENT, SERVER, iterations, BLOCK);
+    if slow {
+        thread::sleep(Duration::from_millis(300));
+    } else {
+        assert!(
+            wait_served(&c, &ep_log(&c, 0, SERVER), 1, &client),
+            "{name}: the client ended too early"
+        );
+    }
     // The server's process tree (its launcher's pid): a killed node kernel leaves it behind.
     let launcher = eventually("the server in dvs ps", || {
         let procs = c.dvs(&["ps", "--json"]);
@@ -154,75 +217,86 @@ fn crash_run(victim: Victim, phase: &str) {
                 .and_then(|p| p["pid"].as_i64())
         })
     });
+    let client_node_pid = c.node_pid(Victim::ClientNode.node());
+    if matches!(when, When::Start) {
+        // SAFETY: kill(2) on a node kernel this test started.
+        unsafe { libc::kill(client_node_pid, libc::SIGSTOP) };
+    }
     let (migration, lines) = start_migration(&c);
     let mut seen = Vec::new();
-    loop {
-        let line = lines
-            .recv_timeout(HANG_GUARD)
-            .unwrap_or_else(|_| panic!("{name}: no {phase} phase within {HANG_GUARD:?}: {seen:?}"));
-        let reached = line.split_whitespace().last() == Some(phase);
-        seen.push(line);
-        if reached {
-            break;
-        }
+    if matches!(when, When::Commit) {
+        wait_phase(&lines, "restore", &mut seen, &name);
+        etcd.freeze(true);
     }
+    wait_phase(&lines, phase, &mut seen, &name);
     c.kill_node(victim.node());
+    // Briefly: a directory away for longer than the membership lease fences every node.
+    etcd.freeze(false);
+    if matches!(when, When::Start) {
+        // SAFETY: as above.
+        unsafe { libc::kill(client_node_pid, libc::SIGCONT) };
+    }
     wait_bounded(migration);
 
-    // The migration ends: its record is decided.
-    let decided = eventually(&format!("{name}: the migration record decided"), || {
-        record(&c).filter(|r| !r.contains("state=started"))
-    });
+    // The migration ends: its record is decided. A source killed before it decided may
+    // leave its START record: then no node may hold calls any more.
+    let decided = if matches!((victim, when), (Victim::Source, When::Start)) {
+        eventually(&format!("{name}: no node holding calls"), || {
+            let s = c.status();
+            let held = s["nodes"].as_array()?.iter().any(|n| {
+                n["status"]["endpoints"]
+                    .as_array()
+                    .is_some_and(|e| e.iter().any(|e| e["migrating"] == true))
+            });
+            (!held).then_some(())
+        });
+        record(&c).unwrap_or_default()
+    } else {
+        eventually(&format!("{name}: the migration record decided"), || {
+            record(&c).filter(|r| !r.contains("state=started"))
+        })
+    };
     let committed = decided.contains("state=committed");
-    // At most one copy runs, and it is where the record says.
+    // At most one copy runs, and it is where the record says (unless its node died).
+    let home: Option<u64> = match (committed, victim) {
+        (true, Victim::Destination) | (false, Victim::Source) => None,
+        (true, _) => Some(2),
+        (false, _) => Some(0),
+    };
     let run_on = eventually(&format!("{name}: the placements settle"), || {
         let r = running(&c);
-        let want: &[u64] = match (committed, victim) {
-            (true, _) => &[2],
-            (false, Victim::Source) => &[],
-            (false, _) => &[0],
-        };
-        (r == want).then_some(r)
+        (r == home.into_iter().collect::<Vec<_>>()).then_some(r)
     });
-    assert!(run_on.len() <= 1, "{name}: {run_on:?}");
     assert_none_stopped(&c, &name);
-    match victim {
-        // Killing the node that only calls the server changes nothing for the move.
-        Victim::ClientNode => assert!(committed, "{name}: {decided}"),
-        // Losing the destination before the decision rolls back; the source runs on.
-        Victim::Destination => {
-            assert!(!committed, "{name}: {decided}");
-            let result = client.finish(&c);
-            assert_client_ok(&c, &name, &result, ITERATIONS);
+    // The client: every block where the server lives on, a clear error where it died.
+    if victim != Victim::ClientNode {
+        let out = client
+            .finish_raw()
+            .unwrap_or_else(|| panic!("{name}: the client hung{}", diagnose(&c)));
+        if home.is_some() {
+            assert!(
+                out.status.success(),
+                "{name}: the client failed: {}",
+                printed(&out)
+            );
+            let result =
+                client_json(&String::from_utf8_lossy(&out.stdout)).expect("the client's result");
+            assert_client_ok(&c, &name, &result, iterations);
+        } else {
+            let text = printed(&out);
+            assert!(
+                !out.status.success() && (text.contains("unreachable") || text.contains("died")),
+                "{name}: the server died with its node, but the client did not say so: {text}"
+            );
         }
-        // Losing the source: the destination commits if its copy was restored (the client
-        // goes on there), else the endpoint died with its node and the client says so.
-        Victim::Source => {
-            let out = client.finish_raw().unwrap_or_else(|| {
-                panic!(
-                    "{name}: the client hung after the source died{}",
-                    diagnose(&c)
-                )
-            });
-            if out.status.success() {
-                assert!(committed, "{name}: the client succeeded but {decided}");
-                let result = client_json(&String::from_utf8_lossy(&out.stdout))
-                    .expect("the client's result");
-                assert_client_ok(&c, &name, &result, ITERATIONS);
-            } else {
-                let text = printed(&out);
-                assert!(
-                    text.contains("unreachable") || text.contains("died"),
-                    "{name}: the client failed without a clear error: {text}"
-                );
-            }
-            if phase == "transfer" {
-                assert!(
-                    !committed,
-                    "{name}: committed before the restore: {decided}"
-                );
-            }
+    }
+    match (victim, when) {
+        (Victim::ClientNode, _) => assert!(committed, "{name}: {decided}"),
+        // Before the destination's copy is restored, only a rollback is possible.
+        (_, When::Start | When::Quiesce) | (_, When::Phase("checkpoint" | "transfer")) => {
+            assert!(!committed, "{name}: {decided}")
         }
+        _ => {}
     }
     if victim == Victim::Source {
         // The original stays behind, stopped, with its node gone. The node that comes back
@@ -244,27 +318,67 @@ fn crash_run(victim: Victim, phase: &str) {
 
 #[test]
 fn criu_destination_killed_during_the_transfer() {
-    crash_run(Victim::Destination, "transfer");
+    crash_run(Victim::Destination, When::Phase("transfer"));
 }
 
 #[test]
 fn criu_destination_killed_during_the_restore() {
-    crash_run(Victim::Destination, "restore");
+    crash_run(Victim::Destination, When::Phase("restore"));
 }
 
 #[test]
 fn criu_source_killed_during_the_transfer() {
-    crash_run(Victim::Source, "transfer");
+    crash_run(Victim::Source, When::Phase("transfer"));
 }
 
 #[test]
 fn criu_source_killed_during_the_restore() {
-    crash_run(Victim::Source, "restore");
+    crash_run(Victim::Source, When::Phase("restore"));
 }
 
 #[test]
 fn criu_client_node_killed_during_the_checkpoint() {
-    crash_run(Victim::ClientNode, "checkpoint");
+    crash_run(Victim::ClientNode, When::Phase("checkpoint"));
+}
+
+#[test]
+fn criu_source_killed_during_the_start() {
+    crash_run(Victim::Source, When::Start);
+}
+
+#[test]
+fn criu_destination_killed_during_the_start() {
+    crash_run(Victim::Destination, When::Start);
+}
+
+#[test]
+fn criu_source_killed_during_the_quiesce() {
+    crash_run(Victim::Source, When::Quiesce);
+}
+
+#[test]
+fn criu_destination_killed_during_the_quiesce() {
+    crash_run(Victim::Destination, When::Quiesce);
+}
+
+#[test]
+fn criu_destination_killed_during_the_checkpoint() {
+    crash_run(Victim::Destination, When::Phase("checkpoint"));
+}
+
+#[test]
+fn criu_source_killed_during_the_checkpoint() {
+    crash_run(Victim::Source, When::Phase("checkpoint"));
+}
+
+#[test]
+fn criu_source_killed_during_the_commit() {
+    crash_run(Victim::Source, When::Commit);
+}
+
+#[test]
+fn criu_destination_killed_during_the_commit() {
+    crash_run(Victim::Destination, When::Commit);
 }
 
 /// etcd's leader is killed (SIGKILL) while a 200 MiB server is being checkpointed, on a

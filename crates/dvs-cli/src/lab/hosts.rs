@@ -19,17 +19,28 @@ use super::netns;
 pub const HOST_STATE: &str = "/var/lib/dvs";
 
 /// What the holder does in its new mount namespace before it sleeps. `$1`: the host's state
-/// folder on the machine; `$2`: the host name.
+/// folder on the machine; `$2`: the host name; `$3`: a folder of the machine to keep visible
+/// although it lies under one of the private mounts (the folder of the `dvs` binary and the
+/// example programs, when the build is under `/tmp`), or empty.
 const HOLDER_SCRIPT: &str = r#"set -eu
 # The copies of namespace handles (ip netns's nsfs mounts) that this namespace inherited
 # would keep other labs' namespaces alive for as long as this host lives.
 awk '{for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i + 1) == "nsfs") print $5; break }}' \
     /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
+# The binaries' folder, parked on /mnt (of this namespace only) while the private mounts
+# cover where it lies, then moved back.
+if [ -n "$3" ]; then
+    mount --bind "$3" /mnt
+fi
 # Only this host's own state shows under /var/lib/dvs (every lab's folders are hidden).
 mount --bind "$1" /var/lib/dvs
 mount -t tmpfs -o mode=0755 lab-run /run
 mount -t tmpfs -o mode=1777 lab-tmp /tmp
 mount -t tmpfs -o mode=1777 lab-shm /dev/shm
+if [ -n "$3" ]; then
+    mkdir -p "$3"
+    mount --move /mnt "$3"
+fi
 hostname "$2"
 echo ready
 exec sleep infinity </dev/null >/dev/null 2>&1
@@ -56,6 +67,7 @@ pub fn start_holder(ns: &str, hostname: &str, state: &Path) -> Result<i32> {
         ])
         .arg(state)
         .arg(hostname)
+        .arg(hidden_bin_dir().unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -79,6 +91,17 @@ pub fn start_holder(ns: &str, hostname: &str, state: &Path) -> Result<i32> {
     }
     // nsenter and unshare exec what follows, so the child is the holder itself.
     Ok(pid)
+}
+
+/// The folder of this `dvs` binary (and of the example programs built with it) if the
+/// host's private mounts would hide it (a build under `/tmp`, `/run` or `/dev/shm`).
+fn hidden_bin_dir() -> Option<std::ffi::OsString> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    ["/tmp", "/run", "/dev/shm"]
+        .iter()
+        .any(|p| dir.starts_with(p))
+        .then(|| dir.as_os_str().to_owned())
 }
 
 /// Whether `pid` is still the holder of the host whose network namespace is `inode`.

@@ -159,23 +159,30 @@ pub fn start_server(c: &Cluster, node: u16, ep: i32) {
 
 /// Launches `migr-server --ballast-mb MB` as endpoint `ep` of dc0 on node `node`.
 pub fn start_ballast_server(c: &Cluster, node: u16, ep: i32, mb: u32) {
+    start_server_with(c, node, ep, &["--ballast-mb", &mb.to_string()]);
+}
+
+/// Launches `migr-server ARGS` as endpoint `ep` of dc0 on node `node`.
+pub fn start_server_with(c: &Cluster, node: u16, ep: i32, args: &[&str]) {
     let server = example_bin("migr-server");
-    let out = c.dvs(&[
+    let ep_s = ep.to_string();
+    let name = node_name(c, node);
+    let mut cmd = vec![
         "run",
         "--dc",
         "dc0",
         "--ep",
-        &ep.to_string(),
+        &ep_s,
         "--node",
-        &node_name(c, node),
+        &name,
         "--",
         server.to_str().expect("UTF-8 path"),
-        "--ballast-mb",
-        &mb.to_string(),
-    ]);
+    ];
+    cmd.extend_from_slice(args);
+    let out = c.dvs(&cmd);
     assert!(
         out.status.success(),
-        "dvs run migr-server --ballast-mb {mb} failed: {}",
+        "dvs run migr-server {args:?} failed: {}",
         printed(&out)
     );
 }

@@ -24,6 +24,10 @@ struct Args {
     /// paper's size (2 gives about 2.5 MB with the program's own pages)
     #[arg(long, default_value_t = 0)]
     ballast_mb: usize,
+    /// Milliseconds to wait before each reply: while it waits the server owes a reply, so a
+    /// migration's quiesce phase lasts that long (for the crash tests).
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
     #[command(flatten)]
     bind: BindArgs,
 }
@@ -45,7 +49,7 @@ fn main() -> ExitCode {
         ep.ep(),
         ep.node()
     );
-    let served = serve(&mut ep);
+    let served = serve(&mut ep, Duration::from_millis(args.delay_ms));
     std::hint::black_box(&ballast);
     match served {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,7 +70,7 @@ fn make_ballast(mb: usize) -> Vec<u8> {
 }
 
 /// Serves until the node kernel connection fails or the node shuts down.
-fn serve(ep: &mut Endpoint) -> Result<(), Error> {
+fn serve(ep: &mut Endpoint, delay: Duration) -> Result<(), Error> {
     // Reused for every request: only the pattern changes.
     let mut block: Vec<u8> = Vec::new();
     // A cooperative migration restarts this program on another node: the counter comes back
@@ -131,6 +135,9 @@ fn serve(ep: &mut Endpoint) -> Result<(), Error> {
             continue;
         }
         counter += 1;
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         match ep.reply(client, &reply_message(req.seq, counter, req.size)) {
             Ok(()) => {}
             Err(e) if e.is_connection_error() => return Err(e),
