@@ -86,7 +86,7 @@ fn node_pid(lab: &Lab, n: u16) -> i32 {
 /// down` kills it with the rest).
 fn restart_node(lab: &Lab, n: u16) {
     let script = format!("exec {DVS} node --node node{n} >>/var/lib/dvs/node.log 2>&1");
-    let _child = std::process::Command::new(DVS)
+    let mut child = std::process::Command::new(DVS)
         .args([
             "lab",
             "exec",
@@ -101,6 +101,10 @@ fn restart_node(lab: &Lab, n: u16) {
         .stderr(Stdio::null())
         .spawn()
         .expect("restart the node");
+    // It lives until `lab down`; reaped then.
+    thread::spawn(move || {
+        let _ = child.wait();
+    });
 }
 
 /// A 300 MiB server on node1 (host1) migrates to node3 (host3), asked on host2, while a
