@@ -542,9 +542,9 @@ async fn put(dir: &dyn Directory, k: &str, value: String) -> Result<(), String> 
     Err("too many concurrent updates".into())
 }
 
-/// Records that `{dc, ep}` runs on `node` after migration `id` committed, unless a later
-/// migration of the endpoint has since been recorded (a relocation that lands late must not
-/// undo a later move). The endpoint's entry is read first and written with a compare-and-set
+/// Records that `{dc, ep}` runs on `node` after migration `id` committed, unless the
+/// endpoint's migration record shows that it has moved on since (a relocation that lands
+/// late must not undo a later move; see `MigrRecord::places_at`). The endpoint's entry is read first and written with a compare-and-set
 /// on that version, so a move recorded in between is seen on the next try.
 async fn relocate(
     dir: &dyn Directory,
@@ -561,8 +561,8 @@ async fn relocate(
             .await
             .map_err(|e| e.to_string())?
             .and_then(|v| MigrRecord::parse(&v.value));
-        if !record.is_some_and(|r| r.id == id && r.state == dvs_core::RecordState::Committed) {
-            info!("not relocating {k} to node {node}: migration {id:x} is no longer its latest");
+        if !record.is_some_and(|r| r.places_at(id, node)) {
+            info!("not relocating {k} to node {node}: a later migration moved it elsewhere");
             return Ok(());
         }
         if current

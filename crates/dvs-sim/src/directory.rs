@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use dvs_core::{DirRequest, DirectoryInput, MigrRecord, RecordState};
+use dvs_core::{DirRequest, DirectoryInput, MigrRecord};
 use dvs_wire::{DcId, Ep, Errno, NodeId};
 
 /// The kinds of [`DirRequest`], to choose which the simulation leaves to the test.
@@ -231,11 +231,11 @@ impl Directory {
                 ep,
                 node: to,
             } => {
-                // Only for the endpoint's latest migration, committed (as the daemon does).
+                // As the daemon does: see `MigrRecord::places_at`.
                 let latest = self
                     .records
                     .get(&(dc, ep))
-                    .is_some_and(|r| r.id == id && r.state == RecordState::Committed);
+                    .is_some_and(|r| r.places_at(id, to));
                 if latest && self.endpoints.insert((dc, ep), to) != Some(to) {
                     self.changed(&mut watch, dc, ep, Some(to));
                 }

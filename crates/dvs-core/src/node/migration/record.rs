@@ -49,6 +49,17 @@ impl MigrRecord {
         )
     }
 
+    /// Whether this record, the endpoint's latest, still places the endpoint on `node` after
+    /// migration `id` moved it there: it is that migration, committed, or a later one that
+    /// started from `node` and did not commit (started, or rolled back: the endpoint stayed
+    /// on `node`). A later migration from `node` that committed moved it on.
+    pub fn places_at(&self, id: MigrationId, node: NodeId) -> bool {
+        if self.id == id {
+            return self.state == RecordState::Committed;
+        }
+        self.from == node && self.state != RecordState::Committed
+    }
+
     /// Parses [`MigrRecord::encode`]'s form.
     pub fn parse(s: &str) -> Option<Self> {
         let mut id = None;
