@@ -17,48 +17,6 @@ use std::time::{Duration, Instant};
 use common::lab::*;
 use serde_json::Value;
 
-/// Every node's view through host1's node: `dvs status --json` run on host1.
-fn status(lab: &Lab) -> Value {
-    let out = run_bounded(
-        &mut lab.dvs_on(1, &["status", "--json"]),
-        Duration::from_secs(30),
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
-/// The nodes that report dc0/`ep` RUNNING.
-fn running(lab: &Lab, ep: i32) -> Vec<u64> {
-    let s = status(lab);
-    s["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|n| {
-            n["status"]["endpoints"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|e| e["dc"] == 0 && e["ep"] == ep && e["state"] == "RUNNING")
-        })
-        .filter_map(|n| n["id"].as_u64())
-        .collect()
-}
-
-/// Polls `f` every 100 ms for at most `limit`, failing the test with `what`.
-fn within<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// What goes wrong during the transfer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
@@ -68,43 +26,6 @@ enum Fault {
     KillDestination,
     /// node1's kernel (the source, which coordinates) is SIGKILLed.
     KillSource,
-}
-
-/// The pid of node `n`'s kernel, from `dvs lab status`.
-fn node_pid(lab: &Lab, n: u16) -> i32 {
-    let st = lab.status();
-    st["hosts"]
-        .as_array()
-        .expect("hosts")
-        .iter()
-        .find(|h| h["node"] == format!("node{n}"))
-        .and_then(|h| h["pid"].as_i64())
-        .expect("the node's pid") as i32
-}
-
-/// Starts node `n` again on its host, logging to the host's `node.log` (detached; `lab
-/// down` kills it with the rest).
-fn restart_node(lab: &Lab, n: u16) {
-    let script = format!("exec {DVS} node --node node{n} >>/var/lib/dvs/node.log 2>&1");
-    let mut child = std::process::Command::new(DVS)
-        .args([
-            "lab",
-            "exec",
-            "--name",
-            &lab.name,
-            &format!("host{n}"),
-            "--",
-        ])
-        .args(["sh", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("restart the node");
-    // It lives until `lab down`; reaped then.
-    thread::spawn(move || {
-        let _ = child.wait();
-    });
 }
 
 /// A 300 MiB server on node1 (host1) migrates to node3 (host3), asked on host2, while a

@@ -332,3 +332,92 @@ impl Traces {
         assert!(!self.dir.exists(), "{} is left", self.dir.display());
     }
 }
+
+/// Every node's view through host1's node: `dvs status --json` run on host1.
+pub fn status(lab: &Lab) -> Value {
+    status_on(lab, 1)
+}
+
+/// Every node's view through the node of host `n`: `dvs status --json` run there.
+pub fn status_on(lab: &Lab, n: u16) -> Value {
+    let out = run_bounded(
+        &mut lab.dvs_on(n, &["status", "--json"]),
+        Duration::from_secs(30),
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// The nodes that report dc0/`ep` RUNNING.
+pub fn running(lab: &Lab, ep: i32) -> Vec<u64> {
+    running_seen_from(lab, 1, ep)
+}
+
+/// The nodes that report dc0/`ep` RUNNING, asked through the node of host `n`.
+pub fn running_seen_from(lab: &Lab, n: u16, ep: i32) -> Vec<u64> {
+    let s = status_on(lab, n);
+    s["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| {
+            n["status"]["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e["dc"] == 0 && e["ep"] == ep && e["state"] == "RUNNING")
+        })
+        .filter_map(|n| n["id"].as_u64())
+        .collect()
+}
+
+/// Polls `f` every 100 ms for at most `limit`, failing the test with `what`.
+pub fn within<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The pid of node `n`'s kernel, from `dvs lab status`.
+pub fn node_pid(lab: &Lab, n: u16) -> i32 {
+    let st = lab.status();
+    st["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .find(|h| h["node"] == format!("node{n}"))
+        .and_then(|h| h["pid"].as_i64())
+        .expect("the node's pid") as i32
+}
+
+/// Starts node `n` again on its host, logging to the host's `node.log` (detached; `lab
+/// down` kills it with the rest).
+pub fn restart_node(lab: &Lab, n: u16) {
+    let script = format!("exec {DVS} node --node node{n} >>/var/lib/dvs/node.log 2>&1");
+    let mut child = Command::new(DVS)
+        .args([
+            "lab",
+            "exec",
+            "--name",
+            &lab.name,
+            &format!("host{n}"),
+            "--",
+        ])
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart the node");
+    // It lives until `lab down`; reaped then.
+    thread::spawn(move || {
+        let _ = child.wait();
+    });
+}
