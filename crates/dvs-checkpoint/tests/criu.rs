@@ -225,6 +225,11 @@ fn rollback_resumes_the_stopped_source_on_its_old_socket() {
         "criu: dump (for rollback): {:?}, {} bytes",
         dump.duration, dump.image_bytes
     );
+    // criu detaches with SIGSTOP queued: the state turns to T as the signal is delivered.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while process_state(t.init).unwrap() != 'T' && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     assert_eq!(process_state(t.init).unwrap(), 'T');
 
     // A request sent while it is stopped waits in the socket and is answered after resume.
