@@ -50,6 +50,11 @@ pub struct Figures {
     /// Raw TCP ping-pong of 64-byte messages, `TCP_NODELAY`, client to the remote server's
     /// process (loopback on one machine; host1 to host2 on the lab).
     pub raw_tcp_rtt: Latency,
+    /// Median of each block's raw TCP round trips, µs: how steady the baseline was (on this
+    /// VM a ping-pong's wake-ups cost much more when its two threads land on different CPUs).
+    pub raw_tcp_rtt_block_medians_us: Vec<f64>,
+    /// Median of each block's remote sendrec round trips, µs.
+    pub sendrec_remote_block_medians_us: Vec<f64>,
     /// Raw TCP stream of 1 MiB writes to the remote server's process, MB/s.
     pub raw_tcp_stream_mb_s: f64,
     /// sendrec round trip, server on the other node.
@@ -217,7 +222,9 @@ struct Side {
     /// The ping-pong connection, open for the whole run (as the peer link is).
     pingpong: TcpStream,
     raw_rtt: Vec<u64>,
+    raw_rtt_blocks: Vec<f64>,
     sendrec_remote: Vec<u64>,
+    sendrec_remote_blocks: Vec<f64>,
     sendrec_local: Vec<u64>,
     send_remote: Rate,
     send_local: Rate,
@@ -261,7 +268,9 @@ impl Side {
             raw,
             pingpong,
             raw_rtt: Vec::new(),
+            raw_rtt_blocks: Vec::new(),
             sendrec_remote: Vec::new(),
+            sendrec_remote_blocks: Vec::new(),
             sendrec_local: Vec::new(),
             send_remote: Rate::default(),
             send_local: Rate::default(),
@@ -274,10 +283,14 @@ impl Side {
     /// One block of every test: `n` round trips and sends (after `warmup`), `mib` MiB.
     fn block(&mut self, warmup: usize, n: usize, mib: usize, buf: &mut [u8]) -> Result<()> {
         let c = &mut self.client;
-        self.raw_rtt
-            .extend(raw_pingpong(&mut self.pingpong, warmup, n).context("raw TCP ping-pong")?);
-        self.sendrec_remote
-            .extend(sendrec_samples(c, EP_REMOTE_SERVER, warmup, n)?);
+        let raw = raw_pingpong(&mut self.pingpong, warmup, n).context("raw TCP ping-pong")?;
+        self.raw_rtt_blocks
+            .push(Latency::from_samples(raw.clone()).median_us);
+        self.raw_rtt.extend(raw);
+        let remote = sendrec_samples(c, EP_REMOTE_SERVER, warmup, n)?;
+        self.sendrec_remote_blocks
+            .push(Latency::from_samples(remote.clone()).median_us);
+        self.sendrec_remote.extend(remote);
         self.sendrec_local
             .extend(sendrec_samples(c, EP_LOCAL_SERVER, warmup, n)?);
         let n_f = n as f64;
@@ -306,6 +319,8 @@ impl Side {
         let take = |v: &mut Vec<u64>| Latency::from_samples(std::mem::take(v));
         Ok(Figures {
             raw_tcp_rtt: take(&mut self.raw_rtt),
+            raw_tcp_rtt_block_medians_us: std::mem::take(&mut self.raw_rtt_blocks),
+            sendrec_remote_block_medians_us: std::mem::take(&mut self.sendrec_remote_blocks),
             raw_tcp_stream_mb_s: self.raw_stream.per_sec() / 1e6,
             sendrec_remote: take(&mut self.sendrec_remote),
             sendrec_local: take(&mut self.sendrec_local),
@@ -442,6 +457,20 @@ fn print(r: &IpcLabReport) {
         l.vcopy_local_mb_s,
         b.vcopy_local_mb_s,
     );
+    println!();
+    let range = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        format!("{lo:.1}-{hi:.1}")
+    };
+    println!("  medians of the {} blocks, µs (lowest-highest)", r.blocks);
+    for (what, f) in [("1 machine", l), ("lab", b)] {
+        println!(
+            "  {what:<10} raw TCP RTT {}, dvs sendrec remote {}",
+            range(&f.raw_tcp_rtt_block_medians_us),
+            range(&f.sendrec_remote_block_medians_us)
+        );
+    }
     println!();
     println!("  dvs against its own cluster's raw baseline");
     for (what, f) in [("1 machine", l), ("lab", b)] {
