@@ -13,23 +13,19 @@
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::ExitCode;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dvs_config::ClusterConfig;
-use m3ipc::{DcId, Endpoint, Ep, Message, Source, Timeout};
+use m3ipc::{Endpoint, Ep, Timeout};
 use serde::Serialize;
 
+use crate::bench_serve::{send_rate, sendrec_samples, vcopy_rate, Server, BLOCK, RAW_MSG};
 use crate::cluster;
 use crate::helpers::{nearest_rank, ClusterGuard};
 
-/// Size of a raw ping-pong message: the size of an M3-IPC message on the wire.
-const RAW_MSG: usize = 64;
-/// Size of one write of the raw TCP stream and of one dvs vcopy.
-const BLOCK: usize = 1 << 20;
 /// First peer port tried for the bench's own cluster (free ports are searched from here).
 const BENCH_BASE_PORT: u16 = 7700;
 
@@ -39,15 +35,6 @@ const EP_LOCAL_SERVER: Ep = 1;
 const EP_REMOTE_SERVER: Ep = 2;
 /// Endpoint of the client.
 const EP_CLIENT: Ep = 10;
-
-/// Request: reply with the same message.
-const MT_PING: i32 = 0x6201;
-/// One-way message: taken, not answered.
-const MT_ONEWAY: i32 = 0x6202;
-/// Request: vcopy word 1 bytes of the server's block to address word 0 of the caller, reply.
-const MT_VCOPY: i32 = 0x6203;
-/// Request: reply and stop serving.
-const MT_STOP: i32 = 0x6204;
 
 /// Options of `dvs bench ipc`.
 #[derive(Debug, Clone)]
@@ -76,7 +63,8 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn from_samples(mut ns: Vec<u64>) -> Latency {
+    /// Summarizes round trips given in nanoseconds.
+    pub fn from_samples(mut ns: Vec<u64>) -> Latency {
         ns.sort_unstable();
         let n = ns.len().max(1);
         let at = |q: f64| -> f64 {
@@ -434,56 +422,6 @@ fn with_clusters<T>(tls: &[bool], f: impl FnOnce(&[ClusterConfig]) -> Result<T>)
     r
 }
 
-/// A bench server: an endpoint served by its own thread until [`MT_STOP`].
-struct Server {
-    ep: Ep,
-    thread: JoinHandle<Result<u64>>,
-}
-
-impl Server {
-    fn start(socket: &Path, dc: DcId, ep: Ep) -> Result<Server> {
-        let mut e = Endpoint::bind_at(socket, dc, ep)
-            .with_context(|| format!("cannot bind bench server ep {ep}"))?;
-        let thread = thread::spawn(move || serve(&mut e));
-        Ok(Server { ep, thread })
-    }
-
-    fn stop(self, client: &mut Endpoint) -> Result<u64> {
-        client
-            .sendrec_timeout(self.ep, &Message::new(MT_STOP), Timeout::Millis(5000))
-            .with_context(|| format!("cannot stop bench server ep {}", self.ep))?;
-        self.thread
-            .join()
-            .map_err(|_| anyhow!("bench server ep {} panicked", self.ep))?
-    }
-}
-
-/// The server loop: echo pings, take one-way messages, vcopy on request. Returns how many
-/// messages it took.
-fn serve(ep: &mut Endpoint) -> Result<u64> {
-    let block: Vec<u8> = (0..BLOCK).map(|i| (i % 251) as u8 + 1).collect();
-    let mut taken = 0u64;
-    loop {
-        let m = ep.receive(Source::Any)?;
-        taken += 1;
-        match m.mtype {
-            MT_PING => ep.reply(m.source, &m)?,
-            MT_ONEWAY => {}
-            MT_VCOPY => {
-                let addr = m.word(0);
-                let len = (m.word(1) as usize).min(BLOCK);
-                ep.vcopy_to(m.source, addr, &block[..len])?;
-                ep.reply(m.source, &Message::new(MT_VCOPY))?;
-            }
-            MT_STOP => {
-                ep.reply(m.source, &m)?;
-                return Ok(taken);
-            }
-            other => bail!("bench server got an unexpected message type {other:#x}"),
-        }
-    }
-}
-
 fn dvs_figures(cfg: &ClusterConfig, warmup: usize, n: usize, bulk_mib: usize) -> Result<Dvs> {
     let dc = cfg.dcs.first().context("the bench cluster has no DC")?.id;
     let node0 = cfg.nodes[0].ipc_socket();
@@ -525,25 +463,6 @@ fn dvs_figures(cfg: &ClusterConfig, warmup: usize, n: usize, bulk_mib: usize) ->
 
 fn sendrec_latency(client: &mut Endpoint, server: Ep, warmup: usize, n: usize) -> Result<Latency> {
     sendrec_samples(client, server, warmup, n).map(Latency::from_samples)
-}
-
-/// Round trips of `n` sendrecs after `warmup`, in nanoseconds.
-fn sendrec_samples(client: &mut Endpoint, server: Ep, warmup: usize, n: usize) -> Result<Vec<u64>> {
-    let mut msg = Message::new(MT_PING);
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..warmup + n {
-        msg.set_word(0, i as u64);
-        let t = Instant::now();
-        let r = client.sendrec(server, &msg)?;
-        let dt = t.elapsed();
-        if r.mtype != MT_PING || r.word(0) != i as u64 {
-            bail!("sendrec to ep {server}: wrong reply (type {:#x})", r.mtype);
-        }
-        if i >= warmup {
-            samples.push(dt.as_nanos() as u64);
-        }
-    }
-    Ok(samples)
 }
 
 /// Endpoint of the remote server of the TLS comparison.
@@ -616,50 +535,6 @@ fn tls_vs_plaintext(
         vcopy_tls_mb_s,
         vcopy_plain_mb_s,
     })
-}
-
-fn send_rate(client: &mut Endpoint, server: Ep, warmup: usize, n: usize) -> Result<f64> {
-    let msg = Message::new(MT_ONEWAY);
-    for _ in 0..warmup {
-        client.send(server, &msg)?;
-    }
-    let t = Instant::now();
-    for _ in 0..n {
-        client.send(server, &msg)?;
-    }
-    let secs = t.elapsed().as_secs_f64();
-    Ok(n as f64 / secs)
-}
-
-/// The client asks the server (sendrec) to vcopy 1 MiB into `buf`, `mib` times.
-fn vcopy_rate(client: &mut Endpoint, server: Ep, buf: &mut [u8], mib: usize) -> Result<f64> {
-    let once = |client: &mut Endpoint, buf: &mut [u8]| -> Result<()> {
-        let mut m = Message::new(MT_VCOPY);
-        m.set_word(0, buf.as_mut_ptr() as u64);
-        m.set_word(1, buf.len() as u64);
-        let r = client.sendrec(server, &m)?;
-        if r.mtype != MT_VCOPY {
-            bail!(
-                "vcopy request to ep {server}: wrong reply (type {:#x})",
-                r.mtype
-            );
-        }
-        Ok(())
-    };
-    buf.fill(0);
-    // Warm-up: faults the client's pages in and fills the link's buffers.
-    for _ in 0..3 {
-        once(client, buf)?;
-    }
-    if buf[0] != 1 || buf[BLOCK - 1] != ((BLOCK - 1) % 251) as u8 + 1 {
-        bail!("vcopy from ep {server} did not fill the client's buffer");
-    }
-    let t = Instant::now();
-    for _ in 0..mib {
-        once(client, buf)?;
-    }
-    let secs = t.elapsed().as_secs_f64();
-    Ok((mib * BLOCK) as f64 / secs / 1e6)
 }
 
 // ----- output --------------------------------------------------------------------------------

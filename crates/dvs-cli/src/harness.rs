@@ -76,7 +76,7 @@ pub fn criu_on(cfg: &ClusterConfig, node: &NodeConfig) -> (bool, String) {
 }
 
 /// Launches `cmd` as endpoint `ep` of `dc` on `node`, detached.
-fn launch(
+pub fn launch(
     cfg: &ClusterConfig,
     node: &NodeConfig,
     dc: DcId,

@@ -2,8 +2,10 @@
 
 mod bench;
 mod bench_failover;
+mod bench_ipc_lab;
 mod bench_lab;
 mod bench_migration;
+mod bench_serve;
 mod cluster;
 mod cluster_dir;
 mod demo;
@@ -220,6 +222,21 @@ enum BenchWhat {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// On a fresh 3-host lab with etcd (remote server on another host), beside a
+        /// single-machine cluster with the embedded directory measured in the same run
+        /// (alternating blocks), each with its raw TCP baselines.
+        #[arg(long)]
+        lab: bool,
+        /// The part of `--lab` that runs inside a lab host, on the cluster of DVS_CONFIG.
+        #[arg(long, hide = true, conflicts_with = "lab")]
+        lab_inner: bool,
+    },
+    /// The server of `bench ipc --lab`, launched with `dvs run` on the node it measures.
+    #[command(hide = true)]
+    IpcServe {
+        /// Also serve the raw TCP baselines on this address.
+        #[arg(long)]
+        raw: Option<std::net::SocketAddr>,
     },
     /// Live migration under load (migration time, client stall, image transfer rate beside a
     /// raw TCP transfer of the same size), per backend, on its own 3-node cluster.
@@ -437,11 +454,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 iterations,
                 bulk_mib,
                 json,
-            } => bench::ipc(&bench::IpcOptions {
-                iterations,
-                bulk_mib,
-                json,
-            }),
+                lab,
+                lab_inner,
+            } => {
+                let o = bench::IpcOptions {
+                    iterations,
+                    bulk_mib,
+                    json,
+                };
+                if lab {
+                    bench_ipc_lab::ipc_lab(&o)
+                } else if lab_inner {
+                    let (cfg, _) = load_config(&cli.dir, &cli.config)?;
+                    bench_ipc_lab::ipc_inner(&cfg, &o)
+                } else {
+                    bench::ipc(&o)
+                }
+            }
+            BenchWhat::IpcServe { raw } => bench_serve::ipc_serve(raw),
             BenchWhat::Migration {
                 runs,
                 backend,
