@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::bench_serve::{send_rate, sendrec_samples, vcopy_rate, Server, BLOCK, RAW_MSG};
 use crate::cluster;
-use crate::helpers::{nearest_rank, ClusterGuard};
+use crate::helpers::{nearest_rank, progress, ClusterGuard};
 
 /// First peer port tried for the bench's own cluster (free ports are searched from here).
 const BENCH_BASE_PORT: u16 = 7700;
@@ -203,11 +203,6 @@ pub struct IpcReport {
     pub tls: TlsCost,
     /// Ratios against the targets.
     pub targets: Vec<Target>,
-}
-
-/// Progress goes to stderr so that stdout holds only the report (table or JSON).
-fn progress(what: &str) {
-    eprintln!("dvs bench: {what}");
 }
 
 /// `dvs bench ipc`.

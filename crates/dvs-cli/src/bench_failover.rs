@@ -21,8 +21,8 @@ use serde::Serialize;
 
 use crate::bench::{cpu_model, loadavg};
 use crate::bench_lab::busy;
-use crate::bench_migration::progress;
 use crate::harness::Stats;
+use crate::helpers::progress;
 use crate::helpers::{find_node, node_status};
 use crate::lab::{self, LabState};
 

@@ -23,11 +23,11 @@ use serde::Serialize;
 
 use crate::bench::{cpu_model, loadavg, IpcOptions, Latency};
 use crate::bench_lab::busy;
-use crate::bench_migration::progress;
 use crate::bench_serve::{
     send_rate, sendrec_samples, stop_server, vcopy_rate, BLOCK, RAW_MSG, RAW_PINGPONG, RAW_STREAM,
 };
 use crate::harness::{launch, with_cluster};
+use crate::helpers::progress;
 
 /// Alternating blocks per cluster.
 const BLOCKS: usize = 6;
@@ -99,26 +99,22 @@ pub struct IpcLabReport {
 /// `dvs bench ipc --lab`: a fresh lab, the bench on its host1, the lab taken down.
 pub fn ipc_lab(o: &IpcOptions) -> Result<ExitCode> {
     check(o)?;
-    progress("starting a 3-host lab with etcd");
-    crate::demo_lab::with_lab("ipc", |lab| {
-        progress(&format!("lab {} up; the bench runs on host1", lab.name));
-        let mut args: Vec<String> = [
-            "bench",
-            "ipc",
-            "--lab-inner",
-            "--iterations",
-            &o.iterations.to_string(),
-            "--bulk-mib",
-            &o.bulk_mib.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if o.json {
-            args.push("--json".into());
-        }
-        crate::demo_lab::dvs_on_host1(lab, &args)
-    })
+    let mut args: Vec<String> = [
+        "bench",
+        "ipc",
+        "--lab-inner",
+        "--iterations",
+        &o.iterations.to_string(),
+        "--bulk-mib",
+        &o.bulk_mib.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if o.json {
+        args.push("--json".into());
+    }
+    crate::demo_lab::bench_on_lab("ipc", &args)
 }
 
 fn check(o: &IpcOptions) -> Result<()> {

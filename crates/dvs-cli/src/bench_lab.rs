@@ -15,10 +15,11 @@ use serde::Serialize;
 
 use crate::bench::{cpu_model, loadavg};
 use crate::bench_migration::{
-    one_run, progress, summarize, BackendReport, MigrationOptions, BENCH_BASE_PORT, BENCH_BLOCK,
+    one_run, summarize, BackendReport, MigrationOptions, BENCH_BASE_PORT, BENCH_BLOCK,
     BENCH_ITERATIONS,
 };
 use crate::harness::{bytes_text, criu_on, with_cluster, Harness, Sample, EP_SERVER};
+use crate::helpers::progress;
 
 /// Migrations per block; the two clusters take turns block by block.
 const BLOCK_RUNS: u32 = 5;
@@ -60,29 +61,25 @@ pub fn migration_lab(o: &MigrationOptions) -> Result<ExitCode> {
     if o.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    progress("starting a 3-host lab with etcd");
-    crate::demo_lab::with_lab("bench", |lab| {
-        progress(&format!("lab {} up; the bench runs on host1", lab.name));
-        let mut args: Vec<String> = [
-            "bench",
-            "migration",
-            "--lab-inner",
-            "--runs",
-            &o.runs.to_string(),
-            "--ballast-mb",
-            &o.ballast_mb.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if let Some(b) = &o.backend {
-            args.extend(["--backend".into(), b.clone()]);
-        }
-        if o.json {
-            args.push("--json".into());
-        }
-        crate::demo_lab::dvs_on_host1(lab, &args)
-    })
+    let mut args: Vec<String> = [
+        "bench",
+        "migration",
+        "--lab-inner",
+        "--runs",
+        &o.runs.to_string(),
+        "--ballast-mb",
+        &o.ballast_mb.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(b) = &o.backend {
+        args.extend(["--backend".into(), b.clone()]);
+    }
+    if o.json {
+        args.push("--json".into());
+    }
+    crate::demo_lab::bench_on_lab("bench", &args)
 }
 
 /// `dvs bench migration --lab-inner`: on a lab host, with the lab's cluster `lab`.

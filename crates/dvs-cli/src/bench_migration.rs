@@ -19,7 +19,7 @@ use crate::harness::{
     bytes_text, criu_on, phase_medians, stall_stats, with_cluster, Harness, Sample, Stats,
     EP_SERVER,
 };
-use crate::helpers::node_status;
+use crate::helpers::{node_status, progress};
 
 /// First peer port tried for the bench's own cluster.
 pub(crate) const BENCH_BASE_PORT: u16 = 7800;
@@ -111,11 +111,6 @@ pub struct MigrationReport {
     pub raw_tcp_mb_s: f64,
     /// Targets.
     pub targets: Vec<Target>,
-}
-
-/// Progress goes to stderr: stdout holds only the report.
-pub(crate) fn progress(what: &str) {
-    eprintln!("dvs bench: {what}");
 }
 
 /// `dvs bench migration`.

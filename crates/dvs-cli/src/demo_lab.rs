@@ -54,6 +54,16 @@ pub fn dvs_on_host1(lab: &LabState, args: &[String]) -> Result<ExitCode> {
     })
 }
 
+/// A bench's `--lab` mode: a fresh lab named PREFIX+pid, `dvs ARGS` (the bench with
+/// `--lab-inner`) on its host1 with its output passed through, the lab taken down.
+pub fn bench_on_lab(prefix: &str, args: &[String]) -> Result<ExitCode> {
+    crate::helpers::progress("starting a 3-host lab with etcd");
+    with_lab(prefix, |lab| {
+        crate::helpers::progress(&format!("lab {} up; the bench runs on host1", lab.name));
+        dvs_on_host1(lab, args)
+    })
+}
+
 /// `dvs demo --lab`: builds the lab, runs the demo on host1, takes the lab down.
 pub fn demo_lab(o: &DemoOptions) -> Result<ExitCode> {
     let t0 = Instant::now();

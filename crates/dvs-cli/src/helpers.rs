@@ -236,6 +236,11 @@ pub fn add_joined_nodes(cfg: &mut ClusterConfig) {
     }
 }
 
+/// A bench's progress line: on stderr, so that stdout holds only the report (table or JSON).
+pub fn progress(what: &str) {
+    eprintln!("dvs bench: {what}");
+}
+
 // ----- waiting -------------------------------------------------------------------------------
 
 /// Checks `done` every `step` until it holds or `timeout` has passed; whether it held.

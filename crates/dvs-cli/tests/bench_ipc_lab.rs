@@ -3,17 +3,18 @@
 //!
 //! Needs what `dvs lab` needs (root, namespaces, etcd from scripts/install-etcd.sh).
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+mod common;
 
-const DVS: &str = env!("CARGO_BIN_EXE_dvs");
+use std::process::Command;
+use std::time::Duration;
+
+use common::lab::run_lab_command;
 
 #[test]
 fn bench_ipc_runs_on_a_lab_and_takes_it_down() {
-    let mut child = Command::new(DVS)
-        .args([
+    // A few seconds here; far more means it hangs.
+    let (status, stdout, stderr) = run_lab_command(
+        &[
             "bench",
             "ipc",
             "--lab",
@@ -21,41 +22,9 @@ fn bench_ipc_runs_on_a_lab_and_takes_it_down() {
             "200",
             "--bulk-mib",
             "4",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dvs bench ipc --lab");
-    let mut out = child.stdout.take().expect("piped");
-    let mut err = child.stderr.take().expect("piped");
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    // A few seconds here; far more means it hangs.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            // SIGTERM: its guard takes the lab down.
-            // SAFETY: a signal to our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-            panic!("dvs bench ipc --lab did not end within 120 s");
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = reader.join().unwrap();
-    let stderr = err_reader.join().unwrap();
+        ],
+        Duration::from_secs(300),
+    );
     println!("{stdout}{stderr}");
     assert!(status.success(), "dvs bench ipc --lab failed ({status})");
     assert!(stdout.contains("dvs bench ipc --lab"), "{stdout}");

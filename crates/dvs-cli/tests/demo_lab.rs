@@ -5,51 +5,21 @@
 //! Needs what `dvs lab` needs (root, namespaces, etcd from scripts/install-etcd.sh); uses
 //! criu when it works, else the cooperative backend.
 
-use std::io::Read;
+mod common;
+
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const DVS: &str = env!("CARGO_BIN_EXE_dvs");
+use common::lab::{run_lab_command, DVS};
 
 #[test]
 fn demo_runs_on_a_lab_and_takes_it_down() {
-    let mut child = Command::new(DVS)
-        .args(["demo", "--lab", "--runs", "1", "--iterations", "200"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dvs demo --lab");
-    let mut out = child.stdout.take().expect("piped");
-    let mut err = child.stderr.take().expect("piped");
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
     // A few seconds here; far more means it hangs.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            // SIGTERM: its guard takes the lab down.
-            // SAFETY: a signal to our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-            panic!("dvs demo --lab did not end within 300 s");
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = reader.join().unwrap();
-    let stderr = err_reader.join().unwrap();
+    let (status, stdout, stderr) = run_lab_command(
+        &["demo", "--lab", "--runs", "1", "--iterations", "200"],
+        Duration::from_secs(300),
+    );
     println!("{stdout}{stderr}");
     assert!(status.success(), "dvs demo --lab failed ({status})");
     for label in [

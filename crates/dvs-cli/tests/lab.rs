@@ -16,7 +16,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -46,40 +46,7 @@ fn migrate_under_load(
 ) -> u16 {
     let what = format!("{backend} node{from} -> node{to} (fail at {fail_at:?})");
     let base = lab.served(server_ep);
-    let client = example_bin("migr-client");
-    let ep = client_ep.to_string();
-    let iterations = ITERATIONS.to_string();
-    let server = server_ep.to_string();
-    let client_run = lab
-        .dvs_on(
-            2,
-            &[
-                "run",
-                "--dc",
-                "dc0",
-                "--ep",
-                &ep,
-                "--node",
-                "node2",
-                "--wait",
-                "--",
-                &client,
-                "--server",
-                &server,
-                "--iterations",
-                &iterations,
-                "--block-size",
-                "65536",
-                "--timeout-ms",
-                "10000",
-                "--json",
-            ],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the client");
+    let client_run = start_client(lab, client_ep, server_ep, ITERATIONS, 10_000);
     // Migrate once 200 requests of this run are served, so that the client is mid-run.
     let deadline = Instant::now() + Duration::from_secs(20);
     while lab.served(server_ep) < base + 200 && Instant::now() < deadline {
@@ -109,17 +76,7 @@ fn migrate_under_load(
         )
     });
     let out = wait_bounded(client_run, Duration::from_secs(90), "the client");
-    let stdout = text(&out.stdout);
-    let json: Value = stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "{what}: the client printed no report: {stdout}{}",
-                text(&out.stderr)
-            )
-        });
+    let json = client_report(&out, &what);
     println!(
         "{what}: committed {}, {:.1} ms, client ok {} lost {} duplicated {} corrupt {}, mid-run {mid_run}",
         report["committed"], report["migration_ms"].as_f64().unwrap_or(0.0),
@@ -130,11 +87,7 @@ fn migrate_under_load(
         fail_at.is_none(),
         "{what}: unexpected outcome: {report}"
     );
-    assert!(out.status.success(), "{what}: the client failed: {stdout}");
-    assert_eq!(json["ok"], ITERATIONS, "{what}: {json}");
-    for k in ["lost", "duplicated", "corrupt"] {
-        assert_eq!(json[k], 0, "{what}: {k}: {json}");
-    }
+    assert_client_all_ok(&out, ITERATIONS, &what);
     assert!(
         mid_run,
         "{what}: the client ended before the migration started"

@@ -16,14 +16,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::lab::*;
-use serde_json::Value;
 
 /// The node killed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,38 +121,7 @@ fn crash(victim: Victim, when: When) {
         || (running(&lab, 1) == [1]).then_some(()),
     );
     let iterations: u32 = if when == When::Quiesce { 12 } else { 4000 };
-    let client = example_bin("migr-client");
-    let iterations_s = iterations.to_string();
-    let client_run = lab
-        .dvs_on(
-            2,
-            &[
-                "run",
-                "--dc",
-                "dc0",
-                "--ep",
-                "2",
-                "--node",
-                "node2",
-                "--wait",
-                "--",
-                &client,
-                "--server",
-                "1",
-                "--iterations",
-                &iterations_s,
-                "--block-size",
-                "65536",
-                "--timeout-ms",
-                "20000",
-                "--json",
-            ],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the client");
+    let client_run = start_client(&lab, 2, 1, iterations, 20_000);
     thread::sleep(Duration::from_millis(500));
     // Every pid now: `dvs lab status` asks the nodes, which takes a while when one is stopped
     // (and the CLI reads etcd), and the kill must land in its phase.
@@ -166,54 +131,22 @@ fn crash(victim: Victim, when: When) {
     if when == When::Start {
         signal(client_node, libc::SIGSTOP);
     }
-    let mut migration = lab
-        .dvs_on(
-            cli,
-            &["migrate", "dc0/1", "--to", "node3", "--backend", "criu"],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dvs migrate");
-    let (tx, lines) = mpsc::channel();
-    let out = migration.stdout.take().expect("piped");
-    thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let (migration, lines) = spawn_streaming(
+        &lab,
+        cli,
+        &["migrate", "dc0/1", "--to", "node3", "--backend", "criu"],
+    );
     let mut seen: Vec<String> = Vec::new();
-    let wait_phase = |phase: &str, seen: &mut Vec<String>| loop {
-        let l = lines
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("{name}: no {phase} phase: {seen:?}"));
-        let reached = l.split_whitespace().last() == Some(phase);
-        seen.push(l);
-        if reached {
-            return;
-        }
-    };
     if when == When::Commit {
-        wait_phase("restore", &mut seen);
+        wait_phase(&lines, "restore", &mut seen, &name);
         signal(etcd, libc::SIGSTOP);
     }
-    wait_phase(when.phase(), &mut seen);
+    wait_phase(&lines, when.phase(), &mut seen, &name);
     signal(victim_pid, libc::SIGKILL);
     // Briefly: longer than the membership lease, and every node would fence itself.
     signal(etcd, libc::SIGCONT);
     signal(client_node, libc::SIGCONT);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while migration.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = migration.kill();
-            panic!("{name}: dvs migrate did not end within 60 s: {seen:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    while let Ok(l) = lines.recv_timeout(Duration::from_millis(300)) {
-        seen.push(l);
-    }
+    finish_streaming(migration, &lines, &mut seen, &name);
     println!("{name}:\n{}", seen.join("\n"));
 
     // The migration ends on every surviving node, and the server runs in one place at most.
@@ -227,20 +160,7 @@ fn crash(victim: Victim, when: When) {
     let stdout = text(&out.stdout);
     let served = out.status.success();
     if served {
-        let json: Value = stdout
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .find_map(|l| serde_json::from_str(l).ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "{name}: the client printed no report: {stdout}{}",
-                    text(&out.stderr)
-                )
-            });
-        assert_eq!(json["ok"], iterations, "{name}: {json}");
-        for k in ["lost", "duplicated", "corrupt"] {
-            assert_eq!(json[k], 0, "{name}: {k}: {json}");
-        }
+        assert_client_all_ok(&out, iterations, &name);
     } else {
         assert!(
             stdout.contains("unreachable") || stdout.contains("died"),

@@ -8,14 +8,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::lab::*;
-use serde_json::Value;
 
 /// What goes wrong during the transfer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,68 +63,18 @@ fn move_under(fault: Fault) {
         || (running(&lab, 1) == [1]).then_some(()),
     );
     // The client runs on host2, long enough to span the move and the rollback.
-    let client = example_bin("migr-client");
-    let client_run = lab
-        .dvs_on(
-            2,
-            &[
-                "run",
-                "--dc",
-                "dc0",
-                "--ep",
-                "2",
-                "--node",
-                "node2",
-                "--wait",
-                "--",
-                &client,
-                "--server",
-                "1",
-                "--iterations",
-                "4000",
-                "--block-size",
-                "65536",
-                "--timeout-ms",
-                "20000",
-                "--json",
-            ],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the client");
+    let client_run = start_client(&lab, 2, 1, 4000, 20_000);
     thread::sleep(Duration::from_millis(300));
+    // Every pid now: `dvs lab status` takes a while, and the fault must land in the transfer.
+    let (source_pid, destination_pid) = (node_pid(&lab, 1), node_pid(&lab, 3));
     // Asked on host2: neither the source nor the destination is there.
-    let mut migration = lab
-        .dvs_on(
-            2,
-            &["migrate", "dc0/1", "--to", "node3", "--backend", "criu"],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dvs migrate");
-    let (tx, lines) = mpsc::channel();
-    let out = migration.stdout.take().expect("piped");
-    thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let (migration, lines) = spawn_streaming(
+        &lab,
+        2,
+        &["migrate", "dc0/1", "--to", "node3", "--backend", "criu"],
+    );
     let mut seen = Vec::new();
-    loop {
-        let l = lines
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no transfer phase: {seen:?}"));
-        let transfer = l.split_whitespace().last() == Some("transfer");
-        seen.push(l);
-        if transfer {
-            break;
-        }
-    }
-    let source_pid = node_pid(&lab, 1);
+    wait_phase(&lines, "transfer", &mut seen, &format!("{fault:?}"));
     match fault {
         Fault::CutDestination => {
             ok(
@@ -142,24 +88,14 @@ fn move_under(fault: Fault) {
         }
         // Signals reach the lab's processes from here (they are no network traffic).
         Fault::KillDestination => unsafe {
-            libc::kill(node_pid(&lab, 3), libc::SIGKILL);
+            libc::kill(destination_pid, libc::SIGKILL);
         },
         Fault::KillSource => unsafe {
             libc::kill(source_pid, libc::SIGKILL);
         },
     }
     let struck = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while migration.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = migration.kill();
-            panic!("dvs migrate did not end within 60 s of the fault: {seen:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    while let Ok(l) = lines.recv_timeout(Duration::from_millis(500)) {
-        seen.push(l);
-    }
+    finish_streaming(migration, &lines, &mut seen, &format!("{fault:?}"));
     let report = seen.join("\n");
     println!("{fault:?} after {:?}:\n{report}", struck.elapsed());
     if fault != Fault::KillSource {
@@ -190,21 +126,7 @@ fn move_under(fault: Fault) {
             "the server died with its node, but the client did not say so: {stdout}"
         );
     } else {
-        let json: Value = stdout
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .find_map(|l| serde_json::from_str(l).ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "the client printed no report: {stdout}{}",
-                    text(&out.stderr)
-                )
-            });
-        assert!(out.status.success(), "the client failed: {stdout}");
-        assert_eq!(json["ok"], 4000, "{json}");
-        for k in ["lost", "duplicated", "corrupt"] {
-            assert_eq!(json[k], 0, "{k}: {json}");
-        }
+        assert_client_all_ok(&out, 4000, &format!("{fault:?}"));
     }
     // The struck host or node comes back and rejoins: links up, leases held, not fenced.
     match fault {

@@ -421,3 +421,175 @@ pub fn restart_node(lab: &Lab, n: u16) {
         let _ = child.wait();
     });
 }
+
+/// Starts `migr-client` as dc0/`ep` on node2 (host2) under `dvs run --wait`, calling
+/// server `server` `iterations` times with 64 KiB blocks; its output is piped.
+pub fn start_client(lab: &Lab, ep: i32, server: i32, iterations: u32, timeout_ms: u32) -> Child {
+    let client = example_bin("migr-client");
+    let (ep, server) = (ep.to_string(), server.to_string());
+    let (iterations, timeout) = (iterations.to_string(), timeout_ms.to_string());
+    lab.dvs_on(
+        2,
+        &[
+            "run",
+            "--dc",
+            "dc0",
+            "--ep",
+            &ep,
+            "--node",
+            "node2",
+            "--wait",
+            "--",
+            &client,
+            "--server",
+            &server,
+            "--iterations",
+            &iterations,
+            "--block-size",
+            "65536",
+            "--timeout-ms",
+            &timeout,
+            "--json",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("the client")
+}
+
+/// The client's JSON report in what `dvs run --wait` printed, failing the test without one.
+pub fn client_report(out: &Output, what: &str) -> Value {
+    let stdout = text(&out.stdout);
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: the client printed no report: {stdout}{}",
+                text(&out.stderr)
+            )
+        })
+}
+
+/// Fails the test unless the client ended well with all `iterations` blocks right.
+pub fn assert_client_all_ok(out: &Output, iterations: u32, what: &str) {
+    let json = client_report(out, what);
+    assert!(
+        out.status.success(),
+        "{what}: the client failed: {}",
+        text(&out.stdout)
+    );
+    assert_eq!(json["ok"], iterations, "{what}: {json}");
+    for k in ["lost", "duplicated", "corrupt"] {
+        assert_eq!(json[k], 0, "{what}: {k}: {json}");
+    }
+}
+
+/// `dvs ARGS` (a `migrate`) started on host `n`; each line it prints arrives on the
+/// receiver as it is printed (the phases as they begin).
+pub fn spawn_streaming(
+    lab: &Lab,
+    n: u16,
+    args: &[&str],
+) -> (Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = lab
+        .dvs_on(n, args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dvs migrate");
+    let (tx, lines) = std::sync::mpsc::channel();
+    let out = child.stdout.take().expect("piped");
+    thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    (child, lines)
+}
+
+/// Waits (at most 60 s) for the line reporting `phase`, keeping every line in `seen`.
+pub fn wait_phase(
+    lines: &std::sync::mpsc::Receiver<String>,
+    phase: &str,
+    seen: &mut Vec<String>,
+    what: &str,
+) {
+    loop {
+        let l = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{what}: no {phase} phase: {seen:?}"));
+        let reached = l.split_whitespace().last() == Some(phase);
+        seen.push(l);
+        if reached {
+            return;
+        }
+    }
+}
+
+/// Waits (at most 60 s) for `child` to end, then keeps the lines it printed last.
+pub fn finish_streaming(
+    mut child: Child,
+    lines: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what}: dvs migrate did not end within 60 s: {seen:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    while let Ok(l) = lines.recv_timeout(Duration::from_millis(300)) {
+        seen.push(l);
+    }
+}
+
+/// Runs `dvs ARGS` (a command that builds and takes down a lab of its own, like `demo
+/// --lab`), its stdout and stderr collected; after `limit` it gets SIGTERM, on which its
+/// guard takes its lab down, and the test fails.
+pub fn run_lab_command(
+    args: &[&str],
+    limit: Duration,
+) -> (std::process::ExitStatus, String, String) {
+    let mut child = Command::new(DVS)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run dvs {args:?}: {e}"));
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+            panic!("dvs {args:?} did not end within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    (status, reader.join().unwrap(), err_reader.join().unwrap())
+}
