@@ -464,3 +464,12 @@ fn seed_362_a_started_record_nobody_runs_is_rolled_back() {
 fn seed_274_a_bound_from_before_a_move_is_not_a_violation() {
     assert_eq!(run_caught(274, None), Ok(()));
 }
+
+/// Two notifications of one sender to an endpoint that migrated between them arrived in the
+/// wrong order: the first, held on the source, was replayed to the destination after the
+/// commit and overtaken by the second, which the sender's node sent there directly. Held
+/// notifications now travel in the captured state (`package_held_notifies`).
+#[test]
+fn seed_16948_notifications_keep_their_order_across_a_migration() {
+    assert_eq!(run_caught(16948, None), Ok(()));
+}

@@ -12,7 +12,7 @@ mod order;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use dvs_core::{CoreConfig, DcInfo, MigrationRequest, Registration};
+use dvs_core::{CoreConfig, DcInfo, MigrationRequest};
 use dvs_sim::req::{any, notify, FOREVER};
 use dvs_sim::{Proc, Sim};
 use dvs_wire::local::{LocalRequest, LocalResponse};
@@ -197,17 +197,7 @@ impl World {
             return;
         }
         self.order.sync(self.sim.disruptions());
-        let core = self.sim.core(client.node);
-        let held = core.migrating(DC, dst);
-        let at = core
-            .registrations()
-            .into_iter()
-            .find(|(dc, ep, _)| (*dc, *ep) == (DC, dst))
-            .map(|(_, _, r)| match r {
-                Registration::Local { .. } => client.node,
-                Registration::Remote { node } | Registration::Backup { node } => node,
-            });
-        let Some(value) = self.order.next_notify(self.eps[&client], dst, held, at) else {
+        let Some(value) = self.order.next_notify(self.eps[&client], dst) else {
             return;
         };
         self.sim.call(client, notify(dst, value));
@@ -250,7 +240,6 @@ impl World {
         };
         match self.sim.start_migration(from, req) {
             Ok(id) => {
-                self.order.moved(ep);
                 let at = self.sim.elapsed();
                 self.migrations.push(Started {
                     id,

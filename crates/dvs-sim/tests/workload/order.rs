@@ -8,14 +8,10 @@
 //! order. So a message received after a later one of the same pair is a violation unless a
 //! link went down or a node crashed since it was sent ([`Order::sync`] gives the count).
 //!
-//! Excluded: the order of two notifications that left their sender's node on different paths
-//! because their receiver migrated between them (a migration started, the node began or
-//! stopped holding calls to it, or it runs elsewhere now). The first
-//! may be held on the receiver's old node and replayed to the new one over a link, while the
-//! second, sent later from the new node itself (or held there), is delivered there at once:
-//! the two take different paths, and nothing orders them (found by seed 16948 of 100,000;
-//! ordering them would need the new node to wait for the old node's replays before its own,
-//! a protocol change). Calls are not excluded: a caller has one call under way at a time.
+//! Two notifications whose receiver migrated between them are no exception: the source
+//! sends the ones it held with the process (in its captured state), so a later one, sent
+//! to the destination directly, cannot overtake them (seed 16948 of 100,000 found that it
+//! could). Calls have one under way per caller at a time.
 //!
 //! Notifications carry one bit each (M3-IPC merges pending notifications of one source into
 //! one bitmap): the k-th notification of a pair is `1 << k`, which also makes a duplicate
@@ -23,14 +19,10 @@
 
 use std::collections::BTreeMap;
 
-use dvs_wire::{Ep, NodeId};
+use dvs_wire::Ep;
 
 /// Notifications of one pair beyond this many are not sent (one bit each in a word).
 const MAX_NOTIFIES: u32 = 64;
-
-/// The way a notification left its sender's node: the receiver's migrations started so far,
-/// whether the node held calls to it, and the node it took the receiver to run on.
-pub type Path = (u64, bool, Option<NodeId>);
 
 /// What was sent and received per pair `(sender, receiver)`.
 #[derive(Default)]
@@ -41,11 +33,8 @@ pub struct Order {
     call_epoch: BTreeMap<u64, u64>,
     /// The latest call taken per pair.
     last_call: BTreeMap<(Ep, Ep), u64>,
-    /// Notifications sent per pair, with the disruptions before each and which side of the
-    /// receiver's migrations the sender's node was on (see `next_notify`).
-    notify_epoch: BTreeMap<(Ep, Ep), Vec<(u64, Path)>>,
-    /// Migrations started per endpoint.
-    moves: BTreeMap<Ep, u64>,
+    /// Notifications sent per pair, with the disruptions before each.
+    notify_epoch: BTreeMap<(Ep, Ep), Vec<u64>>,
     /// Bits received per pair.
     notify_seen: BTreeMap<(Ep, Ep), u64>,
 }
@@ -55,11 +44,6 @@ impl Order {
     /// under way before may be lost or overtaken.
     pub fn sync(&mut self, disruptions: u64) {
         self.disruptions = disruptions;
-    }
-
-    /// A migration of `ep` started.
-    pub fn moved(&mut self, ep: Ep) {
-        *self.moves.entry(ep).or_default() += 1;
     }
 
     /// Call `id` was sent now.
@@ -83,19 +67,13 @@ impl Order {
     }
 
     /// The value of the next notification from `from` to `to`, if the pair has bits left.
-    /// `held` and `at`: whether the sender's node holds calls to `to` (it knows of a
-    /// migration of `to`), and where it takes `to` to run.
-    pub fn next_notify(&mut self, from: Ep, to: Ep, held: bool, at: Option<NodeId>) -> Option<u64> {
+    pub fn next_notify(&mut self, from: Ep, to: Ep) -> Option<u64> {
         let sent = self.notify_epoch.entry((from, to)).or_default();
         if sent.len() as u32 >= MAX_NOTIFIES {
             return None;
         }
-        let sent = sent.len();
-        let value = 1u64 << sent;
-        // Which side of a migration of `to` the sender's node was on: the path it takes.
-        let moves = self.moves.get(&to).copied().unwrap_or(0);
-        let epoch = (self.disruptions, (moves, held, at));
-        self.notify_epoch.entry((from, to)).or_default().push(epoch);
+        let value = 1u64 << sent.len();
+        sent.push(self.disruptions);
         Some(value)
     }
 
@@ -118,12 +96,8 @@ impl Order {
         let lowest_now = value.trailing_zeros();
         let earlier = *seen != 0 && lowest_now < highest_before;
         *seen |= value;
-        let sent = &self.notify_epoch[&(from, to)];
-        let (cuts, moves) = sent[lowest_now as usize];
-        // Sent on different paths (either side of a migration of `to` as the sender's node
-        // saw it): excluded (see above).
-        let same_side = moves == sent[highest_before as usize].1;
-        if earlier && cuts == self.disruptions && same_side {
+        let cuts = self.notify_epoch[&(from, to)][lowest_now as usize];
+        if earlier && cuts == self.disruptions {
             return Err(format!(
                 "{to} got notification {lowest_now} of {from} after its notification \
                  {highest_before}, with no link cut or crash since it was sent"

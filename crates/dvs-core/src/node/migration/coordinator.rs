@@ -6,12 +6,14 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use dvs_wire::peer::{Backend, FailAt, MigrationId, PeerFrame, RestoreInfo};
+use dvs_wire::peer::{
+    Backend, FailAt, IpcFrame, MigratedEndpoint, MigrationId, Notify, PeerFrame, RestoreInfo,
+};
 use dvs_wire::peer::{
     MigrCommit, MigrDone, MigrFrame, MigrPrepare, MigrRestore, MigrRestored, MigrRollback,
     MigrStart, MigrStartAck,
 };
-use dvs_wire::{DcId, NodeId};
+use dvs_wire::{DcId, Ep, NodeId};
 
 use super::super::action::{DirRequest, PeerAction, ProcessAction, Report};
 use super::super::{Action, NodeCore, TimerKey};
@@ -388,6 +390,28 @@ impl NodeCore {
         }
     }
 
+    /// Moves the notifications held here for `{dc, ep}` into its captured state (as pending
+    /// bits, which is what an undelivered notification is), so that they reach the
+    /// destination with the process, before anything sent there later. Replayed from here
+    /// after the commit they could be overtaken by a later notification of the same sender,
+    /// sent to the destination directly once its node learnt the outcome. Every node's
+    /// notifications sent before it held its own arrived here before its START
+    /// acknowledgement, so before this capture. They stay held for a rollback.
+    fn package_held_notifies(&mut self, dc: DcId, ep: Ep, state: &mut MigratedEndpoint) {
+        let Some(hold) = self.migr.holds.get_mut(&(dc, ep)) else {
+            return;
+        };
+        hold.packaged = hold.frames.len();
+        for frame in &hold.frames {
+            if let PeerFrame::Ipc(IpcFrame::Notify(Notify { src, value, .. })) = frame {
+                match state.notifies.iter_mut().find(|(s, _)| s == src) {
+                    Some((_, bits)) => *bits |= value,
+                    None => state.notifies.push((*src, *value)),
+                }
+            }
+        }
+    }
+
     /// The process is quiescent: take its IPC state, send its queued callers away, and have
     /// it checkpointed.
     pub(in crate::node) fn capture(&mut self, id: MigrationId, now: Instant) {
@@ -395,7 +419,8 @@ impl NodeCore {
         let (dc, ep, conn, backend, to, pid) =
             (c.req.dc, c.req.ep, c.conn, c.req.backend, c.req.to, c.pid);
         let fail = c.req.fail_at == Some(FailAt::Checkpoint);
-        let state = self.capture_endpoint(conn, dc, ep, backend, now);
+        let mut state = self.capture_endpoint(conn, dc, ep, backend, now);
+        self.package_held_notifies(dc, ep, &mut state);
         self.enter_phase(id, Phase::Checkpoint, now);
         self.actions.push_back(Action::Peer(PeerAction::Send {
             node: to,

@@ -82,6 +82,9 @@ struct Hold {
     /// lead to a restarted coordinator, a fresh core that knows nothing of this migration
     /// and will never decide it.
     coordinator_lost: bool,
+    /// On the source: how many of `frames` were there when the endpoint was captured. Their
+    /// notifications travel in the captured state, so a commit does not replay them.
+    packaged: usize,
 }
 
 /// Migration state of one node.

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use dvs_wire::peer::{Backend, MigrationId, PeerFrame};
+use dvs_wire::peer::{Backend, IpcFrame, MigrationId, PeerFrame};
 use dvs_wire::peer::{MigrCommit, MigrDone, MigrFrame, MigrRollback, MigrStart, MigrStartAck};
 use dvs_wire::{DcId, Ep, NodeId};
 
@@ -104,8 +104,13 @@ impl NodeCore {
         for (origin, frame) in hold.delivers {
             self.replay_deliver(origin, frame, target, now);
         }
-        for frame in hold.frames {
-            self.replay_frame(frame, target);
+        for (i, frame) in hold.frames.into_iter().enumerate() {
+            // Sent with the process (see `package_held_notifies`).
+            let packaged =
+                commit && i < hold.packaged && matches!(frame, PeerFrame::Ipc(IpcFrame::Notify(_)));
+            if !packaged {
+                self.replay_frame(frame, target);
+            }
         }
         for conn in hold.calls {
             self.replay_call(conn, now);
