@@ -40,7 +40,7 @@
 //!   for another count) on every core: 8 to 36 s in a debug build on 2 cores shared with
 //!   other builds.
 //! - Long run: `DVS_SIM_SEEDS=100000 cargo test --release -p dvs-sim --test fault_seeds --
-//!   --nocapture` (30 to 45 s on 2 busy cores, plus the release build).
+//!   --nocapture` (18 to 45 s on 2 cores, depending on load, plus the release build).
 //! - Replay one seed: `DVS_SIM_SEED=S cargo test -p dvs-sim --test fault_seeds --
 //!   --nocapture`; with `DVS_SIM_TRACE=FILE` the run's trace (every input, action, lost frame,
 //!   crash and restart) is written to FILE. A failing seed prints both commands.
