@@ -87,10 +87,10 @@ pub(crate) async fn start(
             info!("removed stale registration {k} left by a previous run");
         }
     }
-    let (snapshot, ep_events) = dir.watch(ENDPOINT_PREFIX).await?;
-    let (_, migr_events) = dir.watch(MIGR_PREFIX).await?;
-    let (dcs, dc_events) = dir.watch(DC_PREFIX).await?;
-    let (members, member_events) = dir.watch(NODE_PREFIX).await?;
+    let (snapshot, ep_watch) = dir.watch(ENDPOINT_PREFIX).await?;
+    let (_, migr_watch) = dir.watch(MIGR_PREFIX).await?;
+    let (dcs, dc_watch) = dir.watch(DC_PREFIX).await?;
+    let (members, member_watch) = dir.watch(NODE_PREFIX).await?;
     let mut inputs = changes(snapshot);
     inputs.extend(dcs.iter().filter_map(|(k, v)| dc_nodes_input(k, &v.value)));
     let (jobs, rx) = mpsc::unbounded_channel();
@@ -103,15 +103,29 @@ pub(crate) async fn start(
         .name("dvs-directory".into())
         .spawn(move || {
             rt.block_on(async move {
-                tokio::spawn(watch(dir.clone(), ep_events, events.clone()));
-                tokio::spawn(watch_migrations(dir.clone(), migr_events, events.clone()));
-                tokio::spawn(watch_dcs(dir.clone(), dc_events, events.clone()));
-                tokio::spawn(watch_members(
-                    dir.clone(),
-                    members,
-                    member_events,
-                    events.clone(),
-                ));
+                // The snapshots of `ep/` and `dcs/` went into `inputs` already; the one of
+                // `migr/` holds nothing a fresh core needs.
+                let watches = [
+                    (
+                        ENDPOINT_PREFIX,
+                        None,
+                        ep_watch,
+                        endpoint_events as fn(Seen) -> Vec<Event>,
+                    ),
+                    (MIGR_PREFIX, None, migr_watch, migration_events),
+                    (DC_PREFIX, None, dc_watch, dc_events),
+                    (NODE_PREFIX, Some(members), member_watch, member_events),
+                ];
+                for (prefix, first, rx, events_of) in watches {
+                    tokio::spawn(follow(
+                        dir.clone(),
+                        prefix,
+                        first,
+                        rx,
+                        events.clone(),
+                        events_of,
+                    ));
+                }
                 tokio::spawn(membership::hold(
                     dir.clone(),
                     me,
@@ -141,36 +155,19 @@ fn dc_nodes_input(key: &str, value: &str) -> Option<Input> {
     Some(Input::Directory(DirectoryInput::DcNodes { dc, nodes }))
 }
 
-/// Follows `dcs/`: an operator's `dvs dc add-node` / `remove-node`. A deleted entry leaves
-/// the DC as it was (the operator commands never delete one).
-async fn watch_dcs(
-    dir: Arc<dyn Directory>,
-    mut changes_rx: mpsc::UnboundedReceiver<DirEvent>,
-    events: Events,
-) {
-    loop {
-        while let Some(ev) = changes_rx.recv().await {
-            let DirEvent::Put { key, value, .. } = ev else {
-                continue;
-            };
-            if let Some(input) = dc_nodes_input(&key, &value) {
-                if events.send(Event::Input(input)).await.is_err() {
-                    return;
-                }
-            }
-        }
-        let Some((snap, ev)) = rewatch(dir.as_ref(), DC_PREFIX, &events).await else {
-            return;
-        };
-        for (k, v) in snap {
-            if let Some(input) = dc_nodes_input(&k, &v.value) {
-                if events.send(Event::Input(input)).await.is_err() {
-                    return;
-                }
-            }
-        }
-        changes_rx = ev;
-    }
+/// The core's inputs for what `dcs/` shows: an operator's `dvs dc add-node` / `remove-node`.
+/// A deleted entry leaves the DC as it was (the operator commands never delete one).
+fn dc_events(seen: Seen) -> Vec<Event> {
+    let entries = match seen {
+        Seen::Snapshot(snap) => snap.into_iter().map(|(k, v)| (k, v.value)).collect(),
+        Seen::Change(DirEvent::Put { key, value, .. }) => vec![(key, value)],
+        Seen::Change(DirEvent::Delete { .. }) => Vec::new(),
+    };
+    entries
+        .iter()
+        .filter_map(|(k, v)| dc_nodes_input(k, v))
+        .map(Event::Input)
+        .collect()
 }
 
 /// The member entry `key` = `value` of `nodes/` (`None` for a bad one, logged).
@@ -185,47 +182,25 @@ fn member_of(key: &str, value: &str) -> Option<(NodeId, MemberRecord)> {
     }
 }
 
-/// Follows `nodes/`: which nodes hold a lease, for status. A watch that ends is reopened,
-/// and its snapshot replaces what the node knew.
-async fn watch_members(
-    dir: Arc<dyn Directory>,
-    mut snapshot: Vec<(String, Versioned)>,
-    mut changes_rx: mpsc::UnboundedReceiver<DirEvent>,
-    events: Events,
-) {
-    loop {
-        let all: Vec<(NodeId, MemberRecord)> = snapshot
-            .iter()
-            .filter_map(|(k, v)| member_of(k, &v.value))
-            .collect();
-        if events
-            .send(Event::Members(MembersChange::All(all)))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        while let Some(ev) = changes_rx.recv().await {
-            let change = match ev {
-                DirEvent::Put { key, value, .. } => match member_of(&key, &value) {
-                    Some((node, r)) => MembersChange::Alive(node, r),
-                    None => continue,
-                },
-                DirEvent::Delete { key } => match parse_node_key(&key) {
-                    Some(node) => MembersChange::Gone(node),
-                    None => continue,
-                },
-            };
-            if events.send(Event::Members(change)).await.is_err() {
-                return;
-            }
-        }
-        let Some((snap, ev)) = rewatch(dir.as_ref(), NODE_PREFIX, &events).await else {
-            return;
-        };
-        snapshot = snap;
-        changes_rx = ev;
-    }
+/// What `nodes/` shows of which nodes hold a lease, for status. A snapshot (of a watch
+/// opened again) replaces what the node knew.
+fn member_events(seen: Seen) -> Vec<Event> {
+    let change = match seen {
+        Seen::Snapshot(snap) => MembersChange::All(
+            snap.iter()
+                .filter_map(|(k, v)| member_of(k, &v.value))
+                .collect(),
+        ),
+        Seen::Change(DirEvent::Put { key, value, .. }) => match member_of(&key, &value) {
+            Some((node, r)) => MembersChange::Alive(node, r),
+            None => return Vec::new(),
+        },
+        Seen::Change(DirEvent::Delete { key }) => match parse_node_key(&key) {
+            Some(node) => MembersChange::Gone(node),
+            None => return Vec::new(),
+        },
+    };
+    vec![Event::Members(change)]
 }
 
 /// A change of the nodes holding a membership lease.
@@ -275,37 +250,65 @@ fn record_of(key: &str, value: &str) -> Option<(DcId, Ep, MigrRecord)> {
     Some((dc, ep, record?))
 }
 
-/// Follows `ep/`; watches again when the watch ends.
-async fn watch(
-    dir: Arc<dyn Directory>,
-    mut changes_rx: mpsc::UnboundedReceiver<DirEvent>,
-    events: Events,
-) {
-    loop {
-        while let Some(ev) = changes_rx.recv().await {
+/// The core's inputs for what `ep/` shows: where endpoints run.
+fn endpoint_events(seen: Seen) -> Vec<Event> {
+    let inputs = match seen {
+        Seen::Snapshot(snap) => changes(snap),
+        Seen::Change(ev) => {
             let (k, node) = match &ev {
                 DirEvent::Put { key, value, .. } => match node_of(key, value) {
                     Some(n) => (key, Some(n)),
-                    None => continue,
+                    None => return Vec::new(),
                 },
                 DirEvent::Delete { key } => (key, None),
             };
-            if let Some((dc, ep)) = parse_endpoint_key(k) {
-                let input = Input::Directory(DirectoryInput::Changed { dc, ep, node });
-                if events.send(Event::Input(input)).await.is_err() {
+            parse_endpoint_key(k)
+                .map(|(dc, ep)| Input::Directory(DirectoryInput::Changed { dc, ep, node }))
+                .into_iter()
+                .collect()
+        }
+    };
+    inputs.into_iter().map(Event::Input).collect()
+}
+
+/// What a watch reports to [`follow`]: the entries when it was opened again, or a change.
+enum Seen {
+    Snapshot(Vec<(String, Versioned)>),
+    Change(DirEvent),
+}
+
+/// Follows the watch of `prefix`: `events_of` turns every change, the snapshot `first` (if
+/// the caller has not used it itself) and the snapshot of every watch opened again after one
+/// ended, into events for the loop. Returns once the event loop is gone.
+async fn follow(
+    dir: Arc<dyn Directory>,
+    prefix: &'static str,
+    first: Option<Vec<(String, Versioned)>>,
+    mut changes_rx: mpsc::UnboundedReceiver<DirEvent>,
+    events: Events,
+    events_of: fn(Seen) -> Vec<Event>,
+) {
+    let mut snapshot = first;
+    loop {
+        if let Some(snap) = snapshot.take() {
+            for ev in events_of(Seen::Snapshot(snap)) {
+                if events.send(ev).await.is_err() {
                     return;
                 }
             }
         }
-        let Some((snap, ev)) = rewatch(dir.as_ref(), ENDPOINT_PREFIX, &events).await else {
-            return;
-        };
-        for input in changes(snap) {
-            if events.send(Event::Input(input)).await.is_err() {
-                return;
+        while let Some(change) = changes_rx.recv().await {
+            for ev in events_of(Seen::Change(change)) {
+                if events.send(ev).await.is_err() {
+                    return;
+                }
             }
         }
-        changes_rx = ev;
+        let Some((snap, rx)) = rewatch(dir.as_ref(), prefix, &events).await else {
+            return;
+        };
+        snapshot = Some(snap);
+        changes_rx = rx;
     }
 }
 
@@ -333,41 +336,26 @@ async fn rewatch(dir: &dyn Directory, prefix: &str, events: &Events) -> Option<S
 /// What a watch starts with: the entries, then the changes after them.
 type Snapshot = (Vec<(String, Versioned)>, mpsc::UnboundedReceiver<DirEvent>);
 
-/// Applies decided migrations this node may have missed the broadcast of; watches again when
-/// the watch ends (then every record is read anew: applying a known outcome twice is a no-op).
-async fn watch_migrations(
-    dir: Arc<dyn Directory>,
-    mut changes_rx: mpsc::UnboundedReceiver<DirEvent>,
-    events: Events,
-) {
-    loop {
-        while let Some(ev) = changes_rx.recv().await {
-            let DirEvent::Put { key, value, .. } = ev else {
-                continue;
-            };
-            if !send_record(&events, &key, &value).await {
-                return;
-            }
-        }
-        let Some((snap, ev)) = rewatch(dir.as_ref(), MIGR_PREFIX, &events).await else {
-            return;
-        };
-        for (key, v) in snap {
-            if !send_record(&events, &key, &v.value).await {
-                return;
-            }
-        }
-        changes_rx = ev;
-    }
-}
-
-/// Gives the core the migration record of entry `key`; `false` once the event loop is gone.
-async fn send_record(events: &Events, key: &str, value: &str) -> bool {
-    let Some((dc, ep, record)) = record_of(key, value) else {
-        return true;
+/// The core's inputs for what `migr/` shows: decided migrations this node may have missed
+/// the broadcast of (applying a known outcome twice is a no-op, so a snapshot is replayed
+/// whole).
+fn migration_events(seen: Seen) -> Vec<Event> {
+    let entries = match seen {
+        Seen::Snapshot(snap) => snap.into_iter().map(|(k, v)| (k, v.value)).collect(),
+        Seen::Change(DirEvent::Put { key, value, .. }) => vec![(key, value)],
+        Seen::Change(DirEvent::Delete { .. }) => Vec::new(),
     };
-    let input = Input::Directory(DirectoryInput::MigrRecordChanged { dc, ep, record });
-    events.send(Event::Input(input)).await.is_ok()
+    entries
+        .iter()
+        .filter_map(|(k, v)| record_of(k, v))
+        .map(|(dc, ep, record)| {
+            Event::Input(Input::Directory(DirectoryInput::MigrRecordChanged {
+                dc,
+                ep,
+                record,
+            }))
+        })
+        .collect()
 }
 
 /// Runs the jobs in order until the event loop drops the queue.
