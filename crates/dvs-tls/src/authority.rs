@@ -167,36 +167,15 @@ pub fn issue_between(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
 ) -> Result<IssuedCert, TlsError> {
-    let issuer = ca_issuer(dir)?;
-    let key = KeyPair::generate().map_err(gen)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("{name}.{cluster}"));
-    dn.push(DnType::OrganizationName, "dvs");
-    params.distinguished_name = dn;
     let uri = rcgen::string::Ia5String::try_from(node_uri(cluster, id)).map_err(gen)?;
-    params.subject_alt_names = vec![SanType::URI(uri)];
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.use_authority_key_identifier_extension = true;
-    let serial = random_serial()?;
-    let serial_hex = hex(serial.as_ref());
-    params.serial_number = Some(serial);
+    let mut params = leaf_params(
+        &format!("{name}.{cluster}"),
+        vec![SanType::URI(uri)],
+        vec![KeyUsagePurpose::DigitalSignature],
+    );
     params.not_before = not_before;
     params.not_after = not_after;
-    let cert = params.signed_by(&key, &issuer).map_err(gen)?;
-    let out = IssuedCert {
-        cert: dir.join(format!("{name}.crt")),
-        key: dir.join(format!("{name}.key")),
-        serial: serial_hex,
-    };
-    write_file(&out.key, key.serialize_pem().as_bytes(), 0o600, true)?;
-    write_file(&out.cert, cert.pem().as_bytes(), 0o644, true)?;
-    Ok(out)
+    sign_leaf(dir, name, params)
 }
 
 /// Issues `dir/NAME.crt` and `dir/NAME.key`: a server certificate for a service the nodes
@@ -209,28 +188,53 @@ pub fn issue_server_cert(
     ips: &[std::net::IpAddr],
     valid_for: Duration,
 ) -> Result<IssuedCert, TlsError> {
-    let issuer = ca_issuer(dir)?;
-    let key = KeyPair::generate().map_err(gen)?;
+    let mut params = leaf_params(
+        name,
+        ips.iter().map(|ip| SanType::IpAddress(*ip)).collect(),
+        vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ],
+    );
+    validity(&mut params, valid_for);
+    sign_leaf(dir, name, params)
+}
+
+/// A certificate that is no CA, named `common_name` (organization "dvs") and `sans`, with
+/// both TLS usages (a node and etcd are server and client alike).
+fn leaf_params(
+    common_name: &str,
+    sans: Vec<SanType>,
+    key_usages: Vec<KeyUsagePurpose>,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, name);
+    dn.push(DnType::CommonName, common_name);
     dn.push(DnType::OrganizationName, "dvs");
     params.distinguished_name = dn;
-    params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+    params.subject_alt_names = sans;
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    params.key_usages = key_usages;
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
+    params
+}
+
+/// Signs `params` with the CA of `dir` under a fresh key and random serial, and writes
+/// `dir/NAME.crt` and `dir/NAME.key` (0600).
+fn sign_leaf(
+    dir: &Path,
+    name: &str,
+    mut params: CertificateParams,
+) -> Result<IssuedCert, TlsError> {
+    let issuer = ca_issuer(dir)?;
+    let key = KeyPair::generate().map_err(gen)?;
     let serial = random_serial()?;
     let serial_hex = hex(serial.as_ref());
     params.serial_number = Some(serial);
-    validity(&mut params, valid_for);
     let cert = params.signed_by(&key, &issuer).map_err(gen)?;
     let out = IssuedCert {
         cert: dir.join(format!("{name}.crt")),
