@@ -164,20 +164,7 @@ impl NodeCore {
             id,
             phase: Phase::Start,
         }));
-        let record = MigrRecord {
-            id,
-            from: self.node,
-            to,
-            state: RecordState::Started,
-        };
-        self.actions
-            .push_back(Action::Directory(DirRequest::WriteMigrRecord {
-                id,
-                dc,
-                ep,
-                record,
-                require: Require::NotRunning,
-            }));
+        self.write_record(id);
         Ok(id)
     }
 
@@ -262,38 +249,20 @@ impl NodeCore {
                 let stale = r.id;
                 let c = self.migr.coords.get_mut(&id).expect("present");
                 c.cleared_stale = true;
-                let (from, to_then) = (r.from, r.to);
-                for (mid, record, require) in [
-                    (
-                        stale,
-                        MigrRecord {
+                self.actions
+                    .push_back(Action::Directory(DirRequest::WriteMigrRecord {
+                        id: stale,
+                        dc,
+                        ep,
+                        record: MigrRecord {
                             id: stale,
-                            from,
-                            to: to_then,
+                            from: r.from,
+                            to: r.to,
                             state: RecordState::RolledBack,
                         },
-                        Require::Started(stale),
-                    ),
-                    (
-                        id,
-                        MigrRecord {
-                            id,
-                            from: self.node,
-                            to,
-                            state: RecordState::Started,
-                        },
-                        Require::NotRunning,
-                    ),
-                ] {
-                    self.actions
-                        .push_back(Action::Directory(DirRequest::WriteMigrRecord {
-                            id: mid,
-                            dc,
-                            ep,
-                            record,
-                            require,
-                        }));
-                }
+                        require: Require::Started(stale),
+                    }));
+                self.write_record(id);
             }
             (None, Err(current)) => {
                 let why = match current {
@@ -570,7 +539,6 @@ impl NodeCore {
         }
         c.outcome = Outcome::Deciding { commit };
         c.error = error;
-        let (dc, ep, from, to) = (c.req.dc, c.req.ep, c.from, c.req.to);
         self.enter_phase(
             id,
             if commit {
@@ -580,24 +548,7 @@ impl NodeCore {
             },
             now,
         );
-        let state = if commit {
-            RecordState::Committed
-        } else {
-            RecordState::RolledBack
-        };
-        self.actions
-            .push_back(Action::Directory(DirRequest::WriteMigrRecord {
-                id,
-                dc,
-                ep,
-                record: MigrRecord {
-                    id,
-                    from,
-                    to,
-                    state,
-                },
-                require: Require::Started(id),
-            }));
+        self.write_record(id);
     }
 
     /// The outcome is recorded: broadcast it and apply it here.

@@ -151,10 +151,10 @@ impl NodeCore {
             }
             // It did not (or was decided: only this node decides a start it never saw
             // recorded, so that cannot be): write it again.
-            (Outcome::Open, _) => self.write_record_again(id),
+            (Outcome::Open, _) => self.write_record(id),
             // The decision did not land: write it again.
             (Outcome::Deciding { .. }, Some(r)) if r.state == RecordState::Started => {
-                self.write_record_again(id)
+                self.write_record(id)
             }
             // It landed (or a participant's rollback did): follow the record.
             (Outcome::Deciding { .. }, Some(r)) => self.on_migr_record(dc, ep, r, now),
@@ -170,8 +170,9 @@ impl NodeCore {
         true
     }
 
-    /// Writes the start or the decision again.
-    pub(super) fn write_record_again(&mut self, id: MigrationId) {
+    /// Writes the record the migration's outcome calls for: its start while open, else its
+    /// decision (first time, or again after an unknown answer).
+    pub(super) fn write_record(&mut self, id: MigrationId) {
         let Some(c) = self.migr.coords.get(&id) else {
             return;
         };
