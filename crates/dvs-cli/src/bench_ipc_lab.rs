@@ -99,22 +99,13 @@ pub struct IpcLabReport {
 /// `dvs bench ipc --lab`: a fresh lab, the bench on its host1, the lab taken down.
 pub fn ipc_lab(o: &IpcOptions) -> Result<ExitCode> {
     check(o)?;
-    let mut args: Vec<String> = [
-        "bench",
-        "ipc",
-        "--lab-inner",
-        "--iterations",
-        &o.iterations.to_string(),
-        "--bulk-mib",
-        &o.bulk_mib.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if o.json {
-        args.push("--json".into());
-    }
-    crate::demo_lab::bench_on_lab("ipc", &args)
+    let args = [
+        "--iterations".to_string(),
+        o.iterations.to_string(),
+        "--bulk-mib".into(),
+        o.bulk_mib.to_string(),
+    ];
+    crate::demo_lab::bench_on_lab("ipc", "ipc", &args, o.json)
 }
 
 fn check(o: &IpcOptions) -> Result<()> {

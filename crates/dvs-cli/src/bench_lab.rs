@@ -61,25 +61,16 @@ pub fn migration_lab(o: &MigrationOptions) -> Result<ExitCode> {
     if o.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let mut args: Vec<String> = [
-        "bench",
-        "migration",
-        "--lab-inner",
-        "--runs",
-        &o.runs.to_string(),
-        "--ballast-mb",
-        &o.ballast_mb.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = vec![
+        "--runs".to_string(),
+        o.runs.to_string(),
+        "--ballast-mb".into(),
+        o.ballast_mb.to_string(),
+    ];
     if let Some(b) = &o.backend {
         args.extend(["--backend".into(), b.clone()]);
     }
-    if o.json {
-        args.push("--json".into());
-    }
-    crate::demo_lab::bench_on_lab("bench", &args)
+    crate::demo_lab::bench_on_lab("bench", "migration", &args, o.json)
 }
 
 /// `dvs bench migration --lab-inner`: on a lab host, with the lab's cluster `lab`.

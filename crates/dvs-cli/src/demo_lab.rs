@@ -54,13 +54,18 @@ pub fn dvs_on_host1(lab: &LabState, args: &[String]) -> Result<ExitCode> {
     })
 }
 
-/// A bench's `--lab` mode: a fresh lab named PREFIX+pid, `dvs ARGS` (the bench with
-/// `--lab-inner`) on its host1 with its output passed through, the lab taken down.
-pub fn bench_on_lab(prefix: &str, args: &[String]) -> Result<ExitCode> {
+/// A bench's `--lab` mode: a fresh lab named PREFIX+pid, `dvs bench BENCH --lab-inner
+/// ARGS [--json]` on its host1 with its output passed through, the lab taken down.
+pub fn bench_on_lab(prefix: &str, bench: &str, args: &[String], json: bool) -> Result<ExitCode> {
+    let mut all: Vec<String> = vec!["bench".into(), bench.into(), "--lab-inner".into()];
+    all.extend_from_slice(args);
+    if json {
+        all.push("--json".into());
+    }
     crate::helpers::progress("starting a 3-host lab with etcd");
     with_lab(prefix, |lab| {
         crate::helpers::progress(&format!("lab {} up; the bench runs on host1", lab.name));
-        dvs_on_host1(lab, args)
+        dvs_on_host1(lab, &all)
     })
 }
 

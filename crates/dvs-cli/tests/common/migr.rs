@@ -137,24 +137,7 @@ pub fn diagnose(c: &Cluster) -> String {
 
 /// Launches `migr-server` as endpoint `ep` of dc0 on node `node` (in the background).
 pub fn start_server(c: &Cluster, node: u16, ep: i32) {
-    let server = example_bin("migr-server");
-    let (name, ep_s) = (node_name(c, node), ep.to_string());
-    let out = c.dvs(&[
-        "run",
-        "--dc",
-        "dc0",
-        "--ep",
-        &ep_s,
-        "--node",
-        &name,
-        "--",
-        server.to_str().expect("UTF-8 path"),
-    ]);
-    assert!(
-        out.status.success(),
-        "dvs run migr-server failed: {}",
-        printed(&out)
-    );
+    start_server_with(c, node, ep, &[]);
 }
 
 /// Launches `migr-server --ballast-mb MB` as endpoint `ep` of dc0 on node `node`.
