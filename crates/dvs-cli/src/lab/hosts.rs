@@ -26,7 +26,10 @@ const HOLDER_SCRIPT: &str = r#"set -eu
 # The copies of namespace handles (ip netns's nsfs mounts) that this namespace inherited
 # would keep other labs' namespaces alive for as long as this host lives.
 awk '{for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i + 1) == "nsfs") print $5; break }}' \
-    /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
+    /proc/self/mountinfo | sort -r | while read -r m; do
+        # Another lab going down at the same time may have removed it already.
+        umount -l "$m" 2>/dev/null || ! awk -v m="$m" '$5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo
+    done
 # The binaries' folder, parked on /mnt (of this namespace only) while the private mounts
 # cover where it lies, then moved back.
 if [ -n "$3" ]; then
