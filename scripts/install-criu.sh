@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
-# install-criu.sh — make a working CRIU (>= 4.1) available for dvs, without touching the
+# install-criu.sh — make a working CRIU (>= 4.2) available for dvs, without touching the
 # system libc. See shared/DESIGN.md §5 for why:
-#   * Debian bookworm's criu 3.17 fails `criu check` on kernels >= 6.13 (vDSO layout);
-#   * Debian trixie's criu 4.1.1 works when started through trixie's own dynamic loader from a
-#     private prefix, so we download trixie's `criu`, `libcompel1` and `libc6` with a private apt
+#   * Debian bookworm's criu 3.17 fails `criu check` on kernels >= 6.13 (vDSO layout), and
+#     criu before 4.2 cannot dump TCP or UDP sockets on kernels >= 6.16;
+#   * Debian forky's criu 4.2.1 works when started through forky's own dynamic loader from a
+#     private prefix, so we download forky's `criu`, `libcompel1` and `libc6` with a private apt
 #     state, unpack them with `dpkg -x` into PREFIX and write a wrapper PREFIX/bin/criu.
-#   * the other shared libraries criu needs (libnl, libnet, libnftables, libprotobuf-c, ...)
-#     come from the system's own (bookworm) packages, installed with apt-get if missing: they
-#     are ABI compatible (checked below by resolving every symbol eagerly).
+#   * the other shared libraries criu needs (libnl, libnftables, libprotobuf-c, ...) come from
+#     the system's own packages, installed with apt-get if missing, when they are ABI compatible
+#     (checked below by resolving every symbol eagerly). Those the system does not ship under
+#     the same soname (forky's libnet9), or ships older than criu was built against (libnl-3),
+#     are taken from the foreign suite into the prefix as well.
 #
-# Idempotent, non-interactive, run as root. Does nothing if a criu >= 4.1 that passes
+# Idempotent, non-interactive, run as root. Does nothing if a criu >= 4.2 that passes
 # `criu check` is already on PATH or at the prefix.
 #
 # Environment:
 #   DVS_CRIU_PREFIX   private prefix (default /opt/dvs/criu); the wrapper is PREFIX/bin/criu
-#   DVS_CRIU_SUITE    Debian suite to take criu from (default trixie)
+#   DVS_CRIU_SUITE    Debian suite to take criu from (default forky)
 #   DVS_CRIU_FORCE=1  reinstall even if a working criu is found
 set -euo pipefail
 
 PREFIX="${DVS_CRIU_PREFIX:-/opt/dvs/criu}"
-SUITE="${DVS_CRIU_SUITE:-trixie}"
+SUITE="${DVS_CRIU_SUITE:-forky}"
 MIN_MAJOR=4
-MIN_MINOR=1
+MIN_MINOR=2
 WRAPPER="$PREFIX/bin/criu"
 
 log() { printf 'install-criu: %s\n' "$*" >&2; }
@@ -45,7 +48,7 @@ version_ok() {
 	[ "$major" -gt "$MIN_MAJOR" ] || { [ "$major" -eq "$MIN_MAJOR" ] && [ "$minor" -ge "$MIN_MINOR" ]; }
 }
 
-# criu_ok BIN: true if BIN is criu >= 4.1 and `criu check` says "Looks good.".
+# criu_ok BIN: true if BIN is criu >= MIN_MAJOR.MIN_MINOR and `criu check` says "Looks good.".
 criu_ok() {
 	[ -x "$1" ] || return 1
 	version_ok "$1" || return 1
@@ -234,15 +237,33 @@ mapfile -t deps < <(apt-cache "${APT_OPTS[@]}" depends criu 2>/dev/null |
 	sed -n 's/^ *Depends: *//p' | tr -d '<>' | sed 's/t64$//' | sort -u |
 	grep -v -x -e libc6 -e libcompel1 || true)
 if [ "${#deps[@]}" -eq 0 ]; then
-	# apt-cache gave nothing: fall back to what criu 4.1.1 was found to need.
-	deps=(libbsd0 libgnutls30 libnet1 libnftables1 libnl-3-200 libprotobuf-c1 libuuid1)
+	# apt-cache gave nothing: fall back to what criu 4.2.1 was found to need.
+	deps=(libbsd0 libgnutls30 libnet9 libnftables1 libnl-3-200 libprotobuf-c1 libuuid1)
 fi
 missing=()
+foreign=()
 for p in "${deps[@]}"; do
-	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+	if dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+		continue
+	fi
+	# A library whose soname the system's suite does not ship (e.g. forky's libnet9 where
+	# bookworm has libnet1) comes from the foreign suite into the prefix, like libc6.
+	if apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: (none)' || [ -z "$(apt-cache policy "$p" 2>/dev/null)" ]; then
+		foreign+=("$p")
+	else
 		missing+=("$p")
 	fi
 done
+if [ "${#foreign[@]}" -gt 0 ]; then
+	log "taking ${foreign[*]} from $SUITE into the prefix (not in the system's suite)"
+	(cd "$WORK/debs" && apt-get "${APT_OPTS[@]}" -q download "${foreign[@]}" >"$WORK/download2.log" 2>&1) || {
+		cat "$WORK/download2.log" >&2
+		die "apt-get download of $SUITE ${foreign[*]} failed"
+	}
+	for p in "${foreign[@]}"; do
+		for deb in "$WORK"/debs/"$p"_*.deb; do dpkg -x "$deb" "$STAGE"; done
+	done
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
 	log "installing system packages criu needs: ${missing[*]}"
 	if ! apt-get -y -q install --no-install-recommends "${missing[@]}" >"$WORK/install.log" 2>&1; then
@@ -253,6 +274,26 @@ if [ "${#missing[@]}" -gt 0 ]; then
 			die "apt-get install ${missing[*]} failed"
 		}
 	fi
+fi
+
+# A system library older than the one criu was built against loads, but the loader warns
+# ("no version information available") on every run: take those from the foreign suite too.
+mapfile -t stale_libs < <(LD_BIND_NOW=1 "$STAGE/bin/criu" --version 2>&1 >/dev/null |
+	sed -n 's/^.*: \(\/[^:]*\): no version information available.*$/\1/p' | sort -u)
+stale_pkgs=()
+for lib in "${stale_libs[@]}"; do
+	pkg="$(dpkg -S "$lib" 2>/dev/null | head -n1 | cut -d: -f1)" || true
+	[ -z "$pkg" ] || stale_pkgs+=("$pkg")
+done
+if [ "${#stale_pkgs[@]}" -gt 0 ]; then
+	log "taking ${stale_pkgs[*]} from $SUITE into the prefix (the system's copy is older than criu's)"
+	(cd "$WORK/debs" && apt-get "${APT_OPTS[@]}" -q download "${stale_pkgs[@]}" >"$WORK/download3.log" 2>&1) || {
+		cat "$WORK/download3.log" >&2
+		die "apt-get download of $SUITE ${stale_pkgs[*]} failed"
+	}
+	for p in "${stale_pkgs[@]}"; do
+		for deb in "$WORK"/debs/"$p"_*.deb; do dpkg -x "$deb" "$STAGE"; done
+	done
 fi
 
 # Resolve every symbol now (LD_BIND_NOW) so an ABI gap between the foreign criu and a system
