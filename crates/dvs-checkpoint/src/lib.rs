@@ -23,7 +23,7 @@
 //!   nearest child subreaper of the caller, or to init: a node daemon that wants to reap it sets
 //!   `PR_SET_CHILD_SUBREAPER` on itself.
 //!
-//! The CRIU binary must be >= 4.1 on this kernel; `scripts/install-criu.sh` provides one
+//! The CRIU binary must be >= 4.2 on this kernel; `scripts/install-criu.sh` provides one
 //! (see [`find_criu`]).
 
 mod criu;
@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::Duration;
 
-pub use criu::{find_criu, Criu, DEFAULT_CRIU_PREFIX, MIN_CRIU_VERSION};
+pub use criu::{find_criu, Criu, CriuWorker, DEFAULT_CRIU_PREFIX, MIN_CRIU_VERSION};
 pub use error::CheckpointError;
 pub use process::{
     children_of, dir_size, kill_tree, migratable_command, ns_pid, pid_namespace_init,
@@ -134,6 +134,8 @@ pub struct RestoreRequest {
     /// `false`: the backend process stays the tree's parent until the tree exits and is
     /// returned in [`RestoreReport::waiter`].
     pub detached: bool,
+    /// Leave the restored tree stopped (SIGSTOP); [`crate::resume_tree`] lets it run.
+    pub leave_stopped: bool,
     /// Extra backend-specific arguments.
     pub extra_args: Vec<OsString>,
 }
@@ -147,6 +149,7 @@ impl RestoreRequest {
             pidfile: None,
             log_file: None,
             detached: true,
+            leave_stopped: false,
             extra_args: Vec::new(),
         }
     }

@@ -1,5 +1,5 @@
 //! Real checkpoint/restore with CRIU. Each test that needs criu skips (with a printed reason)
-//! when not run as root or when no working criu >= 4.1 is found (`scripts/install-criu.sh`).
+//! when not run as root or when no working criu >= 4.2 is found (`scripts/install-criu.sh`).
 //!
 //! The process under test is `dvs-ckpt-testee` started as a migratable process, talking to the
 //! test over a unix socket at its fd 0: the socket's peer is outside the dumped tree, so the

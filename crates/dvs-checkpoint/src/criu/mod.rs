@@ -1,27 +1,38 @@
-//! The CRIU backend: runs the `criu` binary.
+//! The CRIU backend: runs the `criu` binary, for dumps and detached restores as a service
+//! worker (`criu swrk`, see [`CriuWorker`]) that can be started ahead of need.
+
+mod rpc;
+mod worker;
 
 use std::env;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{
     dir_size, sibling_file, CheckpointBackend, CheckpointError, DumpReport, DumpRequest,
     RestoreReport, RestoreRequest,
 };
+pub use worker::CriuWorker;
 
-/// Oldest CRIU that works here: 3.17 fails on kernels >= 6.13 (vDSO layout), see docs/ARCHITECTURE.md §7.3.
-pub const MIN_CRIU_VERSION: (u32, u32) = (4, 1);
+/// Oldest CRIU that works here: 3.17 fails on kernels >= 6.13 (vDSO layout) and 4.1 cannot dump
+/// TCP or UDP sockets on kernels >= 6.16; see docs/ARCHITECTURE.md §7.3.
+pub const MIN_CRIU_VERSION: (u32, u32) = (4, 2);
 
 /// Where `scripts/install-criu.sh` puts its private CRIU (overridable by `DVS_CRIU_PREFIX`).
 pub const DEFAULT_CRIU_PREFIX: &str = "/opt/dvs/criu";
 
 /// criu's log verbosity: 4 is what a failed migration needs to be diagnosed after the fact.
 const LOG_LEVEL: &str = "-v4";
+/// The same, as an RPC option.
+const RPC_LOG_LEVEL: i32 = 4;
 
 /// How many log lines an error carries.
 const LOG_TAIL_LINES: usize = 20;
@@ -112,11 +123,30 @@ fn parse_version(v: &str) -> Option<(u32, u32)> {
 
 /// The CRIU checkpoint backend: a located `criu` binary (possibly the wrapper written by
 /// `scripts/install-criu.sh`). Needs root (or CAP_CHECKPOINT_RESTORE + CAP_SYS_PTRACE).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Clones share one spare dump worker (see [`Criu::keep_dumper_ready`]).
+#[derive(Debug, Clone)]
 pub struct Criu {
     bin: PathBuf,
     version: String,
+    spare: Arc<Spare>,
 }
+
+/// A `criu swrk` started ahead of the next dump.
+#[derive(Debug, Default)]
+struct Spare {
+    /// Whether a used spare is replaced (set by [`Criu::keep_dumper_ready`]).
+    keep: AtomicBool,
+    worker: Mutex<Option<CriuWorker>>,
+}
+
+impl PartialEq for Criu {
+    fn eq(&self, other: &Criu) -> bool {
+        self.bin == other.bin && self.version == other.version
+    }
+}
+
+impl Eq for Criu {}
 
 impl Criu {
     /// Finds criu as [`find_criu`] does, but says why each candidate was rejected. An explicit
@@ -125,7 +155,7 @@ impl Criu {
         let mut why = Vec::new();
         for (label, bin) in candidates() {
             match probe(&bin) {
-                Ok(version) => return Ok(Criu { bin, version }),
+                Ok(version) => return Ok(Criu::new(bin, version)),
                 Err(CheckpointError::CriuNotFound(m)) if label == "$DVS_CRIU" => {
                     return Err(CheckpointError::CriuNotFound(format!("{label}: {m}")))
                 }
@@ -147,7 +177,61 @@ impl Criu {
     pub fn at(bin: impl Into<PathBuf>) -> Result<Criu, CheckpointError> {
         let bin = bin.into();
         let version = probe(&bin)?;
-        Ok(Criu { bin, version })
+        Ok(Criu::new(bin, version))
+    }
+
+    fn new(bin: PathBuf, version: String) -> Criu {
+        Criu {
+            bin,
+            version,
+            spare: Arc::default(),
+        }
+    }
+
+    /// Starts a `criu swrk` worker now, for a request that comes later; each of `inherit` is
+    /// open in it at the same number (see [`CriuWorker::inherited_fds`]), e.g. the socket a
+    /// restore plugs in with [`RestoreRequest::inherit_fds`].
+    pub fn spawn_worker(&self, inherit: Vec<OwnedFd>) -> Result<CriuWorker, CheckpointError> {
+        CriuWorker::spawn(&self.bin, inherit)
+    }
+
+    /// From now on keeps one dump worker started, so that a [`Criu::dump`] does not wait for
+    /// criu to start: one now, and a new one after each dump (started off the caller's path).
+    pub fn keep_dumper_ready(&self) -> Result<(), CheckpointError> {
+        self.spare.keep.store(true, Ordering::Relaxed);
+        let mut slot = self.spare.worker.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(self.spawn_worker(Vec::new())?);
+        }
+        Ok(())
+    }
+
+    /// The spare worker, or a new one.
+    fn dump_worker(&self) -> Result<CriuWorker, CheckpointError> {
+        let spare = self
+            .spare
+            .worker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match spare {
+            Some(w) => Ok(w),
+            None => self.spawn_worker(Vec::new()),
+        }
+    }
+
+    /// Starts the next spare on a thread of its own, if spares are kept.
+    fn replace_spare(&self) {
+        if !self.spare.keep.load(Ordering::Relaxed) {
+            return;
+        }
+        let me = self.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = me.keep_dumper_ready() {
+                // The next dump starts its own worker and fails with the reason if criu broke.
+                let _ = e;
+            }
+        });
     }
 
     /// The binary that is run.
@@ -155,7 +239,7 @@ impl Criu {
         &self.bin
     }
 
-    /// The version it reported, e.g. `4.1.1`.
+    /// The version it reported, e.g. `4.2.1`.
     pub fn version(&self) -> &str {
         &self.version
     }
@@ -177,12 +261,36 @@ impl Criu {
         }
     }
 
-    /// `criu dump --tree PID --images-dir DIR -o LOG -v4 [--leave-stopped]
-    /// [--external unix[INODE]]... [extra]`.
+    /// Checkpoints a tree: `criu dump --tree PID --images-dir DIR -o LOG -v4
+    /// [--leave-stopped] [--external unix[INODE]]...`, sent to the spare worker (or a new one)
+    /// as an RPC request. With [`DumpRequest::extra_args`] criu runs as a command instead.
     ///
     /// No `--shell-job`: a migratable process is a session leader in its own pid namespace
     /// ([`crate::migratable_command`]), so nothing outside the tree owns its session.
     pub fn dump(&self, req: &DumpRequest) -> Result<DumpReport, CheckpointError> {
+        if !req.extra_args.is_empty() {
+            return self.dump_on(None, req);
+        }
+        let worker = self.dump_worker()?;
+        let result = self.dump_on(Some(worker), req);
+        self.replace_spare();
+        result
+    }
+
+    /// [`Criu::dump`] on a worker started earlier (e.g. with descriptors the request names).
+    pub fn dump_with(
+        &self,
+        worker: CriuWorker,
+        req: &DumpRequest,
+    ) -> Result<DumpReport, CheckpointError> {
+        self.dump_on(Some(worker), req)
+    }
+
+    fn dump_on(
+        &self,
+        worker: Option<CriuWorker>,
+        req: &DumpRequest,
+    ) -> Result<DumpReport, CheckpointError> {
         // Checked here so that the common mistake gets a plain typed error, not criu's
         // ptrace noise.
         if req.pid <= 0 || !Path::new(&format!("/proc/{}", req.pid)).exists() {
@@ -204,31 +312,58 @@ impl Criu {
         };
         remove_stale(&log_file)?;
 
-        let mut args: Vec<OsString> =
-            vec!["dump".into(), "--tree".into(), req.pid.to_string().into()];
-        args.extend(["--images-dir".into(), images_dir.clone().into_os_string()]);
-        args.extend([
-            "-o".into(),
-            log_file.clone().into_os_string(),
-            LOG_LEVEL.into(),
-        ]);
-        if req.leave_stopped {
-            args.push("--leave-stopped".into());
-        }
-        for ino in &req.external_unix_inodes {
-            args.extend(["--external".into(), format!("unix[{ino}]").into()]);
-        }
-        args.extend(req.extra_args.iter().cloned());
-
         let t0 = Instant::now();
-        let out = self.run("criu dump", args, &[])?;
+        let failed = match worker {
+            Some(worker) => {
+                let (work_dir, log_name) = log_place(&log_file)?;
+                let opts = rpc::Opts {
+                    images_dir_fd: -1,
+                    images_dir: Some(path_str(&images_dir)?),
+                    pid: Some(req.pid),
+                    log_level: Some(RPC_LOG_LEVEL),
+                    log_file: Some(log_name),
+                    work_dir_fd: Some(work_dir.as_raw_fd()),
+                    leave_stopped: Some(req.leave_stopped),
+                    external: req
+                        .external_unix_inodes
+                        .iter()
+                        .map(|ino| format!("unix[{ino}]"))
+                        .collect(),
+                    ..Default::default()
+                };
+                let resp = worker.call("criu dump", &rpc::Req::new(rpc::ReqType::Dump, opts))?;
+                drop(work_dir);
+                (!resp.success).then(|| rpc_failure(&log_file, &resp))
+            }
+            None => {
+                let mut args: Vec<OsString> =
+                    vec!["dump".into(), "--tree".into(), req.pid.to_string().into()];
+                args.extend(["--images-dir".into(), images_dir.clone().into_os_string()]);
+                args.extend([
+                    "-o".into(),
+                    log_file.clone().into_os_string(),
+                    LOG_LEVEL.into(),
+                ]);
+                if req.leave_stopped {
+                    args.push("--leave-stopped".into());
+                }
+                for ino in &req.external_unix_inodes {
+                    args.extend(["--external".into(), format!("unix[{ino}]").into()]);
+                }
+                args.extend(req.extra_args.iter().cloned());
+                let out = self.run("criu dump", args, &[])?;
+                (!out.status.success()).then(|| {
+                    let (reason, tail) = failure_reason(&log_file, &out);
+                    (out.status.to_string(), reason, tail)
+                })
+            }
+        };
         let duration = t0.elapsed();
-        if !out.status.success() {
-            let (reason, log_tail) = failure_reason(&log_file, &out);
+        if let Some((status, reason, log_tail)) = failed {
             return Err(CheckpointError::DumpFailed {
                 pid: req.pid,
                 images_dir,
-                status: out.status.to_string(),
+                status,
                 reason,
                 log_file,
                 log_tail,
@@ -247,7 +382,41 @@ impl Criu {
     /// `criu restore --images-dir DIR -o LOG -v4 --pidfile PIDFILE [--restore-detached]
     /// [--inherit-fd fd[N]:KEY]... [extra]`, passing each inherited fd to criu at the same
     /// number.
+    ///
+    /// A detached restore without extra arguments runs as an RPC request on a new worker
+    /// that inherits the fds, and the restored root becomes a child of the caller
+    /// (`rst_sibling`) instead of criu's; its pid is still written to the pidfile.
     pub fn restore(&self, req: &RestoreRequest) -> Result<RestoreReport, CheckpointError> {
+        let how = if req.detached && req.extra_args.is_empty() {
+            Via::NewWorker
+        } else {
+            Via::Command
+        };
+        self.restore_on(how, req)
+    }
+
+    /// A detached restore on a worker started earlier, which holds every fd that
+    /// [`RestoreRequest::inherit_fds`] names (see [`Criu::spawn_worker`]).
+    pub fn restore_with(
+        &self,
+        worker: CriuWorker,
+        req: &RestoreRequest,
+    ) -> Result<RestoreReport, CheckpointError> {
+        let held = worker.inherited_fds();
+        if let Some((fd, key)) = req.inherit_fds.iter().find(|(fd, _)| !held.contains(fd)) {
+            return Err(CheckpointError::InvalidRequest(format!(
+                "fd {fd} to pass as {key} was not given to the criu worker when it started"
+            )));
+        }
+        if !req.detached || !req.extra_args.is_empty() {
+            return Err(CheckpointError::InvalidRequest(
+                "a criu worker restores detached, without extra arguments".into(),
+            ));
+        }
+        self.restore_on(Via::Worker(worker), req)
+    }
+
+    fn restore_on(&self, how: Via, req: &RestoreRequest) -> Result<RestoreReport, CheckpointError> {
         let images_dir = absolute(&req.images_dir)?;
         if !images_dir.join("inventory.img").is_file() {
             return Err(CheckpointError::InvalidRequest(format!(
@@ -279,6 +448,56 @@ impl Criu {
         remove_stale(&log_file)?;
         remove_stale(&pidfile)?;
 
+        let fds: Vec<i32> = req.inherit_fds.iter().map(|(fd, _)| *fd).collect();
+        let worker = match how {
+            Via::Worker(w) => Some(w),
+            Via::NewWorker => Some(CriuWorker::spawn_borrowing(&self.bin, &fds)?),
+            Via::Command => None,
+        };
+        if let Some(worker) = worker {
+            let t0 = Instant::now();
+            let (work_dir, log_name) = log_place(&log_file)?;
+            let opts = rpc::Opts {
+                images_dir_fd: -1,
+                images_dir: Some(path_str(&images_dir)?),
+                log_level: Some(RPC_LOG_LEVEL),
+                log_file: Some(log_name),
+                work_dir_fd: Some(work_dir.as_raw_fd()),
+                rst_sibling: Some(true),
+                leave_stopped: Some(req.leave_stopped),
+                inherit_fd: req
+                    .inherit_fds
+                    .iter()
+                    .map(|(fd, key)| rpc::InheritFd {
+                        key: key.clone(),
+                        fd: *fd,
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            let resp = worker.call("criu restore", &rpc::Req::new(rpc::ReqType::Restore, opts))?;
+            let duration = t0.elapsed();
+            let pid = resp.restore.as_ref().map_or(-1, |r| r.pid);
+            if !resp.success || pid <= 0 {
+                let (status, reason, log_tail) = rpc_failure(&log_file, &resp);
+                return Err(CheckpointError::RestoreFailed {
+                    images_dir,
+                    status,
+                    reason,
+                    log_file,
+                    log_tail,
+                });
+            }
+            fs::write(&pidfile, pid.to_string())
+                .map_err(|e| CheckpointError::io(format!("write {}", pidfile.display()), e))?;
+            return Ok(RestoreReport {
+                pid,
+                duration,
+                log_file,
+                waiter: None,
+            });
+        }
+
         let mut args: Vec<OsString> = vec!["restore".into()];
         args.extend(["--images-dir".into(), images_dir.clone().into_os_string()]);
         args.extend([
@@ -290,11 +509,13 @@ impl Criu {
         if req.detached {
             args.push("--restore-detached".into());
         }
+        if req.leave_stopped {
+            args.push("--leave-stopped".into());
+        }
         for (fd, key) in &req.inherit_fds {
             args.extend(["--inherit-fd".into(), format!("fd[{fd}]:{key}").into()]);
         }
         args.extend(req.extra_args.iter().cloned());
-        let fds: Vec<i32> = req.inherit_fds.iter().map(|(fd, _)| *fd).collect();
 
         let t0 = Instant::now();
         if req.detached {
@@ -443,6 +664,63 @@ impl CheckpointBackend for Criu {
     }
 }
 
+/// How a restore runs.
+enum Via {
+    /// As a command (`criu restore ...`).
+    Command,
+    /// On a worker started for it.
+    NewWorker,
+    /// On a worker started earlier.
+    Worker(CriuWorker),
+}
+
+impl rpc::Req {
+    fn new(kind: rpc::ReqType, opts: rpc::Opts) -> rpc::Req {
+        rpc::Req {
+            r#type: kind as i32,
+            opts: Some(opts),
+        }
+    }
+}
+
+/// The folder of a log file, opened (criu's RPC takes the log as a name in its work folder),
+/// and the name.
+fn log_place(log_file: &Path) -> Result<(OwnedFd, String), CheckpointError> {
+    let (Some(dir), Some(name)) = (log_file.parent(), log_file.file_name()) else {
+        return Err(CheckpointError::InvalidRequest(format!(
+            "log file {} has no folder",
+            log_file.display()
+        )));
+    };
+    let name = name.to_str().ok_or_else(|| {
+        CheckpointError::InvalidRequest(format!("log file {} is not UTF-8", log_file.display()))
+    })?;
+    let dir = fs::File::open(dir)
+        .map_err(|e| CheckpointError::io(format!("open {}", dir.display()), e))?;
+    Ok((dir.into(), name.to_string()))
+}
+
+fn path_str(p: &Path) -> Result<String, CheckpointError> {
+    p.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| CheckpointError::InvalidRequest(format!("{} is not UTF-8", p.display())))
+}
+
+/// (status, reason, log tail) of a request criu refused.
+fn rpc_failure(log_file: &Path, resp: &rpc::Resp) -> (String, String, String) {
+    let status = match resp.cr_errno {
+        Some(n) if n != 0 => format!("criu swrk failed, {}", io::Error::from_raw_os_error(n)),
+        _ => "criu swrk failed".to_string(),
+    };
+    let out = Output {
+        status: std::process::ExitStatus::default(),
+        stdout: resp.cr_errmsg.clone().unwrap_or_default().into_bytes(),
+        stderr: Vec::new(),
+    };
+    let (reason, tail) = failure_reason(log_file, &out);
+    (status, reason, tail)
+}
+
 fn absolute(p: &Path) -> Result<PathBuf, CheckpointError> {
     // criu resolves relative log/pidfile paths against the images dir, not our cwd.
     std::path::absolute(p)
@@ -541,7 +819,8 @@ mod tests {
         assert_eq!(parse_version("3.17.1"), Some((3, 17)));
         assert_eq!(parse_version("4"), Some((4, 0)));
         assert_eq!(parse_version("x"), None);
-        assert!(parse_version("4.1.1").unwrap() >= MIN_CRIU_VERSION);
+        assert!(parse_version("4.2.1").unwrap() >= MIN_CRIU_VERSION);
+        assert!(parse_version("4.1.1").unwrap() < MIN_CRIU_VERSION);
         assert!(parse_version("3.17.1").unwrap() < MIN_CRIU_VERSION);
         assert!(parse_version("4.0").unwrap() < MIN_CRIU_VERSION);
     }
