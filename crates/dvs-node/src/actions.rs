@@ -75,10 +75,15 @@ impl Node {
                 backend,
                 fail,
             } => self.migr_restore(id, dc, ep, backend, fail),
+            ProcessAction::PrepareRestore { id, dc, ep } => self.migr_prepare_restore(id, dc, ep),
             ProcessAction::KillTree { pid } => self.migr_kill_tree(pid),
             ProcessAction::MigratedAway { pid, to } => self.migr_migrated_away(pid, to),
             ProcessAction::ResumeTree { pid } => self.migr_resume_tree(pid),
-            ProcessAction::DropImage { id } => self.migrations.images.drop_image(id),
+            ProcessAction::DropImage { id } => {
+                // A restorer still waiting for this image is killed when dropped.
+                self.migrations.restorers.remove(&id);
+                self.migrations.images.drop_image(id)
+            }
         }
     }
 

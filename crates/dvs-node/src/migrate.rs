@@ -8,14 +8,14 @@
 
 use dvs_core::{Input, MigrationInput};
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dvs_checkpoint::{Criu, DumpRequest, RestoreRequest};
+use dvs_checkpoint::{Criu, CriuWorker, DumpRequest, RestoreRequest};
 use dvs_core::{MigrationReport, Phase};
 use dvs_wire::peer::{Backend, ImageChunk, MigrationId};
 use dvs_wire::{DcId, Ep, NodeId};
@@ -62,6 +62,21 @@ pub(crate) struct Migrations {
     pub criu: Option<Result<Arc<Criu>, String>>,
     /// The image folders and their writer.
     pub images: ImageStore,
+    /// Destination: criu restorers started when a migration's state arrived, by migration.
+    pub restorers: HashMap<MigrationId, tokio::task::JoinHandle<Result<Restorer, String>>>,
+}
+
+/// A `criu swrk` started before the image it restores has arrived, holding what the restored
+/// process gets in place of its node-local resources.
+pub(crate) struct Restorer {
+    worker: CriuWorker,
+    /// The node's end of the restored process's new connection.
+    node_end: UnixStream,
+    /// The process's end, open in the worker.
+    proc_fd: RawFd,
+    /// This node's log file of the endpoint and its runtime folder, open in the worker.
+    stdout_fd: RawFd,
+    cwd_fd: RawFd,
 }
 
 impl Migrations {
@@ -72,6 +87,7 @@ impl Migrations {
             restored: BTreeMap::new(),
             criu: None,
             images,
+            restorers: HashMap::new(),
         }
     }
 
@@ -108,6 +124,10 @@ impl Migrations {
 pub(crate) fn check_criu() -> Result<Arc<Criu>, String> {
     let c = Criu::locate().map_err(|e| e.to_string())?;
     c.check().map_err(|e| e.to_string())?;
+    // From the first migration on, a dump worker waits ready (see `Criu::keep_dumper_ready`).
+    if let Err(e) = c.keep_dumper_ready() {
+        warn!("cannot start a criu worker ahead of the next dump: {e}");
+    }
     Ok(Arc::new(c))
 }
 
@@ -231,6 +251,29 @@ impl Node {
         self.core.handle(Instant::now(), Input::Migration(arrived));
     }
 
+    /// Destination: starts the criu restorer of `id` while the source dumps, with this node's
+    /// files for the endpoint open in it. Only when criu is known to work here; otherwise the
+    /// restore starts its own.
+    pub(crate) fn migr_prepare_restore(&mut self, id: MigrationId, dc: DcId, ep: Ep) {
+        let Some(Ok(criu)) = self.migrations.criu.clone() else {
+            return;
+        };
+        let Some(log) = self.endpoint_log(dc, ep) else {
+            return;
+        };
+        let task = tokio::task::spawn_blocking(move || prepare_restorer(&criu, log));
+        self.migrations.restorers.insert(id, task);
+    }
+
+    /// (runtime folder, log file) of endpoint `{dc, ep}` on this node.
+    fn endpoint_log(&self, dc: DcId, ep: Ep) -> Option<(PathBuf, PathBuf)> {
+        self.ctx.cfg.dc_by_id(dc).map(|d| {
+            let rt = self.ctx.me.runtime_dir.clone();
+            let file = rt.join("logs").join(format!("{}-{ep}.log", d.name));
+            (rt, file)
+        })
+    }
+
     /// Destination: restores `id` (criu: from its image with a fresh node connection;
     /// cooperative: by starting the program with the snapshot), once every chunk of the
     /// image is written.
@@ -276,16 +319,24 @@ impl Node {
             }
             Backend::Criu => {
                 let cached = self.migrations.criu.clone();
-                let log = self.ctx.cfg.dc_by_id(dc).map(|d| {
-                    let rt = self.ctx.me.runtime_dir.clone();
-                    let file = rt.join("logs").join(format!("{}-{ep}.log", d.name));
-                    (rt, file)
-                });
+                let log = self.endpoint_log(dc, ep);
+                let prepared = self.migrations.restorers.remove(&id);
                 tokio::task::spawn_local(async move {
                     let _ = written.await;
+                    let restorer = match prepared {
+                        Some(task) => match task.await {
+                            Ok(Ok(r)) => Some(r),
+                            Ok(Err(e)) => {
+                                warn!("the criu restorer started ahead failed ({e}); starting another");
+                                None
+                            }
+                            Err(_) => None,
+                        },
+                        None => None,
+                    };
                     let result = match criu(&events, cached).await {
                         Err(e) => Err((format!("criu does not work on this node: {e}"), None)),
-                        Ok(criu) => blocking(move || restore(&criu, &dir, log, fail))
+                        Ok(criu) => blocking(move || restore(&criu, &dir, log, restorer, fail))
                             .await
                             .unwrap_or_else(|e| Err((e, None))),
                     };
@@ -395,27 +446,87 @@ fn save_snapshot(dir: &Path, data: &[u8], fail: bool) -> Result<u64, String> {
     Ok(data.len() as u64)
 }
 
+/// Starts a criu worker holding a new connection's process end, this node's log file of the
+/// endpoint and its runtime folder (blocking).
+fn prepare_restorer(
+    criu: &Criu,
+    (runtime_dir, log): (PathBuf, PathBuf),
+) -> Result<Restorer, String> {
+    let (node_end, proc_end) = UnixStream::pair().map_err(|e| e.to_string())?;
+    let stdout = open_log(&log).map_err(|(e, _)| e)?;
+    let cwd = std::fs::File::open(&runtime_dir)
+        .map_err(|e| format!("cannot open {}: {e}", runtime_dir.display()))?;
+    let fds: Vec<OwnedFd> = vec![proc_end.into(), stdout.into(), cwd.into()];
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let worker = criu.spawn_worker(fds).map_err(|e| e.to_string())?;
+    Ok(Restorer {
+        worker,
+        node_end,
+        proc_fd: raw[0],
+        stdout_fd: raw[1],
+        cwd_fd: raw[2],
+    })
+}
+
 /// Restores the image in `dir` with a new connection to this node in place of the one the
-/// process had (blocking: runs criu). `log` is this node's (runtime folder, log file of the
-/// endpoint). With `fail`, kills the restored copy and fails.
-fn restore(criu: &Criu, dir: &Path, log: Option<(PathBuf, PathBuf)>, fail: bool) -> RestoreResult {
+/// process had (blocking: runs criu), on `restorer` if one was started ahead. `log` is this
+/// node's (runtime folder, log file of the endpoint). With `fail`, kills the restored copy
+/// and fails.
+fn restore(
+    criu: &Criu,
+    dir: &Path,
+    log: Option<(PathBuf, PathBuf)>,
+    restorer: Option<Restorer>,
+    fail: bool,
+) -> RestoreResult {
     let inode: u64 = std::fs::read_to_string(dir.join(SOCKET_FILE))
         .map_err(|e| (format!("image has no {SOCKET_FILE}: {e}"), None))?
         .trim()
         .parse()
         .map_err(|_| (format!("bad {SOCKET_FILE}"), None))?;
-    let (node_end, proc_end) = UnixStream::pair().map_err(|e| (e.to_string(), None))?;
-    let mut req = RestoreRequest::new(dir).inherit_unix_socket(proc_end.as_raw_fd(), inode);
-    // Kept open until criu has run: criu dups them into the process.
-    let _local = match log {
-        Some((runtime_dir, file)) => local_files_in_place_of(dir, &runtime_dir, &file, &mut req)?,
-        None => Vec::new(),
+    let substitutes = local_files_missing(dir);
+    let (node_end, pid) = match restorer {
+        Some(r) => {
+            let mut req = RestoreRequest::new(dir).inherit_unix_socket(r.proc_fd, inode);
+            req.leave_stopped = true;
+            for (what, key) in substitutes {
+                let fd = match what {
+                    LocalPath::Stdout => r.stdout_fd,
+                    LocalPath::Cwd => r.cwd_fd,
+                };
+                req.inherit_fds.push((fd, key));
+            }
+            let pid = criu
+                .restore_with(r.worker, &req)
+                .map(|r| r.pid)
+                .map_err(|e| (e.to_string(), None))?;
+            (r.node_end, pid)
+        }
+        None => {
+            let (node_end, proc_end) = UnixStream::pair().map_err(|e| (e.to_string(), None))?;
+            let mut req = RestoreRequest::new(dir).inherit_unix_socket(proc_end.as_raw_fd(), inode);
+            req.leave_stopped = true;
+            // Kept open until criu has run: criu dups them into the process.
+            let mut open = Vec::new();
+            if let Some((runtime_dir, file)) = &log {
+                for (what, key) in substitutes {
+                    let f = match what {
+                        LocalPath::Stdout => open_log(file)?,
+                        LocalPath::Cwd => std::fs::File::open(runtime_dir).map_err(|e| {
+                            (format!("cannot open {}: {e}", runtime_dir.display()), None)
+                        })?,
+                    };
+                    req.inherit_fds.push((f.as_raw_fd(), key));
+                    open.push(f);
+                }
+            }
+            let pid = criu
+                .restore(&req)
+                .map(|r| r.pid)
+                .map_err(|e| (e.to_string(), None))?;
+            (node_end, pid)
+        }
     };
-    let pid = criu
-        .restore(&req)
-        .map(|r| r.pid)
-        .map_err(|e| (e.to_string(), None))?;
-    drop(proc_end);
     if fail {
         let _ = dvs_checkpoint::kill_tree(pid);
         return Err((
@@ -426,21 +537,36 @@ fn restore(criu: &Criu, dir: &Path, log: Option<(PathBuf, PathBuf)>, fail: bool)
     Ok((node_end, pid))
 }
 
+/// This node's log file of an endpoint, created if missing, for appending.
+fn open_log(log: &Path) -> Result<std::fs::File, (String, Option<i32>)> {
+    if let Some(logs) = log.parent() {
+        std::fs::create_dir_all(logs)
+            .map_err(|e| (format!("cannot create {}: {e}", logs.display()), None))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| (format!("cannot open {}: {e}", log.display()), None))
+}
+
+/// A node-local path an image refers to.
+enum LocalPath {
+    /// The process's stdout: the endpoint's log on the source node.
+    Stdout,
+    /// Its working folder (the source node's runtime folder).
+    Cwd,
+}
+
 /// The node-local files an image refers to by path that a host without the source node's
-/// runtime folder (another machine) lacks, so that criu could not reopen them: the restored
-/// process gets this node's own in their place, passed to criu under the dumped names. On one
-/// machine the source's files exist and the process keeps them, as before. Returns the files
-/// to keep open until criu has run.
-fn local_files_in_place_of(
-    dir: &Path,
-    runtime_dir: &Path,
-    log: &Path,
-    req: &mut RestoreRequest,
-) -> Result<Vec<std::fs::File>, (String, Option<i32>)> {
+/// runtime folder (another machine) lacks, so that criu could not reopen them, with the key
+/// criu knows each by: the restored process gets this node's own in their place. On one
+/// machine the source's files exist and the process keeps them, as before.
+fn local_files_missing(dir: &Path) -> Vec<(LocalPath, String)> {
     let Ok(list) = std::fs::read_to_string(dir.join(LOCAL_PATHS_FILE)) else {
-        return Ok(Vec::new());
+        return Vec::new();
     };
-    let mut open = Vec::new();
+    let mut out = Vec::new();
     for line in list.lines() {
         let Some((what, dumped)) = line.split_once(' ') else {
             continue;
@@ -453,26 +579,14 @@ fn local_files_in_place_of(
         if Path::new(dumped).exists() || key.is_empty() || key.contains(char::is_whitespace) {
             continue;
         }
-        let opened = match what {
-            "stdout" => {
-                if let Some(logs) = log.parent() {
-                    std::fs::create_dir_all(logs)
-                        .map_err(|e| (format!("cannot create {}: {e}", logs.display()), None))?;
-                }
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                    .map_err(|e| (format!("cannot open {}: {e}", log.display()), None))?
-            }
-            "cwd" => std::fs::File::open(runtime_dir)
-                .map_err(|e| (format!("cannot open {}: {e}", runtime_dir.display()), None))?,
+        let what = match what {
+            "stdout" => LocalPath::Stdout,
+            "cwd" => LocalPath::Cwd,
             _ => continue,
         };
-        req.inherit_fds.push((opened.as_raw_fd(), key.to_string()));
-        open.push(opened);
+        out.push((what, key.to_string()));
     }
-    Ok(open)
+    out
 }
 
 /// Dumps `pid`'s tree into `dir`, leaving it stopped; returns the image size.

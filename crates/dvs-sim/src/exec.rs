@@ -269,7 +269,9 @@ impl Sim {
             ProcessAction::KillTree { pid } => self.out.killed.push(pid),
             ProcessAction::ResumeTree { pid } => self.out.resumed.push(pid),
             // Bookkeeping of the daemon's only: the trace has them.
-            ProcessAction::MigratedAway { .. } | ProcessAction::DropImage { .. } => {}
+            ProcessAction::MigratedAway { .. }
+            | ProcessAction::DropImage { .. }
+            | ProcessAction::PrepareRestore { .. } => {}
         }
     }
 

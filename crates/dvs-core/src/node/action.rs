@@ -155,6 +155,10 @@ pub enum ProcessAction {
     },
     /// Stream the image folder of `id` to `to` as image chunks, then answer `ImageSent`.
     SendImage { id: MigrationId, to: NodeId },
+    /// Destination (criu): get ready to restore `id` as `{dc, ep}` (start the restorer ahead
+    /// of the image, so that starting it costs nothing while the process is frozen). Nothing
+    /// answers; a `Restore` or a `DropImage` for `id` follows.
+    PrepareRestore { id: MigrationId, dc: DcId, ep: Ep },
     /// Destination: restore `id` from its received image, then answer `Restored` (criu) or
     /// wait for the program's `BindRestored` (cooperative).
     Restore {
