@@ -311,6 +311,7 @@ impl Forger {
                 1 => PeerFrame::Migr(MigrFrame::Done(MigrDone {
                     id: self.migration_id(),
                     held: self.rng.below(10) as u32,
+                    longest_hold_us: self.rng.below(1 << 20),
                 })),
                 2 => PeerFrame::Migr(MigrFrame::Restored(MigrRestored {
                     id: self.migration_id(),

@@ -6,7 +6,7 @@
 //! client checks its 1000 blocks every time. Then `dvs lab down` must leave no namespace,
 //! process, mount or file behind.
 //!
-//! Needs root (namespaces), `etcd` (scripts/install-etcd.sh) and criu 4.1 or later
+//! Needs root (namespaces), `etcd` (scripts/install-etcd.sh) and criu 4.2 or later
 //! (scripts/install-criu.sh); `DVS_SKIP_CRIU=1` leaves out the criu migrations. Without
 //! namespaces the test fails, saying so: a lab that cannot be built is no pass.
 //!

@@ -620,7 +620,11 @@ fn hostile_frame() -> impl Strategy<Value = PeerFrame> {
                 from
             })
         )),
-        id.prop_map(|id| PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held: 3 }))),
+        id.prop_map(|id| PeerFrame::Migr(MigrFrame::Done(MigrDone {
+            id,
+            held: 3,
+            longest_hold_us: 7,
+        }))),
     ]
 }
 

@@ -23,4 +23,4 @@ pub type NodeId = u16;
 pub type Ep = i32;
 
 /// Version of the peer-link and local protocols; a peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;

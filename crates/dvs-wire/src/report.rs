@@ -198,4 +198,13 @@ pub struct MigrationReport {
     pub restore_ms: f64,
     /// Calls, replies and notifications held during the move and replayed, over all nodes.
     pub held: u32,
+    /// Milliseconds the process was frozen: from the start of the checkpoint until the
+    /// destination reported its copy running (commit) or the outcome was decided (rollback).
+    /// 0 when nothing was frozen.
+    #[serde(default)]
+    pub frozen_ms: f64,
+    /// Milliseconds the longest-held call, reply or notification waited before it was
+    /// replayed, over all nodes.
+    #[serde(default)]
+    pub longest_hold_ms: f64,
 }

@@ -331,8 +331,13 @@ fn migration_peer_frame() -> impl Strategy<Value = PeerFrame> {
         (any::<u64>(), any::<u16>(), any::<i32>(), any::<u16>()).prop_map(|(id, dc, ep, from)| {
             PeerFrame::Migr(MigrFrame::Rollback(MigrRollback { id, dc, ep, from }))
         }),
-        (any::<u64>(), any::<u32>())
-            .prop_map(|(id, held)| PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held }))),
+        (any::<u64>(), any::<u32>()).prop_map(|(id, held)| {
+            PeerFrame::Migr(MigrFrame::Done(MigrDone {
+                id,
+                held,
+                longest_hold_us: u64::from(held) * 1000,
+            }))
+        }),
     ]
 }
 

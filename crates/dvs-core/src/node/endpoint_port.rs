@@ -150,7 +150,7 @@ impl NodeCore {
                         timeout,
                     }) = self.conns.get(&sc).map(|s| s.blocked.clone())
                     {
-                        self.migr.hold_call(dc, ep, sc);
+                        self.migr.hold_call(dc, ep, sc, self.now());
                         self.reblock(
                             sc,
                             Blocked::Held {
@@ -407,7 +407,7 @@ impl NodeCore {
             }
             return self.run_request(conn, send_request(kind, dst, msg, timeout), now);
         }
-        self.migr.hold_call(dc, dst, conn);
+        self.migr.hold_call(dc, dst, conn, self.now());
         self.reblock(
             conn,
             Blocked::Held {

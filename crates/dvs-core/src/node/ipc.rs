@@ -422,7 +422,7 @@ impl NodeCore {
         }));
         // The client may be migrating: the reply waits for the outcome and follows it.
         if self.migr.holds(dc, dst) {
-            self.migr.hold_frame(dc, dst, frame);
+            self.migr.hold_frame(dc, dst, frame, self.now());
             return self.respond(conn, LocalResponse::Done);
         }
         // Route by where the client is now (it may have migrated since it called).
@@ -473,6 +473,7 @@ impl NodeCore {
                     dst,
                     value,
                 })),
+                self.now(),
             );
             return self.respond(conn, LocalResponse::Done);
         }

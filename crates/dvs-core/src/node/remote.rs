@@ -144,7 +144,11 @@ impl NodeCore {
             Verdict::Refuse(v) => self.peer_violation(from, frame.kind(), v),
             Verdict::AlreadyApplied(id) => self.actions.push_back(Action::Peer(PeerAction::Send {
                 node: from,
-                frame: PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held: 0 })),
+                frame: PeerFrame::Migr(MigrFrame::Done(MigrDone {
+                    id,
+                    held: 0,
+                    longest_hold_us: 0,
+                })),
             })),
         }
     }
@@ -199,6 +203,7 @@ impl NodeCore {
                             dst,
                             result,
                         })),
+                        self.now(),
                     );
                 }
                 let Some(Registration::Local { conn }) = self.table.get(dc, dst) else {
@@ -250,6 +255,7 @@ impl NodeCore {
                             dst,
                             value,
                         })),
+                        self.now(),
                     );
                 }
                 if let Some(conn) = self.local_or_binding(dc, dst) {
@@ -350,7 +356,7 @@ impl NodeCore {
                     msg,
                     timeout,
                 }));
-                return self.migr.hold_deliver(dc, dst, from, frame);
+                return self.migr.hold_deliver(dc, dst, from, frame, self.now());
             }
             // Not taken: the sender's node holds the call and sends it again after the outcome.
             self.actions.push_back(Action::Peer(PeerAction::Send {

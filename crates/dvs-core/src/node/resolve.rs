@@ -217,7 +217,7 @@ impl NodeCore {
         // Calls naming a migrating endpoint wait for the outcome, except the endpoint's own
         // (a server copying from itself while it finishes serving before it can quiesce).
         if self.migr.holds(dc, ep) && self.bound(conn) != Some((dc, ep)) {
-            self.migr.hold_call(dc, ep, conn);
+            self.migr.hold_call(dc, ep, conn, self.now());
             self.reblock(conn, Blocked::Held { req: req.clone() });
             return None;
         }

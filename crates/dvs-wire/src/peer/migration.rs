@@ -187,6 +187,8 @@ pub struct MigrDone {
     pub id: MigrationId,
     /// Calls and frames the sender held and replayed.
     pub held: u32,
+    /// How long the first of them waited, in microseconds (all are replayed together).
+    pub longest_hold_us: u64,
 }
 
 /// A migration frame.

@@ -40,6 +40,12 @@ pub(super) struct Coord {
     pub(super) image_bytes: u64,
     pub(super) info: Option<RestoreInfo>,
     pub(super) held: u32,
+    /// The longest any held call or frame waited, over the nodes that answered.
+    pub(super) longest_hold: Duration,
+    /// When the checkpoint started (the process froze) and when the destination reported
+    /// its copy running.
+    pub(super) frozen_at: Option<Instant>,
+    pub(super) thawed_at: Option<Instant>,
     /// The record's last write (the start or the decision) got no definite answer: the
     /// record is read when the migration's timer fires, until the directory answers.
     pub(super) unsure: bool,
@@ -155,6 +161,9 @@ impl NodeCore {
             image_bytes: 0,
             info: None,
             held: 0,
+            longest_hold: Duration::ZERO,
+            frozen_at: None,
+            thawed_at: None,
             unsure: false,
             cleared_stale: false,
             req,
@@ -391,6 +400,9 @@ impl NodeCore {
         let mut state = self.capture_endpoint(conn, dc, ep, backend, now);
         self.package_held_notifies(dc, ep, &mut state);
         self.enter_phase(id, Phase::Checkpoint, now);
+        if let Some(c) = self.migr.coords.get_mut(&id) {
+            c.frozen_at = Some(now);
+        }
         self.actions.push_back(Action::Peer(PeerAction::Send {
             node: to,
             frame: PeerFrame::Migr(MigrFrame::Prepare(MigrPrepare {
@@ -585,9 +597,10 @@ impl NodeCore {
         }
         let c = self.migr.coords.get_mut(&id).expect("present");
         c.acks = nodes.into_iter().collect();
-        let held = self.apply_outcome(id, dc, ep, commit, from, to, now);
+        let (held, longest) = self.apply_outcome(id, dc, ep, commit, from, to, now);
         let c = self.migr.coords.get_mut(&id).expect("present");
         c.held += held;
+        c.longest_hold = c.longest_hold.max(longest);
         // Outcome acks are awaited a bounded time only: a node that never answers learns the
         // outcome from the directory.
         self.add_timer(now + Duration::from_secs(5), TimerKey::Migration { id });
@@ -644,6 +657,11 @@ impl NodeCore {
             transfer_ms: c.info.as_ref().map(|i| i.transfer_ms).unwrap_or(0.0),
             restore_ms: c.info.as_ref().map(|i| i.restore_ms).unwrap_or(0.0),
             held: c.held,
+            frozen_ms: c
+                .frozen_at
+                .map(|t| ms(c.thawed_at.unwrap_or(end).saturating_duration_since(t)))
+                .unwrap_or(0.0),
+            longest_hold_ms: ms(c.longest_hold),
         }
     }
 
@@ -684,6 +702,7 @@ impl NodeCore {
         match result {
             Ok(info) => {
                 c.info = Some(info);
+                c.thawed_at = Some(now);
                 self.decide(id, true, None, now);
             }
             Err(e) => self.decide(id, false, Some(MigrationError::Restore { reason: e }), now),
@@ -697,10 +716,15 @@ impl NodeCore {
         frame: MigrDone,
         now: Instant,
     ) {
-        let MigrDone { id, held } = frame;
+        let MigrDone {
+            id,
+            held,
+            longest_hold_us,
+        } = frame;
         if let Some(c) = self.migr.coords.get_mut(&id) {
             if c.acks.remove(&from) {
                 c.held += held;
+                c.longest_hold = c.longest_hold.max(Duration::from_micros(longest_hold_us));
             }
         }
         self.maybe_finish(id, now);

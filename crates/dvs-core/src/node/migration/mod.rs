@@ -85,6 +85,9 @@ struct Hold {
     /// On the source: how many of `frames` were there when the endpoint was captured. Their
     /// notifications travel in the captured state, so a commit does not replay them.
     packaged: usize,
+    /// When the first of the calls and frames was held: the one that waits longest, since
+    /// all are replayed together.
+    first_held: Option<Instant>,
 }
 
 /// Migration state of one node.
@@ -145,8 +148,10 @@ impl MigrationState {
         !self.holds.is_empty() && self.holds.contains_key(&(dc, ep))
     }
     /// Holds connection `conn`'s call to `{dc, ep}`.
-    pub fn hold_call(&mut self, dc: DcId, ep: Ep, conn: ConnId) {
-        self.holds.entry((dc, ep)).or_default().calls.push(conn);
+    pub fn hold_call(&mut self, dc: DcId, ep: Ep, conn: ConnId, now: Instant) {
+        let h = self.holds.entry((dc, ep)).or_default();
+        h.first_held.get_or_insert(now);
+        h.calls.push(conn);
     }
     /// Forgets a held call (its caller gave up or died).
     pub fn unhold_call(&mut self, conn: ConnId) {
@@ -155,8 +160,10 @@ impl MigrationState {
         }
     }
     /// Holds a frame for `{dc, ep}` (reply, notify) until the outcome.
-    pub fn hold_frame(&mut self, dc: DcId, ep: Ep, frame: PeerFrame) {
-        self.holds.entry((dc, ep)).or_default().frames.push(frame);
+    pub fn hold_frame(&mut self, dc: DcId, ep: Ep, frame: PeerFrame, now: Instant) {
+        let h = self.holds.entry((dc, ep)).or_default();
+        h.first_held.get_or_insert(now);
+        h.frames.push(frame);
     }
     /// Whether `node` is the destination of the migration of `{dc, ep}` held here.
     pub fn is_destination(&self, dc: DcId, ep: Ep, node: NodeId) -> bool {
@@ -167,12 +174,10 @@ impl MigrationState {
     }
     /// Holds a message for `{dc, ep}` that node `from` sent here, the destination, until the
     /// outcome: taken here after a COMMIT, redirected back to `from` after a ROLLBACK.
-    pub fn hold_deliver(&mut self, dc: DcId, ep: Ep, from: NodeId, frame: PeerFrame) {
-        self.holds
-            .entry((dc, ep))
-            .or_default()
-            .delivers
-            .push((from, frame));
+    pub fn hold_deliver(&mut self, dc: DcId, ep: Ep, from: NodeId, frame: PeerFrame, now: Instant) {
+        let h = self.holds.entry((dc, ep)).or_default();
+        h.first_held.get_or_insert(now);
+        h.delivers.push((from, frame));
     }
     /// Whether `{dc, ep}` is held for a migration whose START named `node` as its source or
     /// destination.

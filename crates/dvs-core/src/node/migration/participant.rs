@@ -3,7 +3,7 @@
 //! Also follows an outcome recorded in the directory, and decides a rollback itself if the
 //! coordinator is gone.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dvs_wire::peer::{Backend, IpcFrame, MigrationId, PeerFrame};
 use dvs_wire::peer::{MigrCommit, MigrDone, MigrFrame, MigrRollback, MigrStart, MigrStartAck};
@@ -20,7 +20,7 @@ use crate::table::Registration;
 
 impl NodeCore {
     /// Applies MIGR_COMMIT or MIGR_ROLLBACK on this node; returns how many held calls and
-    /// frames were replayed.
+    /// frames were replayed, and how long the first of them waited.
     #[allow(clippy::too_many_arguments)]
     pub(in crate::node) fn apply_outcome(
         &mut self,
@@ -31,7 +31,7 @@ impl NodeCore {
         from: NodeId,
         to: NodeId,
         now: Instant,
-    ) -> u32 {
+    ) -> (u32, Duration) {
         if !self.migr.recently_applied(id, dc, ep) {
             if self.migr.applied.len() >= APPLIED_MEMORY {
                 self.migr.applied.pop_front();
@@ -80,6 +80,12 @@ impl NodeCore {
                             node: here,
                         }));
                     self.table.set(dc, ep, Registration::Local { conn });
+                    if a.backend == Backend::Criu {
+                        // Restored stopped, so that a copy rolled back never ran (its side
+                        // effects, e.g. a line in a shared file, would be seen twice).
+                        self.actions
+                            .push_back(Action::Process(ProcessAction::ResumeTree { pid: a.pid }));
+                    }
                     self.install_arrival(conn, dc, ep, a.backend, &a.state, now);
                     self.wake_bind_waiters(dc, ep);
                 } else {
@@ -101,6 +107,10 @@ impl NodeCore {
         // Replay, in the order held.
         let target = if commit { to } else { from };
         let held = (hold.calls.len() + hold.frames.len() + hold.delivers.len()) as u32;
+        let longest = match hold.first_held {
+            Some(t) if held > 0 => now.saturating_duration_since(t),
+            _ => Duration::ZERO,
+        };
         for (origin, frame) in hold.delivers {
             self.replay_deliver(origin, frame, target, now);
         }
@@ -115,7 +125,7 @@ impl NodeCore {
         for conn in hold.calls {
             self.replay_call(conn, now);
         }
-        held
+        (held, longest)
     }
 
     /// The directory's migration record of `{dc, ep}`, read to check migration `id` (see
@@ -376,10 +386,14 @@ impl NodeCore {
         now: Instant,
     ) {
         let MigrCommit { id, dc, ep, to } = frame;
-        let held = self.apply_outcome(id, dc, ep, true, from, to, now);
+        let (held, longest) = self.apply_outcome(id, dc, ep, true, from, to, now);
         self.actions.push_back(Action::Peer(PeerAction::Send {
             node: from,
-            frame: PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held })),
+            frame: PeerFrame::Migr(MigrFrame::Done(MigrDone {
+                id,
+                held,
+                longest_hold_us: longest.as_micros() as u64,
+            })),
         }));
     }
 
@@ -396,10 +410,14 @@ impl NodeCore {
             ep,
             from: src,
         } = frame;
-        let held = self.apply_outcome(id, dc, ep, false, src, src, now);
+        let (held, longest) = self.apply_outcome(id, dc, ep, false, src, src, now);
         self.actions.push_back(Action::Peer(PeerAction::Send {
             node: from,
-            frame: PeerFrame::Migr(MigrFrame::Done(MigrDone { id, held })),
+            frame: PeerFrame::Migr(MigrFrame::Done(MigrDone {
+                id,
+                held,
+                longest_hold_us: longest.as_micros() as u64,
+            })),
         }));
     }
 }
