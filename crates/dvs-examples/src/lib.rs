@@ -9,6 +9,8 @@
 //! Request payload words: [`W_SEQ`], [`W_ADDR`], [`W_SIZE`]. Reply payload words: [`W_SEQ`],
 //! [`W_COUNTER`], [`W_SIZE`].
 
+pub mod app;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
