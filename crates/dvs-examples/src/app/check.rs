@@ -51,8 +51,10 @@ pub struct ClientCheck {
     me: Ep,
     /// The server's cache size, from the first status answer.
     cache_bytes: Option<u64>,
-    /// What this client stored per key: `None` after a put whose fate is unknown.
-    store: HashMap<u64, Option<u64>>,
+    /// What this client stored per key, for the keys whose value it knows: not before its
+    /// first put (an earlier client with the same endpoint may have left a value), nor after
+    /// a put whose fate is unknown.
+    store: HashMap<u64, u64>,
     /// Log position and hash of the last answer.
     last: Option<(u64, u64)>,
     /// The first status answer.
@@ -103,7 +105,7 @@ impl ClientCheck {
         if req.op == Op::Put {
             // It may or may not have been applied: stop checking this key until a put
             // with a known outcome.
-            self.store.insert(req.key, None);
+            self.store.remove(&req.key);
         }
         self.tally.lost += 1;
         Outcome::Lost(why)
@@ -189,31 +191,24 @@ impl ClientCheck {
                     )
                 })
             }
-            Op::Put => match self.store.insert(req.key, Some(req.val)) {
-                // The previous put's fate is unknown, so is the previous value.
-                Some(None) => None,
-                known => {
-                    let want = known.flatten().unwrap_or(0);
-                    (r0 != want).then(|| {
-                        format!(
-                            "request {seq}: put of key {} found {r0:#x}, this client stored {want:#x}",
-                            req.key
-                        )
-                    })
-                }
-            },
-            Op::Get => match self.store.get(&req.key) {
-                Some(None) => None,
-                known => {
-                    let want = known.copied().flatten().unwrap_or(0);
-                    (r0 != want).then(|| {
-                        format!(
-                            "request {seq}: get of key {} answered {r0:#x}, this client stored {want:#x}",
-                            req.key
-                        )
-                    })
-                }
-            },
+            Op::Put => {
+                let known = self.store.insert(req.key, req.val);
+                known.filter(|want| r0 != *want).map(|want| {
+                    format!(
+                        "request {seq}: put of key {} found {r0:#x}, this client stored {want:#x}",
+                        req.key
+                    )
+                })
+            }
+            Op::Get => {
+                let known = self.store.get(&req.key).copied();
+                known.filter(|want| r0 != *want).map(|want| {
+                    format!(
+                        "request {seq}: get of key {} answered {r0:#x}, this client stored {want:#x}",
+                        req.key
+                    )
+                })
+            }
             Op::Status => self.check_status(seq, Status::from_words(a.result)),
         }
     }
@@ -384,6 +379,17 @@ mod tests {
         let j = a.to_json(Duration::from_millis(5));
         assert_eq!(j["ok"], 100);
         assert_eq!(j["last_status"]["helper_pid"], 2);
+    }
+
+    #[test]
+    fn values_left_by_an_earlier_client_with_the_same_endpoint_are_not_errors() {
+        let (mut s, _, _) = run(40);
+        let mut again = ClientCheck::new(2);
+        for seq in 1..=40 {
+            let req = again.request(seq);
+            let rep = s.serve(2, &req);
+            assert_eq!(again.check(&req, &rep), Outcome::Ok, "seq {seq}");
+        }
     }
 
     #[test]
