@@ -260,8 +260,13 @@ impl Shared {
         };
         let result = {
             let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
-            // A put changes the store only once its line is written (see below).
-            let mut scratch = store.clone_entry(client, req.key);
+            // The request works on a copy of the one entry it may change, which replaces the
+            // entry only once its line is written: a refused put leaves the store as it was.
+            let mut scratch: Store = store
+                .get_key_value(&(client, req.key))
+                .map(|(k, v)| (*k, *v))
+                .into_iter()
+                .collect();
             let r = results(req, client, &self.cache, &mut scratch, helper, status);
             let body = request_body(log_seq, client, req, &r);
             let (prev_hash, hash) = logged
@@ -286,21 +291,6 @@ impl Shared {
         logged.append(&body)?;
         logged.ticks += 1;
         Ok(())
-    }
-}
-
-/// Copying out the one entry a request may change, so that a request whose line cannot be
-/// written leaves the store as it was.
-trait CloneEntry {
-    fn clone_entry(&self, client: Ep, key: u64) -> Store;
-}
-
-impl CloneEntry for Store {
-    fn clone_entry(&self, client: Ep, key: u64) -> Store {
-        self.get_key_value(&(client, key))
-            .map(|(k, v)| (*k, *v))
-            .into_iter()
-            .collect()
     }
 }
 
@@ -363,12 +353,8 @@ fn timer(shared: Arc<Shared>, period: Duration) -> io::Result<()> {
     }
     let mut expiries = [0u8; 8];
     loop {
-        match tfd.read_exact(&mut expiries) {
-            Ok(()) => {}
-            // A checkpoint's freeze can interrupt the read.
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
+        // read_exact retries a read that a checkpoint's freeze interrupted (EINTR).
+        tfd.read_exact(&mut expiries)?;
         shared.tick()?;
     }
 }
