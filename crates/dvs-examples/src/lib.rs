@@ -8,6 +8,10 @@
 //!
 //! Request payload words: [`W_SEQ`], [`W_ADDR`], [`W_SIZE`]. Reply payload words: [`W_SEQ`],
 //! [`W_COUNTER`], [`W_SIZE`].
+//!
+//! [`app`] is the shared code of the realistic example, `app-server` and `app-client`.
+
+pub mod app;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -8,6 +8,7 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod app;
 pub mod attack;
 pub mod etcd;
 pub mod examples;
