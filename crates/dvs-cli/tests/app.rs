@@ -2,8 +2,7 @@
 //! thread, a pool of workers, a helper child over pipes, a timerfd, a cache, a hash-chained
 //! `app.log` kept open in its working directory) serves two checking `app-client`s on the
 //! other nodes while it moves in the paper's three scenarios, and once more in a move that
-//! fails and rolls back (a failure after the destination's restore is ignored for now: see
-//! `criu_app_rolls_back_after_the_restore`).
+//! fails and rolls back, after the transfer and after the destination's restore.
 //!
 //! Each run checks: every answer of both clients verified (nothing lost, duplicated or
 //! corrupt, the log positions in the answers going forward and chaining), the whole log
@@ -208,14 +207,12 @@ fn criu_app_remote_to_remote_rolls_back() {
     app_run(Scenario::RemoteToRemote, Some("transfer"));
 }
 
-/// The move fails after the destination restored its copy. That copy runs from its restore
-/// until the rollback kills it, so its timer thread can append a line to the shared log
-/// before the resumed source writes the same line number again: the log is then broken
-/// (seen in about one run of three: `450 tick t=5` from the destination's copy, then `450
-/// get ...` from the source). Ignored until the destination keeps its restored copy stopped
-/// until the commit (criu restore `--leave-stopped`, resumed on commit).
+/// The move fails after the destination restored its copy. That copy was restored stopped
+/// and never runs (it is killed by the rollback), so its timer thread cannot append a line to
+/// the shared log that the resumed source would then write again (seen before the
+/// destination kept restored copies stopped until the commit: `450 tick t=5` from the
+/// destination's copy, then `450 get ...` from the source).
 #[test]
-#[ignore = "a restored copy runs before the commit and writes to the shared workdir; see the doc comment"]
 fn criu_app_rolls_back_after_the_restore() {
     app_run(Scenario::RemoteToRemote, Some("restore"));
 }
