@@ -109,6 +109,22 @@ pub fn stop_cluster(cfg: &ClusterConfig) -> usize {
         }
         let _ = std::fs::remove_file(node.runtime_dir.join("node.pid"));
     }
+    // Images a node killed mid-migration left behind (a node deletes its own only when it
+    // starts again). Only once no node of the cluster runs here any more.
+    let running = cfg.nodes.iter().any(|n| {
+        std::fs::read_to_string(n.runtime_dir.join("node.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .is_some_and(|pid: i32| dvs_checkpoint::process_alive(pid) && is_node_kernel(pid))
+    });
+    if !running {
+        let dir = dvs_node::cluster_images_dir(&cfg.cluster_id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("cannot delete the images under {}: {e}", dir.display());
+            }
+        }
+    }
     stopped
 }
 

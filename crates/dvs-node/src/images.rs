@@ -252,6 +252,13 @@ fn read_image(
     Ok(total)
 }
 
+/// The folder under `/dev/shm` that holds the images of every node of cluster `cluster_id`
+/// on this host (see [`prepare_images_root`]); `dvs down` deletes it once the nodes stopped,
+/// so that images a killed node left behind do not outlive the cluster.
+pub fn cluster_images_dir(cluster_id: &str) -> PathBuf {
+    Path::new("/dev/shm/dvs").join(cluster_id)
+}
+
 /// Where this node keeps checkpoint images: they are transient (deleted once the outcome is
 /// decided), so on a tmpfs when the machine has one (`/dev/shm/dvs/CLUSTER/NODE`), else under
 /// the node's runtime dir. Every level is a private folder of this uid (images hold process

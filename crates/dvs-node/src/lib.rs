@@ -12,6 +12,7 @@
 mod access;
 mod actions;
 pub mod ctl;
+pub use images::cluster_images_dir;
 mod ctl_server;
 mod dir;
 mod event_loop;
