@@ -63,7 +63,9 @@ impl Node {
 
     fn process(&mut self, action: ProcessAction) {
         match action {
-            ProcessAction::Checkpoint { id, pid, fail } => self.migr_checkpoint(id, pid, fail),
+            ProcessAction::Checkpoint { id, pid, to, fail } => {
+                self.migr_checkpoint(id, pid, to, fail)
+            }
             ProcessAction::SaveSnapshot { id, data, fail } => {
                 self.migr_save_snapshot(id, data, fail)
             }
@@ -82,6 +84,10 @@ impl Node {
             ProcessAction::DropImage { id } => {
                 // A restorer still waiting for this image is killed when dropped.
                 self.migrations.restorers.remove(&id);
+                // So is an image still being streamed (a rollback during the dump).
+                if let Some(stream) = self.migrations.streams.remove(&id) {
+                    stream.abort();
+                }
                 self.migrations.images.drop_image(id)
             }
         }

@@ -3,10 +3,12 @@
 //! on a file; the source streams an image to a peer from a blocking reader
 //! ([`stream_image`]). Images live in one folder per migration under the images root.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use dvs_wire::peer::{BulkFrame, ImageChunk, MigrationId, PeerFrame};
@@ -179,18 +181,53 @@ fn writer(root: &Path, jobs: std_mpsc::Receiver<Job>) {
     }
 }
 
+/// How the dump that writes an image being streamed stands (see [`DumpState`]).
+const DUMPING: u8 = 0;
+const DUMPED: u8 = 1;
+const DUMP_FAILED: u8 = 2;
+
+/// Shared between the dump and the streamer of its image: whether the dump still writes the
+/// image, finished it, or failed.
+#[derive(Clone)]
+pub(crate) struct DumpState(Arc<AtomicU8>);
+
+impl DumpState {
+    /// A dump under way.
+    pub fn dumping() -> Self {
+        DumpState(Arc::new(AtomicU8::new(DUMPING)))
+    }
+
+    /// A dump that is over: its image is complete.
+    pub fn dumped() -> Self {
+        DumpState(Arc::new(AtomicU8::new(DUMPED)))
+    }
+
+    /// The dump finished (`true`, every file of the image is written) or failed.
+    pub fn finish(&self, ok: bool) {
+        self.0
+            .store(if ok { DUMPED } else { DUMP_FAILED }, Ordering::Release);
+    }
+
+    fn get(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// Sends the image files of `dir` as `MigrImage` frames on `w`, the link's writer lent for
-/// the transfer: a blocking reader reads the files a chunk at a time, and no more than
-/// [`IMAGE_AHEAD`] is queued on the link at once, so control frames queued by the event loop
-/// wait a bounded time behind the image. Returns the bytes sent.
+/// the transfer, while `dump` writes them: a blocking reader sends what the files hold so
+/// far, again and again, and once the dump is over what is left, each file's last chunk
+/// marked `last`. No more than [`IMAGE_AHEAD`] is queued on the link at once, so control
+/// frames queued by the event loop wait a bounded time behind the image. Returns the bytes
+/// sent.
 pub(crate) async fn stream_image(
     w: Rc<Wire>,
     id: MigrationId,
     dir: PathBuf,
+    dump: DumpState,
 ) -> Result<u64, String> {
     let (tx, mut chunks) = mpsc::channel(IMAGE_AHEAD / IMAGE_CHUNK);
     // Ends when the files are read, or when `chunks` is dropped.
-    let reader = tokio::task::spawn_blocking(move || read_image(id, &dir, &tx));
+    let reader = tokio::task::spawn_blocking(move || read_image(id, &dir, &tx, &dump));
     while let Some((frame, data)) = chunks.recv().await {
         if w.is_closed() {
             return Err("the link to the destination closed during the transfer".into());
@@ -203,54 +240,112 @@ pub(crate) async fn stream_image(
     reader.await.map_err(|e| e.to_string())?
 }
 
-/// Reads the image files of `dir` (sorted by name) a chunk at a time into `out`; returns the
-/// bytes read. Blocking: runs on the blocking pool.
+/// One file of an image being read: how far it was sent, and whether its last chunk went.
+struct Sending {
+    file: std::fs::File,
+    sent: u64,
+    closed: bool,
+}
+
+/// Reads the image files of `dir` (sorted by name) a chunk at a time into `out` while `dump`
+/// writes them (criu writes every image file front to back, never over what it wrote), and
+/// once the dump is over, the rest; returns the bytes read. Blocking: runs on the blocking
+/// pool.
 fn read_image(
     id: MigrationId,
     dir: &Path,
     out: &mpsc::Sender<(ImageChunk, Vec<u8>)>,
+    dump: &DumpState,
 ) -> Result<u64, String> {
     use std::io::Read;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
+    let mut files: BTreeMap<String, Sending> = BTreeMap::new();
     let mut total = 0u64;
-    for f in files {
-        let name = f
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or("non-UTF-8 image file name")?
-            .to_string();
-        let cannot = |e: std::io::Error| format!("cannot read {}: {e}", f.display());
-        let mut file = std::fs::File::open(&f).map_err(cannot)?;
-        let len = file.metadata().map_err(cannot)?.len();
-        let mut off = 0u64;
-        loop {
-            let want = (len - off).min(IMAGE_CHUNK as u64) as usize;
-            let mut data = vec![0u8; want];
-            file.read_exact(&mut data).map_err(cannot)?;
-            let last = off + want as u64 == len;
-            let chunk = ImageChunk {
-                id,
-                file: name.clone(),
-                offset: off,
-                last,
-            };
-            if out.blocking_send((chunk, data)).is_err() {
-                return Err("the transfer stopped".into());
+    for pass in 0u64.. {
+        // Read before the pass: a pass that starts after the dump ended sees every file whole.
+        let state = dump.get();
+        if state == DUMP_FAILED {
+            return Err("the checkpoint failed".into());
+        }
+        let last_pass = state == DUMPED;
+        let mut progressed = false;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            // The dump has not created the folder yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !last_pass => {
+                std::thread::sleep(LIVE_POLL);
+                continue;
             }
-            off += want as u64;
-            if last {
-                break;
+            Err(e) => return Err(format!("cannot read {}: {e}", dir.display())),
+        };
+        let mut names: Vec<(String, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| Some((e.file_name().to_str()?.to_string(), e.path())))
+            .collect();
+        names.sort();
+        for (name, path) in names {
+            let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+            if !files.contains_key(&name) {
+                let file = std::fs::File::open(&path).map_err(cannot)?;
+                files.insert(
+                    name.clone(),
+                    Sending {
+                        file,
+                        sent: 0,
+                        closed: false,
+                    },
+                );
+            }
+            let f = files.get_mut(&name).expect("inserted");
+            if f.closed {
+                continue;
+            }
+            let len = f.file.metadata().map_err(cannot)?.len();
+            loop {
+                let want = len.saturating_sub(f.sent).min(IMAGE_CHUNK as u64);
+                let last = last_pass && f.sent + want == len;
+                if want == 0 && !last {
+                    break;
+                }
+                let mut data = Vec::with_capacity(want as usize);
+                (&f.file)
+                    .take(want)
+                    .read_to_end(&mut data)
+                    .map_err(cannot)?;
+                if data.len() as u64 != want {
+                    return Err(format!("{} shrank while it was sent", path.display()));
+                }
+                let chunk = ImageChunk {
+                    id,
+                    file: name.clone(),
+                    offset: f.sent,
+                    last,
+                };
+                if out.blocking_send((chunk, data)).is_err() {
+                    return Err("the transfer stopped".into());
+                }
+                f.sent += want;
+                total += want;
+                progressed = true;
+                if last {
+                    f.closed = true;
+                    break;
+                }
             }
         }
-        total += len;
+        if last_pass {
+            tracing::debug!(passes = pass + 1, bytes = total, "image sent");
+            return Ok(total);
+        }
+        if !progressed {
+            std::thread::sleep(LIVE_POLL);
+        }
     }
-    Ok(total)
+    unreachable!("the passes end with the dump")
 }
+
+/// How long the reader of an image being dumped waits when a pass found nothing new.
+const LIVE_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The folder under `/dev/shm` that holds the images of every node of cluster `cluster_id`
 /// on this host (see [`prepare_images_root`]); `dvs down` deletes it once the nodes stopped,

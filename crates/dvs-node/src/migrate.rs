@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::ctl::CtlResponse;
 use crate::dir::{DirJob, LaunchRecord};
 use crate::event_loop::{blocking, Event, Events, Node};
-use crate::images::{stream_image, ImageStore};
+use crate::images::{stream_image, DumpState, ImageStore};
 use crate::safe_fs;
 
 /// File in an image folder naming the socket inode the process's node connection had.
@@ -62,6 +62,8 @@ pub(crate) struct Migrations {
     pub criu: Option<Result<Arc<Criu>, String>>,
     /// The image folders and their writer.
     pub images: ImageStore,
+    /// Source: images being sent while criu writes them, by migration.
+    pub streams: HashMap<MigrationId, tokio::task::JoinHandle<Result<u64, String>>>,
     /// Destination: criu restorers started when a migration's state arrived, by migration.
     pub restorers: HashMap<MigrationId, tokio::task::JoinHandle<Result<Restorer, String>>>,
 }
@@ -88,6 +90,7 @@ impl Migrations {
             criu: None,
             images,
             restorers: HashMap::new(),
+            streams: HashMap::new(),
         }
     }
 
@@ -166,11 +169,17 @@ impl Node {
         }
     }
 
-    /// Source: checkpoints process `pid` with CRIU on the blocking pool.
-    pub(crate) fn migr_checkpoint(&mut self, id: MigrationId, pid: i32, fail: bool) {
+    /// Source: checkpoints process `pid` with CRIU on the blocking pool, and streams the image
+    /// to `to` while criu writes it (the `SendImage` that follows waits for that stream).
+    pub(crate) fn migr_checkpoint(&mut self, id: MigrationId, pid: i32, to: NodeId, fail: bool) {
         let dir = self.migrations.images.dir(id);
         let cached = self.migrations.criu.clone();
         let events = self.ctx.events.clone();
+        let dump = DumpState::dumping();
+        if let Some(w) = self.peers.get(&to).map(|l| l.wire.clone()) {
+            let stream = tokio::task::spawn_local(stream_image(w, id, dir.clone(), dump.clone()));
+            self.migrations.streams.insert(id, stream);
+        }
         tokio::task::spawn_local(async move {
             let result = match criu(&events, cached).await {
                 Err(e) => Err(format!("criu does not work on this node: {e}")),
@@ -178,6 +187,7 @@ impl Node {
                     .await
                     .and_then(|r| r),
             };
+            dump.finish(result.is_ok());
             let done = MigrationInput::CheckpointDone { id, result };
             let _ = events.send(Event::Input(Input::Migration(done))).await;
         });
@@ -196,8 +206,18 @@ impl Node {
         });
     }
 
-    /// Source: streams the image folder to `to` as `MigrImage` frames.
+    /// Source: streams the image folder to `to` as `MigrImage` frames, or waits for the
+    /// stream that began with the checkpoint.
     pub(crate) fn migr_send_image(&mut self, id: MigrationId, to: NodeId) {
+        if let Some(stream) = self.migrations.streams.remove(&id) {
+            let events = self.ctx.events.clone();
+            tokio::task::spawn_local(async move {
+                let result = stream.await.map_err(|e| e.to_string()).and_then(|r| r);
+                let sent = MigrationInput::ImageSent { id, result };
+                let _ = events.send(Event::Input(Input::Migration(sent))).await;
+            });
+            return;
+        }
         let dir = self.migrations.images.dir(id);
         let Some(w) = self.peers.get(&to).map(|l| l.wire.clone()) else {
             let e = format!("the link to node {to} is down");
@@ -208,7 +228,7 @@ impl Node {
         // in one go stopped the event loop for seconds (peers then declared its links dead).
         let events = self.ctx.events.clone();
         tokio::task::spawn_local(async move {
-            let result = stream_image(w, id, dir).await;
+            let result = stream_image(w, id, dir, DumpState::dumped()).await;
             let sent = MigrationInput::ImageSent { id, result };
             let _ = events.send(Event::Input(Input::Migration(sent))).await;
         });
@@ -496,10 +516,17 @@ fn restore(
                 };
                 req.inherit_fds.push((fd, key));
             }
-            let pid = criu
+            let worker_age = r.worker.age();
+            let report = criu
                 .restore_with(r.worker, &req)
-                .map(|r| r.pid)
                 .map_err(|e| (e.to_string(), None))?;
+            info!(
+                pid = report.pid,
+                ms = report.duration.as_secs_f64() * 1000.0,
+                worker_ready_ms = worker_age.as_secs_f64() * 1000.0,
+                "criu restore"
+            );
+            let pid = report.pid;
             (r.node_end, pid)
         }
         None => {
@@ -609,6 +636,12 @@ fn checkpoint(criu: &Criu, pid: i32, dir: &Path, fail: bool) -> Result<u64, Stri
     req.leave_stopped = true;
     req.external_unix_inodes = vec![inode];
     let report = criu.dump(&req).map_err(|e| e.to_string())?;
+    info!(
+        pid,
+        ms = report.duration.as_secs_f64() * 1000.0,
+        bytes = report.image_bytes,
+        "criu dump"
+    );
     // criu runs under the node's umask 077 already; this holds whatever criu does.
     safe_fs::private_files_in(dir).map_err(|e| format!("cannot chmod the image: {e}"))?;
     safe_fs::write_private(&dir.join(SOCKET_FILE), inode.to_string().as_bytes())

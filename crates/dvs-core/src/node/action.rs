@@ -141,10 +141,12 @@ pub enum MemoryAction {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ProcessAction {
     /// Checkpoint the process `pid` (criu) into a fresh image folder for `id`, then answer
-    /// `CheckpointDone`. With `fail`, fail on purpose afterwards.
+    /// `CheckpointDone`. With `fail`, fail on purpose afterwards. The image goes to `to`
+    /// (the `SendImage` that follows names it too): it may be streamed while it is written.
     Checkpoint {
         id: MigrationId,
         pid: i32,
+        to: NodeId,
         fail: bool,
     },
     /// Store a cooperative snapshot as the image of `id`, then answer `CheckpointDone`.

@@ -418,7 +418,12 @@ impl NodeCore {
             Backend::Criu => {
                 self.migr.dumping.insert(id, pid);
                 self.actions
-                    .push_back(Action::Process(ProcessAction::Checkpoint { id, pid, fail }))
+                    .push_back(Action::Process(ProcessAction::Checkpoint {
+                        id,
+                        pid,
+                        to,
+                        fail,
+                    }))
             }
             Backend::Cooperative => {
                 self.interrupt_for_snapshot(conn);
