@@ -71,13 +71,25 @@ fn every_call_and_error_code_on_one_node_and_across_nodes() {
     let remote = run_test_program(&["calls", &sock(&c, 0), &sock(&c, 1), "0", "20"]);
     for (what, text) in [("local", &local), ("remote", &remote)] {
         for call in [
-            "dvk_open", "dvs_bind_at", "dvk_wait4bind_T once bound", "dvs_wait4bind_T",
-            "dvk_getep", "dvs_getep values", "sendrec reply", "dvk_send_T",
-            "dvk_receive_T from the server", "notify delivered", "64-bit notify delivered",
-            "vcopy 1 bytes server to client", "vcopy 65536 bytes server to client",
-            "vcopy 1048576 bytes server to client", "vcopy 1 bytes client to server",
-            "vcopy 65536 bytes client to server", "vcopy 1048576 bytes client to server",
-            "server saw the client's vcopy", "dvk_unbind",
+            "dvk_open",
+            "dvs_bind_at",
+            "dvk_wait4bind_T once bound",
+            "dvs_wait4bind_T",
+            "dvk_getep",
+            "dvs_getep values",
+            "sendrec reply",
+            "dvk_send_T",
+            "dvk_receive_T from the server",
+            "notify delivered",
+            "64-bit notify delivered",
+            "vcopy 1 bytes server to client",
+            "vcopy 65536 bytes server to client",
+            "vcopy 1048576 bytes server to client",
+            "vcopy 1 bytes client to server",
+            "vcopy 65536 bytes client to server",
+            "vcopy 1048576 bytes client to server",
+            "server saw the client's vcopy",
+            "dvk_unbind",
         ] {
             assert!(
                 text.lines().any(|l| l == format!("ok {call}")),
@@ -87,9 +99,23 @@ fn every_call_and_error_code_on_one_node_and_across_nodes() {
     }
     // Every code a call on a healthy cluster can produce, from C, on one node.
     let mut want = vec![
-        "EDVSNOTBIND", "EDVSBOUND", "EDVSBADDCID", "EDVSSLOTUSED", "EDVSTIMEDOUT", "EDVSFAULT",
-        "EDVS2BIG", "EDVSPERM", "EDVSSELFSEND", "EDVSNOTREPLY", "EDVSBADSRCDST", "EDVSENDPOINT",
-        "EDVSINVAL", "EDVSDEADLK", "EDVSBUSY", "EDVSDSTDIED", "EDVSSRCDIED",
+        "EDVSNOTBIND",
+        "EDVSBOUND",
+        "EDVSBADDCID",
+        "EDVSSLOTUSED",
+        "EDVSTIMEDOUT",
+        "EDVSFAULT",
+        "EDVS2BIG",
+        "EDVSPERM",
+        "EDVSSELFSEND",
+        "EDVSNOTREPLY",
+        "EDVSBADSRCDST",
+        "EDVSENDPOINT",
+        "EDVSINVAL",
+        "EDVSDEADLK",
+        "EDVSBUSY",
+        "EDVSDSTDIED",
+        "EDVSSRCDIED",
     ];
     want.sort();
     let mut got = codes_checked(&local);
@@ -110,11 +136,17 @@ fn bad_input_is_an_error_code_and_the_node_keeps_serving() {
     // The node is unharmed: a round trip through it and across a link still works.
     let mut server = c.bind(1, 41);
     let t = std::thread::spawn(move || {
-        let m = server.receive_timeout(Source::Any, CALL_TIMEOUT).expect("receive");
-        server.reply(m.source, &Message::new(m.mtype + 1)).expect("reply");
+        let m = server
+            .receive_timeout(Source::Any, CALL_TIMEOUT)
+            .expect("receive");
+        server
+            .reply(m.source, &Message::new(m.mtype + 1))
+            .expect("reply");
     });
     let mut client = c.bind(0, 42);
-    let rep = client.sendrec_timeout(41, &Message::new(7), CALL_TIMEOUT).unwrap();
+    let rep = client
+        .sendrec_timeout(41, &Message::new(7), CALL_TIMEOUT)
+        .unwrap();
     assert_eq!(rep.mtype, 8);
     t.join().unwrap();
     assert!(Cluster::all_links_up(&c.status()));

@@ -73,7 +73,10 @@ fn every_call_from_python_on_one_node_and_across_nodes() {
                 assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
             }
         }
-        assert!(text.contains("ok EDVSTIMEDOUT") && text.contains("ok sendrec"), "{text}");
+        assert!(
+            text.contains("ok EDVSTIMEDOUT") && text.contains("ok sendrec"),
+            "{text}"
+        );
     }
 }
 

@@ -13,8 +13,8 @@ use std::thread;
 
 use crate::common::examples::example_bin;
 use crate::common::migr::{
-    assert_client_ok, assert_runs_on, ep_log, migrate, node_name, printed, wait_served,
-    Backend, ClientRun, CLIENT, SERVER,
+    assert_client_ok, assert_runs_on, ep_log, migrate, node_name, printed, wait_served, Backend,
+    ClientRun, CLIENT, SERVER,
 };
 use crate::common::{Cluster, DVS};
 
@@ -29,7 +29,9 @@ pub fn repo() -> PathBuf {
 /// The folder with libm3ipc_c.{a,so}: dvs-cli's dev-dependency on m3ipc-c makes cargo build
 /// them (in `deps`) with the binary under test.
 pub fn lib_dir() -> PathBuf {
-    let profile = Path::new(DVS).parent().expect("the dvs binary is in a folder");
+    let profile = Path::new(DVS)
+        .parent()
+        .expect("the dvs binary is in a folder");
     for dir in [profile.join("deps"), profile.to_path_buf()] {
         if dir.join("libm3ipc_c.a").exists() && dir.join("libm3ipc_c.so").exists() {
             return dir;
@@ -181,7 +183,11 @@ pub fn mixed_run(server: Lang, client: Lang, criu: bool) {
     let name = format!("{client:?} client, {server:?} server, criu {criu}");
     let c = Cluster::start();
     launch(&c, 0, SERVER, &migr_cmd(server, "server"));
-    let (iterations, block) = if criu { (1000, "65536") } else { (300, "65536") };
+    let (iterations, block) = if criu {
+        (1000, "65536")
+    } else {
+        (300, "65536")
+    };
     let run = start_client(&c, client, 2, iterations, block);
     if criu {
         let log = ep_log(&c, 0, SERVER);
