@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use m3ipc_c::codes::CODES;
-use m3ipc_c::message::{FIELDS, MESSAGE_SIZE, M3_STRING};
+use m3ipc_c::message::{FIELDS, M3_STRING, MESSAGE_SIZE};
 
 const HEADER: &str = include_str!("../include/m3ipc.h");
 const LIB_RS: &str = include_str!("../src/lib.rs");
@@ -65,7 +65,15 @@ fn c_program() -> String {
             c.name
         );
     }
-    for k in ["ANY", "NONE", "SELF", "NOTIFY_MTYPE", "M3_STRING", "M3IPC_PAYLOAD", "OK"] {
+    for k in [
+        "ANY",
+        "NONE",
+        "SELF",
+        "NOTIFY_MTYPE",
+        "M3_STRING",
+        "M3IPC_PAYLOAD",
+        "OK",
+    ] {
         body += &format!("    printf(\"const {k} %ld\\n\", (long)({k}));\n");
     }
     body += "    printf(\"const TIMEOUT_FOREVER %ld\\n\", TIMEOUT_FOREVER);\n";
@@ -84,10 +92,20 @@ fn the_header_matches_the_rust_layout_codes_and_constants() {
     assert_eq!(lines.next(), Some(format!("size {MESSAGE_SIZE}").as_str()));
     for f in FIELDS {
         let want = format!("field {} {} {}", f.name, f.offset, f.size);
-        assert_eq!(lines.next(), Some(want.as_str()), "C and Rust disagree on {}", f.name);
+        assert_eq!(
+            lines.next(),
+            Some(want.as_str()),
+            "C and Rust disagree on {}",
+            f.name
+        );
     }
     for c in CODES {
-        let want = format!("code {} {} {}", c.name, c.value, c.text.trim_end_matches('\0'));
+        let want = format!(
+            "code {} {} {}",
+            c.name,
+            c.value,
+            c.text.trim_end_matches('\0')
+        );
         assert_eq!(lines.next(), Some(want.as_str()));
     }
     let consts = [
@@ -98,8 +116,8 @@ fn the_header_matches_the_rust_layout_codes_and_constants() {
         ("M3_STRING", M3_STRING as i64),
         ("M3IPC_PAYLOAD", m3ipc::MSG_PAYLOAD as i64),
         ("OK", 0),
-        ("TIMEOUT_FOREVER", m3ipc_c::TIMEOUT_FOREVER as i64),
-        ("TIMEOUT_NOWAIT", m3ipc_c::TIMEOUT_NOWAIT as i64),
+        ("TIMEOUT_FOREVER", m3ipc_c::TIMEOUT_FOREVER),
+        ("TIMEOUT_NOWAIT", m3ipc_c::TIMEOUT_NOWAIT),
     ];
     for (k, v) in consts {
         assert_eq!(lines.next(), Some(format!("const {k} {v}").as_str()));
