@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh Debian machine: installs what the tests need (a working
-# criu for the migration tests; etcd for the etcd-directory tests, which start their own
+# The whole test suite, from a fresh Debian machine: installs what the tests need (a C
+# compiler and python3 for the tests of libm3ipc and its Python package; a working criu for
+# the migration tests; etcd for the etcd-directory tests, which start their own
 # servers, and protoc, which building the etcd client needs), then checks formatting and lints
 # and runs every test.
 set -euo pipefail
@@ -23,6 +24,11 @@ missing=()
 for cmd in unshare setsid nsenter; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=(util-linux)
 done
+# The C library's tests compile C programs with the system's compiler, and the Python
+# package's tests run python3 (ctypes only: no Python package is needed beyond the standard
+# library).
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

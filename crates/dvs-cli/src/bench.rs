@@ -316,7 +316,7 @@ fn tcp_pair() -> Result<(TcpStream, TcpStream)> {
 
 /// Ping-pong of [`RAW_MSG`]-byte messages: this thread writes on `a` and waits for the echo
 /// that a second thread writes back on `b`. Returns the round trips after `warmup`.
-fn raw_pingpong<S>(mut a: S, mut b: S, warmup: usize, n: usize) -> Result<Latency>
+pub(crate) fn raw_pingpong<S>(mut a: S, mut b: S, warmup: usize, n: usize) -> Result<Latency>
 where
     S: Read + Write + Send + 'static,
 {
@@ -392,7 +392,10 @@ pub(crate) fn raw_tcp_send(total: usize, chunk: usize) -> Result<Duration> {
 /// Starts one 2-node cluster per entry of `tls` (mutual TLS or plaintext links) under a
 /// fresh folder in /tmp, runs `f` with their configs, and always stops the clusters and removes
 /// the folder afterwards (also on error, panic, SIGINT or SIGTERM).
-fn with_clusters<T>(tls: &[bool], f: impl FnOnce(&[ClusterConfig]) -> Result<T>) -> Result<T> {
+pub(crate) fn with_clusters<T>(
+    tls: &[bool],
+    f: impl FnOnce(&[ClusterConfig]) -> Result<T>,
+) -> Result<T> {
     let dir = std::env::temp_dir().join(format!("dvs-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     // Before the dvs threads start (see ClusterGuard::new).

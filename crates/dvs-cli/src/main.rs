@@ -4,6 +4,7 @@ mod bench;
 mod bench_failover;
 mod bench_ipc_lab;
 mod bench_lab;
+mod bench_lang;
 mod bench_migration;
 mod bench_serve;
 mod cluster;
@@ -230,6 +231,13 @@ enum BenchWhat {
         /// The part of `--lab` that runs inside a lab host, on the cluster of DVS_CONFIG.
         #[arg(long, hide = true, conflicts_with = "lab")]
         lab_inner: bool,
+        /// Sendrec latency of libm3ipc from C (c), or from Python and C (python), beside the
+        /// Rust library's in alternating blocks, instead of the usual figures.
+        #[arg(long, value_enum, default_value = "rust", conflicts_with = "lab")]
+        lang: bench_lang::Lang,
+        /// The shared libm3ipc for `--lang` [default: next to this binary, or installed].
+        #[arg(long)]
+        clib: Option<std::path::PathBuf>,
     },
     /// The server of `bench ipc --lab`, launched with `dvs run` on the node it measures.
     #[command(hide = true)]
@@ -456,7 +464,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 json,
                 lab,
                 lab_inner,
+                lang,
+                clib,
             } => {
+                if lang != bench_lang::Lang::Rust {
+                    return bench_lang::ipc_lang(lang, iterations, clib.as_deref(), json);
+                }
                 let o = bench::IpcOptions {
                     iterations,
                     bulk_mib,
