@@ -215,7 +215,7 @@ fn failing_nodes_give_their_codes() {
         cfg.dcs.push(dc1);
     });
     let bind = Prog::start(&["bind", &sock(&c, 2), "1", "5"]);
-    assert_eq!(name(bind.code("bind")), "EDVSDCNODE");
+    assert_eq!(name(bind.code("bind")), "EDVSNODCNODE");
 
     let on1 = Prog::start(&["block", &sock(&c, 1), "0", "30"]);
     assert_eq!(on1.code("bound"), 30);

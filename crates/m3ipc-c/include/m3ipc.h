@@ -52,31 +52,31 @@ extern "C" {
 
 /* ---- error codes (negative) ----------------------------------------------------------- */
 
-#define EDVSGENERIC   (-301) /* internal error in the library (a caught panic) */
-#define EDVSPERM      (-302) /* permission denied */
-#define EDVSIO        (-306) /* the connection to the node kernel failed */
-#define EDVS2BIG      (-308) /* request too large (vcopy above 16 MiB) */
-#define EDVSAGAIN     (-312) /* the cluster directory is unavailable; try again */
-#define EDVSFAULT     (-315) /* bad address: null pointer, or vcopy outside mapped memory */
-#define EDVSBUSY      (-317) /* endpoint busy (a vcopy party not blocked in IPC) */
-#define EDVSINVAL     (-323) /* invalid argument */
-#define EDVSNOSPC     (-329) /* the destination's queue is full */
-#define EDVSDEADLK    (-336) /* the call would deadlock */
-#define EDVSTIMEDOUT  (-361) /* timed out */
-#define EDVSSHUTDOWN  (-365) /* node kernel shutting down */
-#define EDVSNOTBIND   (-401) /* the caller is not bound to an endpoint */
-#define EDVSENDPOINT  (-402) /* no such endpoint */
-#define EDVSBADSRCDST (-403) /* endpoint number out of range for the DC */
-#define EDVSBADDCID   (-404) /* no such DC */
-#define EDVSOTHERDC   (-405) /* endpoint belongs to another DC */
-#define EDVSDCNODE    (-406) /* this node is not part of the DC */
-#define EDVSSLOTUSED  (-407) /* endpoint already bound */
-#define EDVSBOUND     (-408) /* this thread is already bound */
-#define EDVSDSTDIED   (-409) /* destination died */
-#define EDVSSRCDIED   (-410) /* source died */
-#define EDVSNOTREPLY  (-411) /* reply to an endpoint not waiting for one from the caller */
-#define EDVSNOPROXY   (-412) /* the peer's node is unreachable */
-#define EDVSSELFSEND  (-413) /* an endpoint cannot send to itself */
+#define EDVSGENERIC   (-99) /* internal error in the library (a caught panic) */
+#define EDVSPERM      (-1) /* permission denied */
+#define EDVSIO        (-5) /* the connection to the node kernel failed */
+#define EDVS2BIG      (-7) /* request too large (vcopy above 16 MiB) */
+#define EDVSAGAIN     (-11) /* the cluster directory is unavailable; try again */
+#define EDVSFAULT     (-14) /* bad address: null pointer, or vcopy outside mapped memory */
+#define EDVSBUSY      (-16) /* endpoint busy (a vcopy party not blocked in IPC) */
+#define EDVSINVAL     (-22) /* invalid argument */
+#define EDVSNOSPC     (-28) /* the destination's queue is full */
+#define EDVSDEADLK    (-35) /* the call would deadlock */
+#define EDVSTIMEDOUT  (-61) /* timed out */
+#define EDVSSHUTDOWN  (-65) /* node kernel shutting down */
+#define EDVSNOTBIND   (-310) /* the caller is not bound to an endpoint */
+#define EDVSENDPOINT  (-306) /* no such endpoint */
+#define EDVSBADSRCDST (-103) /* endpoint number out of range for the DC */
+#define EDVSBADDCID   (-302) /* no such DC */
+#define EDVSOTHERDC   (-360) /* endpoint belongs to another DC */
+#define EDVSNODCNODE    (-319) /* this node is not part of the DC */
+#define EDVSSLOTUSED  (-337) /* endpoint already bound */
+#define EDVSBOUND     (-361) /* this thread is already bound */
+#define EDVSDSTDIED   (-109) /* destination died */
+#define EDVSSRCDIED   (-108) /* source died */
+#define EDVSNOTREPLY  (-362) /* reply to an endpoint not waiting for one from the caller */
+#define EDVSNOPROXY   (-307) /* the peer's node is unreachable */
+#define EDVSSELFSEND  (-363) /* an endpoint cannot send to itself */
 
 /* ---- the message ---------------------------------------------------------------------- */
 
@@ -154,7 +154,7 @@ long dvk_open(void);
  * socket DVS_SOCKET names (`dvs run` sets it: the node that launched the program). With
  * ep == SELF it binds the endpoint `dvs run` assigned (DVS_DC, DVS_EP). Returns the
  * endpoint. Errors: EDVSBOUND (thread already bound), EDVSSLOTUSED, EDVSBADSRCDST,
- * EDVSBADDCID, EDVSDCNODE, EDVSAGAIN, EDVSINVAL (no DVS_SOCKET; ANY/NONE), EDVSIO. */
+ * EDVSBADDCID, EDVSNODCNODE, EDVSAGAIN, EDVSINVAL (no DVS_SOCKET; ANY/NONE), EDVSIO. */
 long dvk_bind(int dcid, int ep);
 
 /* dvk_bind through the node kernel listening on the Unix socket `socket`. */

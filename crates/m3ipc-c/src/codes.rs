@@ -2,10 +2,12 @@
 //! only the library sees (a lost node kernel connection, a missing `dvs run` environment, an
 //! internal failure).
 //!
-//! The names are the DVK's. The values keep the DVK's convention (negative, in the -300s for
-//! the POSIX-like ones, MINIX's number plus 300) and put the codes that only a distributed
-//! kernel has from -400 on. Every value is distinct, so a code always maps back to one
-//! [`Errno`].
+//! The names and values are the DVK's own (its `dvs_errno.h`: POSIX-like codes at their
+//! MINIX numbers, message-passing codes from -101, the DVS's from -301), so that a DVK program
+//! that compares against them ports by recompiling. Errors the DVK has no code for (an
+//! endpoint of another DC, a thread bound twice, a reply nobody waits for, a send to oneself)
+//! take values from -360 on, past the DVK's last. Every value is distinct, so a code always
+//! maps back to one [`Errno`].
 
 use m3ipc::Errno;
 
@@ -25,16 +27,16 @@ pub struct Code {
 /// Success.
 pub const OK: i32 = 0;
 /// An internal failure of the library (a panic caught at the C boundary).
-pub const EDVSGENERIC: i32 = -301;
+pub const EDVSGENERIC: i32 = -99;
 /// The connection to the node kernel failed or is unusable after an earlier failure.
-pub const EDVSIO: i32 = -306;
+pub const EDVSIO: i32 = -5;
 /// Invalid argument (bad timeout, negative size, `ANY` where an endpoint is needed, missing
 /// `dvs run` environment).
-pub const EDVSINVAL: i32 = -323;
+pub const EDVSINVAL: i32 = -22;
 /// A null or unmapped address.
-pub const EDVSFAULT: i32 = -315;
+pub const EDVSFAULT: i32 = -14;
 /// The calling thread has not bound an endpoint.
-pub const EDVSNOTBIND: i32 = -401;
+pub const EDVSNOTBIND: i32 = -310;
 
 macro_rules! codes {
     ($( $name:ident = $value:expr, $errno:expr, $text:literal; )*) => {
@@ -47,58 +49,58 @@ macro_rules! codes {
 
 codes! {
     EDVSGENERIC = EDVSGENERIC, None, "internal error in the M3-IPC library";
-    EDVSPERM = -302, Some(Errno::Permission), "permission denied";
+    EDVSPERM = -1, Some(Errno::Permission), "permission denied";
     EDVSIO = EDVSIO, None, "the connection to the node kernel failed";
-    EDVS2BIG = -308, Some(Errno::TooBig), "request too large";
-    EDVSAGAIN = -312, Some(Errno::DirectoryUnavailable), "the cluster directory is unavailable; try again";
+    EDVS2BIG = -7, Some(Errno::TooBig), "request too large";
+    EDVSAGAIN = -11, Some(Errno::DirectoryUnavailable), "the cluster directory is unavailable; try again";
     EDVSFAULT = EDVSFAULT, Some(Errno::BadAddress), "bad address";
-    EDVSBUSY = -317, Some(Errno::Busy), "endpoint busy";
+    EDVSBUSY = -16, Some(Errno::Busy), "endpoint busy";
     EDVSINVAL = EDVSINVAL, Some(Errno::Invalid), "invalid argument";
-    EDVSNOSPC = -329, Some(Errno::QueueFull), "queue full";
-    EDVSDEADLK = -336, Some(Errno::Deadlock), "call would deadlock";
-    EDVSTIMEDOUT = -361, Some(Errno::TimedOut), "timed out";
-    EDVSSHUTDOWN = -365, Some(Errno::Shutdown), "node kernel shutting down";
+    EDVSNOSPC = -28, Some(Errno::QueueFull), "queue full";
+    EDVSDEADLK = -35, Some(Errno::Deadlock), "call would deadlock";
+    EDVSTIMEDOUT = -61, Some(Errno::TimedOut), "timed out";
+    EDVSSHUTDOWN = -65, Some(Errno::Shutdown), "node kernel shutting down";
     EDVSNOTBIND = EDVSNOTBIND, Some(Errno::NotBound), "the caller is not bound to an endpoint";
-    EDVSENDPOINT = -402, Some(Errno::NoSuchEndpoint), "no such endpoint";
-    EDVSBADSRCDST = -403, Some(Errno::BadEndpoint), "endpoint number out of range for this DC";
-    EDVSBADDCID = -404, Some(Errno::NoSuchDc), "no such DC";
-    EDVSOTHERDC = -405, Some(Errno::OtherDc), "endpoint belongs to another DC";
-    EDVSDCNODE = -406, Some(Errno::NodeNotInDc), "this node is not part of the DC";
-    EDVSSLOTUSED = -407, Some(Errno::AlreadyBound), "endpoint already bound";
-    EDVSBOUND = -408, Some(Errno::ConnAlreadyBound), "this thread is already bound";
-    EDVSDSTDIED = -409, Some(Errno::DstDied), "destination died";
-    EDVSSRCDIED = -410, Some(Errno::SrcDied), "source died";
-    EDVSNOTREPLY = -411, Some(Errno::NotWaiting), "destination is not waiting for a reply from the caller";
-    EDVSNOPROXY = -412, Some(Errno::NodeUnreachable), "the peer's node is unreachable";
-    EDVSSELFSEND = -413, Some(Errno::SelfSend), "an endpoint cannot send to itself";
+    EDVSENDPOINT = -306, Some(Errno::NoSuchEndpoint), "no such endpoint";
+    EDVSBADSRCDST = -103, Some(Errno::BadEndpoint), "endpoint number out of range for this DC";
+    EDVSBADDCID = -302, Some(Errno::NoSuchDc), "no such DC";
+    EDVSOTHERDC = -360, Some(Errno::OtherDc), "endpoint belongs to another DC";
+    EDVSNODCNODE = -319, Some(Errno::NodeNotInDc), "this node is not part of the DC";
+    EDVSSLOTUSED = -337, Some(Errno::AlreadyBound), "endpoint already bound";
+    EDVSBOUND = -361, Some(Errno::ConnAlreadyBound), "this thread is already bound";
+    EDVSDSTDIED = -109, Some(Errno::DstDied), "destination died";
+    EDVSSRCDIED = -108, Some(Errno::SrcDied), "source died";
+    EDVSNOTREPLY = -362, Some(Errno::NotWaiting), "destination is not waiting for a reply from the caller";
+    EDVSNOPROXY = -307, Some(Errno::NodeUnreachable), "the peer's node is unreachable";
+    EDVSSELFSEND = -363, Some(Errno::SelfSend), "an endpoint cannot send to itself";
 }
 
 /// The code of an IPC error. Exhaustive, so that a new [`Errno`] cannot be forgotten here.
 pub fn errno_code(e: Errno) -> i32 {
     match e {
         Errno::NotBound => EDVSNOTBIND,
-        Errno::NoSuchEndpoint => -402,
-        Errno::BadEndpoint => -403,
-        Errno::NoSuchDc => -404,
-        Errno::OtherDc => -405,
-        Errno::NodeNotInDc => -406,
-        Errno::AlreadyBound => -407,
-        Errno::ConnAlreadyBound => -408,
-        Errno::DstDied => -409,
-        Errno::SrcDied => -410,
-        Errno::TimedOut => -361,
-        Errno::Busy => -317,
-        Errno::Permission => -302,
-        Errno::NotWaiting => -411,
-        Errno::NodeUnreachable => -412,
-        Errno::SelfSend => -413,
-        Errno::Deadlock => -336,
+        Errno::NoSuchEndpoint => -306,
+        Errno::BadEndpoint => -103,
+        Errno::NoSuchDc => -302,
+        Errno::OtherDc => -360,
+        Errno::NodeNotInDc => -319,
+        Errno::AlreadyBound => -337,
+        Errno::ConnAlreadyBound => -361,
+        Errno::DstDied => -109,
+        Errno::SrcDied => -108,
+        Errno::TimedOut => -61,
+        Errno::Busy => -16,
+        Errno::Permission => -1,
+        Errno::NotWaiting => -362,
+        Errno::NodeUnreachable => -307,
+        Errno::SelfSend => -363,
+        Errno::Deadlock => -35,
         Errno::BadAddress => EDVSFAULT,
-        Errno::TooBig => -308,
+        Errno::TooBig => -7,
         Errno::Invalid => EDVSINVAL,
-        Errno::Shutdown => -365,
-        Errno::QueueFull => -329,
-        Errno::DirectoryUnavailable => -312,
+        Errno::Shutdown => -65,
+        Errno::QueueFull => -28,
+        Errno::DirectoryUnavailable => -11,
     }
 }
 

@@ -486,7 +486,7 @@ mod tests {
             assert_eq!(s.to_str().unwrap(), c.text.trim_end_matches('\0'));
         }
         // SAFETY: as above.
-        let s = unsafe { CStr::from_ptr(dvk_strerror(-1)) };
+        let s = unsafe { CStr::from_ptr(dvk_strerror(-4)) };
         assert_eq!(s.to_str().unwrap(), "unknown error code");
     }
 
