@@ -205,6 +205,7 @@ pub fn run(
     ep: i32,
     node: &str,
     wait: bool,
+    workdir: Option<std::path::PathBuf>,
     cmd: Vec<String>,
 ) -> Result<ExitCode> {
     let dcc = find_dc(cfg, dc)?;
@@ -225,11 +226,17 @@ pub fn run(
         // The program's output comes whenever it writes.
         c.set_timeout(None)?;
     }
+    // The folder is the program's, on its node: a relative one means the user's.
+    let workdir = match workdir {
+        Some(w) if w.is_relative() => Some(std::path::absolute(&w)?),
+        w => w,
+    };
     let started = c.call(&CtlRequest::Run {
         dc: dcc.id,
         ep,
         cmd,
         wait,
+        workdir: workdir.map(|w| w.display().to_string()),
     })?;
     let CtlResponse::Started { pid, log } = started else {
         bail!("unexpected answer: {started:?}")

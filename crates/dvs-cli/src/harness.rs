@@ -89,6 +89,7 @@ pub fn launch(
         ep,
         cmd,
         wait: false,
+        workdir: None,
     })? {
         CtlResponse::Started { .. } => Ok(()),
         other => bail!("cannot start endpoint {ep} on {}: {other:?}", node.name),
@@ -148,6 +149,7 @@ fn run_client(
         ep,
         cmd,
         wait: true,
+        workdir: None,
     })?;
     let CtlResponse::Started { pid, log } = started else {
         bail!("cannot start the client on {}: {started:?}", node.name)

@@ -97,6 +97,11 @@ enum Cmd {
         /// Stay attached: stream the program's output and exit with its status.
         #[arg(long)]
         wait: bool,
+        /// The program's working folder (created if missing). It travels with the program
+        /// when it migrates with criu: packed with the image, unpacked at the same path on a
+        /// destination that does not share it. Default: the node's runtime folder.
+        #[arg(long)]
+        workdir: Option<std::path::PathBuf>,
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -380,10 +385,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ep,
             node,
             wait,
+            workdir,
             cmd,
         } => {
             let (cfg, _) = cluster_view(&cli.dir, &cli.config)?;
-            cluster::run(&cfg, &dc, ep, &node, wait, cmd)
+            cluster::run(&cfg, &dc, ep, &node, wait, workdir, cmd)
         }
         Cmd::Demo {
             runs,

@@ -63,9 +63,14 @@ impl Node {
 
     fn process(&mut self, action: ProcessAction) {
         match action {
-            ProcessAction::Checkpoint { id, pid, to, fail } => {
-                self.migr_checkpoint(id, pid, to, fail)
-            }
+            ProcessAction::Checkpoint {
+                id,
+                dc,
+                ep,
+                pid,
+                to,
+                fail,
+            } => self.migr_checkpoint(id, (dc, ep), pid, to, fail),
             ProcessAction::SaveSnapshot { id, data, fail } => {
                 self.migr_save_snapshot(id, data, fail)
             }

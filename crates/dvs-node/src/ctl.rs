@@ -26,6 +26,10 @@ pub enum CtlRequest {
         ep: Ep,
         cmd: Vec<String>,
         wait: bool,
+        /// The program's working folder (absolute; created if missing): it travels with the
+        /// process when it migrates. None: the node's runtime folder, which does not travel.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workdir: Option<String>,
     },
     /// Stop the node kernel (and the processes it launched).
     Shutdown,

@@ -261,8 +261,23 @@ pub(crate) async fn handle(
             let checks = doctor(ctx).await;
             send(w, &CtlResponse::Doctor { checks }).await
         }
-        CtlRequest::Run { dc, ep, cmd, wait } => {
-            match launcher::start(ctx, dc, ep, cmd, Vec::new()).await {
+        CtlRequest::Run {
+            dc,
+            ep,
+            cmd,
+            wait,
+            workdir,
+        } => {
+            match launcher::start(
+                ctx,
+                dc,
+                ep,
+                cmd,
+                Vec::new(),
+                workdir.map(std::path::PathBuf::from),
+            )
+            .await
+            {
                 Err(message) => send(w, &CtlResponse::Error { message }).await,
                 Ok(mut launched) => {
                     let r = send(

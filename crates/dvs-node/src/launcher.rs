@@ -133,6 +133,7 @@ struct Program {
     cmd: Vec<String>,
     env: Vec<(String, String)>,
     out: std::fs::File,
+    workdir: Option<PathBuf>,
 }
 
 /// A program the node started.
@@ -155,10 +156,33 @@ pub(crate) async fn start(
     ep: Ep,
     cmd: Vec<String>,
     env: Vec<(String, String)>,
+    workdir: Option<PathBuf>,
 ) -> Result<Launched, String> {
     let name = check(ctx, dc, ep, &cmd)?;
+    if let Some(w) = &workdir {
+        if !crate::workdir::is_plain(w) {
+            return Err(format!(
+                "the working folder {} is not an absolute path without . or .. (nor /)",
+                w.display()
+            ));
+        }
+    }
     let logs = ctx.me.runtime_dir.join("logs");
-    let (log, out, log_start) = blocking(move || open_log(&logs, &name, ep)).await??;
+    let wd = workdir.clone();
+    let (log, out, log_start) = blocking(move || {
+        if let Some(w) = &wd {
+            std::fs::create_dir_all(w)
+                .map_err(|e| format!("cannot create the working folder {}: {e}", w.display()))?;
+            if !w.is_dir() {
+                return Err(format!(
+                    "the working folder {} is not a folder",
+                    w.display()
+                ));
+            }
+        }
+        open_log(&logs, &name, ep)
+    })
+    .await??;
     let (reply, answer) = oneshot::channel();
     let program = Program {
         dc,
@@ -166,6 +190,7 @@ pub(crate) async fn start(
         cmd,
         env,
         out,
+        workdir,
     };
     let job = LaunchJob {
         program,
@@ -251,6 +276,7 @@ impl Node {
             cmd,
             env,
             out,
+            workdir,
         } = program;
         let me = &self.ctx.me;
         let umask = self.ctx.app_umask;
@@ -270,7 +296,7 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .current_dir(&me.runtime_dir);
+            .current_dir(workdir.as_deref().unwrap_or(&me.runtime_dir));
         // The node runs with umask 077; the program gets the umask the node was started with.
         // SAFETY: umask(2) is async-signal-safe and touches no memory.
         unsafe {
@@ -293,6 +319,11 @@ impl Node {
             ep,
             cmd: cmd.clone(),
         }));
+        if let Some(w) = &workdir {
+            self.migrations.workdirs.insert((dc, ep), w.clone());
+        } else {
+            self.migrations.workdirs.remove(&(dc, ep));
+        }
         self.procs.by_pid.insert(
             pid,
             Proc {

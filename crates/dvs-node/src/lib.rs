@@ -29,6 +29,7 @@ mod safe_fs;
 mod tls;
 pub mod vcopy;
 mod wire;
+mod workdir;
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;

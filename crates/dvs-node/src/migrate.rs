@@ -27,6 +27,7 @@ use crate::dir::{DirJob, LaunchRecord};
 use crate::event_loop::{blocking, Event, Events, Node};
 use crate::images::{stream_image, DumpState, ImageStore};
 use crate::safe_fs;
+use crate::workdir::{self, Unpacked};
 
 /// File in an image folder naming the socket inode the process's node connection had.
 const SOCKET_FILE: &str = "dvs-socket-inode";
@@ -40,7 +41,7 @@ pub(crate) const SNAPSHOT_FILE: &str = "snapshot.bin";
 /// How a criu restore went: the restored process's pid and the node's end of its new
 /// connection; or why not, with the pid of a restored copy that was killed and is still to be
 /// reaped.
-pub(crate) type RestoreResult = Result<(UnixStream, i32), (String, Option<i32>)>;
+pub(crate) type RestoreResult = Result<(UnixStream, i32, Option<Unpacked>), (String, Option<i32>)>;
 
 /// A process restored here by a migration (the node is its subreaper).
 pub(crate) struct Restored {
@@ -50,6 +51,11 @@ pub(crate) struct Restored {
     /// The program's command line, carried from node to node (a later cooperative
     /// migration restarts it).
     pub cmd: Vec<String>,
+    /// The working folder this node unpacked for it, if it created one: removed again if
+    /// the copy is killed before it ever ran (a rollback).
+    pub unpacked: Option<Unpacked>,
+    /// The copy was resumed (its migration committed), so it is the process's own now.
+    pub resumed: bool,
 }
 
 /// Migration bookkeeping of the daemon.
@@ -62,6 +68,9 @@ pub(crate) struct Migrations {
     pub criu: Option<Result<Arc<Criu>, String>>,
     /// The image folders and their writer.
     pub images: ImageStore,
+    /// Working folders of the endpoints running here that have one (`dvs run --workdir`):
+    /// they travel with a criu migration.
+    pub workdirs: HashMap<(DcId, Ep), PathBuf>,
     /// Source: images being sent while criu writes them, by migration.
     pub streams: HashMap<MigrationId, tokio::task::JoinHandle<Result<u64, String>>>,
     /// Destination: criu restorers started when a migration's state arrived, by migration.
@@ -91,6 +100,7 @@ impl Migrations {
             images,
             restorers: HashMap::new(),
             streams: HashMap::new(),
+            workdirs: HashMap::new(),
         }
     }
 
@@ -171,8 +181,16 @@ impl Node {
 
     /// Source: checkpoints process `pid` with CRIU on the blocking pool, and streams the image
     /// to `to` while criu writes it (the `SendImage` that follows waits for that stream).
-    pub(crate) fn migr_checkpoint(&mut self, id: MigrationId, pid: i32, to: NodeId, fail: bool) {
+    pub(crate) fn migr_checkpoint(
+        &mut self,
+        id: MigrationId,
+        (dc, ep): (DcId, Ep),
+        pid: i32,
+        to: NodeId,
+        fail: bool,
+    ) {
         let dir = self.migrations.images.dir(id);
+        let workdir = self.migrations.workdirs.get(&(dc, ep)).cloned();
         let cached = self.migrations.criu.clone();
         let events = self.ctx.events.clone();
         let dump = DumpState::dumping();
@@ -183,7 +201,7 @@ impl Node {
         tokio::task::spawn_local(async move {
             let result = match criu(&events, cached).await {
                 Err(e) => Err(format!("criu does not work on this node: {e}")),
-                Ok(criu) => blocking(move || checkpoint(&criu, pid, &dir, fail))
+                Ok(criu) => blocking(move || checkpoint(&criu, pid, &dir, workdir, fail))
                     .await
                     .and_then(|r| r),
             };
@@ -327,7 +345,8 @@ impl Node {
                         .await
                         .unwrap_or_else(|_| Err("the directory worker dropped the request".into()));
                     let launched = match cmd {
-                        Ok(cmd) => crate::launcher::start(&ctx, dc, ep, cmd, env).await,
+                        // The working folder does not travel with a cooperative snapshot.
+                        Ok(cmd) => crate::launcher::start(&ctx, dc, ep, cmd, env, None).await,
                         Err(e) => Err(e),
                     };
                     // The program reports itself with `BindRestored`; only a failure is told.
@@ -376,8 +395,12 @@ impl Node {
         result: RestoreResult,
     ) {
         let result = match result {
-            Ok((node_end, pid)) => match self.adopt(node_end, dc, ep) {
+            Ok((node_end, pid, unpacked)) => match self.adopt(node_end, dc, ep) {
                 Ok(conn) => {
+                    match &unpacked {
+                        Some(u) => self.migrations.workdirs.insert((dc, ep), u.path.clone()),
+                        None => self.migrations.workdirs.remove(&(dc, ep)),
+                    };
                     self.migrations.restored.insert(
                         pid,
                         Restored {
@@ -386,6 +409,8 @@ impl Node {
                             since: Instant::now(),
                             // A criu image carries no command line.
                             cmd: Vec::new(),
+                            unpacked: unpacked.filter(|u| u.created),
+                            resumed: false,
                         },
                     );
                     reap_later(pid);
@@ -394,6 +419,9 @@ impl Node {
                 Err(e) => {
                     kill_tree_off_loop(pid);
                     reap_later(pid);
+                    if let Some(u) = unpacked {
+                        tokio::task::spawn_blocking(move || u.undo());
+                    }
                     Err(e.to_string())
                 }
             },
@@ -409,10 +437,19 @@ impl Node {
 
     pub(crate) fn migr_kill_tree(&mut self, pid: i32) {
         kill_tree_off_loop(pid);
-        self.migrations.restored.remove(&pid);
+        if let Some(r) = self.migrations.restored.remove(&pid) {
+            // A copy restored here that never ran (a rollback): the working folder this node
+            // created for it goes too. Once resumed, the folder is the process's own.
+            if let (false, Some(u)) = (r.resumed, r.unpacked) {
+                tokio::task::spawn_blocking(move || u.undo());
+            }
+        }
     }
 
     pub(crate) fn migr_resume_tree(&mut self, pid: i32) {
+        if let Some(r) = self.migrations.restored.get_mut(&pid) {
+            r.resumed = true;
+        }
         // Sending the signals walks `/proc`: off the loop.
         tokio::task::spawn_blocking(move || {
             if let Err(e) = dvs_checkpoint::resume_tree(pid) {
@@ -505,6 +542,34 @@ fn restore(
         .parse()
         .map_err(|_| (format!("bad {SOCKET_FILE}"), None))?;
     let substitutes = local_files_missing(dir);
+    let unpacked = workdir::unpack(dir).map_err(|e| (e, None))?;
+    let undo = |e: (String, Option<i32>)| {
+        if let Some(u) = &unpacked {
+            u.undo();
+        }
+        e
+    };
+    let restored = restore_image(criu, dir, inode, log, restorer, substitutes);
+    let (node_end, pid) = restored.map_err(undo)?;
+    if fail {
+        let _ = dvs_checkpoint::kill_tree(pid);
+        return Err(undo((
+            "injected failure (--fail-at restore)".to_string(),
+            Some(pid),
+        )));
+    }
+    Ok((node_end, pid, unpacked))
+}
+
+/// The criu part of [`restore`].
+fn restore_image(
+    criu: &Criu,
+    dir: &Path,
+    inode: u64,
+    log: Option<(PathBuf, PathBuf)>,
+    restorer: Option<Restorer>,
+    substitutes: Vec<(LocalPath, String)>,
+) -> Result<(UnixStream, i32), (String, Option<i32>)> {
     let (node_end, pid) = match restorer {
         Some(r) => {
             let mut req = RestoreRequest::new(dir).inherit_unix_socket(r.proc_fd, inode);
@@ -554,13 +619,6 @@ fn restore(
             (node_end, pid)
         }
     };
-    if fail {
-        let _ = dvs_checkpoint::kill_tree(pid);
-        return Err((
-            "injected failure (--fail-at restore)".to_string(),
-            Some(pid),
-        ));
-    }
     Ok((node_end, pid))
 }
 
@@ -616,8 +674,15 @@ fn local_files_missing(dir: &Path) -> Vec<(LocalPath, String)> {
     out
 }
 
-/// Dumps `pid`'s tree into `dir`, leaving it stopped; returns the image size.
-fn checkpoint(criu: &Criu, pid: i32, dir: &Path, fail: bool) -> Result<u64, String> {
+/// Dumps `pid`'s tree into `dir`, leaving it stopped, with its working folder packed beside
+/// the image; returns the image size.
+fn checkpoint(
+    criu: &Criu,
+    pid: i32,
+    dir: &Path,
+    workdir: Option<PathBuf>,
+    fail: bool,
+) -> Result<u64, String> {
     let _ = std::fs::remove_dir_all(dir);
     safe_fs::secure_dir(dir, safe_fs::PRIVATE_DIR, None)
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -660,10 +725,14 @@ fn checkpoint(criu: &Criu, pid: i32, dir: &Path, fail: bool) -> Result<u64, Stri
     }
     safe_fs::write_private(&dir.join(LOCAL_PATHS_FILE), local.as_bytes())
         .map_err(|e| e.to_string())?;
+    let mut bytes = report.image_bytes;
+    if let Some(w) = workdir {
+        bytes += workdir::pack(&w, dir)?;
+    }
     if fail {
         return Err("injected failure (--fail-at checkpoint)".into());
     }
-    Ok(report.image_bytes)
+    Ok(bytes)
 }
 
 /// Reaps a process this node adopted as subreaper, whenever it ends.

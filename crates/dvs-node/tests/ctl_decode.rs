@@ -19,7 +19,13 @@ fn request() -> impl Strategy<Value = CtlRequest> {
             proptest::collection::vec(".{0,16}", 0..4),
             any::<bool>()
         )
-            .prop_map(|(dc, ep, cmd, wait)| CtlRequest::Run { dc, ep, cmd, wait }),
+            .prop_map(|(dc, ep, cmd, wait)| CtlRequest::Run {
+                dc,
+                ep,
+                cmd,
+                wait,
+                workdir: (ep % 2 == 0).then(|| format!("/srv/app{ep}")),
+            }),
         (
             any::<u16>(),
             any::<i32>(),

@@ -145,6 +145,8 @@ pub enum ProcessAction {
     /// (the `SendImage` that follows names it too): it may be streamed while it is written.
     Checkpoint {
         id: MigrationId,
+        dc: DcId,
+        ep: Ep,
         pid: i32,
         to: NodeId,
         fail: bool,

@@ -420,6 +420,8 @@ impl NodeCore {
                 self.actions
                     .push_back(Action::Process(ProcessAction::Checkpoint {
                         id,
+                        dc,
+                        ep,
                         pid,
                         to,
                         fail,
