@@ -23,6 +23,7 @@ mod local;
 mod membership;
 mod migrate;
 mod peer;
+mod preflight;
 mod relay;
 mod safe_fs;
 mod tls;
