@@ -113,16 +113,20 @@ impl Inventory {
             }
         }
         let held = inv.socket_inodes();
-        let mut inet = net::inet_sockets(root)
-            .map_err(|e| CheckpointError::io(format!("read /proc/{root}/net"), e))?;
-        inet.retain(|ino, _| held.contains(ino));
-        inv.inet = inet;
         let unix = net::unix_sockets()
             .map_err(|e| CheckpointError::io("list unix sockets (sock_diag)", e))?;
         inv.unix = unix
             .into_iter()
             .filter(|(ino, _)| held.contains(ino))
             .collect();
+        // Reading the TCP tables walks the kernel's whole connection hash (milliseconds on
+        // a big machine): only when the tree holds a socket that is not a unix one.
+        if held.iter().any(|ino| !inv.unix.contains_key(ino)) {
+            let mut inet = net::inet_sockets(root)
+                .map_err(|e| CheckpointError::io(format!("read /proc/{root}/net"), e))?;
+            inet.retain(|ino, _| held.contains(ino));
+            inv.inet = inet;
+        }
         Ok(inv)
     }
 
