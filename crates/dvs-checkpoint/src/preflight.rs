@@ -202,7 +202,9 @@ pub fn needs(inv: &Inventory, src: &Source) -> Needs {
         }
         for f in &p.fds {
             match &f.target {
-                FdTarget::File(r) if !r.deleted => want(&r.path, r.size),
+                // A file open for writing may grow between this look and the destination's
+                // (on one machine it is the same file): only its existence is asked.
+                FdTarget::File(r) if !r.deleted => want(&r.path, r.size.filter(|_| !f.write)),
                 FdTarget::Dir(d) => want(d, None),
                 FdTarget::Fifo(d, _) => want(d, None),
                 FdTarget::Device(d) if !PORTABLE_DEVICES.iter().any(|p| d == Path::new(p)) => {
