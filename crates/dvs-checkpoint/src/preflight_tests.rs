@@ -315,7 +315,8 @@ fn files_must_exist_on_the_destination_unless_substituted() {
     assert_eq!(
         n.paths,
         vec![
-            ("/data/db".into(), Some(10)),
+            // Open for writing: asked by existence only.
+            ("/data/db".into(), None),
             ("/dev/pts/3".into(), None),
             ("/usr/bin/srv".into(), Some(99))
         ]
