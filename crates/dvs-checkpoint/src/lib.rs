@@ -28,6 +28,8 @@
 
 mod criu;
 mod error;
+pub mod inventory;
+pub mod preflight;
 mod process;
 
 use std::ffi::OsString;
@@ -38,6 +40,8 @@ use std::time::Duration;
 
 pub use criu::{find_criu, Criu, CriuWorker, DEFAULT_CRIU_PREFIX, MIN_CRIU_VERSION};
 pub use error::CheckpointError;
+pub use inventory::Inventory;
+pub use preflight::{Plan, PreflightError};
 pub use process::{
     children_of, dir_size, kill_tree, migratable_command, ns_pid, pid_namespace_init,
     process_alive, process_socket_inodes, process_start_time, process_state, resume_tree,
@@ -80,6 +84,13 @@ pub struct DumpRequest {
     /// Backend log. `None`: `<images_dir>.dump.log` beside the images dir (kept out of the
     /// images dir so that it is not shipped with them).
     pub log_file: Option<PathBuf>,
+    /// Dump TCP connections (criu's `tcp_established`), without criu's network lock: only
+    /// connections between processes of the tree, whose both ends are frozen (see
+    /// [`preflight`]).
+    pub tcp_established: bool,
+    /// Largest deleted file criu may copy into the image (criu's `ghost_limit`); `None`:
+    /// criu's default, 1 MiB.
+    pub ghost_limit: Option<u64>,
     /// Extra backend-specific arguments (for CRIU e.g. `--page-server --address A --port P`).
     pub extra_args: Vec<OsString>,
 }
@@ -93,6 +104,8 @@ impl DumpRequest {
             leave_stopped: false,
             external_unix_inodes: Vec::new(),
             log_file: None,
+            tcp_established: false,
+            ghost_limit: None,
             extra_args: Vec::new(),
         }
     }

@@ -59,6 +59,13 @@ pub enum CtlRequest {
     /// Leave the cluster: revoke this node's membership lease, then stop. Refused while
     /// endpoints run here, unless `force` (they are stopped with the node).
     Leave { force: bool },
+    /// Whether this node could host a process migrated here with criu (asked by the source
+    /// node's preflight, through the relay): which of `paths` (with the size a file must
+    /// have) it lacks, and its addresses and network stack. The answer is a `CanHost`.
+    CanHost {
+        /// Files and folders the process uses: `(path, size of a file)`.
+        paths: Vec<(String, Option<u64>)>,
+    },
     /// Have node `to` answer `request`: this node relays it over its peer link and passes
     /// the answers back (the CLI talks only to the node of its own host).
     Forward {
@@ -103,6 +110,22 @@ pub enum CtlResponse {
     Doctor { checks: Vec<DoctorCheck> },
     /// Answer to `Leave`: the node left the cluster and stops.
     Left { message: String },
+    /// Answer to `CanHost`.
+    CanHost(HostFacts),
+}
+
+/// What a node says about itself for a migration's preflight.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostFacts {
+    /// The node's name.
+    pub node: String,
+    /// Its host's addresses (its network namespace's).
+    pub addrs: Vec<std::net::IpAddr>,
+    /// Its network stack: the machine's boot id and the network namespace's inode; two
+    /// nodes with the same value share their ports and connections.
+    pub network: String,
+    /// The asked paths it lacks or has with another size: `(path, what is wrong)`.
+    pub problems: Vec<(String, String)>,
 }
 
 /// One line of `dvs doctor`.

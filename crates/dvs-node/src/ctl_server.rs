@@ -306,6 +306,14 @@ pub(crate) async fn handle(
             };
             send(w, &resp).await
         }
+        CtlRequest::CanHost { paths } => {
+            let node = ctx.me.name.clone();
+            let resp = match blocking(move || crate::preflight::can_host(node, &paths)).await {
+                Ok(Ok(facts)) => CtlResponse::CanHost(facts),
+                Ok(Err(message)) | Err(message) => CtlResponse::Error { message },
+            };
+            send(w, &resp).await
+        }
         CtlRequest::Forward { .. } => {
             send(
                 w,
@@ -453,7 +461,7 @@ async fn migrate(
 /// Chooses the backend of a migration of `{dc, ep}` and checks that it can work: the request
 /// for the core, and a note for the operator when the choice was not theirs.
 async fn prepare_migration(
-    ctx: &Ctx,
+    ctx: &Rc<Ctx>,
     dc: DcId,
     ep: Ep,
     to: NodeId,
@@ -490,6 +498,15 @@ async fn prepare_migration(
             let ns_pid = blocking(move || dvs_checkpoint::ns_pid(pid).ok().flatten()).await;
             if ns_pid != Ok(Some(1)) {
                 return Err(format!("process {pid} of {dc}/{ep} is not in its own PID namespace: start it with `dvs run` to migrate it with criu"));
+            }
+            // Before anything stops: what the process holds must be able to travel.
+            if to != ctx.me.id {
+                if let Some(unchecked) = crate::preflight::check(ctx, dc, ep, pid, to).await? {
+                    note = Some(match note {
+                        Some(n) => format!("{n}; {unchecked}"),
+                        None => unchecked,
+                    });
+                }
             }
         }
         Backend::Cooperative if source.cmd.is_none() => {

@@ -24,6 +24,7 @@ mod local;
 mod membership;
 mod migrate;
 mod peer;
+mod preflight;
 mod relay;
 mod safe_fs;
 mod tls;

@@ -686,20 +686,17 @@ fn checkpoint(
     let _ = std::fs::remove_dir_all(dir);
     safe_fs::secure_dir(dir, safe_fs::PRIVATE_DIR, None)
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let sockets = dvs_checkpoint::process_socket_inodes(pid).map_err(|e| e.to_string())?;
-    let inode = match sockets.as_slice() {
-        [(_, inode)] => *inode,
-        [] => return Err(format!("process {pid} has no connection to the node kernel")),
-        more => {
-            return Err(format!(
-                "process {pid} holds {} sockets; a criu migration carries only its node-kernel connection",
-                more.len()
-            ))
-        }
-    };
+    // What the preflight decided, judged again on what the tree holds now (it may have
+    // opened something since): the node connection to leave out, TCP connections inside the
+    // tree, deleted files to copy. Refused here, the process has not been stopped yet.
+    let plan = dvs_checkpoint::preflight::dump_plan(pid, "this node")
+        .map_err(|e| format!("process {pid} cannot be migrated with criu: {e}"))?;
+    let inode = plan.node_connection;
     let mut req = DumpRequest::new(pid, dir);
     req.leave_stopped = true;
     req.external_unix_inodes = vec![inode];
+    req.tcp_established = plan.tcp_established;
+    req.ghost_limit = plan.ghost_limit;
     let report = criu.dump(&req).map_err(|e| e.to_string())?;
     info!(
         pid,

@@ -329,6 +329,9 @@ impl Criu {
                         .iter()
                         .map(|ino| format!("unix[{ino}]"))
                         .collect(),
+                    tcp_established: req.tcp_established.then_some(true),
+                    network_lock: req.tcp_established.then_some(rpc::NetworkLock::Skip as i32),
+                    ghost_limit: req.ghost_limit.map(ghost_limit),
                     ..Default::default()
                 };
                 let resp = worker.call("criu dump", &rpc::Req::new(rpc::ReqType::Dump, opts))?;
@@ -349,6 +352,17 @@ impl Criu {
                 }
                 for ino in &req.external_unix_inodes {
                     args.extend(["--external".into(), format!("unix[{ino}]").into()]);
+                }
+                if req.tcp_established {
+                    args.extend(
+                        ["--tcp-established", "--network-lock", "skip"].map(OsString::from),
+                    );
+                }
+                if let Some(limit) = req.ghost_limit {
+                    args.extend([
+                        "--ghost-limit".into(),
+                        ghost_limit(limit).to_string().into(),
+                    ]);
                 }
                 args.extend(req.extra_args.iter().cloned());
                 let out = self.run("criu dump", args, &[])?;
@@ -454,6 +468,9 @@ impl Criu {
             Via::NewWorker => Some(CriuWorker::spawn_borrowing(&self.bin, &fds)?),
             Via::Command => None,
         };
+        // An image with TCP connections (see `DumpRequest::tcp_established`) is restored
+        // with the options it was dumped with.
+        let tcp = has_tcp_streams(&images_dir);
         if let Some(worker) = worker {
             let t0 = Instant::now();
             let (work_dir, log_name) = log_place(&log_file)?;
@@ -465,6 +482,8 @@ impl Criu {
                 work_dir_fd: Some(work_dir.as_raw_fd()),
                 rst_sibling: Some(true),
                 leave_stopped: Some(req.leave_stopped),
+                tcp_established: tcp.then_some(true),
+                network_lock: tcp.then_some(rpc::NetworkLock::Skip as i32),
                 inherit_fd: req
                     .inherit_fds
                     .iter()
@@ -511,6 +530,9 @@ impl Criu {
         }
         if req.leave_stopped {
             args.push("--leave-stopped".into());
+        }
+        if tcp {
+            args.extend(["--tcp-established", "--network-lock", "skip"].map(OsString::from));
         }
         for (fd, key) in &req.inherit_fds {
             args.extend(["--inherit-fd".into(), format!("fd[{fd}]:{key}").into()]);
@@ -725,6 +747,22 @@ fn absolute(p: &Path) -> Result<PathBuf, CheckpointError> {
     // criu resolves relative log/pidfile paths against the images dir, not our cwd.
     std::path::absolute(p)
         .map_err(|e| CheckpointError::io(format!("resolve path {}", p.display()), e))
+}
+
+/// criu's ghost limit is 32 bits wide.
+fn ghost_limit(bytes: u64) -> u32 {
+    bytes.min(u32::MAX as u64) as u32
+}
+
+/// Whether a dump holds TCP connections (criu writes one `tcp-stream-ID.img` for each).
+fn has_tcp_streams(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("tcp-stream-"))
+        })
+    })
 }
 
 fn has_images(dir: &Path) -> Result<bool, CheckpointError> {

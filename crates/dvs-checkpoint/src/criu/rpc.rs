@@ -50,6 +50,9 @@ pub(crate) struct Opts {
     pub images_dir_fd: i32,
     #[prost(int32, optional, tag = "2")]
     pub pid: Option<i32>,
+    /// Dump (and restore) established TCP connections with TCP repair.
+    #[prost(bool, optional, tag = "5")]
+    pub tcp_established: Option<bool>,
     #[prost(int32, optional, tag = "9")]
     pub log_level: Option<i32>,
     /// A file name (no '/') in the work folder.
@@ -65,13 +68,31 @@ pub(crate) struct Opts {
     pub rst_sibling: Option<bool>,
     #[prost(message, repeated, tag = "27")]
     pub inherit_fd: Vec<InheritFd>,
+    /// Largest deleted file copied into the image, in bytes (criu's default: 1 MiB).
+    #[prost(uint32, optional, tag = "35")]
+    pub ghost_limit: Option<u32>,
     /// `--external` values, e.g. `unix[INODE]`.
     #[prost(string, repeated, tag = "37")]
     pub external: Vec<String>,
     #[prost(string, optional, tag = "68")]
     pub images_dir: Option<String>,
+    /// How TCP connections are kept quiet while dumped (`NetworkLock`).
+    #[prost(enumeration = "NetworkLock", optional, tag = "64")]
+    pub network_lock: Option<i32>,
     #[prost(bool, optional, tag = "69")]
     pub leave_stopped: Option<bool>,
+}
+
+/// `criu_network_lock_method`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub(crate) enum NetworkLock {
+    /// iptables rules (criu's default).
+    Iptables = 1,
+    /// nftables rules.
+    Nftables = 2,
+    /// No lock: dvs dumps only connections whose both ends are in the frozen tree.
+    Skip = 3,
 }
 
 /// `criu_req`.

@@ -4,7 +4,14 @@
 //! sequence number, copies it into the client's buffer with `vcopy` and replies with its
 //! request counter. The counter lives in process memory, so it travels with a migration and
 //! lets the client see requests served twice.
+//!
+//! For the migration preflight's tests it can also hold resources a migration must judge:
+//! a TCP listener that answers each connection with the request count (`--listen-tcp`), a
+//! TCP connection it keeps open (`--connect-tcp`), and a mapped file (`--map-file`).
 
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,14 +35,34 @@ struct Args {
     /// migration's quiesce phase lasts that long (for the crash tests).
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// Listen on this TCP address (e.g. 0.0.0.0:7000) and answer each connection with a
+    /// line `migr-server N` (N: requests served so far), then close it.
+    #[arg(long)]
+    listen_tcp: Option<String>,
+    /// Connect to this TCP address at start and keep the connection open.
+    #[arg(long)]
+    connect_tcp: Option<String>,
+    /// Map this file (read-only, private) at start and keep it mapped.
+    #[arg(long)]
+    map_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     bind: BindArgs,
 }
+
+/// Requests served so far, for the TCP listener's answers.
+static SERVED: AtomicU64 = AtomicU64::new(0);
 
 fn main() -> ExitCode {
     let args = Args::parse();
     // Real pages (a non-zero pattern, so no zero-page sharing), kept alive until exit.
     let ballast = make_ballast(args.ballast_mb);
+    let held = match hold_resources(&args) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("migr-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut ep = match args.bind.bind() {
         Ok(ep) => ep,
         Err(e) => {
@@ -51,6 +78,7 @@ fn main() -> ExitCode {
     );
     let served = serve(&mut ep, Duration::from_millis(args.delay_ms));
     std::hint::black_box(&ballast);
+    drop(held);
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -58,6 +86,72 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// What `--connect-tcp` and `--map-file` hold for the process's lifetime.
+struct Held {
+    _conn: Option<TcpStream>,
+    _map: Option<(usize, usize)>,
+}
+
+/// Opens what the flags ask for; the listener runs on a thread of its own.
+fn hold_resources(args: &Args) -> Result<Held, String> {
+    if let Some(addr) = &args.listen_tcp {
+        let l = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        println!(
+            "migr-server: listening on {}",
+            l.local_addr().map_err(|e| e.to_string())?
+        );
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let mut conn = conn;
+                let _ = writeln!(conn, "migr-server {}", SERVED.load(Ordering::SeqCst));
+            }
+        });
+    }
+    let conn = match &args.connect_tcp {
+        Some(addr) => {
+            let c =
+                TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            let local = c.local_addr().map_err(|e| e.to_string())?;
+            println!("migr-server: connected to {addr} from {local}");
+            Some(c)
+        }
+        None => None,
+    };
+    let map = match &args.map_file {
+        Some(path) => {
+            let f = std::fs::File::open(path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let len = f.metadata().map_err(|e| e.to_string())?.len() as usize;
+            // SAFETY: a fresh private read-only mapping of an open file; nothing aliases it.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len.max(1),
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE,
+                    f.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(format!(
+                    "cannot map {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                ));
+            }
+            // The mapping keeps the file; the descriptor is closed here.
+            println!("migr-server: mapped {} ({len} bytes)", path.display());
+            Some((p as usize, len))
+        }
+        None => None,
+    };
+    Ok(Held {
+        _conn: conn,
+        _map: map,
+    })
 }
 
 /// `mb` MiB of heap, every byte written with a non-zero pattern.
@@ -87,6 +181,7 @@ fn serve(ep: &mut Endpoint, delay: Duration) -> Result<(), Error> {
     ep.set_snapshot_hook(move || hook_view.load(Ordering::SeqCst).to_le_bytes().to_vec());
     loop {
         shared.store(counter, Ordering::SeqCst);
+        SERVED.store(counter, Ordering::SeqCst);
         let msg = match ep.receive(Source::Any) {
             Ok(m) => m,
             Err(e) if e.is_connection_error() => return Err(e),
