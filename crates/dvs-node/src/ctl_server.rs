@@ -501,7 +501,7 @@ async fn prepare_migration(
             }
             // Before anything stops: what the process holds must be able to travel.
             if to != ctx.me.id {
-                if let Some(unchecked) = crate::preflight::check(ctx, dc, ep, pid, to).await? {
+                if let Some(unchecked) = crate::preflight::check(ctx, dc, ep, pid, to, source.workdir.clone()).await? {
                     note = Some(match note {
                         Some(n) => format!("{n}; {unchecked}"),
                         None => unchecked,
@@ -564,6 +564,7 @@ impl Node {
                             .cmd_of(dc, ep)
                             .or_else(|| self.migrations.cmd_of(dc, ep)),
                         criu: self.migrations.criu.clone(),
+                        workdir: self.migrations.workdirs.get(&(dc, ep)).cloned(),
                     }),
                 };
                 let _ = reply.send(source);

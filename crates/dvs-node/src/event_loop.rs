@@ -166,6 +166,8 @@ pub(crate) struct MigrationSource {
     pub cmd: Option<Vec<String>>,
     /// Whether criu works here, if that was checked already.
     pub criu: Option<Result<Arc<Criu>, String>>,
+    /// Its working folder, which travels with a criu image (`dvs run --workdir`).
+    pub workdir: Option<std::path::PathBuf>,
 }
 
 /// A control request waiting for the core's report.

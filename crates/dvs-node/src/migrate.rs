@@ -541,8 +541,9 @@ fn restore(
         .trim()
         .parse()
         .map_err(|_| (format!("bad {SOCKET_FILE}"), None))?;
-    let substitutes = local_files_missing(dir);
+    // First the working folder, which the process's cwd may be: it is not missing then.
     let unpacked = workdir::unpack(dir).map_err(|e| (e, None))?;
+    let substitutes = local_files_missing(dir);
     let undo = |e: (String, Option<i32>)| {
         if let Some(u) = &unpacked {
             u.undo();

@@ -4,10 +4,9 @@
 //! that a process whose state cannot travel is refused while it keeps running, with an
 //! error that names the resource. The rules are in `dvs_checkpoint::preflight`.
 //!
-//! The node's runtime folder (the endpoint's log, its working folder) is not checked: the
-//! destination substitutes its own (see `migrate.rs`). Paths that travel with the image
-//! (the endpoint's working folder, once `dvs run --workdir` ships it) go in
-//! [`travelling_paths`].
+//! The node's runtime folder (the endpoint's log, its default working folder) is not checked:
+//! the destination substitutes its own (see `migrate.rs`). The endpoint's own working folder
+//! (`dvs run --workdir`) travels with the image (`workdir.rs`), so it is not checked either.
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -26,13 +25,6 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// line's 64 KiB; a process using more is checked on the first ones and the note says so.
 const MAX_PATHS: usize = 256;
 
-/// Paths of endpoint `{dc, ep}` that are shipped with its image, so that the destination
-/// need not have them. None yet: the endpoint's working folder joins them with
-/// `dvs run --workdir`.
-fn travelling_paths(_dc: DcId, _ep: Ep) -> Vec<PathBuf> {
-    Vec::new()
-}
-
 /// Runs the preflight of migrating the tree rooted at `pid` (endpoint `{dc, ep}`) to node
 /// `to` with criu: `Ok` with a note saying what could not be checked, if anything, or the
 /// refusal naming every resource that cannot travel.
@@ -42,6 +34,7 @@ pub(crate) async fn check(
     ep: Ep,
     pid: i32,
     to: NodeId,
+    workdir: Option<PathBuf>,
 ) -> Result<Option<String>, String> {
     let name = ctx
         .cfg
@@ -49,7 +42,8 @@ pub(crate) async fn check(
         .map_or_else(|| dc.to_string(), |d| d.name.clone());
     let me = ctx.me.name.clone();
     let runtime = ctx.me.runtime_dir.clone();
-    let travelling = travelling_paths(dc, ep);
+    // The working folder is shipped with the image: the destination need not have it.
+    let travelling: Vec<PathBuf> = workdir.into_iter().collect();
     let taken = blocking(move || -> Result<_, String> {
         let inv = Inventory::take(pid).map_err(|e| e.to_string())?;
         let mut src = Source::here(me).map_err(|e| e.to_string())?;
