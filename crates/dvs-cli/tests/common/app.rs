@@ -53,7 +53,7 @@ impl Drop for Workdir {
 }
 
 /// Launches `app-server --workdir DIR --workers 4 --cache-mb MB` as endpoint `ep` of dc0 on
-/// node `node` (in the background).
+/// node `node` (in the background), with `dvs run --workdir DIR`.
 pub fn start_app_server(c: &Cluster, node: u16, ep: i32, dir: &Path, cache_mb: u32) {
     let server = example_bin("app-server");
     let (ep_s, name) = (ep.to_string(), node_name(c, node));
@@ -67,6 +67,9 @@ pub fn start_app_server(c: &Cluster, node: u16, ep: i32, dir: &Path, cache_mb: u
         &ep_s,
         "--node",
         &name,
+        // The node's working folder for the program, which travels with it.
+        "--workdir",
+        dir,
         "--",
         server.to_str().expect("UTF-8 path"),
         "--workdir",
