@@ -157,7 +157,7 @@ fn finish_client(
     let out = wait_bounded_status(&mut child, Duration::from_secs(180), what);
     lines.extend(rx.try_iter());
     // The drain thread ends with the pipe; collect what it still had.
-    lines.extend(rx.recv_timeout(Duration::from_secs(5)).into_iter());
+    lines.extend(rx.recv_timeout(Duration::from_secs(5)));
     lines.extend(rx.try_iter());
     let result = lines
         .iter()
