@@ -192,6 +192,10 @@ pub fn migrate(cfg: &ClusterConfig, o: &MigrateOptions) -> Result<ExitCode> {
         s.restore_ms,
         s.held
     );
+    println!(
+        "  process frozen {:.2} ms; the longest-held call waited {:.2} ms",
+        s.frozen_ms, s.longest_hold_ms
+    );
     Ok(if expected {
         ExitCode::SUCCESS
     } else {
