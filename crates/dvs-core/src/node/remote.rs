@@ -142,14 +142,18 @@ impl NodeCore {
                 tracing::debug!(node = from, frame = frame.kind(), "dropped: {why}");
             }
             Verdict::Refuse(v) => self.peer_violation(from, frame.kind(), v),
-            Verdict::AlreadyApplied(id) => self.actions.push_back(Action::Peer(PeerAction::Send {
-                node: from,
-                frame: PeerFrame::Migr(MigrFrame::Done(MigrDone {
-                    id,
-                    held: 0,
-                    longest_hold_us: 0,
-                })),
-            })),
+            Verdict::AlreadyApplied(id) => {
+                // The directory's news came first: tell what was held when it was applied.
+                let (held, longest_hold_us) = self.migr.applied_holds(id);
+                self.actions.push_back(Action::Peer(PeerAction::Send {
+                    node: from,
+                    frame: PeerFrame::Migr(MigrFrame::Done(MigrDone {
+                        id,
+                        held,
+                        longest_hold_us,
+                    })),
+                }))
+            }
         }
     }
 

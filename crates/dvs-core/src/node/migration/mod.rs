@@ -116,6 +116,10 @@ pub(in crate::node) struct Applied {
     ep: Ep,
     /// Committed, from node `from` to node `to`.
     moved: Option<(NodeId, NodeId)>,
+    /// What this node held and replayed then, and how long the first of it waited (µs):
+    /// told to the coordinator again when its broadcast comes after the directory's news.
+    held: u32,
+    longest_hold_us: u64,
 }
 
 /// How many applied outcomes [`MigrationState`] remembers.
@@ -134,6 +138,16 @@ impl MigrationState {
                 .applied
                 .iter()
                 .any(|a| (a.dc, a.ep, a.moved) == (dc, ep, Some((node, here))))
+    }
+
+    /// What this node held and replayed when it applied the outcome of `id` (calls and
+    /// frames, and how long the first waited in µs); zeros if it does not remember.
+    pub fn applied_holds(&self, id: MigrationId) -> (u32, u64) {
+        self.applied
+            .iter()
+            .rev()
+            .find(|a| a.id == id)
+            .map_or((0, 0), |a| (a.held, a.longest_hold_us))
     }
 
     /// Whether this node applied the outcome of migration `id` of `{dc, ep}` lately.

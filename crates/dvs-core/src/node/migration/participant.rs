@@ -41,6 +41,8 @@ impl NodeCore {
                 dc,
                 ep,
                 moved: commit.then_some((from, to)),
+                held: 0,
+                longest_hold_us: 0,
             });
         }
         let hold = match self.migr.holds.get(&(dc, ep)) {
@@ -111,6 +113,10 @@ impl NodeCore {
             Some(t) if held > 0 => now.saturating_duration_since(t),
             _ => Duration::ZERO,
         };
+        if let Some(a) = self.migr.applied.iter_mut().rev().find(|a| a.id == id) {
+            a.held += held;
+            a.longest_hold_us = a.longest_hold_us.max(longest.as_micros() as u64);
+        }
         for (origin, frame) in hold.delivers {
             self.replay_deliver(origin, frame, target, now);
         }
