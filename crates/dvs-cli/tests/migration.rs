@@ -81,14 +81,36 @@ fn paper_run(backend: Backend, scenario: Scenario, fail_at: Option<&str>) {
     assert_client_ok(&c, &name, &result, ITERATIONS);
     let home = if fail_at.is_some() { server_node } else { dest };
     assert_runs_on(&c, SERVER, home);
+    // The stall figures: a criu commit froze the process for a while, within the move; a
+    // held call waited, and only a held call.
+    let f = |k: &str| {
+        report[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name}: no {k} in {report}"))
+    };
+    if backend == Backend::Criu && fail_at.is_none() {
+        assert!(
+            f("frozen_ms") > 0.0 && f("frozen_ms") <= f("migration_ms"),
+            "{name}: frozen time out of the move: {report}"
+        );
+    }
+    assert_eq!(
+        report["held"].as_u64() == Some(0),
+        f("longest_hold_ms") == 0.0,
+        "{name}: held calls and their longest wait disagree: {report}"
+    );
     println!(
-        "{name}: {} in {:.1} ms, client max stall {:.1} ms",
+        "{name}: {} in {:.1} ms (frozen {:.1} ms, {} held, the longest {:.1} ms), client max \
+         stall {:.1} ms",
         if fail_at.is_some() {
             "rolled back"
         } else {
             "committed"
         },
-        report["migration_ms"].as_f64().unwrap_or(f64::NAN),
+        f("migration_ms"),
+        f("frozen_ms"),
+        report["held"],
+        f("longest_hold_ms"),
         result["max_stall_ms"].as_f64().unwrap_or(f64::NAN)
     );
 }
