@@ -236,6 +236,7 @@ impl Forger {
                 ep: self.sender(),
                 from: self.rng.pick(&[IMPOSTOR, IMPOSTOR, TARGET, 2]),
                 to: self.rng.pick(&[TARGET, 2, IMPOSTOR, 7]),
+                backend: Backend::Criu,
             })),
             13 => match self.rng.below(3) {
                 0 => PeerFrame::Migr(MigrFrame::Commit(MigrCommit {
@@ -958,6 +959,7 @@ fn forged_migration_start_is_released_once_the_directory_is_checked() {
         ep,
         from: IMPOSTOR,
         to: 2,
+        backend: Backend::Criu,
     }));
     assert!(link.exchange(&mut seen, &encode(&start)));
     let ack =

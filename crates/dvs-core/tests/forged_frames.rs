@@ -8,7 +8,7 @@ use dvs_core::{
     Action, ConnId, CoreConfig, DcInfo, Input, MigrRecord, RecordState, Registration, VcopyChunk,
     VcopyCompletion, Violation,
 };
-use dvs_core::{DirRequest, MemoryAction, PeerAction, Report};
+use dvs_core::{DirRequest, MemoryAction, PeerAction, ProcessAction, Report};
 use dvs_sim::{DirKind, Proc, Sim};
 use dvs_wire::local::{LocalRequest, LocalResponse, Source};
 use dvs_wire::peer::{Backend, DeliverKind, MigratedEndpoint, PeerFrame};
@@ -369,6 +369,7 @@ fn forged_migr_start_holds_nothing() {
             ep,
             from,
             to: ATTACKER,
+            backend: Backend::Criu,
         }))
     };
     // An endpoint of the honest node, in the attacker's name or in the honest node's.
@@ -416,6 +417,7 @@ fn forged_migr_commit_does_not_reroute() {
                 ep: 5,
                 from: HONEST,
                 to: VICTIM,
+                backend: Backend::Criu,
             })),
         },
     );
@@ -480,6 +482,7 @@ fn forged_prepare_and_restore_launch_nothing() {
         ep: 6,
         from: ATTACKER,
         to: HONEST,
+        backend: Backend::Criu,
     })));
     net.attack(prepare(6));
     assert_eq!(net.expect_violation(), Violation::NotDestination { id });
@@ -581,6 +584,7 @@ fn hostile_frame() -> impl Strategy<Value = PeerFrame> {
                 ep,
                 from,
                 to,
+                backend: Backend::Criu,
             }))
         }),
         id.clone()
@@ -709,6 +713,11 @@ fn run_hostile(steps: Vec<Step>) {
                 // Participant: a forged hold times out into a rollback attempt in the directory.
                 Action::Directory(DirRequest::WriteMigrRecord { .. })
                 | Action::Report(Report::MigrProgress { .. }) => {}
+                // A forged START naming the victim as destination, released: whatever it
+                // prepared for the attacker's own migration id goes (nothing, since a START
+                // the directory does not record prepares nothing).
+                Action::Process(ProcessAction::DropImage { id }) if id >> 48 == ATTACKER as u64 => {
+                }
                 other => panic!("node {n}: {other:?}"),
             }
         }
@@ -784,6 +793,7 @@ fn an_unrecorded_migr_start_holds_nothing() {
         ep: 6,
         from: ATTACKER,
         to: HONEST,
+        backend: Backend::Criu,
     })));
     assert!(
         !net.core(VICTIM).migrating(DC, 6),

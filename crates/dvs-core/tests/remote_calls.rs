@@ -10,8 +10,8 @@ use dvs_core::Registration;
 use dvs_sim::DirKind;
 use dvs_wire::local::Source;
 use dvs_wire::peer::{
-    Cancel, Deliver, DeliverKind, Delivered, IpcFrame, MigrFrame, MigrStart, Notify, PeerFrame,
-    Reply,
+    Backend, Cancel, Deliver, DeliverKind, Delivered, IpcFrame, MigrFrame, MigrStart, Notify,
+    PeerFrame, Reply,
 };
 use dvs_wire::{Ep, Errno, Timeout};
 
@@ -504,6 +504,7 @@ fn unknown_remote_sender_is_registered_at_its_node() {
             ep: 9,
             from: 3,
             to: 2,
+            backend: Backend::Criu,
         })),
     );
     s.inject(

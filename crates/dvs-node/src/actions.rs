@@ -82,13 +82,26 @@ impl Node {
                 backend,
                 fail,
             } => self.migr_restore(id, dc, ep, backend, fail),
-            ProcessAction::PrepareRestore { id, dc, ep } => self.migr_prepare_restore(id, dc, ep),
+            ProcessAction::PrepareRestore {
+                id,
+                dc,
+                ep,
+                backend,
+            } => self.migr_prepare_restore(id, dc, ep, backend),
             ProcessAction::KillTree { pid } => self.migr_kill_tree(pid),
             ProcessAction::MigratedAway { pid, to } => self.migr_migrated_away(pid, to),
             ProcessAction::ResumeTree { pid } => self.migr_resume_tree(pid),
             ProcessAction::DropImage { id } => {
                 // A restorer still waiting for this image is killed when dropped.
                 self.migrations.restorers.remove(&id);
+                // So is a program started ahead that never got its snapshot.
+                if let Some(task) = self.migrations.programs.remove(&id) {
+                    tokio::task::spawn_local(async move {
+                        if let Ok(Ok(w)) = task.await {
+                            w.discard();
+                        }
+                    });
+                }
                 // So is an image still being streamed (a rollback during the dump).
                 if let Some(stream) = self.migrations.streams.remove(&id) {
                     stream.abort();

@@ -275,6 +275,7 @@ pub(crate) async fn handle(
                 cmd,
                 Vec::new(),
                 workdir.map(std::path::PathBuf::from),
+                None,
             )
             .await
             {

@@ -73,8 +73,28 @@ pub(crate) struct Migrations {
     pub workdirs: HashMap<(DcId, Ep), PathBuf>,
     /// Source: images being sent while criu writes them, by migration.
     pub streams: HashMap<MigrationId, tokio::task::JoinHandle<Result<u64, String>>>,
-    /// Destination: criu restorers started when a migration's state arrived, by migration.
+    /// Destination: criu restorers started when a migration began, by migration.
     pub restorers: HashMap<MigrationId, tokio::task::JoinHandle<Result<Restorer, String>>>,
+    /// Destination: programs started when a cooperative migration began, waiting for their
+    /// snapshot, by migration.
+    pub programs: HashMap<MigrationId, tokio::task::JoinHandle<Result<Waiting, String>>>,
+}
+
+/// A program started for a cooperative migration before its snapshot arrived: it reads the
+/// snapshot from a pipe (`DVS_RESTORE_FD`), which the node writes once it has it.
+pub(crate) struct Waiting {
+    /// The pipe's write end.
+    writer: std::fs::File,
+    /// The program's launcher.
+    pid: i32,
+}
+
+impl Waiting {
+    /// Kills the program (the migration ended without it), off the loop.
+    pub fn discard(self) {
+        drop(self.writer);
+        kill_tree_off_loop(self.pid);
+    }
 }
 
 /// A `criu swrk` started before the image it restores has arrived, holding what the restored
@@ -99,6 +119,7 @@ impl Migrations {
             criu: None,
             images,
             restorers: HashMap::new(),
+            programs: HashMap::new(),
             streams: HashMap::new(),
             workdirs: HashMap::new(),
         }
@@ -292,7 +313,16 @@ impl Node {
     /// Destination: starts the criu restorer of `id` while the source dumps, with this node's
     /// files for the endpoint open in it. Only when criu is known to work here; otherwise the
     /// restore starts its own.
-    pub(crate) fn migr_prepare_restore(&mut self, id: MigrationId, dc: DcId, ep: Ep) {
+    pub(crate) fn migr_prepare_restore(
+        &mut self,
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        backend: Backend,
+    ) {
+        if backend == Backend::Cooperative {
+            return self.prestart_program(id, dc, ep);
+        }
         let Some(Ok(criu)) = self.migrations.criu.clone() else {
             return;
         };
@@ -301,6 +331,32 @@ impl Node {
         };
         let task = tokio::task::spawn_blocking(move || prepare_restorer(&criu, log));
         self.migrations.restorers.insert(id, task);
+    }
+
+    /// Destination of a cooperative migration: starts the program now, from the directory's
+    /// launch record, with a pipe it reads its snapshot from once the snapshot has come.
+    fn prestart_program(&mut self, id: MigrationId, dc: DcId, ep: Ep) {
+        // What to start comes from the directory's launch record, never from a peer.
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.directory(DirJob::Launch(LaunchRecord::Get { dc, ep, reply }));
+        let ctx = self.ctx.clone();
+        let task = tokio::task::spawn_local(async move {
+            let cmd = answer
+                .await
+                .unwrap_or_else(|_| Err("the directory worker dropped the request".into()))?;
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| format!("cannot make the snapshot pipe: {e}"))?;
+            let env = vec![
+                (RESTORE_MIGRATION.to_string(), id.to_string()),
+                (RESTORE_FD.to_string(), read.as_raw_fd().to_string()),
+            ];
+            let launched = crate::launcher::start(&ctx, dc, ep, cmd, env, None, Some(read)).await?;
+            Ok(Waiting {
+                writer: std::fs::File::from(write),
+                pid: launched.pid,
+            })
+        });
+        self.migrations.programs.insert(id, task);
     }
 
     /// (runtime folder, log file) of endpoint `{dc, ep}` on this node.
@@ -328,29 +384,34 @@ impl Node {
         let events = self.ctx.events.clone();
         match backend {
             Backend::Cooperative => {
-                let env = vec![
-                    ("DVS_RESTORE_MIGRATION".to_string(), id.to_string()),
-                    (
-                        "DVS_RESTORE_FILE".to_string(),
-                        dir.join(SNAPSHOT_FILE).display().to_string(),
-                    ),
-                ];
-                // What to start comes from the directory's launch record, never from a peer.
+                let prepared = self.migrations.programs.remove(&id);
+                // Asked in any case: the program started ahead may have failed.
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 self.directory(DirJob::Launch(LaunchRecord::Get { dc, ep, reply }));
                 let ctx = self.ctx.clone();
+                let snapshot = dir.join(SNAPSHOT_FILE);
                 tokio::task::spawn_local(async move {
                     let _ = written.await;
-                    let cmd = answer
-                        .await
-                        .unwrap_or_else(|_| Err("the directory worker dropped the request".into()));
-                    let launched = match cmd {
-                        // The working folder does not travel with a cooperative snapshot.
-                        Ok(cmd) => crate::launcher::start(&ctx, dc, ep, cmd, env, None).await,
-                        Err(e) => Err(e),
+                    let waiting = match prepared {
+                        Some(task) => match task.await {
+                            Ok(Ok(w)) => Some(w),
+                            Ok(Err(e)) => {
+                                warn!("the program started ahead failed ({e}); starting it now");
+                                None
+                            }
+                            Err(_) => None,
+                        },
+                        None => None,
                     };
                     // The program reports itself with `BindRestored`; only a failure is told.
-                    if let Err(e) = launched {
+                    let failed = match waiting {
+                        Some(w) => blocking(move || hand_snapshot(w, &snapshot))
+                            .await
+                            .and_then(|r| r)
+                            .err(),
+                        None => relaunch(&ctx, id, dc, ep, snapshot, answer).await.err(),
+                    };
+                    if let Some(e) = failed {
                         let done = MigrationInput::Restored { id, result: Err(e) };
                         let _ = events.send(Event::Input(Input::Migration(done))).await;
                     }
@@ -479,6 +540,52 @@ impl Node {
             let _ = events.send(ev).await;
         });
     }
+}
+
+/// The environment a cooperatively restored program reads (see `m3ipc::Endpoint::from_env`).
+const RESTORE_MIGRATION: &str = "DVS_RESTORE_MIGRATION";
+const RESTORE_FILE: &str = "DVS_RESTORE_FILE";
+const RESTORE_FD: &str = "DVS_RESTORE_FD";
+
+/// Writes the snapshot in `file` to a program waiting for it: its length (u64, little
+/// endian), then its bytes (blocking: the pipe holds 64 KiB; the program reads as it comes).
+fn hand_snapshot(w: Waiting, file: &Path) -> Result<(), String> {
+    use std::io::Write;
+    let data = std::fs::read(file).map_err(|e| format!("cannot read the snapshot: {e}"))?;
+    let mut writer = &w.writer;
+    let sent = writer
+        .write_all(&(data.len() as u64).to_le_bytes())
+        .and_then(|()| writer.write_all(&data));
+    if let Err(e) = sent {
+        w.discard();
+        return Err(format!(
+            "the program started ahead did not take its snapshot: {e}"
+        ));
+    }
+    Ok(())
+}
+
+/// Starts the program of `{dc, ep}` (its launch record is `answer`) with its snapshot in
+/// `snapshot`, when none was started ahead.
+async fn relaunch(
+    ctx: &crate::event_loop::Ctx,
+    id: MigrationId,
+    dc: DcId,
+    ep: Ep,
+    snapshot: PathBuf,
+    answer: tokio::sync::oneshot::Receiver<Result<Vec<String>, String>>,
+) -> Result<(), String> {
+    let env = vec![
+        (RESTORE_MIGRATION.to_string(), id.to_string()),
+        (RESTORE_FILE.to_string(), snapshot.display().to_string()),
+    ];
+    let cmd = answer
+        .await
+        .unwrap_or_else(|_| Err("the directory worker dropped the request".into()))?;
+    // The working folder does not travel with a cooperative snapshot.
+    crate::launcher::start(ctx, dc, ep, cmd, env, None, None)
+        .await
+        .map(|_| ())
 }
 
 /// SIGKILLs the tree rooted at `pid` (walking `/proc`) on the blocking pool.

@@ -294,7 +294,8 @@ fn migration_peer_frame() -> impl Strategy<Value = PeerFrame> {
                     dc,
                     ep,
                     from,
-                    to
+                    to,
+                    backend: Backend::Criu,
                 }
             ))),
         any::<u64>().prop_map(|id| PeerFrame::Migr(MigrFrame::StartAck(MigrStartAck { id }))),

@@ -159,10 +159,16 @@ pub enum ProcessAction {
     },
     /// Stream the image folder of `id` to `to` as image chunks, then answer `ImageSent`.
     SendImage { id: MigrationId, to: NodeId },
-    /// Destination (criu): get ready to restore `id` as `{dc, ep}` (start the restorer ahead
-    /// of the image, so that starting it costs nothing while the process is frozen). Nothing
+    /// Destination: get ready to restore `id` as `{dc, ep}` with `backend`, from MIGR_START on
+    /// (criu: start the restorer; cooperative: start the program, which waits for its
+    /// snapshot), so that starting it costs nothing while the process is frozen. Nothing
     /// answers; a `Restore` or a `DropImage` for `id` follows.
-    PrepareRestore { id: MigrationId, dc: DcId, ep: Ep },
+    PrepareRestore {
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        backend: Backend,
+    },
     /// Destination: restore `id` from its received image, then answer `Restored` (criu) or
     /// wait for the program's `BindRestored` (cooperative).
     Restore {

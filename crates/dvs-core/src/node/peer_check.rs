@@ -348,6 +348,7 @@ impl NodeCore {
                 ep,
                 from: src,
                 to,
+                ..
             })) => {
                 if src != from {
                     return Refuse(Violation::NotCoordinator { id });

@@ -110,6 +110,8 @@ pub struct MigrStart {
     pub from: NodeId,
     /// Node it moves to.
     pub to: NodeId,
+    /// How it moves: the destination gets ready for the restore from here on.
+    pub backend: Backend,
 }
 
 /// The sender holds calls to the endpoint now; anything it sent before is on the wire ahead.

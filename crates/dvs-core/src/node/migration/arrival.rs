@@ -153,14 +153,6 @@ impl NodeCore {
                 restore_started: None,
             },
         );
-        if backend == Backend::Criu {
-            self.actions
-                .push_back(Action::Process(ProcessAction::PrepareRestore {
-                    id,
-                    dc,
-                    ep,
-                }));
-        }
     }
 
     /// Destination: every image byte was sent; restore now.

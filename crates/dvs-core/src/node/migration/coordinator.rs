@@ -204,7 +204,7 @@ impl NodeCore {
             // A second answer (to a decision written again): the outcome is applied already.
             return;
         }
-        let (dc, ep, conn, to) = (c.req.dc, c.req.ep, c.conn, c.req.to);
+        let (dc, ep, conn, to, backend) = (c.req.dc, c.req.ep, c.conn, c.req.to, c.req.backend);
         match (c.outcome.commit(), result) {
             (None, Ok(())) => {
                 // Recorded: hold calls here and tell every node of the DC to hold them.
@@ -220,6 +220,7 @@ impl NodeCore {
                             ep,
                             from: self.node,
                             to,
+                            backend,
                         })),
                     }));
                 }

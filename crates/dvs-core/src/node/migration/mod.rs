@@ -74,6 +74,8 @@ struct Hold {
     id: Option<MigrationId>,
     /// Source and destination, once MIGR_START arrived.
     route: Option<(NodeId, NodeId)>,
+    /// How it moves, once MIGR_START arrived.
+    backend: Option<Backend>,
     calls: Vec<ConnId>,
     frames: Vec<PeerFrame>,
     /// On the destination: messages for the endpoint (`Deliver`) and the node that sent each.

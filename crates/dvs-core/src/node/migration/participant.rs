@@ -96,6 +96,11 @@ impl NodeCore {
             }
             self.actions
                 .push_back(Action::Process(ProcessAction::DropImage { id }));
+        } else if hold.route.is_some_and(|(_, dest)| dest == here) {
+            // The destination, ended before the endpoint's state came: what it prepared for
+            // the restore (a restorer, a program waiting for its snapshot) goes.
+            self.actions
+                .push_back(Action::Process(ProcessAction::DropImage { id }));
         } else if commit && to != here {
             // Everyone else: the endpoint is remote, on the destination now.
             let known = matches!(
@@ -149,7 +154,23 @@ impl NodeCore {
             return;
         }
         match record {
-            Some(r) if r.id == id && r.state == RecordState::Started => {}
+            Some(r) if r.id == id && r.state == RecordState::Started => {
+                // A START the directory records: the destination gets the restore going while
+                // the source quiesces and dumps (never on a START it has not checked: that
+                // would let a peer start the endpoint's program here).
+                let hold = self.migr.holds.get(&(dc, ep)).filter(|h| h.id == Some(id));
+                if let Some((Some((_, to)), Some(backend))) = hold.map(|h| (h.route, h.backend)) {
+                    if to == self.node && r.to == self.node {
+                        self.actions
+                            .push_back(Action::Process(ProcessAction::PrepareRestore {
+                                id,
+                                dc,
+                                ep,
+                                backend,
+                            }));
+                    }
+                }
+            }
             Some(r) if r.id == id => self.on_migr_record(dc, ep, r, now),
             _ => {
                 let held = self.migr.holds.get(&(dc, ep)).and_then(|h| h.id) == Some(id);
@@ -370,10 +391,12 @@ impl NodeCore {
             ep,
             from: src,
             to,
+            backend,
         } = frame;
         let h = self.migr.holds.entry((dc, ep)).or_default();
         h.id = Some(id);
         h.route = Some((src, to));
+        h.backend = Some(backend);
         self.add_timer(now + PARTICIPANT_TIMEOUT, TimerKey::Migration { id });
         // The coordinator records the START before it broadcasts it: check.
         self.actions
