@@ -2,7 +2,8 @@
 //! package beside the Rust library's, in the same run and on the same cluster.
 //!
 //! A busy machine moves whole blocks of round trips up and down, so the run is cut into
-//! [`BLOCKS`] short blocks per server. Each block measures every language once, in an order
+//! short blocks ([`BLOCK`] round trips per language; `--iterations` / [`BLOCK`] blocks per
+//! server). Each block measures every language once, in an order
 //! that rotates from block to block (so that no language always runs first or last), plus a
 //! raw Unix-socket ping-pong, the machine's own noise gauge. The comparison is the ratio of
 //! the languages' medians *within* each block, summed up over the blocks by its median and
@@ -35,8 +36,11 @@ const C_HEADER: &str = include_str!("../../m3ipc-c/include/m3ipc.h");
 const PY_CLIENT: &str = include_str!("../../../python/examples/bench_client.py");
 const PY_PACKAGE: &str = include_str!("../../../python/m3ipc/__init__.py");
 
-/// Blocks per server; every block measures each language once.
-const BLOCKS: usize = 20;
+/// Round trips per language in one block: short, so that the languages of one block see
+/// the same machine. `--iterations` sets how many blocks there are (at least [`MIN_BLOCKS`]).
+const BLOCK: usize = 500;
+/// The fewest blocks per server.
+const MIN_BLOCKS: usize = 10;
 /// The C library's target: its median sendrec within 5% of the Rust library's.
 const TARGET: f64 = 1.05;
 const EP_LOCAL_SERVER: Ep = 1;
@@ -218,7 +222,8 @@ fn median_us(ns: &[u64]) -> f64 {
 /// `dvs bench ipc --lang LANG`.
 pub fn ipc_lang(lang: Lang, iterations: u32, clib: Option<&Path>, json: bool) -> Result<ExitCode> {
     let n = iterations as usize;
-    let per_block = n.div_ceil(BLOCKS);
+    let blocks = (n / BLOCK).max(MIN_BLOCKS);
+    let per_block = n.div_ceil(blocks);
     let warmup = (per_block / 10).clamp(50, 1000);
     let lib = find_lib(clib)?;
     let tmp = TempDir(std::env::temp_dir().join(format!("dvs-bench-lang-{}", std::process::id())));
@@ -250,9 +255,9 @@ pub fn ipc_lang(lang: Lang, iterations: u32, clib: Option<&Path>, json: bool) ->
             // samples[i]: every round trip of langs[i]; medians[i]: its median per block.
             let mut samples: Vec<Vec<u64>> = vec![Vec::new(); langs.len()];
             let mut medians: Vec<Vec<f64>> = vec![Vec::new(); langs.len()];
-            for block in 0..BLOCKS {
+            for block in 0..blocks {
                 progress(&format!(
-                    "{where_} sendrec, block {} of {BLOCKS}",
+                    "{where_} sendrec, block {} of {blocks}",
                     block + 1
                 ));
                 let (a, b) = UnixStream::pair()?;
@@ -311,8 +316,8 @@ pub fn ipc_lang(lang: Lang, iterations: u32, clib: Option<&Path>, json: bool) ->
         Ok(())
     })?;
     let report = Report {
-        iterations: per_block * BLOCKS,
-        blocks: BLOCKS,
+        iterations: per_block * blocks,
+        blocks,
         quiet: Quiet {
             loadavg_before,
             loadavg_after: loadavg(),
