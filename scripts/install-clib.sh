@@ -11,9 +11,11 @@
 # Python and PEP 668: when the interpreter is "externally managed" (Debian's python3), the
 # package goes into a virtual environment PREFIX/lib/m3ipc/venv (with the system's site
 # packages visible) instead of the system's site-packages, and the script says how to use
-# it; otherwise (a venv, pyenv, ...) it goes into that interpreter. Nothing is downloaded:
-# pip builds the package with the setuptools already installed (--no-build-isolation), and
-# where that cannot build a wheel the pure-Python package is copied into site-packages.
+# it; otherwise (a venv, pyenv, ...) it goes into that interpreter. The package is installed
+# with `python -m pip install --no-index ./python`: its build backend is its own and needs
+# only the standard library, so nothing is downloaded. What Debian's python3 lacks for that
+# (python3-venv to make the venv, python3-pip) is installed with apt-get when the script runs
+# as root, and named otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,22 +55,39 @@ if [ "$(id -u)" -eq 0 ] && command -v ldconfig >/dev/null 2>&1; then
 fi
 echo "installed libm3ipc, m3ipc.h and m3ipc.pc into $prefix"
 
+# Installs Debian packages (as root, non-interactive; a no-op for those already installed),
+# or says which to install.
+system_packages() {
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing $* with apt-get"
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; then
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+        fi
+    else
+        echo "install the packages $* first (e.g. sudo apt-get install $*)" >&2
+        exit 1
+    fi
+}
+
 if [ "$python" = yes ]; then
     py=${PYTHON:-python3}
+    command -v "$py" >/dev/null 2>&1 || system_packages python3
     managed=$("$py" -c 'import sys, sysconfig, os; print(int(sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))))')
     if [ "$managed" = 1 ]; then
+        # Debian's python3 makes venvs (with pip in them) only with python3-venv.
+        "$py" -c 'import ensurepip, venv' 2>/dev/null || system_packages python3-venv
         venv="$prefix/lib/m3ipc/venv"
         "$py" -m venv --system-site-packages "$venv"
         py="$venv/bin/python"
         echo "the system's Python is externally managed (PEP 668): using the venv $venv"
     fi
-    # pip needs setuptools with bdist_wheel (setuptools >= 70.1, or the wheel package) to
-    # build without downloading; the package is pure Python, so without them it is copied.
-    if ! "$py" -m pip install --quiet --no-build-isolation --no-index ./python 2>/dev/null; then
-        site=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-        rm -rf "$site/m3ipc"
-        cp -r python/m3ipc "$site/m3ipc"
-        echo "pip could not build offline here (no wheel support in setuptools): copied the package into $site"
+    "$py" -m pip --version >/dev/null 2>&1 || system_packages python3-pip
+    if ! "$py" -m pip --version >/dev/null 2>&1; then
+        echo "$py has no pip: install pip for it, then run this script again" >&2
+        exit 1
     fi
+    # --force-reinstall: running the script again installs the repository's current files.
+    "$py" -m pip install --quiet --no-index --force-reinstall ./python
     echo "installed the Python package m3ipc for $py (set M3IPC_LIB=$prefix/lib/libm3ipc.so if $prefix/lib is not on the library path)"
 fi

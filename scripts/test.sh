@@ -24,11 +24,17 @@ missing=()
 for cmd in unshare setsid nsenter; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=(util-linux)
 done
-# The C library's tests compile C programs with the system's compiler, and the Python
-# package's tests run python3 (ctypes only: no Python package is needed beyond the standard
-# library).
+# The C library's tests compile C programs with the system's compiler. The Python package's
+# tests run python3 (ctypes only: no Python package is needed beyond the standard library)
+# and pip-install the package into a fresh venv, which Debian's python3 makes only with
+# python3-venv (it brings pip into the venv; the package's build backend is its own, so
+# neither setuptools nor wheel is needed).
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
-command -v python3 >/dev/null 2>&1 || missing+=(python3)
+if ! command -v python3 >/dev/null 2>&1; then
+    missing+=(python3 python3-venv)
+elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

@@ -7,6 +7,9 @@
  *   m3ipc_test bind SOCK DC EP                         prints "bind RC"
  *   m3ipc_test block SOCK DC EP                        prints "bound", then "receive RC"
  *   m3ipc_test send SOCK DC EP DST                     prints "send RC"
+ *   m3ipc_test queuefull SOCK SOCK_REMOTE DC BASE N    EDVSNOSPC, local and remote, once
+ *                                                      N senders fill BASE's queue
+ *                                                      (the DC's max_queue must be N)
  *
  * Each check prints "ok NAME" or "FAIL NAME: why"; the exit status is 0 only if none failed.
  * Nothing here depends on timing: where a step needs a peer blocked in IPC, it polls with
@@ -429,6 +432,129 @@ static void calls(const char *sock_client, const char *sock_server, int dc, int 
     expect("EDVSNOTBIND after unbind", dvk_getep(0), EDVSNOTBIND);
 }
 
+/* ---- a full queue ---------------------------------------------------------------------- */
+
+/* A thread that binds, sends one message to `dst` and keeps the code. */
+struct sender { const char *socket; int dc, ep, dst; long bind_rc, rc; };
+
+static void *sender_main(void *arg)
+{
+    struct sender *s = arg;
+    s->bind_rc = dvs_bind_at(s->socket, s->dc, s->ep);
+    if (s->bind_rc < 0)
+        return NULL;
+    message m = request(s->ep);
+    s->rc = dvk_send_T(s->dst, &m, LONG_WAIT);
+    dvk_unbind(s->dc, SELF);
+    return NULL;
+}
+
+/* Polls until sender `ep` has bound (a vcopy from it stops answering EDVSENDPOINT) and is
+ * blocked in its send (it stops answering EDVSBUSY); returns the last code. At most ~20 s. */
+static long wait_queued(int ep, const void *addr)
+{
+    char probe;
+    long rc = EDVSENDPOINT;
+    for (int i = 0; i < 4000 && (rc == EDVSBUSY || rc == EDVSENDPOINT); i++) {
+        rc = dvk_vcopy(ep, addr, SELF, &probe, 1);
+        if (rc == EDVSBUSY || rc == EDVSENDPOINT)
+            sleep_ms(5);
+    }
+    return rc;
+}
+
+/* The destination: binds BASE, stays out of IPC until `go`, then receives `n` messages. */
+struct sink { const char *socket; int dc, ep, n, go, bound, received; long bind_rc;
+              pthread_mutex_t mu; pthread_cond_t cv; };
+
+static void *sink_main(void *arg)
+{
+    struct sink *k = arg;
+    k->bind_rc = dvs_bind_at(k->socket, k->dc, k->ep);
+    pthread_mutex_lock(&k->mu);
+    k->bound = 1;
+    pthread_cond_broadcast(&k->cv);
+    while (!k->go)
+        pthread_cond_wait(&k->cv, &k->mu);
+    pthread_mutex_unlock(&k->mu);
+    if (k->bind_rc < 0)
+        return NULL;
+    for (int i = 0; i < k->n; i++) {
+        message m;
+        if (dvk_receive_T(ANY, &m, LONG_WAIT) == OK)
+            k->received++;
+    }
+    dvk_unbind(k->dc, SELF);
+    return NULL;
+}
+
+/* BASE's queue holds at most N messages (the DC's max_queue): N senders block in a send to
+ * BASE, which is bound but not receiving; once each is queued (see wait_queued), one
+ * more send to BASE fails with EDVSNOSPC, from this node and from SOCK_REMOTE's. Then BASE
+ * receives, and every queued send and a new one complete. */
+static void queuefull(const char *sock, const char *sock_remote, int dc, int base, int n)
+{
+    static char probe; /* an address in this process, for the vcopy probes */
+    if (n < 1 || n > 16) {
+        check("queuefull N", 0, "N must be 1..16");
+        return;
+    }
+    struct sink k;
+    memset(&k, 0, sizeof k);
+    k.socket = sock;
+    k.dc = dc;
+    k.ep = base;
+    k.n = n + 1;
+    pthread_mutex_init(&k.mu, NULL);
+    pthread_cond_init(&k.cv, NULL);
+    pthread_t kt;
+    pthread_create(&kt, NULL, sink_main, &k);
+    pthread_mutex_lock(&k.mu);
+    while (!k.bound)
+        pthread_cond_wait(&k.cv, &k.mu);
+    pthread_mutex_unlock(&k.mu);
+    expect("destination bound", k.bind_rc, base);
+
+    int me = base + n + 1;
+    expect("prober bound", dvs_bind_at(sock, dc, me), me);
+    struct sender senders[16];
+    pthread_t st[16];
+    for (int i = 0; i < n; i++) {
+        senders[i] = (struct sender){sock, dc, base + 1 + i, base, 0, 0};
+        pthread_create(&st[i], NULL, sender_main, &senders[i]);
+    }
+    for (int i = 0; i < n; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "sender %d queued", i + 1);
+        expect(name, wait_queued(base + 1 + i, &probe), OK);
+    }
+    message m = request(T_ECHO);
+    expect("EDVSNOSPC local send", dvk_send_T(base, &m, LONG_WAIT), EDVSNOSPC);
+    expect("EDVSNOSPC local sendrec", dvk_sendrec_T(base, &m, LONG_WAIT), EDVSNOSPC);
+    struct sender remote = {sock_remote, dc, base + n + 2, base, 0, 0};
+    pthread_t rt;
+    pthread_create(&rt, NULL, sender_main, &remote);
+    pthread_join(rt, NULL);
+    expect("remote sender bound", remote.bind_rc, base + n + 2);
+    expect("EDVSNOSPC remote send", remote.rc, EDVSNOSPC);
+
+    pthread_mutex_lock(&k.mu);
+    k.go = 1;
+    pthread_cond_broadcast(&k.cv);
+    pthread_mutex_unlock(&k.mu);
+    for (int i = 0; i < n; i++) {
+        char name[64];
+        pthread_join(st[i], NULL);
+        snprintf(name, sizeof name, "queued send %d delivered", i + 1);
+        expect(name, senders[i].rc, OK);
+    }
+    m = request(T_ECHO);
+    expect("send once the queue has room", dvk_send_T(base, &m, LONG_WAIT), OK);
+    pthread_join(kt, NULL);
+    check("destination received every message", k.received == n + 1, "messages missing");
+    expect("prober unbound", dvk_unbind(dc, me), OK);
+}
+
 /* ---- bad input ------------------------------------------------------------------------ */
 
 static void badinput(const char *sock, int dc, int ep)
@@ -476,6 +602,8 @@ int main(int argc, char **argv)
     if (argc == 6 && !strcmp(argv[1], "calls")) {
         int dc = atoi(argv[4]), base = atoi(argv[5]);
         calls(argv[2], argv[3], dc, base);
+    } else if (argc == 7 && !strcmp(argv[1], "queuefull")) {
+        queuefull(argv[2], argv[3], atoi(argv[4]), atoi(argv[5]), atoi(argv[6]));
     } else if (argc == 5 && !strcmp(argv[1], "badinput")) {
         badinput(argv[2], atoi(argv[3]), atoi(argv[4]));
     } else if (argc == 5 && !strcmp(argv[1], "bind")) {

@@ -1,7 +1,15 @@
 //! libm3ipc (the C library) against real clusters: every call and error code from C threads
 //! on one node and across nodes, vcopy of 1 B, 64 KiB and 1 MiB, timeouts, bad input that
-//! must come back as codes without hurting the node, the codes of failing nodes, and C
-//! programs talking to Rust ones, also across a criu migration of the server.
+//! must come back as codes without hurting the node, the codes of full queues, of another
+//! DC's endpoints, of a frozen directory and of failing nodes, and C programs talking to Rust
+//! ones, also across a criu migration of the server.
+//!
+//! Where each code comes from C (checked to cover every code by
+//! `every_code_is_produced_from_c_or_explained`): [`HEALTHY`] on a healthy cluster,
+//! [`LIMITS`] from a DC's queue limit and its isolation, [`DIRECTORY`] while etcd is stopped,
+//! [`FAILURES`] from nodes that shut down or die. [`NEVER_FROM_A_NODE`] are the codes no node
+//! kernel produces through the C API; `crates/m3ipc-c/tests/every_errno.rs` checks that they
+//! (and every other code) still reach C as their values when a node kernel answers them.
 //!
 //! The C programs (`examples/c`) are compiled here with the system's C compiler against the
 //! static library cargo built; the header's layout and constants are checked against the
@@ -15,6 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clib_support::{c_program, mixed_run, Lang};
+use common::etcd::Etcd;
 use common::examples::criu_available;
 use common::migr::serial;
 use common::{eventually, Cluster, CALL_TIMEOUT};
@@ -49,6 +58,54 @@ fn run_test_program(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// The codes a call on a healthy cluster produces, from C, on one node (across nodes the
+/// same but EDVSDEADLK, which a node detects between its own endpoints only).
+const HEALTHY: &[&str] = &[
+    "EDVSNOTBIND",
+    "EDVSBOUND",
+    "EDVSBADDCID",
+    "EDVSSLOTUSED",
+    "EDVSTIMEDOUT",
+    "EDVSFAULT",
+    "EDVS2BIG",
+    "EDVSPERM",
+    "EDVSSELFSEND",
+    "EDVSNOTREPLY",
+    "EDVSBADSRCDST",
+    "EDVSENDPOINT",
+    "EDVSINVAL",
+    "EDVSDEADLK",
+    "EDVSBUSY",
+    "EDVSDSTDIED",
+    "EDVSSRCDIED",
+];
+
+/// A destination's queue at the DC's `max_queue`; an endpoint number bound in another DC.
+const LIMITS: &[&str] = &["EDVSNOSPC", "EDVSOTHERDC"];
+
+/// A bind while the directory (etcd) does not answer.
+const DIRECTORY: &[&str] = &["EDVSAGAIN"];
+
+/// A node outside the DC, a node shutting down or dead.
+const FAILURES: &[&str] = &["EDVSNODCNODE", "EDVSIO", "EDVSNOPROXY"];
+
+/// Codes no node kernel produces through the C API: EDVSSHUTDOWN (a node kernel that shuts
+/// down closes its endpoints' connections, which callers see as EDVSIO, and answers no call
+/// with a shutdown error) and EDVSGENERIC (a panic inside the library, which no input is
+/// known to cause).
+const NEVER_FROM_A_NODE: &[&str] = &["EDVSSHUTDOWN", "EDVSGENERIC"];
+
+#[test]
+fn every_code_is_produced_from_c_or_explained() {
+    let mut listed: Vec<&str> = [HEALTHY, LIMITS, DIRECTORY, FAILURES, NEVER_FROM_A_NODE]
+        .concat()
+        .to_vec();
+    listed.sort();
+    let mut all: Vec<&str> = CODES.iter().map(|c| c.name).collect();
+    all.sort();
+    assert_eq!(listed, all, "each code is in exactly one list");
 }
 
 fn sock(c: &Cluster, node: u16) -> String {
@@ -98,25 +155,7 @@ fn every_call_and_error_code_on_one_node_and_across_nodes() {
         }
     }
     // Every code a call on a healthy cluster can produce, from C, on one node.
-    let mut want = vec![
-        "EDVSNOTBIND",
-        "EDVSBOUND",
-        "EDVSBADDCID",
-        "EDVSSLOTUSED",
-        "EDVSTIMEDOUT",
-        "EDVSFAULT",
-        "EDVS2BIG",
-        "EDVSPERM",
-        "EDVSSELFSEND",
-        "EDVSNOTREPLY",
-        "EDVSBADSRCDST",
-        "EDVSENDPOINT",
-        "EDVSINVAL",
-        "EDVSDEADLK",
-        "EDVSBUSY",
-        "EDVSDSTDIED",
-        "EDVSSRCDIED",
-    ];
+    let mut want = HEALTHY.to_vec();
     want.sort();
     let mut got = codes_checked(&local);
     got.sort();
@@ -222,9 +261,8 @@ fn failing_nodes_give_their_codes() {
     let on2 = Prog::start(&["block", &sock(&c, 2), "0", "31"]);
     assert_eq!(on2.code("bound"), 31);
 
-    // Node 1 shuts down in order: it closes its endpoints' connections (EDVSSHUTDOWN is
-    // only for calls that reach a node in the middle of its shutdown, which no test can
-    // time).
+    // Node 1 shuts down in order: it closes its endpoints' connections (it answers no call
+    // with EDVSSHUTDOWN).
     let pid1 = c.node_pid(1);
     common::kill(pid1, libc::SIGTERM);
     assert_eq!(name(on1.code("receive")), "EDVSIO");
@@ -238,6 +276,58 @@ fn failing_nodes_give_their_codes() {
     assert_eq!(name(on2.code("receive")), "EDVSIO");
     let send = Prog::start(&["send", &sock(&c, 0), "0", "32", "31"]);
     assert_eq!(name(send.code("send")), "EDVSNOPROXY");
+}
+
+#[test]
+fn a_full_queue_and_an_endpoint_of_another_dc_give_their_codes() {
+    // dc0 queues at most 2 messages per endpoint; dc1 spans nodes 0 and 1.
+    let c = Cluster::start_with(|cfg| {
+        cfg.dcs[0].max_queue = 2;
+        let mut dc1 = cfg.dcs[0].clone();
+        dc1.id = 1;
+        dc1.name = "dc1".into();
+        dc1.nodes.truncate(2);
+        cfg.dcs.push(dc1);
+    });
+    let text = run_test_program(&["queuefull", &sock(&c, 0), &sock(&c, 1), "0", "50", "2"]);
+    for check in [
+        "EDVSNOSPC local send",
+        "EDVSNOSPC local sendrec",
+        "EDVSNOSPC remote send",
+        "send once the queue has room",
+    ] {
+        assert!(
+            text.lines().any(|l| l == format!("ok {check}")),
+            "no passed check {check:?} in:\n{text}"
+        );
+    }
+
+    // Endpoint 7 of dc1 is bound on node 0: to dc0's endpoints there, 7 is another DC's.
+    let other = Prog::start(&["block", &sock(&c, 0), "1", "7"]);
+    assert_eq!(other.code("bound"), 7);
+    let send = Prog::start(&["send", &sock(&c, 0), "0", "60", "7"]);
+    assert_eq!(name(send.code("send")), "EDVSOTHERDC");
+    // The same number in dc0 is free: bound there, it is another endpoint.
+    let bind = Prog::start(&["bind", &sock(&c, 1), "0", "7"]);
+    assert_eq!(bind.code("bind"), 7);
+}
+
+#[test]
+fn a_bind_while_the_directory_is_stopped_gives_edvsagain() {
+    let etcd = Etcd::start();
+    let dir = etcd.directory_config();
+    let c = Cluster::start_with(move |cfg| cfg.directory = dir);
+    // A bind writes the directory. With etcd stopped (SIGSTOP) the write gets no answer and
+    // the node gives up after the directory's request timeout; etcd continues as soon as
+    // the code is there (or when `etcd` drops, if the test fails first).
+    etcd.freeze(true);
+    let stalled = Prog::start(&["bind", &sock(&c, 1), "0", "9"]);
+    let code = stalled.code("bind");
+    etcd.freeze(false);
+    assert_eq!(name(code), "EDVSAGAIN", "bind with etcd stopped: {code}");
+    // With etcd back, binding another endpoint works again.
+    let bind = Prog::start(&["bind", &sock(&c, 1), "0", "10"]);
+    assert_eq!(bind.code("bind"), 10);
 }
 
 #[test]

@@ -1,14 +1,15 @@
 //! The Python package `m3ipc` (ctypes over libm3ipc) against real clusters: its message
 //! layout and codes against the Rust side, every call from Python threads on one node and
 //! across nodes (vcopy to and from bytearrays of 1 B, 64 KiB and 1 MiB, exceptions per
-//! code), and Python programs talking to C ones, also across a criu migration of the server.
+//! code), and Python programs talking to C ones, also across a criu migration of the server;
+//! and `pip install ./python` into a fresh venv, offline, whose package then works.
 
 mod clib_support;
 mod common;
 
 use std::process::{Command, Stdio};
 
-use clib_support::{mixed_run, python_cmd, Lang};
+use clib_support::{lib_dir, mixed_run, python, python_cmd, repo, Lang};
 use common::examples::criu_available;
 use common::migr::serial;
 use common::Cluster;
@@ -58,6 +59,89 @@ fn the_python_message_and_codes_match_the_rust_side() {
     assert_eq!(v["consts"]["ANY"], m3ipc_c::ANY);
     assert_eq!(v["consts"]["SELF"], m3ipc_c::SELF);
     assert_eq!(v["consts"]["NOTIFY_MTYPE"], m3ipc::NOTIFY_MTYPE);
+}
+
+/// Runs `cmd` to its end and returns its stdout,
+/// failing the test with everything it printed if it failed.
+fn run_ok(what: &str, cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().expect(what);
+    assert!(
+        out.status.success(),
+        "{what} ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn pip_installs_the_package_into_a_fresh_venv_offline() {
+    let tmp = tempfile::Builder::new()
+        .prefix("dvs-pip-")
+        .tempdir_in("/tmp")
+        .expect("temp dir");
+    let venv = tmp.path().join("venv");
+    // A venv without the system's site packages: only what pip and the package bring.
+    run_ok(
+        "python3 -m venv (Debian: apt-get install python3-venv)",
+        Command::new(python()).arg("-m").arg("venv").arg(&venv),
+    );
+    let py = venv.join("bin/python");
+    // --no-index: nothing may be downloaded, not even build dependencies.
+    run_ok(
+        "pip install ./python",
+        Command::new(&py)
+            .args(["-m", "pip", "install", "--quiet", "--no-index"])
+            .arg(repo().join("python"))
+            .env_remove("PYTHONPATH")
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+    );
+    // Imported from the venv (not from the source tree: the working folder is elsewhere and
+    // PYTHONPATH is unset), it loads libm3ipc and agrees with the Rust side.
+    let lib = lib_dir().join("libm3ipc_c.so");
+    let site = run_ok(
+        "import m3ipc",
+        Command::new(&py)
+            .args([
+                "-c",
+                "import m3ipc; print(m3ipc.__file__); print(m3ipc.strerror(m3ipc.CODES['EDVSTIMEDOUT']))",
+            ])
+            .current_dir(tmp.path())
+            .env_remove("PYTHONPATH")
+            .env("M3IPC_LIB", &lib),
+    );
+    let mut lines = site.lines();
+    let file = lines.next().unwrap_or_default();
+    assert!(
+        file.starts_with(&venv.display().to_string()),
+        "m3ipc imported from {file:?}, not from the venv"
+    );
+    assert_eq!(
+        lines.next(),
+        Some("timed out"),
+        "dvk_strerror through the installed package"
+    );
+    let layout = run_ok(
+        "check_calls.py layout with the installed package",
+        Command::new(&py)
+            .arg(repo().join("python/tests/check_calls.py"))
+            .arg("layout")
+            .current_dir(tmp.path())
+            .env_remove("PYTHONPATH")
+            .env("M3IPC_LIB", &lib),
+    );
+    let v: Value = serde_json::from_str(&layout).expect("JSON");
+    assert_eq!(v["size"], MESSAGE_SIZE);
+    assert_eq!(v["codes"].as_object().map(|c| c.len()), Some(CODES.len()));
+    let listed = run_ok(
+        "pip show -f m3ipc",
+        Command::new(&py).args(["-m", "pip", "show", "-f", "m3ipc"]),
+    );
+    assert!(
+        listed.contains("Version: 0.1.0") && listed.contains("m3ipc/__init__.py"),
+        "{listed}"
+    );
 }
 
 #[test]

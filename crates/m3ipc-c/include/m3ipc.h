@@ -56,19 +56,19 @@ extern "C" {
 #define EDVSPERM      (-1) /* permission denied */
 #define EDVSIO        (-5) /* the connection to the node kernel failed */
 #define EDVS2BIG      (-7) /* request too large (vcopy above 16 MiB) */
-#define EDVSAGAIN     (-11) /* the cluster directory is unavailable; try again */
+#define EDVSAGAIN     (-11) /* the directory did not answer a bind (etcd down); try again */
 #define EDVSFAULT     (-14) /* bad address: null pointer, or vcopy outside mapped memory */
 #define EDVSBUSY      (-16) /* endpoint busy (a vcopy party not blocked in IPC) */
 #define EDVSINVAL     (-22) /* invalid argument */
-#define EDVSNOSPC     (-28) /* the destination's queue is full */
+#define EDVSNOSPC     (-28) /* the destination already queues the DC's max_queue messages */
 #define EDVSDEADLK    (-35) /* the call would deadlock */
 #define EDVSTIMEDOUT  (-61) /* timed out */
-#define EDVSSHUTDOWN  (-65) /* node kernel shutting down */
+#define EDVSSHUTDOWN  (-65) /* node kernel shutting down: never returned, see below */
 #define EDVSNOTBIND   (-310) /* the caller is not bound to an endpoint */
 #define EDVSENDPOINT  (-306) /* no such endpoint */
 #define EDVSBADSRCDST (-103) /* endpoint number out of range for the DC */
 #define EDVSBADDCID   (-302) /* no such DC */
-#define EDVSOTHERDC   (-360) /* endpoint belongs to another DC */
+#define EDVSOTHERDC   (-360) /* the number is bound in another DC (on the caller's node) */
 #define EDVSNODCNODE    (-319) /* this node is not part of the DC */
 #define EDVSSLOTUSED  (-337) /* endpoint already bound */
 #define EDVSBOUND     (-361) /* this thread is already bound */
@@ -77,6 +77,13 @@ extern "C" {
 #define EDVSNOTREPLY  (-362) /* reply to an endpoint not waiting for one from the caller */
 #define EDVSNOPROXY   (-307) /* the peer's node is unreachable */
 #define EDVSSELFSEND  (-363) /* an endpoint cannot send to itself */
+
+/* Codes kept for DVK programs that test them, but which no call returns with this node
+ * kernel: EDVSSHUTDOWN (a node kernel that shuts down closes its endpoints' connections, so
+ * their calls fail with EDVSIO, and it answers no call with a shutdown error). EDVSGENERIC
+ * only ever means a bug in the library. EDVSOTHERDC is returned where the caller's node
+ * knows the number as another DC's endpoint (it is bound there, or known there from the
+ * directory); elsewhere the same call gets EDVSENDPOINT. */
 
 /* ---- the message ---------------------------------------------------------------------- */
 
@@ -192,7 +199,8 @@ long dvk_send_T(int dst, const message *m, long timeout_ms);
  * then queued senders; blocks otherwise. m->m_source tells the sender. */
 long dvk_receive_T(int src, message *m, long timeout_ms);
 
-/* Sends *m to `dst` and waits for its reply, which overwrites *m, as one call. */
+/* Sends *m to `dst` and waits for its reply, which overwrites *m, as one call.
+ * Errors: those of dvk_send_T; EDVSDSTDIED also if dst goes away before it replies. */
 long dvk_sendrec_T(int dst, message *m, long timeout_ms);
 
 /* Replies *m to `dst`, which must be waiting in sendrec on the caller (else EDVSNOTREPLY).
