@@ -29,7 +29,7 @@ use m3ipc::{Endpoint, Ep, Timeout};
 use serde::Serialize;
 
 use crate::bench::{loadavg, raw_pingpong, with_clusters, Latency};
-use crate::bench_serve::{sendrec_samples, Server};
+use crate::bench_serve::Server;
 use crate::helpers::progress;
 
 const C_CLIENT: &str = include_str!("../../../examples/c/bench_client.c");
@@ -47,6 +47,8 @@ const TARGET: f64 = 1.05;
 const EP_LOCAL_SERVER: Ep = 1;
 const EP_REMOTE_SERVER: Ep = 2;
 const EP_RUST: Ep = 10;
+/// The Rust client process (`ipc-bench-client`).
+const EP_RUST_CLIENT: Ep = 11;
 const EP_C: Ep = 12;
 const EP_PY: Ep = 13;
 
@@ -244,6 +246,7 @@ pub fn ipc_lang(lang: Lang, iterations: u32, clib: Option<&Path>, json: bool) ->
     let tmp = TempDir(std::env::temp_dir().join(format!("dvs-bench-lang-{}", std::process::id())));
     std::fs::create_dir_all(tmp.path())?;
     let c_exe = build_clients(tmp.path(), &lib)?;
+    let rust_exe = crate::harness::example_binary("ipc-bench-client")?;
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let langs: &[&'static str] = if lang == Lang::Python {
         &["rust", "c", "python"]
@@ -289,7 +292,8 @@ pub fn ipc_lang(lang: Lang, iterations: u32, clib: Option<&Path>, json: bool) ->
                 for k in 0..langs.len() {
                     let i = (block + k) % langs.len();
                     let ns = match langs[i] {
-                        "rust" => sendrec_samples(&mut rust, server, warmup, per_block)?,
+                        // A process of its own, as the C and Python clients are.
+                        "rust" => run_block(Command::new(&rust_exe), &args(EP_RUST_CLIENT))?,
                         "c" => run_block(Command::new(&c_exe), &args(EP_C))?,
                         _ => {
                             let mut cmd = Command::new(&python);
