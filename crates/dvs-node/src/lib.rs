@@ -26,6 +26,7 @@ mod migrate;
 mod peer;
 mod preflight;
 mod relay;
+mod restore;
 mod safe_fs;
 mod tls;
 pub mod vcopy;

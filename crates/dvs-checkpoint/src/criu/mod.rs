@@ -1,10 +1,11 @@
 //! The CRIU backend: runs the `criu` binary, for dumps and detached restores as a service
 //! worker (`criu swrk`, see [`CriuWorker`]) that can be started ahead of need.
 
+mod locate;
+mod log;
 mod rpc;
 mod worker;
 
-use std::env;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
@@ -20,6 +21,9 @@ use crate::{
     dir_size, sibling_file, CheckpointBackend, CheckpointError, DumpReport, DumpRequest,
     RestoreReport, RestoreRequest,
 };
+pub use locate::find_criu;
+use locate::{candidates, probe};
+use log::{combined, failure_reason, rpc_failure};
 pub use worker::CriuWorker;
 
 /// Oldest CRIU that works here: 3.17 fails on kernels >= 6.13 (vDSO layout) and 4.1 cannot dump
@@ -39,87 +43,6 @@ const LOG_TAIL_LINES: usize = 20;
 
 /// How long a non-detached restore may take to write its pidfile.
 const ATTACHED_RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Finds a usable criu (version >= [`MIN_CRIU_VERSION`]), in order: `$DVS_CRIU`,
-/// `$DVS_CRIU_PREFIX/bin/criu` (default [`DEFAULT_CRIU_PREFIX`]), then `criu` on `PATH`.
-/// Use [`Criu::locate`] to learn why none was found.
-pub fn find_criu() -> Option<PathBuf> {
-    candidates()
-        .into_iter()
-        .find_map(|(_, bin)| probe(&bin).ok().map(|_| bin))
-}
-
-/// The candidate binaries with a label saying where each came from.
-fn candidates() -> Vec<(String, PathBuf)> {
-    let mut out = Vec::new();
-    if let Some(p) = env::var_os("DVS_CRIU").filter(|p| !p.is_empty()) {
-        out.push(("$DVS_CRIU".to_string(), PathBuf::from(p)));
-    }
-    let prefix = env::var_os("DVS_CRIU_PREFIX")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CRIU_PREFIX));
-    out.push(("private prefix".to_string(), prefix.join("bin/criu")));
-    if let Some(path) = env::var_os("PATH") {
-        for dir in env::split_paths(&path) {
-            let bin = dir.join("criu");
-            if bin.is_file() {
-                out.push(("PATH".to_string(), bin));
-                break;
-            }
-        }
-    }
-    out
-}
-
-/// Runs `bin --version` and checks the minimum. Returns the version, or why it is unusable.
-fn probe(bin: &Path) -> Result<String, CheckpointError> {
-    if !bin.is_file() {
-        return Err(CheckpointError::CriuNotFound(format!(
-            "{} does not exist",
-            bin.display()
-        )));
-    }
-    let out = Command::new(bin)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| CheckpointError::Spawn {
-            what: "criu --version",
-            bin: bin.to_path_buf(),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let Some(version) = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Version:"))
-        .map(|v| v.trim().to_string())
-    else {
-        return Err(CheckpointError::CriuNotFound(format!(
-            "{} --version printed no version ({}): {}{}",
-            bin.display(),
-            out.status,
-            text.trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    };
-    match parse_version(&version) {
-        Some(v) if v >= MIN_CRIU_VERSION => Ok(version),
-        _ => Err(CheckpointError::CriuTooOld {
-            bin: bin.to_path_buf(),
-            version,
-            min: format!("{}.{}", MIN_CRIU_VERSION.0, MIN_CRIU_VERSION.1),
-        }),
-    }
-}
-
-/// `"4.1.1"` → `(4, 1)`.
-fn parse_version(v: &str) -> Option<(u32, u32)> {
-    let mut it = v.split(['.', '-', ' ']);
-    let major = it.next()?.parse().ok()?;
-    let minor = it.next().map_or(Some(0), |m| m.parse().ok())?;
-    Some((major, minor))
-}
 
 /// The CRIU checkpoint backend: a located `criu` binary (possibly the wrapper written by
 /// `scripts/install-criu.sh`). Needs root (or CAP_CHECKPOINT_RESTORE + CAP_SYS_PTRACE).
@@ -728,21 +651,6 @@ fn path_str(p: &Path) -> Result<String, CheckpointError> {
         .ok_or_else(|| CheckpointError::InvalidRequest(format!("{} is not UTF-8", p.display())))
 }
 
-/// (status, reason, log tail) of a request criu refused.
-fn rpc_failure(log_file: &Path, resp: &rpc::Resp) -> (String, String, String) {
-    let status = match resp.cr_errno {
-        Some(n) if n != 0 => format!("criu swrk failed, {}", io::Error::from_raw_os_error(n)),
-        _ => "criu swrk failed".to_string(),
-    };
-    let out = Output {
-        status: std::process::ExitStatus::default(),
-        stdout: resp.cr_errmsg.clone().unwrap_or_default().into_bytes(),
-        stderr: Vec::new(),
-    };
-    let (reason, tail) = failure_reason(log_file, &out);
-    (status, reason, tail)
-}
-
 fn absolute(p: &Path) -> Result<PathBuf, CheckpointError> {
     // criu resolves relative log/pidfile paths against the images dir, not our cwd.
     std::path::absolute(p)
@@ -794,99 +702,5 @@ fn read_pidfile(path: &Path) -> Result<Option<i32>, CheckpointError> {
             format!("read pidfile {}", path.display()),
             e,
         )),
-    }
-}
-
-fn combined(out: &Output) -> String {
-    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
-    s.push_str(&String::from_utf8_lossy(&out.stderr));
-    s
-}
-
-/// Lines of criu's errors that say nothing about this failure: the summary line, and the
-/// RLIMIT_NOFILE complaint criu prints on every run where CAP_SYS_RESOURCE is missing.
-const NOISE: [&str; 3] = [
-    "Dumping FAILED",
-    "Restoring FAILED",
-    "Can't setup RLIMIT_NOFILE",
-];
-
-/// (reason, log tail) for a failed criu run: criu's `Error (...)` lines without timestamps
-/// and noise, else its stderr, else the exit status.
-fn failure_reason(log_file: &Path, out: &Output) -> (String, String) {
-    let log = fs::read_to_string(log_file).unwrap_or_default();
-    let tail = {
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
-    };
-    (
-        reason_from(&log, &combined(out), &out.status.to_string()),
-        tail,
-    )
-}
-
-fn reason_from(log: &str, output: &str, status: &str) -> String {
-    let errors: Vec<&str> = log
-        .lines()
-        .filter_map(|l| l.split_once("Error (").map(|(_, rest)| rest))
-        .map(|rest| rest.split_once("): ").map_or(rest, |(_, msg)| msg).trim())
-        .collect();
-    let meaningful: Vec<&str> = errors
-        .iter()
-        .copied()
-        .filter(|e| !NOISE.iter().any(|n| e.contains(n)))
-        .collect();
-    if !meaningful.is_empty() {
-        meaningful.join("; ")
-    } else if !output.trim().is_empty() {
-        output.trim().to_string()
-    } else if !errors.is_empty() {
-        errors.join("; ")
-    } else {
-        format!("criu {status}, no error in its log")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn versions() {
-        assert_eq!(parse_version("4.1.1"), Some((4, 1)));
-        assert_eq!(parse_version("3.17.1"), Some((3, 17)));
-        assert_eq!(parse_version("4"), Some((4, 0)));
-        assert_eq!(parse_version("x"), None);
-        assert!(parse_version("4.2.1").unwrap() >= MIN_CRIU_VERSION);
-        assert!(parse_version("4.1.1").unwrap() < MIN_CRIU_VERSION);
-        assert!(parse_version("3.17.1").unwrap() < MIN_CRIU_VERSION);
-        assert!(parse_version("4.0").unwrap() < MIN_CRIU_VERSION);
-    }
-
-    #[test]
-    fn reason_skips_noise_and_timestamps() {
-        let log = "(00.024502) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
-                   (00.034440) Error (criu/pstree.c:300): The root process 8974 is not a session leader. Consider using --shell-job option\n\
-                   (00.034544) Error (criu/cr-dump.c:2111): Dumping FAILED.\n";
-        assert_eq!(
-            reason_from(log, "", "exit status: 1"),
-            "The root process 8974 is not a session leader. Consider using --shell-job option"
-        );
-        assert_eq!(
-            reason_from("", "bad option\n", "exit status: 1"),
-            "bad option"
-        );
-        assert_eq!(
-            reason_from("", "", "exit status: 1"),
-            "criu exit status: 1, no error in its log"
-        );
-    }
-
-    #[test]
-    fn missing_binary_is_not_found() {
-        assert!(matches!(
-            Criu::at("/nonexistent/criu"),
-            Err(CheckpointError::CriuNotFound(_))
-        ));
     }
 }
