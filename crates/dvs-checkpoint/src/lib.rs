@@ -44,8 +44,8 @@ pub use inventory::Inventory;
 pub use preflight::{Plan, PreflightError};
 pub use process::{
     children_of, dir_size, kill_tree, migratable_command, ns_pid, pid_namespace_init,
-    process_alive, process_socket_inodes, process_start_time, process_state, resume_tree,
-    socket_inode, stop_tree, tree_pids,
+    process_alive, process_socket_inodes, process_start_time, process_state, resident_bytes,
+    resume_tree, socket_inode, stop_tree, tree_pids,
 };
 
 /// A way to checkpoint a process tree into an image directory and restore it from one.

@@ -172,6 +172,30 @@ pub fn process_state(pid: i32) -> Result<char, CheckpointError> {
         })
 }
 
+/// How much of the tree rooted at `pid` is resident in memory, in bytes: the sum of each
+/// process's resident pages (`/proc/PID/statm`; memory shared between them counts twice).
+pub fn resident_bytes(pid: i32) -> Result<u64, CheckpointError> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let mut total = 0;
+    for p in tree_pids(pid) {
+        let path = format!("/proc/{p}/statm");
+        // A process that ended meanwhile holds nothing.
+        let Ok(statm) = fs::read_to_string(&path) else {
+            continue;
+        };
+        let resident: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| {
+                CheckpointError::io(format!("parse {path}"), io::ErrorKind::InvalidData.into())
+            })?;
+        total += resident * page;
+    }
+    Ok(total)
+}
+
 /// When `pid` started, in clock ticks since boot (`/proc/PID/stat` field 22); with the pid,
 /// it names one process for good (a pid alone may be reused). `None` if it does not exist.
 pub fn process_start_time(pid: i32) -> Option<u64> {

@@ -336,7 +336,10 @@ impl Node {
             Event::LocalClosed { conn } => self.local_closed(conn),
             Event::Link(ev) => self.link_event(ev),
             Event::Control(q) => self.query(q),
-            Event::CriuChecked(r) => self.migrations.criu = Some(r),
+            Event::CriuChecked(r) => {
+                self.migrations.criu = Some(r);
+                self.keep_restorer_ready();
+            }
             Event::Launch(job) => self.launch(job),
             Event::ProcEnded { pid, ended } => self.procs.ended(pid, ended),
             Event::CriuRestored { id, dc, ep, result } => self.criu_restored(id, dc, ep, result),

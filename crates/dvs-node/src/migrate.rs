@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::ctl::CtlResponse;
 use crate::event_loop::{blocking, Event, Events, Node};
-use crate::images::{stream_image, DumpState, ImageStore};
+use crate::images::{stream_image, DumpState, ImageStore, LIVE_STREAM_MIN};
 use crate::safe_fs;
 use crate::workdir::{self, Unpacked};
 
@@ -75,6 +75,8 @@ pub(crate) struct Migrations {
     /// Destination: criu restorers started when a migration began, by migration.
     pub restorers:
         HashMap<MigrationId, tokio::task::JoinHandle<Result<crate::restore::Restorer, String>>>,
+    /// A criu restorer started ahead for the next migration from a node of this machine.
+    pub spare_restorer: Option<tokio::task::JoinHandle<Result<crate::restore::Restorer, String>>>,
     /// Destination: programs started when a cooperative migration began, waiting for their
     /// snapshot, by migration.
     pub programs:
@@ -91,6 +93,7 @@ impl Migrations {
             images,
             restorers: HashMap::new(),
             programs: HashMap::new(),
+            spare_restorer: None,
             streams: HashMap::new(),
             workdirs: HashMap::new(),
         }
@@ -166,6 +169,14 @@ impl Node {
         // is useless (committed: the process runs on the destination; rolled back: the
         // stopped process itself resumes).
         self.migrations.images.drop_image(id);
+        // The next dump's worker starts now, off this migration's path.
+        if let Some(Ok(criu)) = self.migrations.criu.clone() {
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = criu.keep_dumper_ready() {
+                    warn!("cannot start a criu worker ahead of the next dump: {e}");
+                }
+            });
+        }
         if let Some((_, tx)) = self.migrations.requesters.remove(&id) {
             let _ = tx.send(CtlResponse::Migrated(report.clone()));
         }
@@ -191,11 +202,17 @@ impl Node {
             self.migrations.streams.insert(id, stream);
         }
         tokio::task::spawn_local(async move {
+            let live = dump.clone();
             let result = match criu(&events, cached).await {
                 Err(e) => Err(format!("criu does not work on this node: {e}")),
-                Ok(criu) => blocking(move || checkpoint(&criu, pid, &dir, workdir, fail))
-                    .await
-                    .and_then(|r| r),
+                Ok(criu) => blocking(move || {
+                    if dvs_checkpoint::resident_bytes(pid).unwrap_or(0) >= LIVE_STREAM_MIN {
+                        live.send_live();
+                    }
+                    checkpoint(&criu, pid, &dir, workdir, fail)
+                })
+                .await
+                .and_then(|r| r),
             };
             dump.finish(result.is_ok());
             let done = MigrationInput::CheckpointDone { id, result };
@@ -296,6 +313,8 @@ impl Node {
         if let Some(r) = self.migrations.restored.get_mut(&pid) {
             r.resumed = true;
         }
+        // After a commit here: the next spare restorer starts now, off any migration's path.
+        self.keep_restorer_ready();
         // Sending the signals walks `/proc`: off the loop.
         tokio::task::spawn_blocking(move || {
             if let Err(e) = dvs_checkpoint::resume_tree(pid) {

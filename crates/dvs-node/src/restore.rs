@@ -11,7 +11,7 @@ use std::time::Instant;
 use dvs_checkpoint::{Criu, CriuWorker, RestoreRequest};
 use dvs_core::{Input, MigrationInput};
 use dvs_wire::peer::{Backend, MigrationId};
-use dvs_wire::{DcId, Ep};
+use dvs_wire::{DcId, Ep, NodeId};
 use tracing::{info, warn};
 
 use crate::dir::{DirJob, LaunchRecord};
@@ -47,8 +47,9 @@ pub(crate) struct Restorer {
     node_end: UnixStream,
     /// The process's end, open in the worker.
     proc_fd: RawFd,
-    /// This node's log file of the endpoint and its runtime folder, open in the worker.
-    stdout_fd: RawFd,
+    /// This node's log file of the endpoint (not for the spare restorer) and its runtime
+    /// folder, open in the worker.
+    stdout_fd: Option<RawFd>,
     cwd_fd: RawFd,
 }
 
@@ -62,6 +63,7 @@ impl Node {
         dc: DcId,
         ep: Ep,
         backend: Backend,
+        from: NodeId,
     ) {
         if backend == Backend::Cooperative {
             return self.prestart_program(id, dc, ep);
@@ -69,11 +71,41 @@ impl Node {
         let Some(Ok(criu)) = self.migrations.criu.clone() else {
             return;
         };
-        let Some(log) = self.endpoint_log(dc, ep) else {
+        // A source whose runtime folder this host sees (nodes of one machine) leaves no path
+        // to substitute: the spare restorer, started long before, will do, and nothing starts
+        // while the source dumps.
+        let shares_files = self
+            .ctx
+            .cfg
+            .node_by_id(from)
+            .is_some_and(|n| n.runtime_dir.exists());
+        if shares_files {
+            if let Some(spare) = self.migrations.spare_restorer.take() {
+                self.migrations.restorers.insert(id, spare);
+                return;
+            }
+        }
+        let Some((runtime_dir, log)) = self.endpoint_log(dc, ep) else {
             return;
         };
-        let task = tokio::task::spawn_blocking(move || prepare_restorer(&criu, log));
+        let task =
+            tokio::task::spawn_blocking(move || prepare_restorer(&criu, &runtime_dir, Some(log)));
         self.migrations.restorers.insert(id, task);
+    }
+
+    /// Starts the spare restorer if there is none and criu works here (after a restore, so
+    /// that its start-up competes with no migration).
+    pub(crate) fn keep_restorer_ready(&mut self) {
+        let Some(Ok(criu)) = self.migrations.criu.clone() else {
+            return;
+        };
+        if self.migrations.spare_restorer.is_some() {
+            return;
+        }
+        let runtime_dir = self.ctx.me.runtime_dir.clone();
+        self.migrations.spare_restorer = Some(tokio::task::spawn_blocking(move || {
+            prepare_restorer(&criu, &runtime_dir, None)
+        }));
     }
 
     /// Destination of a cooperative migration: starts the program now, from the directory's
@@ -290,21 +322,24 @@ async fn relaunch(
 /// endpoint and its runtime folder (blocking).
 fn prepare_restorer(
     criu: &Criu,
-    (runtime_dir, log): (PathBuf, PathBuf),
+    runtime_dir: &Path,
+    log: Option<PathBuf>,
 ) -> Result<Restorer, String> {
     let (node_end, proc_end) = UnixStream::pair().map_err(|e| e.to_string())?;
-    let stdout = open_log(&log).map_err(|(e, _)| e)?;
     let cwd = std::fs::File::open(&runtime_dir)
         .map_err(|e| format!("cannot open {}: {e}", runtime_dir.display()))?;
-    let fds: Vec<OwnedFd> = vec![proc_end.into(), stdout.into(), cwd.into()];
+    let mut fds: Vec<OwnedFd> = vec![proc_end.into(), cwd.into()];
+    if let Some(file) = &log {
+        fds.push(open_log(file).map_err(|(e, _)| e)?.into());
+    }
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let worker = criu.spawn_worker(fds).map_err(|e| e.to_string())?;
     Ok(Restorer {
         worker,
         node_end,
         proc_fd: raw[0],
-        stdout_fd: raw[1],
-        cwd_fd: raw[2],
+        cwd_fd: raw[1],
+        stdout_fd: raw.get(2).copied(),
     })
 }
 
@@ -354,13 +389,20 @@ fn restore_image(
     restorer: Option<Restorer>,
     substitutes: Vec<(LocalPath, String)>,
 ) -> Result<(UnixStream, i32), (String, Option<i32>)> {
+    // A spare restorer holds no log file: it cannot serve an image that needs one.
+    let restorer = restorer.filter(|r| {
+        r.stdout_fd.is_some()
+            || !substitutes
+                .iter()
+                .any(|(what, _)| matches!(what, LocalPath::Stdout))
+    });
     let (node_end, pid) = match restorer {
         Some(r) => {
             let mut req = RestoreRequest::new(dir).inherit_unix_socket(r.proc_fd, inode);
             req.leave_stopped = true;
             for (what, key) in substitutes {
                 let fd = match what {
-                    LocalPath::Stdout => r.stdout_fd,
+                    LocalPath::Stdout => r.stdout_fd.expect("checked above"),
                     LocalPath::Cwd => r.cwd_fd,
                 };
                 req.inherit_fds.push((fd, key));

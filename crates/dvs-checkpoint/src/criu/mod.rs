@@ -13,7 +13,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,8 +57,6 @@ pub struct Criu {
 /// A `criu swrk` started ahead of the next dump.
 #[derive(Debug, Default)]
 struct Spare {
-    /// Whether a used spare is replaced (set by [`Criu::keep_dumper_ready`]).
-    keep: AtomicBool,
     worker: Mutex<Option<CriuWorker>>,
 }
 
@@ -118,10 +115,10 @@ impl Criu {
         CriuWorker::spawn(&self.bin, inherit)
     }
 
-    /// From now on keeps one dump worker started, so that a [`Criu::dump`] does not wait for
-    /// criu to start: one now, and a new one after each dump (started off the caller's path).
+    /// Starts a spare dump worker unless one waits already, so that the next [`Criu::dump`]
+    /// does not wait for criu to start. A dump uses the spare up; call this again once the
+    /// dump's migration is over (a worker starting up takes CPU from whatever runs then).
     pub fn keep_dumper_ready(&self) -> Result<(), CheckpointError> {
-        self.spare.keep.store(true, Ordering::Relaxed);
         let mut slot = self.spare.worker.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(self.spawn_worker(Vec::new())?);
@@ -141,20 +138,6 @@ impl Criu {
             Some(w) => Ok(w),
             None => self.spawn_worker(Vec::new()),
         }
-    }
-
-    /// Starts the next spare on a thread of its own, if spares are kept.
-    fn replace_spare(&self) {
-        if !self.spare.keep.load(Ordering::Relaxed) {
-            return;
-        }
-        let me = self.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = me.keep_dumper_ready() {
-                // The next dump starts its own worker and fails with the reason if criu broke.
-                let _ = e;
-            }
-        });
     }
 
     /// The binary that is run.
@@ -195,9 +178,7 @@ impl Criu {
             return self.dump_on(None, req);
         }
         let worker = self.dump_worker()?;
-        let result = self.dump_on(Some(worker), req);
-        self.replace_spare();
-        result
+        self.dump_on(Some(worker), req)
     }
 
     /// [`Criu::dump`] on a worker started earlier (e.g. with descriptors the request names).

@@ -168,6 +168,8 @@ pub enum ProcessAction {
         dc: DcId,
         ep: Ep,
         backend: Backend,
+        /// The source node.
+        from: NodeId,
     },
     /// Destination: restore `id` from its received image, then answer `Restored` (criu) or
     /// wait for the program's `BindRestored` (cooperative).

@@ -159,7 +159,8 @@ impl NodeCore {
                 // the source quiesces and dumps (never on a START it has not checked: that
                 // would let a peer start the endpoint's program here).
                 let hold = self.migr.holds.get(&(dc, ep)).filter(|h| h.id == Some(id));
-                if let Some((Some((_, to)), Some(backend))) = hold.map(|h| (h.route, h.backend)) {
+                if let Some((Some((from, to)), Some(backend))) = hold.map(|h| (h.route, h.backend))
+                {
                     if to == self.node && r.to == self.node {
                         self.actions
                             .push_back(Action::Process(ProcessAction::PrepareRestore {
@@ -167,6 +168,7 @@ impl NodeCore {
                                 dc,
                                 ep,
                                 backend,
+                                from,
                             }));
                     }
                 }
