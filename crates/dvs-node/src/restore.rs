@@ -326,7 +326,7 @@ fn prepare_restorer(
     log: Option<PathBuf>,
 ) -> Result<Restorer, String> {
     let (node_end, proc_end) = UnixStream::pair().map_err(|e| e.to_string())?;
-    let cwd = std::fs::File::open(&runtime_dir)
+    let cwd = std::fs::File::open(runtime_dir)
         .map_err(|e| format!("cannot open {}: {e}", runtime_dir.display()))?;
     let mut fds: Vec<OwnedFd> = vec![proc_end.into(), cwd.into()];
     if let Some(file) = &log {
