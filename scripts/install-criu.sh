@@ -254,15 +254,22 @@ for p in "${deps[@]}"; do
 		missing+=("$p")
 	fi
 done
-if [ "${#foreign[@]}" -gt 0 ]; then
-	log "taking ${foreign[*]} from $SUITE into the prefix (not in the system's suite)"
-	(cd "$WORK/debs" && apt-get "${APT_OPTS[@]}" -q download "${foreign[@]}" >"$WORK/download2.log" 2>&1) || {
-		cat "$WORK/download2.log" >&2
-		die "apt-get download of $SUITE ${foreign[*]} failed"
+# take_from_suite WHY PKG...: downloads PKGs from the foreign suite and unpacks them into the
+# staged prefix, whose libraries come first on criu's library path.
+take_from_suite() {
+	local why="$1" p deb
+	shift
+	log "taking $* from $SUITE into the prefix ($why)"
+	(cd "$WORK/debs" && apt-get "${APT_OPTS[@]}" -q download "$@" >"$WORK/download-more.log" 2>&1) || {
+		cat "$WORK/download-more.log" >&2
+		die "apt-get download of $SUITE $* failed"
 	}
-	for p in "${foreign[@]}"; do
+	for p in "$@"; do
 		for deb in "$WORK"/debs/"$p"_*.deb; do dpkg -x "$deb" "$STAGE"; done
 	done
+}
+if [ "${#foreign[@]}" -gt 0 ]; then
+	take_from_suite "not in the system's suite" "${foreign[@]}"
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
 	log "installing system packages criu needs: ${missing[*]}"
@@ -286,14 +293,7 @@ for lib in "${stale_libs[@]}"; do
 	[ -z "$pkg" ] || stale_pkgs+=("$pkg")
 done
 if [ "${#stale_pkgs[@]}" -gt 0 ]; then
-	log "taking ${stale_pkgs[*]} from $SUITE into the prefix (the system's copy is older than criu's)"
-	(cd "$WORK/debs" && apt-get "${APT_OPTS[@]}" -q download "${stale_pkgs[@]}" >"$WORK/download3.log" 2>&1) || {
-		cat "$WORK/download3.log" >&2
-		die "apt-get download of $SUITE ${stale_pkgs[*]} failed"
-	}
-	for p in "${stale_pkgs[@]}"; do
-		for deb in "$WORK"/debs/"$p"_*.deb; do dpkg -x "$deb" "$STAGE"; done
-	done
+	take_from_suite "the system's copy is older than criu's" "${stale_pkgs[@]}"
 fi
 
 # Resolve every symbol now (LD_BIND_NOW) so an ABI gap between the foreign criu and a system

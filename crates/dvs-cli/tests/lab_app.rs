@@ -258,28 +258,7 @@ fn lab_app_moves_with_its_workdir_across_hosts() {
     let seen2 = until_progress(&rx2, "client on node2");
     let seen3 = until_progress(&rx3, "client on node3");
 
-    let out = run_bounded(
-        &mut lab.dvs_on(
-            1,
-            &[
-                "migrate",
-                "dc0/1",
-                "--to",
-                "node2",
-                "--backend",
-                "criu",
-                "--json",
-            ],
-        ),
-        Duration::from_secs(120),
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "no migration report ({e}): {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        )
-    });
+    let report = migrate_json(&lab, 1, "dc0/1", "node2", Duration::from_secs(120));
     assert_eq!(report["committed"], true, "{report}");
     assert_eq!(
         lab.server_node(SERVER, 3),

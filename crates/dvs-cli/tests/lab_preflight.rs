@@ -10,7 +10,6 @@ mod common;
 use std::time::Duration;
 
 use common::lab::*;
-use serde_json::Value;
 
 /// The lab address of the host that runs node `n`.
 fn host_addr(lab: &Lab, n: u16) -> String {
@@ -90,28 +89,7 @@ fn lab_preflight_refuses_a_host_address_and_moves_a_wildcard_listener() {
     // On every address: it moves, and answers on host2 afterwards.
     start_server(&lab, 2, &["--listen-tcp", "0.0.0.0:7102"]);
     assert!(tcp_line(&lab, 1, "127.0.0.1", 7102).starts_with("migr-server "));
-    let out = run_bounded(
-        &mut lab.dvs_on(
-            1,
-            &[
-                "migrate",
-                "dc0/2",
-                "--to",
-                "node2",
-                "--backend",
-                "criu",
-                "--json",
-            ],
-        ),
-        Duration::from_secs(60),
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "no migration report ({e}): {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        )
-    });
+    let report = migrate_json(&lab, 1, "dc0/2", "node2", Duration::from_secs(60));
     assert_eq!(report["committed"], true, "{report}");
     assert_eq!(lab.server_node(2, 3), Some(2));
     let line = tcp_line(&lab, 2, "127.0.0.1", 7102);

@@ -218,3 +218,32 @@ pub enum Errno {
     #[error("the cluster directory is unavailable")]
     DirectoryUnavailable,
 }
+
+impl Errno {
+    /// Every error, in declaration order (for tables and exhaustive tests).
+    pub const ALL: [Errno; 23] = [
+        Errno::NotBound,
+        Errno::NoSuchEndpoint,
+        Errno::BadEndpoint,
+        Errno::NoSuchDc,
+        Errno::OtherDc,
+        Errno::NodeNotInDc,
+        Errno::AlreadyBound,
+        Errno::ConnAlreadyBound,
+        Errno::DstDied,
+        Errno::SrcDied,
+        Errno::TimedOut,
+        Errno::Busy,
+        Errno::Permission,
+        Errno::NotWaiting,
+        Errno::NodeUnreachable,
+        Errno::SelfSend,
+        Errno::Deadlock,
+        Errno::BadAddress,
+        Errno::TooBig,
+        Errno::Invalid,
+        Errno::Shutdown,
+        Errno::QueueFull,
+        Errno::DirectoryUnavailable,
+    ];
+}

@@ -67,31 +67,7 @@ fn assert_no_absurd_allocation() {
 // ----- strategies for every wire type -------------------------------------------------------
 
 fn errno() -> impl Strategy<Value = Errno> {
-    prop::sample::select(vec![
-        Errno::NotBound,
-        Errno::NoSuchEndpoint,
-        Errno::BadEndpoint,
-        Errno::NoSuchDc,
-        Errno::OtherDc,
-        Errno::NodeNotInDc,
-        Errno::AlreadyBound,
-        Errno::ConnAlreadyBound,
-        Errno::DstDied,
-        Errno::SrcDied,
-        Errno::TimedOut,
-        Errno::Busy,
-        Errno::Permission,
-        Errno::NotWaiting,
-        Errno::NodeUnreachable,
-        Errno::SelfSend,
-        Errno::Deadlock,
-        Errno::BadAddress,
-        Errno::TooBig,
-        Errno::Invalid,
-        Errno::Shutdown,
-        Errno::DirectoryUnavailable,
-        Errno::QueueFull,
-    ])
+    prop::sample::select(Errno::ALL.to_vec())
 }
 
 fn message() -> impl Strategy<Value = Message> {

@@ -18,31 +18,7 @@ use m3ipc_c::codes::{errno_code, lookup, CODES};
 use m3ipc_c::{dvk_receive_T, dvk_send_T, dvk_sendrec_T, dvk_unbind, dvs_bind_at, CMessage, ANY};
 
 /// Every IPC error, in the order the fake node kernel answers them.
-const ALL: [Errno; 23] = [
-    Errno::NotBound,
-    Errno::NoSuchEndpoint,
-    Errno::BadEndpoint,
-    Errno::NoSuchDc,
-    Errno::OtherDc,
-    Errno::NodeNotInDc,
-    Errno::AlreadyBound,
-    Errno::ConnAlreadyBound,
-    Errno::DstDied,
-    Errno::SrcDied,
-    Errno::TimedOut,
-    Errno::Busy,
-    Errno::Permission,
-    Errno::NotWaiting,
-    Errno::NodeUnreachable,
-    Errno::SelfSend,
-    Errno::Deadlock,
-    Errno::BadAddress,
-    Errno::TooBig,
-    Errno::Invalid,
-    Errno::Shutdown,
-    Errno::QueueFull,
-    Errno::DirectoryUnavailable,
-];
+const ALL: [Errno; 23] = Errno::ALL;
 
 /// The three calls each error is answered to.
 const CALLS: usize = 3;

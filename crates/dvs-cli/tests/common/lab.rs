@@ -385,6 +385,20 @@ pub fn within<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
+/// `dvs migrate DC/EP --to NODE --backend criu --json` asked on node `n`'s host: the report,
+/// failing the test when there is none.
+pub fn migrate_json(lab: &Lab, n: u16, target: &str, to: &str, limit: Duration) -> Value {
+    let args = ["migrate", target, "--to", to, "--backend", "criu", "--json"];
+    let out = run_bounded(&mut lab.dvs_on(n, &args), limit);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no migration report ({e}): {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    })
+}
+
 /// The pid of node `n`'s kernel, from `dvs lab status`.
 pub fn node_pid(lab: &Lab, n: u16) -> i32 {
     let st = lab.status();
