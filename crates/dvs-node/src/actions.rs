@@ -95,14 +95,6 @@ impl Node {
             ProcessAction::DropImage { id } => {
                 // A restorer still waiting for this image is killed when dropped.
                 self.migrations.restorers.remove(&id);
-                // So is a program started ahead that never got its snapshot.
-                if let Some(task) = self.migrations.programs.remove(&id) {
-                    tokio::task::spawn_local(async move {
-                        if let Ok(Ok(w)) = task.await {
-                            w.discard();
-                        }
-                    });
-                }
                 // So is an image still being streamed (a rollback during the dump).
                 if let Some(stream) = self.migrations.streams.remove(&id) {
                     stream.abort();

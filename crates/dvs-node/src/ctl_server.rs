@@ -275,7 +275,6 @@ pub(crate) async fn handle(
                 cmd,
                 Vec::new(),
                 workdir.map(std::path::PathBuf::from),
-                None,
             )
             .await
             {

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
@@ -135,8 +134,6 @@ struct Program {
     env: Vec<(String, String)>,
     out: std::fs::File,
     workdir: Option<PathBuf>,
-    /// A descriptor the program inherits at its own number (e.g. its snapshot's pipe).
-    inherit: Option<OwnedFd>,
 }
 
 /// A program the node started.
@@ -160,7 +157,6 @@ pub(crate) async fn start(
     cmd: Vec<String>,
     env: Vec<(String, String)>,
     workdir: Option<PathBuf>,
-    inherit: Option<OwnedFd>,
 ) -> Result<Launched, String> {
     let name = check(ctx, dc, ep, &cmd)?;
     if let Some(w) = &workdir {
@@ -195,7 +191,6 @@ pub(crate) async fn start(
         env,
         out,
         workdir,
-        inherit,
     };
     let job = LaunchJob {
         program,
@@ -282,9 +277,7 @@ impl Node {
             env,
             out,
             workdir,
-            inherit,
         } = program;
-        let inherit_fd = inherit.as_ref().map(|f| f.as_raw_fd());
         let me = &self.ctx.me;
         let umask = self.ctx.app_umask;
         let err = out.try_clone().map_err(|e| e.to_string())?;
@@ -309,13 +302,6 @@ impl Node {
         unsafe {
             command.pre_exec(move || {
                 libc::umask(umask as libc::mode_t);
-                // Kept across the exec chain (unshare, setsid, the program): the node's
-                // descriptors are all close-on-exec.
-                if let Some(fd) = inherit_fd {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
                 Ok(())
             });
         }

@@ -77,10 +77,6 @@ pub(crate) struct Migrations {
         HashMap<MigrationId, tokio::task::JoinHandle<Result<crate::restore::Restorer, String>>>,
     /// A criu restorer started ahead for the next migration from a node of this machine.
     pub spare_restorer: Option<tokio::task::JoinHandle<Result<crate::restore::Restorer, String>>>,
-    /// Destination: programs started when a cooperative migration began, waiting for their
-    /// snapshot, by migration.
-    pub programs:
-        HashMap<MigrationId, tokio::task::JoinHandle<Result<crate::restore::Waiting, String>>>,
 }
 
 impl Migrations {
@@ -92,7 +88,6 @@ impl Migrations {
             criu: None,
             images,
             restorers: HashMap::new(),
-            programs: HashMap::new(),
             spare_restorer: None,
             streams: HashMap::new(),
             workdirs: HashMap::new(),

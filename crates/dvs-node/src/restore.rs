@@ -1,6 +1,6 @@
 //! The destination's side of a migration: getting ready while the source quiesces and
-//! dumps (a criu restorer, or the cooperative program itself, started ahead), then restoring
-//! from the image that arrived (criu) or handing the program its snapshot (cooperative).
+//! dumps (a criu restorer started ahead), then restoring from the image that arrived (criu)
+//! or starting the program with its snapshot (cooperative).
 //! Blocking work (criu, image files) runs on the pool; the outcome comes back as an event.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -21,23 +21,6 @@ use crate::migrate::{
     SOCKET_FILE,
 };
 use crate::workdir;
-
-/// A program started for a cooperative migration before its snapshot arrived: it reads the
-/// snapshot from a pipe (`DVS_RESTORE_FD`), which the node writes once it has it.
-pub(crate) struct Waiting {
-    /// The pipe's write end.
-    writer: std::fs::File,
-    /// The program's launcher.
-    pid: i32,
-}
-
-impl Waiting {
-    /// Kills the program (the migration ended without it), off the loop.
-    pub fn discard(self) {
-        drop(self.writer);
-        kill_tree_off_loop(self.pid);
-    }
-}
 
 /// A `criu swrk` started before the image it restores has arrived, holding what the restored
 /// process gets in place of its node-local resources.
@@ -65,8 +48,10 @@ impl Node {
         backend: Backend,
         from: NodeId,
     ) {
+        // A cooperative program is started only once its snapshot has come: started at
+        // START it had about 2 ms of lead here against 5 ms to start, and gained nothing.
         if backend == Backend::Cooperative {
-            return self.prestart_program(id, dc, ep);
+            return;
         }
         let Some(Ok(criu)) = self.migrations.criu.clone() else {
             return;
@@ -108,32 +93,6 @@ impl Node {
         }));
     }
 
-    /// Destination of a cooperative migration: starts the program now, from the directory's
-    /// launch record, with a pipe it reads its snapshot from once the snapshot has come.
-    fn prestart_program(&mut self, id: MigrationId, dc: DcId, ep: Ep) {
-        // What to start comes from the directory's launch record, never from a peer.
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.directory(DirJob::Launch(LaunchRecord::Get { dc, ep, reply }));
-        let ctx = self.ctx.clone();
-        let task = tokio::task::spawn_local(async move {
-            let cmd = answer
-                .await
-                .unwrap_or_else(|_| Err("the directory worker dropped the request".into()))?;
-            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                .map_err(|e| format!("cannot make the snapshot pipe: {e}"))?;
-            let env = vec![
-                (RESTORE_MIGRATION.to_string(), id.to_string()),
-                (RESTORE_FD.to_string(), read.as_raw_fd().to_string()),
-            ];
-            let launched = crate::launcher::start(&ctx, dc, ep, cmd, env, None, Some(read)).await?;
-            Ok(Waiting {
-                writer: std::fs::File::from(write),
-                pid: launched.pid,
-            })
-        });
-        self.migrations.programs.insert(id, task);
-    }
-
     /// (runtime folder, log file) of endpoint `{dc, ep}` on this node.
     fn endpoint_log(&self, dc: DcId, ep: Ep) -> Option<(PathBuf, PathBuf)> {
         self.ctx.cfg.dc_by_id(dc).map(|d| {
@@ -159,34 +118,15 @@ impl Node {
         let events = self.ctx.events.clone();
         match backend {
             Backend::Cooperative => {
-                let prepared = self.migrations.programs.remove(&id);
-                // Asked in any case: the program started ahead may have failed.
+                // What to start comes from the directory's launch record, never from a peer.
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 self.directory(DirJob::Launch(LaunchRecord::Get { dc, ep, reply }));
                 let ctx = self.ctx.clone();
                 let snapshot = dir.join(SNAPSHOT_FILE);
                 tokio::task::spawn_local(async move {
                     let _ = written.await;
-                    let waiting = match prepared {
-                        Some(task) => match task.await {
-                            Ok(Ok(w)) => Some(w),
-                            Ok(Err(e)) => {
-                                warn!("the program started ahead failed ({e}); starting it now");
-                                None
-                            }
-                            Err(_) => None,
-                        },
-                        None => None,
-                    };
                     // The program reports itself with `BindRestored`; only a failure is told.
-                    let failed = match waiting {
-                        Some(w) => blocking(move || hand_snapshot(w, &snapshot))
-                            .await
-                            .and_then(|r| r)
-                            .err(),
-                        None => relaunch(&ctx, id, dc, ep, snapshot, answer).await.err(),
-                    };
-                    if let Some(e) = failed {
+                    if let Err(e) = relaunch(&ctx, id, dc, ep, snapshot, answer).await {
                         let done = MigrationInput::Restored { id, result: Err(e) };
                         let _ = events.send(Event::Input(Input::Migration(done))).await;
                     }
@@ -275,28 +215,9 @@ impl Node {
 /// The environment a cooperatively restored program reads (see `m3ipc::Endpoint::from_env`).
 const RESTORE_MIGRATION: &str = "DVS_RESTORE_MIGRATION";
 const RESTORE_FILE: &str = "DVS_RESTORE_FILE";
-const RESTORE_FD: &str = "DVS_RESTORE_FD";
-
-/// Writes the snapshot in `file` to a program waiting for it: its length (u64, little
-/// endian), then its bytes (blocking: the pipe holds 64 KiB; the program reads as it comes).
-fn hand_snapshot(w: Waiting, file: &Path) -> Result<(), String> {
-    use std::io::Write;
-    let data = std::fs::read(file).map_err(|e| format!("cannot read the snapshot: {e}"))?;
-    let mut writer = &w.writer;
-    let sent = writer
-        .write_all(&(data.len() as u64).to_le_bytes())
-        .and_then(|()| writer.write_all(&data));
-    if let Err(e) = sent {
-        w.discard();
-        return Err(format!(
-            "the program started ahead did not take its snapshot: {e}"
-        ));
-    }
-    Ok(())
-}
 
 /// Starts the program of `{dc, ep}` (its launch record is `answer`) with its snapshot in
-/// `snapshot`, when none was started ahead.
+/// `snapshot`.
 async fn relaunch(
     ctx: &crate::event_loop::Ctx,
     id: MigrationId,
@@ -313,7 +234,7 @@ async fn relaunch(
         .await
         .unwrap_or_else(|_| Err("the directory worker dropped the request".into()))?;
     // The working folder does not travel with a cooperative snapshot.
-    crate::launcher::start(ctx, dc, ep, cmd, env, None, None)
+    crate::launcher::start(ctx, dc, ep, cmd, env, None)
         .await
         .map(|_| ())
 }

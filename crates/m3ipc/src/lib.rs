@@ -114,10 +114,6 @@ pub type SnapshotHook = Box<dyn FnMut() -> Vec<u8> + Send>;
 pub const ENV_RESTORE_MIGRATION: &str = "DVS_RESTORE_MIGRATION";
 /// Environment variable naming the file holding the snapshot to restore from.
 pub const ENV_RESTORE_FILE: &str = "DVS_RESTORE_FILE";
-/// Environment variable naming an inherited descriptor to read the snapshot from, to its
-/// end: the node starts the program before the snapshot exists and writes it there once it
-/// has arrived (instead of [`ENV_RESTORE_FILE`]).
-pub const ENV_RESTORE_FD: &str = "DVS_RESTORE_FD";
 
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -229,17 +225,12 @@ impl Endpoint {
         let dc = env_parse::<DcId>(ENV_DC)?;
         let ep = env_parse::<Ep>(ENV_EP)?;
         if let Ok(migration) = env_parse::<u64>(ENV_RESTORE_MIGRATION) {
-            let snapshot = match env_parse::<i32>(ENV_RESTORE_FD) {
-                Ok(fd) => read_snapshot_fd(fd)?,
-                Err(_) => {
-                    let file = env_var(ENV_RESTORE_FILE)?;
-                    std::fs::read(&file).map_err(|e| {
-                        Error::Env(format!(
-                            "cannot read the snapshot {file} named by {ENV_RESTORE_FILE}: {e}"
-                        ))
-                    })?
-                }
-            };
+            let file = env_var(ENV_RESTORE_FILE)?;
+            let snapshot = std::fs::read(&file).map_err(|e| {
+                Error::Env(format!(
+                    "cannot read the snapshot {file} named by {ENV_RESTORE_FILE}: {e}"
+                ))
+            })?;
             let stream = UnixStream::connect(&socket).map_err(|e| {
                 Error::Io(io::Error::new(
                     e.kind(),
@@ -598,39 +589,3 @@ where
 
 #[cfg(test)]
 mod tests;
-
-/// Reads a snapshot from inherited descriptor `fd` (see [`ENV_RESTORE_FD`]): its length as a
-/// little-endian u64, then its bytes; closes the descriptor. The descriptor closed before a
-/// whole snapshot means the node gave up on the restore (a rollback).
-fn read_snapshot_fd(fd: i32) -> Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::fd::FromRawFd;
-    // SAFETY: F_GETFD only queries the descriptor table.
-    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-        return Err(Error::Env(format!(
-            "{ENV_RESTORE_FD}={fd} names no open descriptor"
-        )));
-    }
-    // SAFETY: the node passed this descriptor to this process for this read alone; nothing
-    // else in the process owns it.
-    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-    let cut = |e: io::Error| {
-        Error::Env(format!(
-            "no whole snapshot on {ENV_RESTORE_FD}={fd} (the migration ended?): {e}"
-        ))
-    };
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(cut)?;
-    let len = u64::from_le_bytes(len);
-    if len > MAX_SNAPSHOT {
-        return Err(Error::Env(format!(
-            "the snapshot on {ENV_RESTORE_FD}={fd} claims {len} bytes"
-        )));
-    }
-    let mut snapshot = vec![0u8; len as usize];
-    f.read_exact(&mut snapshot).map_err(cut)?;
-    Ok(snapshot)
-}
-
-/// The largest snapshot read from [`ENV_RESTORE_FD`] (what the node accepts from a program).
-const MAX_SNAPSHOT: u64 = 64 << 20;

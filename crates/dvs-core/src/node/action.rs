@@ -159,10 +159,9 @@ pub enum ProcessAction {
     },
     /// Stream the image folder of `id` to `to` as image chunks, then answer `ImageSent`.
     SendImage { id: MigrationId, to: NodeId },
-    /// Destination: get ready to restore `id` as `{dc, ep}` with `backend`, from MIGR_START on
-    /// (criu: start the restorer; cooperative: start the program, which waits for its
-    /// snapshot), so that starting it costs nothing while the process is frozen. Nothing
-    /// answers; a `Restore` or a `DropImage` for `id` follows.
+    /// Destination: get ready to restore `id` as `{dc, ep}` with `backend`, once the directory
+    /// confirms the START (criu: start the restorer), so that starting it costs nothing while
+    /// the process is frozen. Nothing answers; a `Restore` or a `DropImage` for `id` follows.
     PrepareRestore {
         id: MigrationId,
         dc: DcId,
