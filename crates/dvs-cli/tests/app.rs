@@ -96,8 +96,8 @@ fn app_run(scenario: Scenario, fail_at: Option<&str>) {
         "{name}: the helper (pid {helper} in the namespace) is not a child of {pid}: {kids:?}"
     );
 
-    let a = AppClientRun::start(&c, a_node, CLIENT, SERVER, COUNT);
-    let b = AppClientRun::start(&c, b_node, CLIENT_B, SERVER, COUNT);
+    let a = start_app_client(&c, a_node, CLIENT, SERVER, COUNT);
+    let b = start_app_client(&c, b_node, CLIENT_B, SERVER, COUNT);
     wait_until(
         &format!("{BEFORE_MOVE} requests in {}", log.display()),
         || (request_lines(&log) >= BEFORE_MOVE || a.finished() || b.finished()).then_some(()),

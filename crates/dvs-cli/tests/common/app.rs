@@ -4,15 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::process::{Command, Stdio};
 use std::thread;
 
 use serde_json::Value;
 
 use super::examples::example_bin;
-use super::migr::{client_json, diagnose, node_name, printed, wait_until, HANG_GUARD};
+use super::migr::{diagnose, node_name, printed, wait_until, ClientRun};
 use super::{Cluster, DVS};
 
 /// Worker threads of the server in these tests.
@@ -104,57 +102,13 @@ fn client_command(c: &Cluster, node: u16, ep: i32, server: i32, args: &[&str]) -
     cmd
 }
 
-/// An `app-client` run under `dvs run --wait`, in a background thread.
-pub struct AppClientRun {
-    /// What it is, for messages.
-    pub what: String,
-    rx: mpsc::Receiver<Output>,
-    done: Arc<AtomicBool>,
-}
-
-impl AppClientRun {
-    /// Starts `app-client --count COUNT --json` as endpoint `ep` on node `node`.
-    pub fn start(c: &Cluster, node: u16, ep: i32, server: i32, count: u64) -> Self {
-        let what = format!("app-client ep {ep} on node {node} (server ep {server})");
-        let count = count.to_string();
-        let mut cmd = client_command(c, node, ep, server, &["--count", &count, "--json"]);
-        let (tx, rx) = mpsc::channel();
-        let done = Arc::new(AtomicBool::new(false));
-        let flag = done.clone();
-        thread::spawn(move || {
-            let out = cmd.output().expect("cannot run dvs run --wait");
-            flag.store(true, Ordering::SeqCst);
-            let _ = tx.send(out);
-        });
-        AppClientRun { what, rx, done }
-    }
-
-    /// Whether the run ended already.
-    pub fn finished(&self) -> bool {
-        self.done.load(Ordering::SeqCst)
-    }
-
-    /// Waits for the run to end (at most [`HANG_GUARD`]) and returns its JSON result,
-    /// failing the test if it printed none or failed.
-    pub fn finish(self, c: &Cluster) -> Value {
-        let out = self.rx.recv_timeout(HANG_GUARD).unwrap_or_else(|_| {
-            panic!(
-                "{} did not finish within {HANG_GUARD:?}{}",
-                self.what,
-                diagnose(c)
-            )
-        });
-        let result = client_json(&String::from_utf8_lossy(&out.stdout))
-            .unwrap_or_else(|| panic!("{} printed no JSON result: {}", self.what, printed(&out)));
-        assert!(
-            out.status.success(),
-            "{} failed (result {result}): {}{}",
-            self.what,
-            printed(&out),
-            diagnose(c)
-        );
-        result
-    }
+/// Starts `app-client --count COUNT --json` as endpoint `ep` on node `node`, under
+/// `dvs run --wait`, in a background thread.
+pub fn start_app_client(c: &Cluster, node: u16, ep: i32, server: i32, count: u64) -> ClientRun {
+    let what = format!("app-client ep {ep} on node {node} (server ep {server})");
+    let count = count.to_string();
+    let cmd = client_command(c, node, ep, server, &["--count", &count, "--json"]);
+    ClientRun::spawn(what, cmd)
 }
 
 /// Asserts a client's result: `count` answers ok, none corrupt, lost or duplicated, and

@@ -213,6 +213,12 @@ impl ClientRun {
             .args(["--node", &node_name(c, node), "--wait", "--"])
             .args(client_cmd(server, iterations, block))
             .stdin(Stdio::null());
+        ClientRun::spawn(what, cmd)
+    }
+
+    /// Runs `cmd` (a client under `dvs run --wait`) in a background thread; `what` names it in
+    /// messages.
+    pub fn spawn(what: String, mut cmd: Command) -> Self {
         let (tx, rx) = mpsc::channel();
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
