@@ -20,7 +20,7 @@ use dvs_config::ClusterConfig;
 use serde::Serialize;
 
 use crate::bench::{cpu_model, loadavg};
-use crate::bench_lab::busy;
+use crate::bench_lab::load_text;
 use crate::harness::Stats;
 use crate::helpers::progress;
 use crate::helpers::{find_node, node_status};
@@ -81,14 +81,10 @@ pub fn failover(trials: u32, json: bool) -> Result<ExitCode> {
     })?;
     let after = loadavg();
     let machine = format!(
-        "{} CPUs ({}), load {before} before / {after} after{}",
+        "{} CPUs ({}), {}",
         thread::available_parallelism().map_or(1, |n| n.get()),
         cpu_model(),
-        if busy(&before) || busy(&after) {
-            " (1-minute load above 0.5: figures may be noisy)"
-        } else {
-            ""
-        }
+        load_text(&before, &after)
     );
     if json {
         let v = serde_json::json!({ "machine": machine, "failures": results });

@@ -22,7 +22,7 @@ use m3ipc::{DcId, Endpoint, Ep, Timeout};
 use serde::Serialize;
 
 use crate::bench::{cpu_model, loadavg, IpcOptions, Latency};
-use crate::bench_lab::busy;
+use crate::bench_lab::load_text;
 use crate::bench_serve::{
     send_rate, sendrec_samples, stop_server, vcopy_rate, BLOCK, RAW_MSG, RAW_PINGPONG, RAW_STREAM,
 };
@@ -374,15 +374,9 @@ fn print(r: &IpcLabReport) {
     println!("dvs bench ipc --lab");
     println!("  {}", r.method);
     println!(
-        "  {}, load {} before / {} after{}",
+        "  {}, {}",
         r.machine,
-        r.loadavg_before,
-        r.loadavg_after,
-        if busy(&r.loadavg_before) || busy(&r.loadavg_after) {
-            " (1-minute load above 0.5: figures may be noisy)"
-        } else {
-            ""
-        }
+        load_text(&r.loadavg_before, &r.loadavg_after)
     );
     println!(
         "  per cluster: {} round trips per latency test after {} warm-up, {} MiB per bandwidth \

@@ -177,15 +177,9 @@ fn print(r: &LabReport) {
     println!("dvs bench migration --lab");
     println!("  {}", r.method);
     println!(
-        "  {}, load {} before / {} after{}",
+        "  {}, {}",
         r.machine,
-        r.loadavg_before,
-        r.loadavg_after,
-        if busy(&r.loadavg_before) || busy(&r.loadavg_after) {
-            " (1-minute load above 0.5: figures may be noisy)"
-        } else {
-            ""
-        }
+        load_text(&r.loadavg_before, &r.loadavg_after)
     );
     if let Some(why) = &r.criu_unavailable {
         println!("  criu not measured: {why}");
@@ -274,6 +268,17 @@ fn print(r: &LabReport) {
             println!("  {x}");
         }
     }
+}
+
+/// `load BEFORE before / AFTER after`, with a warning when either 1-minute figure says the
+/// machine was busy.
+pub fn load_text(before: &str, after: &str) -> String {
+    let warning = if busy(before) || busy(after) {
+        " (1-minute load above 0.5: figures may be noisy)"
+    } else {
+        ""
+    };
+    format!("load {before} before / {after} after{warning}")
 }
 
 /// Whether a load average line's 1-minute figure is above 0.5.
