@@ -155,15 +155,20 @@ fn dc_nodes_input(key: &str, value: &str) -> Option<Input> {
     Some(Input::Directory(DirectoryInput::DcNodes { dc, nodes }))
 }
 
-/// The core's inputs for what `dcs/` shows: an operator's `dvs dc add-node` / `remove-node`.
-/// A deleted entry leaves the DC as it was (the operator commands never delete one).
-fn dc_events(seen: Seen) -> Vec<Event> {
-    let entries = match seen {
+/// The entries a watch shows written: all of a snapshot, or the one a put wrote (a delete
+/// writes none).
+fn written(seen: Seen) -> Vec<(String, String)> {
+    match seen {
         Seen::Snapshot(snap) => snap.into_iter().map(|(k, v)| (k, v.value)).collect(),
         Seen::Change(DirEvent::Put { key, value, .. }) => vec![(key, value)],
         Seen::Change(DirEvent::Delete { .. }) => Vec::new(),
-    };
-    entries
+    }
+}
+
+/// The core's inputs for what `dcs/` shows: an operator's `dvs dc add-node` / `remove-node`.
+/// A deleted entry leaves the DC as it was (the operator commands never delete one).
+fn dc_events(seen: Seen) -> Vec<Event> {
+    written(seen)
         .iter()
         .filter_map(|(k, v)| dc_nodes_input(k, v))
         .map(Event::Input)
@@ -340,12 +345,7 @@ type Snapshot = (Vec<(String, Versioned)>, mpsc::UnboundedReceiver<DirEvent>);
 /// the broadcast of (applying a known outcome twice is a no-op, so a snapshot is replayed
 /// whole).
 fn migration_events(seen: Seen) -> Vec<Event> {
-    let entries = match seen {
-        Seen::Snapshot(snap) => snap.into_iter().map(|(k, v)| (k, v.value)).collect(),
-        Seen::Change(DirEvent::Put { key, value, .. }) => vec![(key, value)],
-        Seen::Change(DirEvent::Delete { .. }) => Vec::new(),
-    };
-    entries
+    written(seen)
         .iter()
         .filter_map(|(k, v)| record_of(k, v))
         .map(|(dc, ep, record)| {
