@@ -112,7 +112,8 @@ fn start_client(lab: &Lab, n: u16, ep: i32) -> (Child, std::sync::mpsc::Receiver
         &["--count", &count, "--progress", "100", "--json"],
     )
     .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
+    // Not read here: inherited, so that it can never fill a pipe and stall the client.
+    .stderr(Stdio::inherit())
     .spawn()
     .expect("the client");
     let stdout = child.stdout.take().expect("piped");

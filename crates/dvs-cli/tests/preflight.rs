@@ -131,29 +131,13 @@ fn a_deleted_mapped_file_too_big_to_copy_is_refused_and_the_server_keeps_serving
         return;
     }
     let c = Cluster::start();
-    let file = c.dir().join("big.bin");
     // Real data (criu's limit counts allocated blocks): 40 MiB, above dvs's 32 MiB.
     let block: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8 | 1).collect();
     let mut data = Vec::with_capacity(40 << 20);
     for _ in 0..40 {
         data.extend_from_slice(&block);
     }
-    std::fs::write(&file, &data).unwrap();
-    let path = file.display().to_string();
-    start_server_with(&c, 0, SERVER, &["--map-file", &path]);
-    let log = ep_log(&c, 0, SERVER);
-    wait_until(
-        "the server to map the file",
-        || {
-            std::fs::read_to_string(&log)
-                .ok()?
-                .contains("mapped")
-                .then_some(())
-        },
-        || diagnose(&c),
-    );
-    // Replaced on disk while it runs, as a binary upgraded under a running program.
-    std::fs::remove_file(&file).unwrap();
+    let (path, _log) = serve_a_deleted_file(&c, "big.bin", &data);
     check_refused_running(
         &c,
         &[
@@ -221,20 +205,15 @@ fn a_listener_cannot_move_to_a_node_sharing_this_hosts_network() {
     );
 }
 
-#[test]
-fn a_small_deleted_file_is_copied_with_the_image_and_the_server_moves() {
-    let _serial = serial();
-    if !criu_available("a_small_deleted_file_is_copied_with_the_image") {
-        return;
-    }
-    let c = Cluster::start();
-    // 3 MiB: above criu's own 1 MiB ghost limit, so the plan must raise it.
-    let file = c.dir().join("scratch.bin");
-    let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 253) as u8 | 1).collect();
-    std::fs::write(&file, &data).unwrap();
+/// Starts the server on node0 mapping a file `name` of `data` in the cluster's folder, waits
+/// until it has mapped it, and deletes the file, as a binary upgraded under a running
+/// program; returns the file's path and the server's log.
+fn serve_a_deleted_file(c: &Cluster, name: &str, data: &[u8]) -> (String, std::path::PathBuf) {
+    let file = c.dir().join(name);
+    std::fs::write(&file, data).unwrap();
     let path = file.display().to_string();
-    start_server_with(&c, 0, SERVER, &["--map-file", &path]);
-    let log = ep_log(&c, 0, SERVER);
+    start_server_with(c, 0, SERVER, &["--map-file", &path]);
+    let log = ep_log(c, 0, SERVER);
     wait_until(
         "the server to map the file",
         || {
@@ -243,9 +222,22 @@ fn a_small_deleted_file_is_copied_with_the_image_and_the_server_moves() {
                 .contains("mapped")
                 .then_some(())
         },
-        || diagnose(&c),
+        || diagnose(c),
     );
     std::fs::remove_file(&file).unwrap();
+    (path, log)
+}
+
+#[test]
+fn a_small_deleted_file_is_copied_with_the_image_and_the_server_moves() {
+    let _serial = serial();
+    if !criu_available("a_small_deleted_file_is_copied_with_the_image") {
+        return;
+    }
+    let c = Cluster::start();
+    // 3 MiB: above criu's own 1 MiB ghost limit, so the plan must raise it.
+    let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 253) as u8 | 1).collect();
+    let (_path, log) = serve_a_deleted_file(&c, "scratch.bin", &data);
     let client = ClientRun::start(&c, 1, CLIENT, SERVER, ITERATIONS, BLOCK);
     let mid_run = wait_served(&c, &log, 2, &client);
     let report: Value = migrate(&c, SERVER, 2, Backend::Criu, None);
