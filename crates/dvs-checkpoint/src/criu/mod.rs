@@ -51,13 +51,8 @@ const ATTACHED_RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Criu {
     bin: PathBuf,
     version: String,
-    spare: Arc<Spare>,
-}
-
-/// A `criu swrk` started ahead of the next dump.
-#[derive(Debug, Default)]
-struct Spare {
-    worker: Mutex<Option<CriuWorker>>,
+    /// A `criu swrk` started ahead of the next dump.
+    spare: Arc<Mutex<Option<CriuWorker>>>,
 }
 
 impl PartialEq for Criu {
@@ -119,7 +114,7 @@ impl Criu {
     /// does not wait for criu to start. A dump uses the spare up; call this again once the
     /// dump's migration is over (a worker starting up takes CPU from whatever runs then).
     pub fn keep_dumper_ready(&self) -> Result<(), CheckpointError> {
-        let mut slot = self.spare.worker.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.spare.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(self.spawn_worker(Vec::new())?);
         }
@@ -128,12 +123,7 @@ impl Criu {
 
     /// The spare worker, or a new one.
     fn dump_worker(&self) -> Result<CriuWorker, CheckpointError> {
-        let spare = self
-            .spare
-            .worker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
         match spare {
             Some(w) => Ok(w),
             None => self.spawn_worker(Vec::new()),
