@@ -60,6 +60,9 @@ pub(crate) struct Opts {
     pub log_file: Option<String>,
     #[prost(message, optional, tag = "11")]
     pub ps: Option<PageServerInfo>,
+    /// What criu does with the tree's cgroups (`CgroupMode`).
+    #[prost(enumeration = "CgroupMode", optional, tag = "34")]
+    pub manage_cgroups_mode: Option<i32>,
     /// A descriptor of the caller (criu opens it through `/proc/CALLER/fd`).
     #[prost(int32, optional, tag = "17")]
     pub work_dir_fd: Option<i32>,
@@ -81,6 +84,17 @@ pub(crate) struct Opts {
     pub network_lock: Option<i32>,
     #[prost(bool, optional, tag = "69")]
     pub leave_stopped: Option<bool>,
+}
+
+/// `criu_cg_mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub(crate) enum CgroupMode {
+    /// Neither dump nor restore cgroups: a restored tree joins the cgroup of the criu that
+    /// restores it, the destination node's, as a process the node launches does. (Restoring
+    /// the source's cgroup paths would recreate the source node's cgroups on the destination,
+    /// and on cgroup v1 it costs a mount per controller on every restore.)
+    Ignore = 0,
 }
 
 /// `criu_network_lock_method`.
