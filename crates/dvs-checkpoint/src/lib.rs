@@ -8,11 +8,12 @@
 //!
 //! # How a migratable process looks (CRIU)
 //!
-//! * It is started with [`migratable_command`] (`unshare --pid --fork setsid CMD`): a session
-//!   leader and pid 1 of its own pid namespace. The child the caller spawns is `unshare` (in
-//!   the host namespace); the tree to dump is rooted at its only child, found with
-//!   [`pid_namespace_init`]. After restore the tree keeps its in-namespace pids; its host pid
-//!   is new ([`RestoreReport::pid`]).
+//! * It is a session leader and pid 1 of its own pid namespace. A node kernel starts it with
+//!   [`spawn_pid_ns_init`] (one `clone3`, then the program: the child is the tree's root).
+//!   [`migratable_command`] (`unshare --pid --fork setsid CMD`) does the same with helper
+//!   programs: the child the caller spawns is `unshare` (in the host namespace), and the tree
+//!   to dump is rooted at its only child, found with [`pid_namespace_init`]. After restore the
+//!   tree keeps its in-namespace pids; its host pid is new ([`RestoreReport::pid`]).
 //! * Its connection to the node kernel is a unix socket whose peer is outside the tree. The dump
 //!   names it in [`DumpRequest::external_unix_inodes`] (`--external unix[INODE]`), and the
 //!   restore plugs a fresh connection in its place with [`RestoreRequest::inherit_fds`]
@@ -31,6 +32,7 @@ mod error;
 pub mod inventory;
 pub mod preflight;
 mod process;
+mod spawn;
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
@@ -47,6 +49,7 @@ pub use process::{
     process_alive, process_socket_inodes, process_start_time, process_state, resident_bytes,
     resume_tree, socket_inode, stop_tree, tree_pids,
 };
+pub use spawn::{spawn_pid_ns_init, wait_pidfd, ExitKind, PidNsChild, PidNsCommand};
 
 /// A way to checkpoint a process tree into an image directory and restore it from one.
 ///

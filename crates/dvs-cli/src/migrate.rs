@@ -203,6 +203,32 @@ pub fn migrate(cfg: &ClusterConfig, o: &MigrateOptions) -> Result<ExitCode> {
     })
 }
 
+/// Starts `true` the way a node starts an endpoint's program (pid 1 of a new PID namespace)
+/// and waits for it.
+fn pid_namespace_check() -> Result<(), String> {
+    let null = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .map(std::os::fd::OwnedFd::from)
+            .map_err(|e| format!("cannot open /dev/null: {e}"))
+    };
+    let cmd = dvs_checkpoint::PidNsCommand {
+        program: "true".into(),
+        args: Vec::new(),
+        env: Vec::new(),
+        cwd: "/".into(),
+        stdout: null()?,
+        stderr: null()?,
+        umask: 0o022,
+    };
+    let child = dvs_checkpoint::spawn_pid_ns_init(&cmd).map_err(|e| e.to_string())?;
+    match dvs_checkpoint::wait_pidfd(&child.pidfd) {
+        Some(dvs_checkpoint::ExitKind::Code(0)) => Ok(()),
+        other => Err(format!("`true` ended with {other:?}")),
+    }
+}
+
 /// `dvs doctor`: which checkpoint backends work on this machine, and on each running node.
 pub fn doctor(cfg: Option<&ClusterConfig>) -> Result<ExitCode> {
     let root = nix::unistd::Uid::effective().is_root();
@@ -217,18 +243,14 @@ pub fn doctor(cfg: Option<&ClusterConfig>) -> Result<ExitCode> {
             "criu needs root (or CAP_CHECKPOINT_RESTORE + CAP_SYS_PTRACE)"
         }
     );
-    let unshare = std::process::Command::new("unshare")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let pidns = pid_namespace_check();
     println!(
         "{:<14} {:<4} {}",
-        "unshare",
-        yes(unshare),
-        if unshare {
-            "util-linux unshare found (PID namespaces for migratable processes)"
-        } else {
-            "unshare not found: install util-linux"
+        "pid namespace",
+        yes(pidns.is_ok()),
+        match &pidns {
+            Ok(()) => "a program starts as pid 1 of a PID namespace of its own".to_string(),
+            Err(e) => format!("cannot start a program in a PID namespace of its own: {e}"),
         }
     );
     let criu = dvs_checkpoint::Criu::locate()

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Instant;
 
 use dvs_wire::{DcId, Ep};
@@ -281,37 +280,32 @@ impl Node {
         let me = &self.ctx.me;
         let umask = self.ctx.app_umask;
         let err = out.try_clone().map_err(|e| e.to_string())?;
-        // unshare forks the program as pid 1 of a new PID namespace; setsid makes it a session
-        // leader. Not --kill-child: CRIU would restore that parent-death signal and the restored
-        // process would die with its restorer.
-        let mut command = tokio::process::Command::new("unshare");
-        command
-            .args(["--pid", "--fork", "setsid", "--"])
-            .args(&cmd)
-            .env("DVS_SOCKET", me.ipc_socket())
-            .env("DVS_DC", dc.to_string())
-            .env("DVS_EP", ep.to_string())
-            .env("DVS_NODE", me.id.to_string())
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .current_dir(workdir.as_deref().unwrap_or(&me.runtime_dir));
-        // The node runs with umask 077; the program gets the umask the node was started with.
-        // SAFETY: umask(2) is async-signal-safe and touches no memory.
-        unsafe {
-            command.pre_exec(move || {
-                libc::umask(umask as libc::mode_t);
-                Ok(())
-            });
-        }
-        let mut child = command
-            .spawn()
+        // The program is pid 1 of a new PID namespace and a session leader (criu dumps only a
+        // tree whose session is inside it), started without helper programs. No parent-death
+        // signal: CRIU would restore it, and the restored process would die with its
+        // restorer.
+        let mut vars: Vec<(std::ffi::OsString, std::ffi::OsString)> = vec![
+            ("DVS_SOCKET".into(), me.ipc_socket().into()),
+            ("DVS_DC".into(), dc.to_string().into()),
+            ("DVS_EP".into(), ep.to_string().into()),
+            ("DVS_NODE".into(), me.id.to_string().into()),
+        ];
+        vars.extend(env.into_iter().map(|(k, v)| (k.into(), v.into())));
+        let spawn = dvs_checkpoint::PidNsCommand {
+            program: cmd[0].clone().into(),
+            args: cmd[1..].iter().map(Into::into).collect(),
+            env: vars,
+            cwd: workdir.clone().unwrap_or_else(|| me.runtime_dir.clone()),
+            stdout: out.into(),
+            stderr: err.into(),
+            // The node runs with umask 077; the program gets the umask the node was started
+            // with.
+            umask,
+        };
+        let child = dvs_checkpoint::spawn_pid_ns_init(&spawn)
             .map_err(|e| format!("cannot start {:?}: {e}", cmd[0]))?;
-        let pid = child
-            .id()
-            .map(|p| p as i32)
-            .ok_or("the process ended at once")?;
+        drop(spawn);
+        let pid = child.pid;
         info!(pid, dc, ep, cmd = ?cmd, "launched");
         // The launch record: what a cooperative migration restarts on its destination.
         self.directory(DirJob::Launch(LaunchRecord::Put {
@@ -339,15 +333,9 @@ impl Node {
         let (ended_tx, exit) = oneshot::channel();
         let events = self.ctx.events.clone();
         tokio::task::spawn_local(async move {
-            let ended = match child.wait().await {
-                Ok(s) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    match (s.code(), s.signal()) {
-                        (Some(c), _) => Ended::Code(c),
-                        (_, Some(sig)) => Ended::Signal(sig),
-                        _ => Ended::Code(-1),
-                    }
-                }
+            let ended = match wait_for_end(child.pidfd).await {
+                Ok(dvs_checkpoint::ExitKind::Code(c)) => Ended::Code(c),
+                Ok(dvs_checkpoint::ExitKind::Signal(sig)) => Ended::Signal(sig),
                 Err(e) => {
                     warn!(pid, "cannot wait for the process: {e}");
                     Ended::Code(-1)
@@ -360,4 +348,17 @@ impl Node {
         });
         Ok((pid, exit))
     }
+}
+
+/// Waits (on the event loop's reactor) until the process of `pidfd` ends, then reaps it.
+async fn wait_for_end(pidfd: std::os::fd::OwnedFd) -> std::io::Result<dvs_checkpoint::ExitKind> {
+    // SAFETY: the AsyncFd owns the pidfd, which stays open and the same until it is dropped.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    }
+    .map_err(std::io::Error::from)?;
+    // A pidfd is readable once its process has ended.
+    let _ready = fd.readable().await?;
+    dvs_checkpoint::wait_pidfd(fd.get_ref())
+        .ok_or_else(|| std::io::Error::other("the process was reaped elsewhere"))
 }
