@@ -1,12 +1,14 @@
-//! The realistic server (`app-server`: worker threads, a helper child over pipes, a timer, a
-//! cache and a hash-chained `app.log` kept open in its working folder) migrated with criu
-//! across simulated hosts that share no file (`dvs lab`), under two checking clients on the
-//! other hosts. Its working folder is under /tmp, which each lab host has to itself: it
+//! The realistic server (`app-server`: worker threads, a helper child, a timer, a cache and a
+//! hash-chained `app.log` kept open in its working folder) migrated with criu across
+//! simulated hosts that share no file (`dvs lab`), under two checking clients on the other
+//! hosts. Its helper is linked by a TCP connection on 127.0.0.1 (`--helper-link tcp`): an
+//! established connection with both ends in the tree, which criu carries with TCP repair
+//! into the destination host's network namespace (`tests/app.rs` covers the pipes). Its working folder is under /tmp, which each lab host has to itself: it
 //! exists on the destination only because it travels with the image (`dvs run --workdir`).
 //!
-//! Checks: both clients got every answer right; the log on the destination host is intact
-//! and holds every request; the server's worker threads and helper child are the same after
-//! the move; the files the source had are on the destination (the log grown from them).
+//! Checks: both clients got every answer right (each needs a helper call over the
+//! connection); the log on the destination host is intact and holds every request; the
+//! server's worker threads and helper child are the same after the move; the files the source had are on the destination (the log grown from them).
 //!
 //! Needs root, namespaces, etcd and criu 4.2 (see `lab.rs`); `DVS_SKIP_CRIU=1` skips.
 
@@ -234,6 +236,8 @@ fn lab_app_moves_with_its_workdir_across_hosts() {
                     "32",
                     "--tick-ms",
                     "50",
+                    "--helper-link",
+                    "tcp",
                 ],
             ),
             Duration::from_secs(30),

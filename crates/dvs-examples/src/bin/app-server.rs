@@ -6,7 +6,8 @@
 //! worker sends back. The workers compute the answer (a cache lookup, the helper child's
 //! value, the store), append the request's line to `app.log` and answer. A timer thread
 //! (a periodic `timerfd`) appends a `tick` line to the same chain. The helper child is this
-//! program again (`--helper`), connected by two pipes.
+//! program again (`--helper`), connected by two pipes, or by a TCP connection over the
+//! loopback (`--helper-link tcp`: a connection with both ends inside the migrated tree).
 //!
 //! The log file stays open for the whole run and every line is one `write` to it, so a
 //! checkpoint always sees whole lines; a log left by an earlier run in the same working
@@ -15,7 +16,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
@@ -54,17 +55,32 @@ struct Args {
     /// Milliseconds to wait before each reply (the server owes the reply meanwhile)
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// How the helper child is connected: two pipes, or a TCP connection on 127.0.0.1
+    #[arg(long, value_enum, default_value_t = HelperLink::Pipe)]
+    helper_link: HelperLink,
     /// Run as the helper child: answer on stdin/stdout (started by the server itself)
     #[arg(long, hide = true)]
     helper: bool,
+    /// As the helper child: answer on a TCP connection to this port of 127.0.0.1 instead
+    #[arg(long, hide = true)]
+    helper_port: Option<u16>,
     #[command(flatten)]
     bind: BindArgs,
+}
+
+/// How the server talks to its helper child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum HelperLink {
+    /// The child's stdin and stdout.
+    Pipe,
+    /// A TCP connection on the loopback, both ends in the server's tree.
+    Tcp,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.helper {
-        return match run_helper() {
+        return match run_helper(args.helper_port) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("app-server helper: {e}");
@@ -88,11 +104,18 @@ const HELPER_VALUE: u8 = 0;
 /// Helper operation: the helper's own pid (in its pid namespace).
 const HELPER_PID: u8 = 1;
 
-/// The helper child: answers `[value, calls so far]` to each request until its stdin ends.
-/// The call count lets the server notice a helper that lost a request or was replaced.
-fn run_helper() -> io::Result<()> {
-    let mut input = io::stdin().lock();
-    let mut output = io::stdout().lock();
+/// The helper child: answers `[value, calls so far]` to each request until its input ends
+/// (stdin, or the TCP connection to `port`). The call count lets the server notice a helper
+/// that lost a request or was replaced.
+fn run_helper(port: Option<u16>) -> io::Result<()> {
+    let (mut input, mut output): (Box<dyn Read>, Box<dyn Write>) = match port {
+        Some(port) => {
+            let stream = std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))?;
+            stream.set_nodelay(true)?;
+            (Box::new(stream.try_clone()?), Box::new(stream))
+        }
+        None => (Box::new(io::stdin().lock()), Box::new(io::stdout().lock())),
+    };
     let mut calls: u64 = 0;
     let mut req = [0u8; HELPER_REQ];
     loop {
@@ -123,11 +146,11 @@ fn run_helper() -> io::Result<()> {
     }
 }
 
-/// The server's end of the helper's pipes.
+/// The server's end of the link to its helper.
 struct Helper {
     child: Child,
-    to: ChildStdin,
-    from: ChildStdout,
+    to: Box<dyn Write + Send>,
+    from: Box<dyn Read + Send>,
     /// Calls made, which the helper's count must match.
     calls: u64,
     /// Set once a call failed: the helper's state is unknown, every later answer is refused.
@@ -135,17 +158,57 @@ struct Helper {
 }
 
 impl Helper {
-    /// Starts this program again as the helper child.
-    fn start() -> io::Result<Helper> {
+    /// Starts this program again as the helper child, linked by `link`.
+    fn start(link: HelperLink) -> io::Result<Helper> {
         // /proc/self/exe: the same binary even if the path it was started by changed.
-        let mut child = Command::new("/proc/self/exe")
-            .arg("--helper")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let to = child.stdin.take().expect("piped stdin");
-        let from = child.stdout.take().expect("piped stdout");
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg("--helper").stderr(Stdio::inherit());
+        let (child, to, from): (Child, Box<dyn Write + Send>, Box<dyn Read + Send>) = match link {
+            HelperLink::Pipe => {
+                let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+                let to = child.stdin.take().expect("piped stdin");
+                let from = child.stdout.take().expect("piped stdout");
+                (child, Box::new(to), Box::new(from))
+            }
+            HelperLink::Tcp => {
+                let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+                let port = listener.local_addr()?.port();
+                let mut child = cmd
+                    .args(["--helper-port", &port.to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .spawn()?;
+                // Bounded: a helper that died before connecting must not hang the server.
+                listener.set_nonblocking(true)?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                let stream = loop {
+                    match listener.accept() {
+                        Ok((s, _)) => break s,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if let Some(status) = child.try_wait()? {
+                                return Err(io::Error::other(format!(
+                                    "the helper ended ({status}) before connecting"
+                                )));
+                            }
+                            if std::time::Instant::now() > deadline {
+                                let _ = child.kill();
+                                let _ = child.wait();
+                                return Err(io::Error::other(
+                                    "the helper did not connect within 10 s",
+                                ));
+                            }
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+                // Only the connection stays: a listener would be one more socket to move.
+                drop(listener);
+                stream.set_nonblocking(false)?;
+                stream.set_nodelay(true)?;
+                (child, Box::new(stream.try_clone()?), Box::new(stream))
+            }
+        };
         Ok(Helper {
             child,
             to,
@@ -391,7 +454,8 @@ fn run(args: &Args) -> Result<(), String> {
         .map_err(|e| format!("cannot write {CONF_FILE}: {e}"))?;
     let (file, chain) = open_log(dir)?;
     let cache = Cache::new(args.cache_mb);
-    let mut helper = Helper::start().map_err(|e| format!("cannot start the helper: {e}"))?;
+    let mut helper =
+        Helper::start(args.helper_link).map_err(|e| format!("cannot start the helper: {e}"))?;
     let helper_pid = helper.pid().map_err(|e| format!("helper: {e}"))?;
     let mut ep = args.bind.bind().map_err(|e| format!("cannot bind: {e}"))?;
     let shared = Arc::new(Shared {
