@@ -95,6 +95,14 @@ impl Node {
             ProcessAction::DropImage { id } => {
                 // A restorer still waiting for this image is killed when dropped.
                 self.migrations.restorers.remove(&id);
+                self.migrations.launch_records.remove(&id);
+                // The image goes once the outcome is applied: a cooperative program that did
+                // not become the endpoint here leaves no working folder behind.
+                if let Some((dc, ep, unpacked)) = self.migrations.coop_unpacked.remove(&id) {
+                    if self.core.local_pid(dc, ep).is_none() {
+                        tokio::task::spawn_blocking(move || unpacked.undo());
+                    }
+                }
                 // So is an image still being streamed (a rollback during the dump).
                 if let Some(stream) = self.migrations.streams.remove(&id) {
                     stream.abort();

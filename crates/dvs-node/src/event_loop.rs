@@ -101,6 +101,14 @@ pub(crate) enum Event {
         ep: Ep,
         result: RestoreResult,
     },
+    /// Destination of cooperative migration `id`: the working folder that came with the
+    /// snapshot was created here (removed again if the migration rolls back).
+    WorkdirUnpacked {
+        id: MigrationId,
+        dc: DcId,
+        ep: Ep,
+        unpacked: crate::workdir::Unpacked,
+    },
     /// These launched processes' trees held the process that migrated to `to`.
     MigratedAway { launchers: Vec<i32>, to: NodeId },
     /// The deny list changed: close the links whose certificate it revokes now.
@@ -343,6 +351,14 @@ impl Node {
             Event::Launch(job) => self.launch(job),
             Event::ProcEnded { pid, ended } => self.procs.ended(pid, ended),
             Event::CriuRestored { id, dc, ep, result } => self.criu_restored(id, dc, ep, result),
+            Event::WorkdirUnpacked {
+                id,
+                dc,
+                ep,
+                unpacked,
+            } => {
+                self.migrations.coop_unpacked.insert(id, (dc, ep, unpacked));
+            }
             Event::MigratedAway { launchers, to } => self.procs.migrated_away(&launchers, to),
             Event::DenyListChanged => self.close_revoked_links(),
             Event::Relayed { to, frame } => self.relayed_answer(to, frame),

@@ -57,6 +57,9 @@ pub(crate) struct Restored {
     pub resumed: bool,
 }
 
+/// The directory's answer to a launch record request: the command line of an endpoint.
+pub(crate) type LaunchRecordAnswer = tokio::sync::oneshot::Receiver<Result<Vec<String>, String>>;
+
 /// Migration bookkeeping of the daemon.
 pub(crate) struct Migrations {
     /// Whoever asked for a migration coordinated here, and when it started.
@@ -75,6 +78,12 @@ pub(crate) struct Migrations {
     /// Destination: criu restorers started when a migration began, by migration.
     pub restorers:
         HashMap<MigrationId, tokio::task::JoinHandle<Result<crate::restore::Restorer, String>>>,
+    /// Destination: the launch records of cooperative programs asked for when their
+    /// migration began, so that the restart does not wait for the directory.
+    pub launch_records: HashMap<MigrationId, LaunchRecordAnswer>,
+    /// Destination: working folders created here for cooperative programs restarting, by
+    /// migration, until its outcome is known (a rollback removes them).
+    pub coop_unpacked: HashMap<MigrationId, (DcId, Ep, Unpacked)>,
     /// A criu restorer started ahead for the next migration from a node of this machine.
     pub spare_restorer: Option<tokio::task::JoinHandle<Result<crate::restore::Restorer, String>>>,
 }
@@ -88,6 +97,8 @@ impl Migrations {
             criu: None,
             images,
             restorers: HashMap::new(),
+            launch_records: HashMap::new(),
+            coop_unpacked: HashMap::new(),
             spare_restorer: None,
             streams: HashMap::new(),
             workdirs: HashMap::new(),
@@ -215,14 +226,27 @@ impl Node {
         });
     }
 
-    /// Source: stores a cooperative snapshot as the image, on the blocking pool.
+    /// Source: stores a cooperative snapshot as the image, with the endpoint's working folder
+    /// packed beside it, on the blocking pool.
     pub(crate) fn migr_save_snapshot(&mut self, id: MigrationId, data: Vec<u8>, fail: bool) {
         let dir = self.migrations.images.dir(id);
+        let workdir = self
+            .core
+            .coordinated(id)
+            .and_then(|key| self.migrations.workdirs.get(&key).cloned());
         let events = self.ctx.events.clone();
         tokio::task::spawn_local(async move {
-            let result = blocking(move || save_snapshot(&dir, &data, fail))
-                .await
-                .and_then(|r| r);
+            let result = blocking(move || {
+                let bytes = save_snapshot(&dir, &data, fail)?;
+                // The program gave its snapshot and waits for the outcome: its files are as
+                // the snapshot knows them.
+                match workdir {
+                    Some(w) => Ok(bytes + workdir::pack(&w, &dir)?),
+                    None => Ok(bytes),
+                }
+            })
+            .await
+            .and_then(|r| r);
             let done = MigrationInput::CheckpointDone { id, result };
             let _ = events.send(Event::Input(Input::Migration(done))).await;
         });

@@ -289,6 +289,11 @@ impl NodeCore {
             .map(|a| a.pid)
     }
 
+    /// The endpoint that migration `id`, coordinated here, moves (source side).
+    pub fn coordinated(&self, id: MigrationId) -> Option<(DcId, Ep)> {
+        self.migr.coords.get(&id).map(|c| (c.req.dc, c.req.ep))
+    }
+
     /// The endpoint and source node of an incoming migration (destination side).
     pub fn arrival(&self, id: MigrationId) -> Option<(DcId, Ep, NodeId)> {
         self.migr
