@@ -213,41 +213,21 @@ fn lab_app_moves_with_its_workdir_across_hosts() {
     let dir = format!("/tmp/dvs-lab-app-{}", std::process::id());
     let log = format!("{dir}/app.log");
     let server = example_bin("app-server");
-    let ep = SERVER.to_string();
-    ok(
-        run_bounded(
-            &mut lab.dvs_on(
-                1,
-                &[
-                    "run",
-                    "--dc",
-                    "dc0",
-                    "--ep",
-                    &ep,
-                    "--node",
-                    "node1",
-                    "--workdir",
-                    &dir,
-                    "--",
-                    &server,
-                    "--workers",
-                    "4",
-                    "--cache-mb",
-                    "32",
-                    "--tick-ms",
-                    "50",
-                    "--helper-link",
-                    "tcp",
-                ],
-            ),
-            Duration::from_secs(30),
-        ),
-        "dvs run app-server",
-    );
-    within(
-        Duration::from_secs(20),
-        "app-server to run on node1",
-        || (lab.server_node(SERVER, 3) == Some(1)).then_some(()),
+    run_on_node1(
+        &lab,
+        SERVER,
+        Some(&dir),
+        &[
+            &server,
+            "--workers",
+            "4",
+            "--cache-mb",
+            "32",
+            "--tick-ms",
+            "50",
+            "--helper-link",
+            "tcp",
+        ],
     );
     let before = status(&lab, 2, 10);
     // The working folder is host1's own: host2 does not see it before the move.

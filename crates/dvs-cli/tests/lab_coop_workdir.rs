@@ -46,25 +46,13 @@ fn running_pid(lab: &Lab, n: u16, ep: i32) -> i64 {
         .unwrap_or_else(|| panic!("node{n} runs no dc0/{ep}: {ps}"))
 }
 
-/// `dvs migrate TARGET --to node2 --backend cooperative [--fail-at PHASE] --json` from
-/// node1; its report.
+/// `dvs migrate TARGET --to node2 --backend cooperative [--fail-at PHASE]` from node1.
 fn migrate_cooperatively(lab: &Lab, target: &str, fail_at: Option<&str>) -> Value {
-    let mut args = vec![
-        "migrate",
-        target,
-        "--to",
-        "node2",
-        "--backend",
-        "cooperative",
-        "--json",
-    ];
+    let mut args = vec![target, "--to", "node2", "--backend", "cooperative"];
     if let Some(phase) = fail_at {
         args.extend(["--fail-at", phase]);
     }
-    let out = run_bounded(&mut lab.dvs_on(1, &args), Duration::from_secs(60));
-    let said = text(&out.stdout);
-    serde_json::from_str(said.trim())
-        .unwrap_or_else(|e| panic!("no report ({e}): {said}{}", text(&out.stderr)))
+    migrate_report(lab, 1, &args, Duration::from_secs(60))
 }
 
 #[test]
@@ -73,34 +61,7 @@ fn lab_cooperative_move_carries_the_working_folder_and_a_rollback_leaves_none() 
     let dir = format!("/tmp/dvs-lab-coop-{}", std::process::id());
     let state = format!("{dir}/state.txt");
     let server = example_bin("migr-server");
-    let ep = SERVER.to_string();
-    ok(
-        run_bounded(
-            &mut lab.dvs_on(
-                1,
-                &[
-                    "run",
-                    "--dc",
-                    "dc0",
-                    "--ep",
-                    &ep,
-                    "--node",
-                    "node1",
-                    "--workdir",
-                    &dir,
-                    "--",
-                    &server,
-                ],
-            ),
-            Duration::from_secs(30),
-        ),
-        "dvs run migr-server",
-    );
-    within(
-        Duration::from_secs(20),
-        "migr-server to run on node1",
-        || (lab.server_node(SERVER, 3) == Some(1)).then_some(()),
-    );
+    run_on_node1(&lab, SERVER, Some(&dir), &[&server]);
     let content = format!("written on host1 by the test {}\n", std::process::id());
     let write = lab.exec(
         "host1",

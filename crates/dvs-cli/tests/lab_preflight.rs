@@ -27,20 +27,9 @@ fn host_addr(lab: &Lab, n: u16) -> String {
 /// Starts `migr-server ARGS` as dc0/`ep` on node1 and waits until node1 runs it.
 fn start_server(lab: &Lab, ep: i32, args: &[&str]) {
     let server = example_bin("migr-server");
-    let ep_text = ep.to_string();
-    let mut cmd = vec![
-        "run", "--dc", "dc0", "--ep", &ep_text, "--node", "node1", "--", &server,
-    ];
+    let mut cmd = vec![server.as_str()];
     cmd.extend_from_slice(args);
-    ok(
-        run_bounded(&mut lab.dvs_on(1, &cmd), Duration::from_secs(30)),
-        "dvs run migr-server",
-    );
-    within(
-        Duration::from_secs(20),
-        &format!("migr-server {ep} to run on node1"),
-        || (lab.server_node(ep, 3) == Some(1)).then_some(()),
-    );
+    run_on_node1(lab, ep, None, &cmd);
 }
 
 /// The first line a TCP connection to `addr:port` reads, from host `n`.

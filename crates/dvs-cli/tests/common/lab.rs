@@ -388,8 +388,16 @@ pub fn within<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) 
 /// `dvs migrate DC/EP --to NODE --backend criu --json` asked on node `n`'s host: the report,
 /// failing the test when there is none.
 pub fn migrate_json(lab: &Lab, n: u16, target: &str, to: &str, limit: Duration) -> Value {
-    let args = ["migrate", target, "--to", to, "--backend", "criu", "--json"];
-    let out = run_bounded(&mut lab.dvs_on(n, &args), limit);
+    migrate_report(lab, n, &[target, "--to", to, "--backend", "criu"], limit)
+}
+
+/// `dvs migrate ARGS --json` asked on node `n`'s host: the report (committed or rolled
+/// back), failing the test when there is none.
+pub fn migrate_report(lab: &Lab, n: u16, args: &[&str], limit: Duration) -> Value {
+    let mut all = vec!["migrate"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = run_bounded(&mut lab.dvs_on(n, &all), limit);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "no migration report ({e}): {}{}",
@@ -397,6 +405,27 @@ pub fn migrate_json(lab: &Lab, n: u16, target: &str, to: &str, limit: Duration) 
             text(&out.stderr)
         )
     })
+}
+
+/// `dvs run --dc dc0 --ep EP --node node1 [--workdir DIR] -- CMD...` (asked on node1's
+/// host), then waits until node1 runs the endpoint.
+pub fn run_on_node1(lab: &Lab, ep: i32, workdir: Option<&str>, cmd: &[&str]) {
+    let ep_text = ep.to_string();
+    let mut args = vec!["run", "--dc", "dc0", "--ep", &ep_text, "--node", "node1"];
+    if let Some(dir) = workdir {
+        args.extend(["--workdir", dir]);
+    }
+    args.push("--");
+    args.extend_from_slice(cmd);
+    ok(
+        run_bounded(&mut lab.dvs_on(1, &args), Duration::from_secs(30)),
+        &format!("dvs run {}", cmd.first().copied().unwrap_or_default()),
+    );
+    within(
+        Duration::from_secs(20),
+        &format!("dc0/{ep} to run on node1"),
+        || (lab.server_node(ep, 3) == Some(1)).then_some(()),
+    );
 }
 
 /// The pid of node `n`'s kernel, from `dvs lab status`.
