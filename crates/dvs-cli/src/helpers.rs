@@ -109,6 +109,17 @@ pub fn stop_cluster(cfg: &ClusterConfig) -> usize {
         }
         let _ = std::fs::remove_file(node.runtime_dir.join("node.pid"));
     }
+    // A node kernel that was killed left its process trees behind (a copy stopped by a
+    // migration stays stopped); a node that starts kills them, but it may never start again.
+    for node in &cfg.nodes {
+        let killed = dvs_node::kill_leftover_trees(&node.runtime_dir);
+        if killed > 0 {
+            eprintln!(
+                "node {}: killed {killed} process tree(s) its killed kernel left behind",
+                node.name
+            );
+        }
+    }
     // Images a node killed mid-migration left behind (a node deletes its own only when it
     // starts again). Only once no node of the cluster runs here any more.
     let running = cfg.nodes.iter().any(|n| {

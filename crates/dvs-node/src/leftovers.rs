@@ -5,7 +5,8 @@
 //! are gone, so they can no longer be endpoints, and at start-up the node removes every
 //! registration naming it: they are orphans. The node keeps the roots of its endpoints' trees
 //! in `RUNTIME_DIR/procs.json` (pid and start time, which together name one process even if
-//! pids are reused), and a node that starts kills what that file names and still runs.
+//! pids are reused), and a node that starts kills what that file names and still runs; so
+//! does `dvs down` for a node that is not running (it may never start again).
 
 use std::path::Path;
 
@@ -26,7 +27,7 @@ struct Root {
 }
 
 /// Kills the trees the previous run recorded that still run; returns how many.
-pub(crate) fn kill_previous(runtime_dir: &Path) -> usize {
+pub fn kill_previous(runtime_dir: &Path) -> usize {
     let path = runtime_dir.join(FILE);
     let Ok(text) = std::fs::read_to_string(&path) else {
         return 0;

@@ -13,6 +13,7 @@ mod access;
 mod actions;
 pub mod ctl;
 pub use images::cluster_images_dir;
+pub use leftovers::kill_previous as kill_leftover_trees;
 mod ctl_server;
 mod dir;
 mod event_loop;
