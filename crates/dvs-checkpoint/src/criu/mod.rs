@@ -223,16 +223,9 @@ impl Criu {
         let t0 = Instant::now();
         let failed = match worker {
             Some(worker) => {
-                let (work_dir, log_name) = log_place(&log_file)?;
+                let (base, work_dir) = rpc_opts(&images_dir, &log_file, req.leave_stopped)?;
                 let opts = rpc::Opts {
-                    images_dir_fd: -1,
-                    images_dir: Some(path_str(&images_dir)?),
                     pid: Some(req.pid),
-                    log_level: Some(log_level()),
-                    manage_cgroups_mode: Some(rpc::CgroupMode::Ignore as i32),
-                    log_file: Some(log_name),
-                    work_dir_fd: Some(work_dir.as_raw_fd()),
-                    leave_stopped: Some(req.leave_stopped),
                     external: req
                         .external_unix_inodes
                         .iter()
@@ -241,25 +234,15 @@ impl Criu {
                     tcp_established: req.tcp_established.then_some(true),
                     network_lock: req.tcp_established.then_some(rpc::NetworkLock::Skip as i32),
                     ghost_limit: req.ghost_limit.map(ghost_limit),
-                    ..Default::default()
+                    ..base
                 };
                 let resp = worker.call("criu dump", &rpc::Req::new(rpc::ReqType::Dump, opts))?;
                 drop(work_dir);
                 (!resp.success).then(|| rpc_failure(&log_file, &resp))
             }
             None => {
-                let mut args: Vec<OsString> =
-                    vec!["dump".into(), "--tree".into(), req.pid.to_string().into()];
-                args.extend(["--images-dir".into(), images_dir.clone().into_os_string()]);
-                args.extend([
-                    "-o".into(),
-                    log_file.clone().into_os_string(),
-                    format!("-v{}", log_level()).into(),
-                    "--manage-cgroups=ignore".into(),
-                ]);
-                if req.leave_stopped {
-                    args.push("--leave-stopped".into());
-                }
+                let mut args = command_args("dump", &images_dir, &log_file, req.leave_stopped);
+                args.extend(["--tree".into(), req.pid.to_string().into()]);
                 for ino in &req.external_unix_inodes {
                     args.extend(["--external".into(), format!("unix[{ino}]").into()]);
                 }
@@ -383,16 +366,9 @@ impl Criu {
         let tcp = has_tcp_streams(&images_dir);
         if let Some(worker) = worker {
             let t0 = Instant::now();
-            let (work_dir, log_name) = log_place(&log_file)?;
+            let (base, _work_dir) = rpc_opts(&images_dir, &log_file, req.leave_stopped)?;
             let opts = rpc::Opts {
-                images_dir_fd: -1,
-                images_dir: Some(path_str(&images_dir)?),
-                log_level: Some(log_level()),
-                manage_cgroups_mode: Some(rpc::CgroupMode::Ignore as i32),
-                log_file: Some(log_name),
-                work_dir_fd: Some(work_dir.as_raw_fd()),
                 rst_sibling: Some(true),
-                leave_stopped: Some(req.leave_stopped),
                 tcp_established: tcp.then_some(true),
                 network_lock: tcp.then_some(rpc::NetworkLock::Skip as i32),
                 inherit_fd: req
@@ -403,7 +379,7 @@ impl Criu {
                         fd: *fd,
                     })
                     .collect(),
-                ..Default::default()
+                ..base
             };
             let resp = worker.call("criu restore", &rpc::Req::new(rpc::ReqType::Restore, opts))?;
             let duration = t0.elapsed();
@@ -428,20 +404,10 @@ impl Criu {
             });
         }
 
-        let mut args: Vec<OsString> = vec!["restore".into()];
-        args.extend(["--images-dir".into(), images_dir.clone().into_os_string()]);
-        args.extend([
-            "-o".into(),
-            log_file.clone().into_os_string(),
-            format!("-v{}", log_level()).into(),
-            "--manage-cgroups=ignore".into(),
-        ]);
+        let mut args = command_args("restore", &images_dir, &log_file, req.leave_stopped);
         args.extend(["--pidfile".into(), pidfile.clone().into_os_string()]);
         if req.detached {
             args.push("--restore-detached".into());
-        }
-        if req.leave_stopped {
-            args.push("--leave-stopped".into());
         }
         if tcp {
             args.extend(["--tcp-established", "--network-lock", "skip"].map(OsString::from));
@@ -619,6 +585,50 @@ impl rpc::Req {
 
 /// The folder of a log file, opened (criu's RPC takes the log as a name in its work folder),
 /// and the name.
+/// The options every dump and restore request carries: the image folder, criu's log (a name
+/// in its folder, whose descriptor the caller keeps open until criu answers) at
+/// [`log_level`], and cgroups left alone.
+fn rpc_opts(
+    images_dir: &Path,
+    log_file: &Path,
+    leave_stopped: bool,
+) -> Result<(rpc::Opts, OwnedFd), CheckpointError> {
+    let (work_dir, log_name) = log_place(log_file)?;
+    let opts = rpc::Opts {
+        images_dir_fd: -1,
+        images_dir: Some(path_str(images_dir)?),
+        log_level: Some(log_level()),
+        manage_cgroups_mode: Some(rpc::CgroupMode::Ignore as i32),
+        log_file: Some(log_name),
+        work_dir_fd: Some(work_dir.as_raw_fd()),
+        leave_stopped: Some(leave_stopped),
+        ..Default::default()
+    };
+    Ok((opts, work_dir))
+}
+
+/// The same options as command-line arguments, after `verb` (`dump`, `restore`).
+fn command_args(
+    verb: &str,
+    images_dir: &Path,
+    log_file: &Path,
+    leave_stopped: bool,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        verb.into(),
+        "--images-dir".into(),
+        images_dir.as_os_str().to_owned(),
+        "-o".into(),
+        log_file.as_os_str().to_owned(),
+        format!("-v{}", log_level()).into(),
+        "--manage-cgroups=ignore".into(),
+    ];
+    if leave_stopped {
+        args.push("--leave-stopped".into());
+    }
+    args
+}
+
 fn log_place(log_file: &Path) -> Result<(OwnedFd, String), CheckpointError> {
     let (Some(dir), Some(name)) = (log_file.parent(), log_file.file_name()) else {
         return Err(CheckpointError::InvalidRequest(format!(
