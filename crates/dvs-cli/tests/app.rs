@@ -36,26 +36,13 @@ const CLIENT_B: i32 = 3;
 const STATUS_BEFORE: i32 = 4;
 const STATUS_AFTER: i32 = 5;
 
-/// The paper's three placements of a migration (as in `tests/migration.rs`).
-#[derive(Clone, Copy, Debug)]
-enum Scenario {
-    /// Server on a remote node → the (first) client's node.
-    RemoteToClientNode,
-    /// Server on the (first) client's node → a remote node.
-    ClientNodeToRemote,
-    /// Server on a remote node → another remote node.
-    RemoteToRemote,
-}
-
-impl Scenario {
-    /// (server's node, first client's node, second client's node, destination). The second
-    /// client is on a node other than the server's whenever the scenario leaves one.
-    fn nodes(self) -> (u16, u16, u16, u16) {
-        match self {
-            Scenario::RemoteToClientNode => (0, 2, 1, 2),
-            Scenario::ClientNodeToRemote => (0, 0, 2, 1),
-            Scenario::RemoteToRemote => (0, 2, 1, 1),
-        }
+/// The node of the second client in `scenario`: one other than the server's whenever the
+/// scenario leaves one.
+fn second_client_node(scenario: Scenario) -> u16 {
+    match scenario {
+        Scenario::RemoteToClientNode => 1,
+        Scenario::ClientNodeToRemote => 2,
+        Scenario::RemoteToRemote => 1,
     }
 }
 
@@ -73,7 +60,8 @@ fn app_run(scenario: Scenario, fail_at: Option<&str>) {
     if !criu_available(&name) {
         return;
     }
-    let (server_node, a_node, b_node, dest) = scenario.nodes();
+    let (server_node, a_node, dest) = scenario.nodes();
+    let b_node = second_client_node(scenario);
     let c = Cluster::start();
     let wd = Workdir::new();
     let dir = wd.path();

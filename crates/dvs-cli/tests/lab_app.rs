@@ -169,22 +169,7 @@ fn finish_client(
         .find(|v| v.get("ok").is_some())
         .unwrap_or_else(|| panic!("{what} printed no result: {lines:?}"));
     assert!(out, "{what} failed: {result}");
-    let n = |k: &str| {
-        result[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{what}: no {k} in {result}"))
-    };
-    assert_eq!(
-        (n("ok"), n("corrupt"), n("lost"), n("duplicated")),
-        (COUNT, 0, 0, 0),
-        "{what}: (ok, corrupt, lost, duplicated) in {result}"
-    );
-    for k in ["workers", "threads", "helper_pid", "cache_bytes"] {
-        assert_eq!(
-            result["first_status"][k], result["last_status"][k],
-            "{what}: the server's {k} changed during the run ({result})"
-        );
-    }
+    common::app::assert_app_result(what, &result, COUNT, "");
     result
 }
 

@@ -160,12 +160,7 @@ fn move_under(fault: Fault) {
     if fault == Fault::KillSource {
         // The restarted source killed the stopped original it had left behind.
         within(Duration::from_secs(30), "the orphan killed", || {
-            let st = lab.status();
-            let holder = st["hosts"]
-                .as_array()?
-                .iter()
-                .find(|h| h["node"] == "node1")?["holder"]
-                .as_i64()?;
+            let holder = host_of(&lab, 1)["holder"].as_i64()?;
             let log = std::fs::read_to_string(format!("/proc/{holder}/root/var/lib/dvs/node.log"))
                 .unwrap_or_default();
             log.contains("left by the previous run").then_some(())

@@ -20,13 +20,8 @@ const CALL: Timeout = Timeout::Millis(20_000);
 
 /// Node `n`'s IPC socket, reached through its host's holder.
 fn ipc_socket(lab: &Lab, n: u16) -> PathBuf {
-    let st = lab.status();
-    let holder = st["hosts"]
-        .as_array()
-        .expect("hosts")
-        .iter()
-        .find(|h| h["node"] == format!("node{n}"))
-        .and_then(|h| h["holder"].as_i64())
+    let holder = host_of(lab, n)["holder"]
+        .as_i64()
         .expect("the host's holder");
     PathBuf::from(format!("/proc/{holder}/root/run/dvs/node{n}/ipc.sock"))
 }

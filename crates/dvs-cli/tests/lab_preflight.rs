@@ -13,14 +13,10 @@ use common::lab::*;
 
 /// The lab address of the host that runs node `n`.
 fn host_addr(lab: &Lab, n: u16) -> String {
-    let st = lab.status();
-    st["hosts"]
-        .as_array()
-        .expect("hosts")
-        .iter()
-        .find(|h| h["node"] == format!("node{n}"))
-        .and_then(|h| h["address"].as_str())
-        .unwrap_or_else(|| panic!("no address for node{n}'s host: {st}"))
+    let host = host_of(lab, n);
+    host["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address for node{n}'s host: {host}"))
         .to_string()
 }
 

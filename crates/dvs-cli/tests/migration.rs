@@ -32,28 +32,6 @@ use common::migr::*;
 use common::{Cluster, DVS};
 use serde_json::Value;
 
-/// The paper's three placements of a migration (docs/ARCHITECTURE.md §7.4).
-#[derive(Clone, Copy, Debug)]
-enum Scenario {
-    /// Server on a remote node → the client's node.
-    RemoteToClientNode,
-    /// Server on the client's node → a remote node.
-    ClientNodeToRemote,
-    /// Server on a remote node → another remote node.
-    RemoteToRemote,
-}
-
-impl Scenario {
-    /// (server's node, client's node, destination) for the scenario.
-    fn nodes(self) -> (u16, u16, u16) {
-        match self {
-            Scenario::RemoteToClientNode => (0, 2, 2),
-            Scenario::ClientNodeToRemote => (0, 0, 1),
-            Scenario::RemoteToRemote => (0, 2, 1),
-        }
-    }
-}
-
 /// One run of the paper's evaluation: fresh cluster, server, client with [`ITERATIONS`]
 /// requests, one migration of the server after ≥ 100 requests (failing at `fail_at` if
 /// given), then the checks.

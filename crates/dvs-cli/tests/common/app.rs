@@ -114,6 +114,11 @@ pub fn start_app_client(c: &Cluster, node: u16, ep: i32, server: i32, count: u64
 /// Asserts a client's result: `count` answers ok, none corrupt, lost or duplicated, and
 /// the server's status the same in its first and last status answers.
 pub fn assert_app_client_ok(c: &Cluster, what: &str, r: &Value, count: u64) {
+    assert_app_result(what, r, count, &diagnose(c));
+}
+
+/// [`assert_app_client_ok`] for any cluster: `context` ends each failure message.
+pub fn assert_app_result(what: &str, r: &Value, count: u64, context: &str) {
     let n = |k: &str| {
         r[k].as_u64()
             .unwrap_or_else(|| panic!("{what}: no {k} in {r}"))
@@ -121,8 +126,7 @@ pub fn assert_app_client_ok(c: &Cluster, what: &str, r: &Value, count: u64) {
     assert_eq!(
         (n("ok"), n("corrupt"), n("lost"), n("duplicated")),
         (count, 0, 0, 0),
-        "{what}: (ok, corrupt, lost, duplicated) in {r}{}",
-        diagnose(c)
+        "{what}: (ok, corrupt, lost, duplicated) in {r}{context}"
     );
     for k in ["workers", "threads", "helper_pid", "cache_bytes"] {
         assert_eq!(

@@ -428,16 +428,21 @@ pub fn run_on_node1(lab: &Lab, ep: i32, workdir: Option<&str>, cmd: &[&str]) {
     );
 }
 
-/// The pid of node `n`'s kernel, from `dvs lab status`.
-pub fn node_pid(lab: &Lab, n: u16) -> i32 {
+/// The entry of the host that runs node `n` in `dvs lab status`.
+pub fn host_of(lab: &Lab, n: u16) -> Value {
     let st = lab.status();
     st["hosts"]
         .as_array()
         .expect("hosts")
         .iter()
         .find(|h| h["node"] == format!("node{n}"))
-        .and_then(|h| h["pid"].as_i64())
-        .expect("the node's pid") as i32
+        .cloned()
+        .unwrap_or_else(|| panic!("no host runs node{n}: {st}"))
+}
+
+/// The pid of node `n`'s kernel, from `dvs lab status`.
+pub fn node_pid(lab: &Lab, n: u16) -> i32 {
+    host_of(lab, n)["pid"].as_i64().expect("the node's pid") as i32
 }
 
 /// Starts node `n` again on its host, logging to the host's `node.log` (detached; `lab

@@ -13,6 +13,28 @@ use serde_json::Value;
 use super::examples::example_bin;
 use super::{Cluster, DVS};
 
+/// The paper's three placements of a migration (docs/ARCHITECTURE.md §7.4).
+#[derive(Clone, Copy, Debug)]
+pub enum Scenario {
+    /// Server on a remote node → the (first) client's node.
+    RemoteToClientNode,
+    /// Server on the (first) client's node → a remote node.
+    ClientNodeToRemote,
+    /// Server on a remote node → another remote node.
+    RemoteToRemote,
+}
+
+impl Scenario {
+    /// (server's node, (first) client's node, destination) for the scenario.
+    pub fn nodes(self) -> (u16, u16, u16) {
+        match self {
+            Scenario::RemoteToClientNode => (0, 2, 2),
+            Scenario::ClientNodeToRemote => (0, 0, 1),
+            Scenario::RemoteToRemote => (0, 2, 1),
+        }
+    }
+}
+
 /// Upper bound for anything a test waits for. Never reached when things work: it only turns
 /// a hang into a failure.
 pub const HANG_GUARD: Duration = Duration::from_secs(60);
